@@ -1,0 +1,1 @@
+"""The backend service: handshake responder, sealed record processing, storage, audit log."""

@@ -1,0 +1,1 @@
+"""The MQTT broker side: the embedded, hardened amqtt broker and the Eclipse Mosquitto configuration."""

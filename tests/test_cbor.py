@@ -1,0 +1,85 @@
+"""Strict deterministic CBOR: golden encodings, rejection of every non-deterministic form,
+and the property that arbitrary bytes only ever raise DecodeError."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sealmq import cbor
+from sealmq.errors import DecodeError, Reason
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+    | st.binary(max_size=40) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.integers(-30, 300) | st.text(max_size=4), children, max_size=5),
+    max_leaves=20,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "hex_"),
+    [
+        (0, "00"), (23, "17"), (24, "1818"), (256, "190100"), (-1, "20"), (-25, "3818"),
+        (b"", "40"), ("a", "6161"), ([1, [2]], "82018102"), (None, "f6"), (True, "f5"),
+        # RFC 8949 4.2.1: keys sorted bytewise on their encodings (not length-first)
+        ({100: 1, -1: 2}, "a218640120" + "02"),
+        ({"a": 1, 10: 2}, "a20a02616101"),
+    ],
+)
+def test_golden_encodings(value: object, hex_: str) -> None:
+    assert cbor.dumps(value).hex() == hex_
+    assert cbor.loads(bytes.fromhex(hex_)) == value
+
+
+@pytest.mark.parametrize(
+    ("hex_", "reason"),
+    [
+        ("1800", Reason.NOT_DETERMINISTIC),  # 0 in two bytes
+        ("190017", Reason.NOT_DETERMINISTIC),
+        ("5f41ffff", Reason.NOT_DETERMINISTIC),  # indefinite byte string
+        ("9f01ff", Reason.NOT_DETERMINISTIC),  # indefinite array
+        ("a2616101" + "0a02", Reason.NOT_DETERMINISTIC),  # keys out of order
+        ("0102", Reason.TRAILING_DATA),
+        ("c11a00000000", Reason.UNSUPPORTED),  # tag
+        ("f7", Reason.UNSUPPORTED),  # undefined
+        ("", Reason.MALFORMED),
+        ("ff", Reason.MALFORMED),
+        ("5a ffffffff".replace(" ", ""), Reason.MALFORMED),  # claims 4 GiB, has none
+    ],
+)
+def test_rejects(hex_: str, reason: Reason) -> None:
+    with pytest.raises(DecodeError) as info:
+        cbor.loads(bytes.fromhex(hex_))
+    assert info.value.reason == reason
+
+
+def test_too_deep_is_rejected() -> None:
+    data = bytes([0x81] * 40) + b"\x00"
+    with pytest.raises(DecodeError):
+        cbor.loads(data)
+
+
+@given(plain)
+def test_round_trip(value: object) -> None:
+    encoded = cbor.dumps(value)
+    assert cbor.loads(encoded) == value
+    # cbor2 agrees on the meaning of what we write
+    assert cbor2.loads(encoded) == value
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_only_raise_decode_error(data: bytes) -> None:
+    try:
+        value = cbor.loads(data)
+    except DecodeError:
+        return
+    assert cbor.dumps(value) == data  # whatever is accepted is the one deterministic encoding
+
+
+@given(st.lists(plain, min_size=1, max_size=4))
+def test_sequence_round_trip(items: list[object]) -> None:
+    assert cbor.loads_seq(cbor.dumps_seq(*items)) == items

@@ -1,0 +1,41 @@
+"""The protocol core is sans-IO: no module of ``sealmq`` (except the CLI wiring) may import
+a socket, an MQTT client, asyncio, a clock or a random source. Checked on the source's AST,
+so a function-level import cannot hide."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+CORE = Path(__file__).resolve().parents[1] / "sealmq"
+ALLOWED_IO = {"cli.py"}
+FORBIDDEN_MODULES = {
+    "socket", "asyncio", "ssl", "select", "selectors", "threading", "subprocess",
+    "time", "random", "secrets", "uuid", "paho", "amqtt", "sqlite3", "logging",
+}
+FORBIDDEN_NAMES = {("os", "urandom"), ("datetime", "now"), ("datetime", "utcnow"), ("datetime", "today")}
+
+
+def core_files() -> list[Path]:
+    return sorted(p for p in CORE.rglob("*.py") if p.name not in ALLOWED_IO or p.parent != CORE)
+
+
+@pytest.mark.parametrize("path", core_files(), ids=lambda p: str(p.relative_to(CORE)))
+def test_core_module_is_sans_io(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert alias.name.split(".")[0] not in FORBIDDEN_MODULES, f"{path}: import {alias.name}"
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            assert node.module.split(".")[0] not in FORBIDDEN_MODULES, f"{path}: from {node.module}"
+            assert node.module != "os" or all(a.name != "urandom" for a in node.names), path
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert (node.value.id, node.attr) not in FORBIDDEN_NAMES, f"{path}: {node.value.id}.{node.attr}"
+
+
+def test_the_check_sees_the_core() -> None:
+    names = {p.name for p in core_files()}
+    assert {"cbor.py", "errors.py", "kdf.py", "topics.py"} <= names
