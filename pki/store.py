@@ -1,0 +1,487 @@
+"""The PKI on disk: create the CA, issue, revoke, publish CRLs, load trust stores and identities.
+
+Every operation validates first and writes last; files appear atomically (temp file + rename,
+or a temp directory renamed into place), private keys are created 0600 inside 0700
+directories, and nothing is overwritten unless ``force`` is asked for. Changes to
+``ca/index.json`` happen under an exclusive lock (``ca/.lock``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from pki import issue, keys, layout
+from pki.keys import KeyType, PrivateKey
+from pki.verify import (
+    Role,
+    TrustStore,
+    identity_of,
+    load_certificates_pem,
+    load_chain,
+    load_crls_pem,
+)
+from sealmq.errors import CertificateError, KeyFileError, PkiError, Reason
+
+MAX_FILE = 1 << 20
+
+
+# --- small file helpers --------------------------------------------------------------------
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def read_bytes(path: Path | str, what: str, error: type[PkiError] = PkiError) -> bytes:
+    p = Path(path)
+    try:
+        if p.stat().st_size > MAX_FILE:
+            raise error(Reason.TOO_LARGE, f"{what} {p} is too large")
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise error(Reason.NOT_FOUND, f"{what} {p} not found") from None
+    except IsADirectoryError:
+        raise error(Reason.NOT_FOUND, f"{what} {p} is a directory") from None
+    except PermissionError:
+        raise error(Reason.NOT_FOUND, f"{what} {p} is not readable") from None
+
+
+def read_passphrase_file(path: Path | str) -> bytes:
+    data = read_bytes(path, "passphrase file", KeyFileError).rstrip(b"\r\n")
+    if not data:
+        raise KeyFileError(Reason.BAD_PASSPHRASE, "the passphrase file is empty")
+    return data
+
+
+def write_atomic(path: Path, data: bytes, *, private: bool = False, force: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory (0600 if private)."""
+    if path.exists() and not force:
+        raise PkiError(Reason.ALREADY_EXISTS, f"{path} exists (use --force to replace it)")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _new_dir(final: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temp directory that becomes ``final`` only if the block succeeds."""
+    if final.exists() and not force:
+        raise PkiError(Reason.ALREADY_EXISTS, f"{final} exists (use --force to replace it)")
+    created_parent = not final.parent.exists()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, old / "x")
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_parent:
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
+        raise
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+@contextlib.contextmanager
+def _locked(pki_dir: Path) -> Iterator[None]:
+    lock = layout.ca_dir(pki_dir) / layout.LOCK
+    with open(lock, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# --- the CA --------------------------------------------------------------------------------
+def init_ca(
+    pki_dir: Path | str,
+    *,
+    key_type: KeyType | str = KeyType.P256,
+    passphrase: bytes | None = None,
+    two_level: bool = False,
+    force: bool = False,
+    now: datetime | None = None,
+) -> Path:
+    """Create ``DIR/ca`` (root, optional issuing CA, anchor, empty CRL(s), index). Returns ``DIR/ca``."""
+    pki = Path(pki_dir)
+    kt = keys.parse_key_type(str(key_type), keys.CA_KEY_TYPES)
+    when = now or _utcnow()
+    final = layout.ca_dir(pki)
+    root_key = keys.generate(kt)
+    root = issue.make_root(root_key, when, path_len=1 if two_level else 0)
+    with _new_dir(final, force=force) as tmp:
+        os.chmod(tmp, 0o755)  # verifiers read ca.crt and crl.pem; the keys themselves are 0600
+        (tmp / layout.ISSUED).mkdir(mode=0o755)
+        write_atomic(tmp / layout.ROOT_KEY, keys.to_pem(root_key, passphrase), private=True)
+        write_atomic(tmp / layout.ROOT_CERT, _pem(root))
+        write_atomic(tmp / layout.ANCHOR, _pem(root))
+        crls = []
+        if two_level:
+            issuing_key = keys.generate(kt)
+            issuing = issue.make_issuing(issuing_key, root, root_key, when)
+            write_atomic(tmp / layout.ISSUING_KEY, keys.to_pem(issuing_key, passphrase), private=True)
+            write_atomic(tmp / layout.ISSUING_CERT, _pem(issuing))
+            crls.append(issue.make_crl(issuing, issuing_key, [], when, number=1))
+            crls.append(issue.make_crl(root, root_key, [], when, number=1, days=issue.ROOT_CRL_DAYS))
+        else:
+            crls.append(issue.make_crl(root, root_key, [], when, number=1))
+        write_atomic(tmp / layout.CRL, b"".join(_crl_pem(c) for c in crls))
+        index = {"version": 1, "two_level": two_level, "crl_number": 1, "certificates": []}
+        write_atomic(tmp / layout.INDEX, _index_bytes(index))
+    return final
+
+
+@dataclass
+class CaKeys:
+    issuer: x509.Certificate  # signs leaves and the leaves' CRL
+    issuer_key: PrivateKey
+    root: x509.Certificate
+    intermediates: list[x509.Certificate]  # what goes into chain.pem after the leaf
+    root_key: PrivateKey | None = None  # None when moved offline (two-level)
+
+
+def _load_key_file(path: Path, passphrase: bytes | None) -> PrivateKey:
+    return keys.from_pem(read_bytes(path, "key file", KeyFileError), passphrase)
+
+
+def load_ca(pki_dir: Path | str, passphrase: bytes | None = None) -> CaKeys:
+    pki = Path(pki_dir)
+    if not layout.anchor(pki).exists():
+        raise PkiError(Reason.NOT_FOUND, f"no CA in {pki} (run 'sealmq pki init')")
+    root = load_certificates_pem(read_bytes(layout.root_cert(pki), "root certificate"))[0]
+    root_key = None
+    if layout.root_key(pki).exists():
+        root_key = _load_key_file(layout.root_key(pki), passphrase)
+    if layout.issuing_cert(pki).exists():
+        issuing = load_certificates_pem(read_bytes(layout.issuing_cert(pki), "issuing certificate"))[0]
+        issuing_key = _load_key_file(layout.issuing_key(pki), passphrase)
+        return CaKeys(issuing, issuing_key, root, [issuing], root_key)
+    if root_key is None:
+        raise KeyFileError(Reason.NOT_FOUND, "the root key is needed to issue (single-level CA)")
+    return CaKeys(root, root_key, root, [], root_key)
+
+
+# --- index ---------------------------------------------------------------------------------
+def _index_bytes(index: dict[str, Any]) -> bytes:
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_index(pki_dir: Path | str) -> dict[str, Any]:
+    raw = read_bytes(layout.index(pki_dir), "index")
+    try:
+        index = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise PkiError(Reason.MALFORMED, "ca/index.json is not JSON") from None
+    if not isinstance(index, dict) or not isinstance(index.get("certificates"), list):
+        raise PkiError(Reason.MALFORMED, "ca/index.json has the wrong shape")
+    return index
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="seconds")
+
+
+# --- issuing -------------------------------------------------------------------------------
+@dataclass
+class Issued:
+    certificate: x509.Certificate
+    chain: list[x509.Certificate] = field(default_factory=list)  # leaf first
+
+    def chain_pem(self) -> bytes:
+        return b"".join(_pem(c) for c in self.chain)
+
+    def cert_pem(self) -> bytes:
+        return _pem(self.certificate)
+
+
+def sign_csr(
+    pki_dir: Path | str,
+    csr_pem: bytes,
+    role: Role | str,
+    *,
+    days: int | None = None,
+    passphrase: bytes | None = None,
+    now: datetime | None = None,
+    expected_name: str | None = None,
+) -> Issued:
+    """Validate a CSR and issue its certificate; records it in ``ca/issued`` and the index.
+
+    Writes nothing but the CA's records, and only once everything has been checked.
+    """
+    pki = Path(pki_dir)
+    role = Role(role)
+    when = now or _utcnow()
+    checked = issue.check_csr(issue.load_csr(csr_pem), role, expected_name)
+    ca = load_ca(pki, passphrase)
+    cert = issue.issue_leaf(
+        checked, ca.issuer, ca.issuer_key, when, days=issue.DEFAULT_LEAF_DAYS if days is None else days
+    )
+    with _locked(pki):
+        index = read_index(pki)
+        index["certificates"].append(
+            {
+                "serial": layout.serial_hex(cert.serial_number),
+                "role": role.value,
+                "name": checked.name,
+                "key_type": checked.key_type,
+                "not_before": _iso(cert.not_valid_before_utc),
+                "not_after": _iso(cert.not_valid_after_utc),
+                "issued_at": _iso(when),
+                "revoked_at": None,
+                "revocation_reason": None,
+            }
+        )
+        write_atomic(layout.issued_cert(pki, cert.serial_number), _pem(cert))
+        write_atomic(layout.index(pki), _index_bytes(index), force=True)
+    return Issued(cert, [cert, *ca.intermediates])
+
+
+def write_issued(
+    issued: Issued, out: Path | str, chain_out: Path | str | None = None, *, force: bool = False
+) -> tuple[Path, Path]:
+    out_p = Path(out)
+    chain_p = Path(chain_out) if chain_out else out_p.parent / layout.CHAIN
+    for p in (out_p, chain_p):
+        if p.exists() and not force:
+            raise PkiError(Reason.ALREADY_EXISTS, f"{p} exists (use --force to replace it)")
+    write_atomic(out_p, issued.cert_pem(), force=force)
+    write_atomic(chain_p, issued.chain_pem(), force=force)
+    return out_p, chain_p
+
+
+# --- owner side ----------------------------------------------------------------------------
+def keygen(
+    out_dir: Path | str,
+    key_type: KeyType | str = KeyType.P256,
+    *,
+    passphrase: bytes | None = None,
+    force: bool = False,
+) -> Path:
+    """Create ``out_dir/key.pem`` (0600, directory 0700). Returns the key path."""
+    kt = keys.parse_key_type(str(key_type), keys.LEAF_KEY_TYPES)
+    d = Path(out_dir)
+    path = d / layout.KEY
+    if path.exists() and not force:
+        raise PkiError(Reason.ALREADY_EXISTS, f"{path} exists (use --force to replace it)")
+    pem = keys.to_pem(keys.generate(kt), passphrase)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, pem, private=True, force=force)
+    return path
+
+
+def make_csr_file(
+    key_path: Path | str,
+    role: Role | str,
+    name: str,
+    out: Path | str,
+    *,
+    passphrase: bytes | None = None,
+    force: bool = False,
+) -> Path:
+    key = _load_key_file(Path(key_path), passphrase)
+    csr = issue.make_csr(key, Role(role), name)
+    out_p = Path(out)
+    write_atomic(out_p, csr.public_bytes(serialization.Encoding.PEM), force=force)
+    return out_p
+
+
+def enroll(
+    pki_dir: Path | str,
+    role: Role | str,
+    name: str,
+    key_type: KeyType | str = KeyType.P256,
+    *,
+    passphrase: bytes | None = None,
+    days: int | None = None,
+    now: datetime | None = None,
+    force: bool = False,
+) -> Path:
+    """Development convenience: key, CSR and certificate into ``DIR/devices/<id>`` (or backend)."""
+    pki = Path(pki_dir)
+    role = Role(role)
+    final = layout.identity_dir(pki, role, name)
+    kt = keys.parse_key_type(str(key_type), keys.LEAF_KEY_TYPES)
+    if final.exists() and not force:
+        raise PkiError(Reason.ALREADY_EXISTS, f"{final} exists (use --force to replace it)")
+    key = keys.generate(kt)
+    csr_pem = issue.make_csr(key, role, name).public_bytes(serialization.Encoding.PEM)
+    with _new_dir(final, force=force) as tmp:
+        os.chmod(tmp, 0o700)
+        issued = sign_csr(pki, csr_pem, role, days=days, passphrase=passphrase, now=now, expected_name=name)
+        write_atomic(tmp / layout.KEY, keys.to_pem(key), private=True)
+        write_atomic(tmp / layout.CSR, csr_pem)
+        write_atomic(tmp / layout.CERT, issued.cert_pem())
+        write_atomic(tmp / layout.CHAIN, issued.chain_pem())
+    return final
+
+
+# --- revocation ----------------------------------------------------------------------------
+def parse_serial(text: str) -> int:
+    """Decimal, ``0x``-prefixed hex, or colon-separated hex (as openssl prints it)."""
+    t = text.strip().lower()
+    try:
+        if t.startswith("0x"):
+            return int(t[2:], 16)
+        if ":" in t:
+            return int(t.replace(":", ""), 16)
+        return int(t, 10)
+    except ValueError:
+        raise PkiError(Reason.MALFORMED, f"not a serial number: {text!r}") from None
+
+
+def revoke(
+    pki_dir: Path | str,
+    *,
+    serial: int | None = None,
+    cert_path: Path | str | None = None,
+    reason: str = "unspecified",
+    passphrase: bytes | None = None,
+    now: datetime | None = None,
+    crl_days: int = issue.DEFAULT_CRL_DAYS,
+) -> int:
+    """Mark a certificate we issued as revoked and re-issue the CRL. Returns the serial."""
+    pki = Path(pki_dir)
+    if (serial is None) == (cert_path is None):
+        raise PkiError(Reason.POLICY_VIOLATION, "give exactly one of a certificate or a serial")
+    if reason not in issue.REVOCATION_REASONS:
+        raise PkiError(
+            Reason.POLICY_VIOLATION, f"reason must be one of {', '.join(issue.REVOCATION_REASONS)}"
+        )
+    if cert_path is not None:
+        serial = load_chain(read_bytes(cert_path, "certificate", CertificateError))[0].serial_number
+    assert serial is not None
+    when = now or _utcnow()
+    ca = load_ca(pki, passphrase)  # fail on a wrong passphrase before touching anything
+    with _locked(pki):
+        index = read_index(pki)
+        entries = [e for e in index["certificates"] if e.get("serial") == layout.serial_hex(serial)]
+        if not entries:
+            raise PkiError(Reason.NOT_FOUND, f"serial {serial:x} was not issued by this CA")
+        if entries[0].get("revoked_at"):
+            raise PkiError(Reason.ALREADY_EXISTS, f"serial {serial:x} is already revoked")
+        entries[0]["revoked_at"] = _iso(when)
+        entries[0]["revocation_reason"] = reason
+        crl_bytes, number = _crl_bytes(pki, ca, index, when, crl_days)
+        index["crl_number"] = number
+        write_atomic(layout.index(pki), _index_bytes(index), force=True)
+        write_atomic(layout.crl(pki), crl_bytes, force=True)
+    return serial
+
+
+def issue_crl(
+    pki_dir: Path | str,
+    *,
+    passphrase: bytes | None = None,
+    now: datetime | None = None,
+    days: int = issue.DEFAULT_CRL_DAYS,
+) -> list[x509.CertificateRevocationList]:
+    """Re-issue ``ca/crl.pem`` from the index (run it before nextUpdate, e.g. from cron)."""
+    pki = Path(pki_dir)
+    when = now or _utcnow()
+    ca = load_ca(pki, passphrase)
+    with _locked(pki):
+        index = read_index(pki)
+        crl_bytes, number = _crl_bytes(pki, ca, index, when, days)
+        index["crl_number"] = number
+        write_atomic(layout.index(pki), _index_bytes(index), force=True)
+        write_atomic(layout.crl(pki), crl_bytes, force=True)
+    return load_crls_pem(crl_bytes)
+
+
+def _crl_bytes(pki: Path, ca: CaKeys, index: dict[str, Any], when: datetime, days: int) -> tuple[bytes, int]:
+    number = int(index.get("crl_number", 0)) + 1
+    revoked = [
+        issue.Revocation(
+            int(e["serial"], 16),
+            datetime.fromisoformat(e["revoked_at"]),
+            issue.REVOCATION_REASONS.get(e.get("revocation_reason") or "unspecified"),
+        )
+        for e in index["certificates"]
+        if e.get("revoked_at")
+    ]
+    crls = [issue.make_crl(ca.issuer, ca.issuer_key, revoked, when, number=number, days=days)]
+    if ca.issuer is not ca.root:
+        if ca.root_key is not None:
+            crls.append(
+                issue.make_crl(ca.root, ca.root_key, [], when, number=number, days=issue.ROOT_CRL_DAYS)
+            )
+        else:
+            # Root key offline: keep the root's current CRL (re-sign it offline before it expires).
+            old = load_crls_pem(read_bytes(layout.crl(pki), "CRL", CertificateError))
+            crls.extend(c for c in old if c.issuer == ca.root.subject)
+    return b"".join(_crl_pem(c) for c in crls), number
+
+
+# --- loading for verifiers and endpoints ---------------------------------------------------
+def load_trust_store(pki_dir: Path | str, *, require_crl: bool = True) -> TrustStore:
+    """Anchors from ``ca/ca.crt``, the issuing CA if any, and ``ca/crl.pem`` (required by default)."""
+    pki = Path(pki_dir)
+    anchors = read_bytes(layout.anchor(pki), "trust anchor", CertificateError)
+    inter = layout.issuing_cert(pki)
+    inter_pem = read_bytes(inter, "issuing certificate", CertificateError) if inter.exists() else None
+    crl_path = layout.crl(pki)
+    if crl_path.exists():
+        crl_pem: bytes | None = read_bytes(crl_path, "CRL", CertificateError)
+    elif require_crl:
+        raise CertificateError(Reason.CRL_INVALID, f"{crl_path} not found")
+    else:
+        crl_pem = None
+    return TrustStore.from_pem(anchors, crl_pem, inter_pem)
+
+
+@dataclass
+class Identity:
+    private_key: PrivateKey
+    chain: list[x509.Certificate]  # leaf first
+    role: Role
+    name: str
+    path: Path
+
+
+def load_identity(identity_dir: Path | str, passphrase: bytes | None = None) -> Identity:
+    """``key.pem`` + ``chain.pem`` (or ``cert.pem``) of one device or backend; the key must match."""
+    d = Path(identity_dir)
+    key = _load_key_file(d / layout.KEY, passphrase)
+    chain_path = d / layout.CHAIN if (d / layout.CHAIN).exists() else d / layout.CERT
+    chain = load_chain(read_bytes(chain_path, "certificate chain", CertificateError))
+    role, name = identity_of(chain[0])
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if chain[0].public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise KeyFileError(Reason.IDENTITY_MISMATCH, "key.pem does not match the certificate")
+    return Identity(private_key=key, chain=chain, role=role, name=name, path=d)
