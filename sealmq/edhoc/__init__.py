@@ -1,0 +1,68 @@
+"""EDHOC (RFC 9528): the authenticated key exchange that opens every sealmq session.
+
+Import from here; the submodules are ``suites`` (cipher suites and their primitives),
+``wire`` (message encodings), ``credentials`` (local credentials and peer authentication)
+and ``handshake`` (the Initiator/Responder state machines and :class:`EdhocResult`).
+"""
+
+from sealmq.edhoc.credentials import (
+    AuthenticatedPeer,
+    AuthKind,
+    LocalCredential,
+    PeerAuthenticator,
+    StaticDhKey,
+    TrustStoreLike,
+    X509Authenticator,
+    X509Credential,
+)
+from sealmq.edhoc.handshake import (
+    EdhocResult,
+    Initiator,
+    Message1Info,
+    Message2Info,
+    Message3Info,
+    Responder,
+    State,
+    connection_id,
+)
+from sealmq.edhoc.suites import DEFAULT_SUITES, SUITES, Suite, generate_ephemeral, get_suite
+from sealmq.edhoc.wire import (
+    EadItem,
+    ErrorMessage,
+    IdCred,
+    decode_error_message,
+    encode_error,
+    encode_error_message,
+    is_error_message,
+)
+
+__all__ = [
+    "DEFAULT_SUITES",
+    "SUITES",
+    "AuthKind",
+    "AuthenticatedPeer",
+    "EadItem",
+    "EdhocResult",
+    "ErrorMessage",
+    "IdCred",
+    "Initiator",
+    "LocalCredential",
+    "Message1Info",
+    "Message2Info",
+    "Message3Info",
+    "PeerAuthenticator",
+    "Responder",
+    "State",
+    "StaticDhKey",
+    "Suite",
+    "TrustStoreLike",
+    "X509Authenticator",
+    "X509Credential",
+    "connection_id",
+    "decode_error_message",
+    "encode_error",
+    "encode_error_message",
+    "generate_ephemeral",
+    "get_suite",
+    "is_error_message",
+]
