@@ -322,7 +322,7 @@ def make_crl(
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(issuer.subject)
-        .last_update(now)
+        .last_update(now - BACKDATE)  # like certificates: tolerate verifiers whose clock lags
         .next_update(now + timedelta(days=days))
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(_aki_from(issuer), critical=False)

@@ -1,0 +1,272 @@
+"""TrustStore (pki/verify.py): real certificates issued through the API, each rejection with its reason."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from pki import issue, keys, layout, store
+from pki.verify import Role, TrustStore, identity_of, load_certificates_pem, load_crls_pem
+from sealmq.errors import CertificateError, Reason
+
+
+def now() -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=1)  # a verifier whose clock runs a little ahead
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+@pytest.fixture(scope="module")
+def two_level(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki = tmp_path_factory.mktemp("two") / "pki"
+    store.init_ca(pki, two_level=True)
+    store.enroll(pki, Role.DEVICE, "dev-ec")
+    store.enroll(pki, Role.DEVICE, "dev-ed", key_type="ed25519")
+    store.enroll(pki, Role.BACKEND, "backend")
+    return pki
+
+
+@pytest.fixture(scope="module")
+def rsa_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki = tmp_path_factory.mktemp("rsa") / "pki"
+    store.init_ca(pki, key_type="rsa3072")
+    store.enroll(pki, Role.DEVICE, "dev-rsa", key_type="rsa2048")
+    return pki
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki = tmp_path_factory.mktemp("other") / "pki"
+    store.init_ca(pki)
+    store.enroll(pki, Role.DEVICE, "dev-ec")  # same name, foreign CA
+    return pki
+
+
+def chain(pki: Path, role: Role, name: str) -> list[x509.Certificate]:
+    return store.load_identity(layout.identity_dir(pki, role, name)).chain
+
+
+def expect(
+    reason: Reason,
+    ts: TrustStore,
+    certs: list[x509.Certificate] | list[bytes],
+    role: Role,
+    at: datetime | None = None,
+    name: str | None = None,
+) -> CertificateError:
+    with pytest.raises(CertificateError) as info:
+        ts.verify(certs, role=role, now=at or now(), expected_name=name)
+    assert info.value.reason is reason, info.value
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("role", "name", "key_type"),
+    [
+        (Role.DEVICE, "dev-ec", "p256"),
+        (Role.DEVICE, "dev-ed", "ed25519"),
+        (Role.BACKEND, "backend", "p256"),
+    ],
+)
+def test_valid_two_level_chains_verify(two_level: Path, role: Role, name: str, key_type: str) -> None:
+    ts = store.load_trust_store(two_level)
+    certs = chain(two_level, role, name)
+    assert len(certs) == 2  # leaf + issuing CA
+    peer = ts.verify([der(c) for c in certs], role=role, now=now(), expected_name=name)
+    assert (peer.role, peer.name) == (role, name)
+    assert keys.describe_public_key(peer.public_key) == key_type
+    # The store's intermediates also complete a leaf-only chain.
+    assert ts.verify(certs[:1], role=role, now=now()).name == name
+
+
+def test_rsa_ca_and_rsa_leaf(rsa_pki: Path) -> None:
+    ts = store.load_trust_store(rsa_pki)
+    peer = ts.verify(
+        chain(rsa_pki, Role.DEVICE, "dev-rsa"), role=Role.DEVICE, now=now(), expected_name="dev-rsa"
+    )
+    assert isinstance(peer.public_key, rsa.RSAPublicKey)
+    assert peer.public_key.key_size == 2048
+
+
+def test_wrong_role_and_identity(two_level: Path) -> None:
+    ts = store.load_trust_store(two_level)
+    expect(Reason.WRONG_ROLE, ts, chain(two_level, Role.DEVICE, "dev-ec"), Role.BACKEND)
+    expect(Reason.WRONG_ROLE, ts, chain(two_level, Role.BACKEND, "backend"), Role.DEVICE)
+    expect(Reason.IDENTITY_MISMATCH, ts, chain(two_level, Role.DEVICE, "dev-ec"), Role.DEVICE, name="dev-ed")
+
+
+def test_other_ca_is_unknown(two_level: Path, other_ca: Path) -> None:
+    ts = store.load_trust_store(two_level)
+    expect(Reason.UNKNOWN_CA, ts, chain(other_ca, Role.DEVICE, "dev-ec"), Role.DEVICE)
+
+
+def test_validity_window(two_level: Path) -> None:
+    ts = store.load_trust_store(two_level)
+    leaf = chain(two_level, Role.DEVICE, "dev-ec")
+    expect(Reason.EXPIRED, ts, leaf, Role.DEVICE, at=leaf[0].not_valid_after_utc + timedelta(seconds=1))
+    expect(
+        Reason.NOT_YET_VALID, ts, leaf, Role.DEVICE, at=leaf[0].not_valid_before_utc - timedelta(seconds=1)
+    )
+
+
+def test_backdated_issue_is_expired_now(two_level: Path, tmp_path: Path) -> None:
+    key = keys.generate(keys.KeyType.P256)
+    csr = issue.make_csr(key, Role.DEVICE, "old-dev").public_bytes(serialization.Encoding.PEM)
+    issued = store.sign_csr(two_level, csr, Role.DEVICE, days=10, now=now() - timedelta(days=11))
+    ts = store.load_trust_store(two_level)
+    err = expect(Reason.EXPIRED, ts, issued.chain, Role.DEVICE)
+    assert "expired" in str(err)
+
+
+def test_ca_created_in_the_past_issues_certs_valid_then(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    then = now() - timedelta(days=400)
+    store.init_ca(pki, now=then)
+    d = store.enroll(pki, Role.DEVICE, "old", now=then, days=365)
+    certs = store.load_identity(d).chain
+    ts = store.load_trust_store(pki, require_crl=False)  # that CRL is long stale
+    assert ts.verify(certs, role=Role.DEVICE, now=then + timedelta(days=1)).name == "old"
+    expect(Reason.EXPIRED, ts, certs, Role.DEVICE, at=then + timedelta(days=366))
+    expect(Reason.CRL_INVALID, store.load_trust_store(pki), certs, Role.DEVICE, at=then + timedelta(days=31))
+
+
+def test_tampered_signature_is_bad_signature(two_level: Path) -> None:
+    ts = store.load_trust_store(two_level)
+    leaf = der(chain(two_level, Role.DEVICE, "dev-ec")[0])
+    bad = leaf[:-3] + bytes([leaf[-3] ^ 0x01]) + leaf[-2:]
+    expect(Reason.BAD_SIGNATURE, ts, [bad], Role.DEVICE)
+
+
+def test_revocation_and_crl_freshness(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    store.init_ca(pki, two_level=True)
+    d = store.enroll(pki, Role.DEVICE, "victim")
+    keep = store.enroll(pki, Role.DEVICE, "keeper")
+    victim = store.load_identity(d).chain
+    assert store.load_trust_store(pki).verify(victim, role=Role.DEVICE, now=now()).name == "victim"
+    serial = store.revoke(pki, cert_path=d / layout.CERT, reason="keyCompromise")
+    assert serial == victim[0].serial_number
+    ts = store.load_trust_store(pki)
+    expect(Reason.REVOKED, ts, victim, Role.DEVICE)
+    ok = store.load_identity(keep).chain
+    assert ts.verify(ok, role=Role.DEVICE, now=now()).name == "keeper"
+    # The CRL goes stale after nextUpdate: hard fail, not "not revoked".
+    crl = load_crls_pem(layout.crl(pki).read_bytes())[0]
+    assert crl.next_update_utc is not None
+    expect(Reason.CRL_INVALID, ts, ok, Role.DEVICE, at=crl.next_update_utc + timedelta(seconds=1))
+    # Index records it; revoking twice is refused.
+    entry = next(e for e in store.read_index(pki)["certificates"] if e["name"] == "victim")
+    assert entry["revocation_reason"] == "keyCompromise"
+    with pytest.raises(Exception) as info:
+        store.revoke(pki, serial=serial)
+    assert getattr(info.value, "reason", None) is Reason.ALREADY_EXISTS
+
+
+def test_crl_from_another_ca_or_missing_is_crl_invalid(two_level: Path, other_ca: Path) -> None:
+    anchors = load_certificates_pem(layout.anchor(two_level).read_bytes())
+    inter = load_certificates_pem(layout.issuing_cert(two_level).read_bytes())
+    foreign = load_crls_pem(layout.crl(other_ca).read_bytes())
+    ts = TrustStore(anchors, inter, foreign)
+    expect(Reason.CRL_INVALID, ts, chain(two_level, Role.DEVICE, "dev-ec"), Role.DEVICE)
+    # Only the root's CRL: the issuing CA's leaves are not covered.
+    own = load_crls_pem(layout.crl(two_level).read_bytes())
+    assert len(own) == 2
+    ts = TrustStore(anchors, inter, [c for c in own if c.issuer == anchors[0].subject])
+    expect(Reason.CRL_INVALID, ts, chain(two_level, Role.DEVICE, "dev-ec"), Role.DEVICE)
+
+
+def test_revoked_intermediate(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    store.init_ca(pki, two_level=True)
+    d = store.enroll(pki, Role.DEVICE, "d1")
+    ca = store.load_ca(pki)
+    assert ca.root_key is not None
+    root_crl = issue.make_crl(
+        ca.root, ca.root_key, [issue.Revocation(ca.issuer.serial_number, now())], now(), number=9
+    )
+    leaf_crl = load_crls_pem(layout.crl(pki).read_bytes())[0]
+    ts = TrustStore([ca.root], [ca.issuer], [leaf_crl, root_crl])
+    err = expect(Reason.REVOKED, ts, store.load_identity(d).chain, Role.DEVICE)
+    assert "intermediate" in str(err)
+
+
+def test_expired_intermediate(tmp_path: Path) -> None:
+    root_key, inter_key, leaf_key = (keys.generate(keys.KeyType.P256) for _ in range(3))
+    root = issue.make_root(root_key, now() - timedelta(days=60), path_len=1)
+    inter = issue.make_issuing(inter_key, root, root_key, now() - timedelta(days=30), days=10)
+    checked = issue.check_csr(issue.make_csr(leaf_key, Role.DEVICE, "d"), Role.DEVICE)
+    leaf = issue.issue_leaf(checked, inter, inter_key, now() - timedelta(days=25), days=365)
+    assert leaf.not_valid_after_utc == inter.not_valid_after_utc  # clipped to the CA's lifetime
+    ts = TrustStore([root], [inter])
+    expect(Reason.EXPIRED, ts, [leaf], Role.DEVICE)
+    assert ts.verify([leaf, inter], role=Role.DEVICE, now=now() - timedelta(days=24)).name == "d"
+
+
+def test_leaf_profile_violations_are_refused(two_level: Path) -> None:
+    """Certificates our CA would never issue, signed with the real issuing key."""
+    ca = store.load_ca(two_level)
+    ts = store.load_trust_store(two_level, require_crl=False)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def build(
+        *, ca_flag: bool = False, eku: bool = True, san: x509.GeneralName | None = None
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+            .issuer_name(ca.issuer.subject)
+            .public_key(key.public_key())
+            .serial_number(issue.random_serial())
+            .not_valid_before(now() - timedelta(hours=1))
+            .not_valid_after(now() + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([san or x509.UniformResourceIdentifier("urn:sealmq:device:x")]),
+                critical=False,
+            )
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, ca_flag, False, False, False), critical=True
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.issuer_key.public_key()), critical=False
+            )
+        )  # type: ignore[arg-type]
+        if eku:
+            b = b.add_extension(
+                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+            )
+        return b.sign(ca.issuer_key, keys.signing_hash(ca.issuer_key))
+
+    assert ts.verify([build()], role=Role.DEVICE, now=now()).name == "x"  # the builder itself is fine
+    expect(Reason.POLICY_VIOLATION, ts, [build(ca_flag=True)], Role.DEVICE)
+    expect(Reason.WRONG_ROLE, ts, [build(eku=False)], Role.DEVICE)
+    expect(Reason.POLICY_VIOLATION, ts, [build(san=x509.DNSName("evil.example"))], Role.DEVICE)
+    expect(
+        Reason.POLICY_VIOLATION,
+        ts,
+        [build(san=x509.UniformResourceIdentifier("urn:sealmq:device:Bad/Id"))],
+        Role.DEVICE,
+    )
+
+
+def test_identity_of_parses_san_uri(two_level: Path) -> None:
+    assert identity_of(chain(two_level, Role.BACKEND, "backend")[0]) == (Role.BACKEND, "backend")
+
+
+def test_malformed_inputs(two_level: Path) -> None:
+    ts = store.load_trust_store(two_level)
+    expect(Reason.MALFORMED, ts, [b"garbage"], Role.DEVICE)
+    expect(Reason.MALFORMED, ts, [], Role.DEVICE)
+    pem = layout.identity_dir(two_level, Role.DEVICE, "dev-ec").joinpath(layout.CERT).read_bytes()
+    expect(Reason.MALFORMED, ts, [pem[: len(pem) // 2]], Role.DEVICE)
+    with pytest.raises(CertificateError) as info:
+        TrustStore.from_pem(b"not pem")
+    assert info.value.reason is Reason.MALFORMED
