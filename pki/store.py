@@ -144,7 +144,7 @@ def init_ca(
     root_key = keys.generate(kt)
     root = issue.make_root(root_key, when, path_len=1 if two_level else 0)
     with _new_dir(final, force=force) as tmp:
-        os.chmod(tmp, 0o755)  # verifiers read ca.crt and crl.pem; the keys themselves are 0600
+        os.chmod(tmp, 0o755)  # noqa: S103 - verifiers read ca.crt and crl.pem; the keys themselves are 0600
         (tmp / layout.ISSUED).mkdir(mode=0o755)
         write_atomic(tmp / layout.ROOT_KEY, keys.to_pem(root_key, passphrase), private=True)
         write_atomic(tmp / layout.ROOT_CERT, _pem(root))

@@ -34,7 +34,9 @@ def sealmq(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, 
 
 
 def openssl(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["openssl", *map(str, argv)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["openssl", *map(str, argv)], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -102,7 +104,8 @@ def test_owner_side_flow_two_level_with_openssl(
     ca, inter, crl = layout.anchor(pki), layout.issuing_cert(pki), layout.crl(pki)
     for extra in ([], ["-crl_check", "-CRLfile", crl], ["-crl_check_all", "-CRLfile", crl]):
         r = openssl("verify", "-CAfile", ca, "-untrusted", inter, "-purpose", "sslclient", *extra, out)
-        assert r.returncode == 0 and ": OK" in r.stdout, (extra, r.stdout, r.stderr)
+        assert r.returncode == 0, (extra, r.stdout, r.stderr)
+        assert ": OK" in r.stdout
     # A device certificate is not a server certificate, for openssl too.
     assert openssl("verify", "-CAfile", ca, "-untrusted", inter, "-purpose", "sslserver", out).returncode != 0
     # Without the intermediate, openssl finds no path either.
@@ -118,11 +121,13 @@ def test_owner_side_flow_two_level_with_openssl(
     ):
         assert needle in text, needle
     assert "TLS Web Server Authentication" not in text
-    assert "X509v3 Basic Constraints: critical" in text and "X509v3 Key Usage: critical" in text
+    assert "X509v3 Basic Constraints: critical" in text
+    assert "X509v3 Key Usage: critical" in text
     # The CA recorded it.
     entry = store.read_index(pki)["certificates"][-1]
     serial = x509.load_pem_x509_certificate(out.read_bytes()).serial_number
-    assert entry["serial"] == layout.serial_hex(serial) and entry["name"] == "cam-7"
+    assert entry["serial"] == layout.serial_hex(serial)
+    assert entry["name"] == "cam-7"
     assert layout.issued_cert(pki, serial).read_bytes() == out.read_bytes()
     assert 2**150 < serial < 2**159  # 159 random bits (fails with probability 2**-9)
 
@@ -170,9 +175,11 @@ def test_enroll_backend_and_device_with_openssl(
         assert needle in out
     # A device presented as backend, and a wrong id, are refused.
     rc, _, err = sealmq(capsys, "pki", "verify", "--pki", pki, d / "chain.pem", "--role", "backend")
-    assert rc == 2 and "wrong_role" in err
+    assert rc == 2
+    assert "wrong_role" in err
     rc, _, err = sealmq(capsys, "pki", "verify", "--pki", pki, d / "chain.pem", "--id", "dev-2")
-    assert rc == 2 and "identity_mismatch" in err
+    assert rc == 2
+    assert "identity_mismatch" in err
 
 
 def test_revoke_and_crl_honoured_by_us_and_openssl(
@@ -183,17 +190,19 @@ def test_revoke_and_crl_honoured_by_us_and_openssl(
     victim = store.enroll(pki, Role.DEVICE, "victim")
     other = store.enroll(pki, Role.DEVICE, "other")
     ca, inter, crl = layout.anchor(pki), layout.issuing_cert(pki), layout.crl(pki)
-    rc, out, err = sealmq(
+    rc, _out, err = sealmq(
         capsys, "pki", "revoke", "--pki", pki, victim / "cert.pem", "--reason", "keyCompromise"
     )
     assert rc == 0, err
     rc, _, err = sealmq(capsys, "pki", "verify", "--pki", pki, victim / "chain.pem")
-    assert rc == 2 and "revoked" in err
+    assert rc == 2
+    assert "revoked" in err
     assert sealmq(capsys, "pki", "verify", "--pki", pki, other / "chain.pem")[0] == 0
     r = openssl(
         "verify", "-CAfile", ca, "-untrusted", inter, "-crl_check", "-CRLfile", crl, victim / "cert.pem"
     )
-    assert r.returncode != 0 and "revoked" in (r.stdout + r.stderr)
+    assert r.returncode != 0
+    assert "revoked" in (r.stdout + r.stderr)
     # Without a CRL check openssl still accepts it: revocation is only as good as the CRL you load.
     assert openssl("verify", "-CAfile", ca, "-untrusted", inter, victim / "cert.pem").returncode == 0
     # Revocation by serial (openssl's colon hex), then re-issue: both stay revoked, CRL number grows.
@@ -202,7 +211,8 @@ def test_revoke_and_crl_honoured_by_us_and_openssl(
     assert sealmq(capsys, "pki", "revoke", "--pki", pki, "--serial", colon)[0] == 0
     assert sealmq(capsys, "pki", "crl", "--pki", pki, "--days", "7")[0] == 0
     text = openssl("crl", "-in", crl, "-noout", "-text").stdout
-    assert text.count("Serial Number:") == 2 and "Key Compromise" in text
+    assert text.count("Serial Number:") == 2
+    assert "Key Compromise" in text
     both = tmp_path / "both.pem"  # the first CRL in crl.pem is the issuing CA's
     both.write_bytes(ca.read_bytes() + inter.read_bytes())
     r = openssl("crl", "-in", crl, "-noout", "-CAfile", both, "-verify")
@@ -215,7 +225,8 @@ def test_revoke_and_crl_honoured_by_us_and_openssl(
     # Unknown serial: refused, CRL untouched.
     before = snapshot(pki)
     rc, _, err = sealmq(capsys, "pki", "revoke", "--pki", pki, "--serial", "12345")
-    assert rc == 2 and "not_found" in err
+    assert rc == 2
+    assert "not_found" in err
     assert snapshot(pki) == before
 
 
@@ -239,17 +250,17 @@ def test_root_key_offline_keeps_root_crl(tmp_path: Path) -> None:
         crl,
         d / "cert.pem",
     )
-    assert r.returncode != 0 and "revoked" in r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "revoked" in r.stdout + r.stderr
 
 
-# --- refusals: exit 2, a reason, nothing written --------------------------------------------------------------
+# --- refusals: exit 2, a reason, nothing written ---
 def _csr(
     key: object,
     *,
     cn: str = "dev-9",
     san: list[x509.GeneralName] | None = None,
     ca: bool = False,
-    algo: hashes.HashAlgorithm | None = hashes.SHA256(),
 ) -> bytes:
     b = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -262,7 +273,7 @@ def _csr(
     )
     if ca:
         b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    return b.sign(key, algo).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+    return b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
 def _broken_signature(pem: bytes) -> bytes:
@@ -378,7 +389,8 @@ def test_init_refuses_overwrite_and_force_replaces(
     assert sealmq(capsys, "pki", "init", "--pki", pki)[0] == 0
     before = snapshot(pki)
     rc, _, err = sealmq(capsys, "pki", "init", "--pki", pki, "--two-level")
-    assert rc == 2 and "already_exists" in err
+    assert rc == 2
+    assert "already_exists" in err
     assert snapshot(pki) == before
     assert sealmq(capsys, "pki", "init", "--pki", pki, "--two-level", "--force")[0] == 0
     assert layout.root_cert(pki).read_bytes() != before["ca/root.crt"][1]
@@ -391,11 +403,13 @@ def test_init_failure_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     rc, _, err = sealmq(
         capsys, "pki", "init", "--pki", tmp_path / "pki", "--passphrase-file", tmp_path / "none"
     )
-    assert rc == 2 and "not_found" in err
+    assert rc == 2
+    assert "not_found" in err
     empty = tmp_path / "empty"
     empty.write_bytes(b"\n")
     rc, _, err = sealmq(capsys, "pki", "init", "--pki", tmp_path / "pki", "--passphrase-file", empty)
-    assert rc == 2 and "bad_passphrase" in err
+    assert rc == 2
+    assert "bad_passphrase" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
@@ -404,12 +418,14 @@ def test_enroll_refusals_write_nothing(tmp_path: Path, capsys: pytest.CaptureFix
     store.init_ca(pki)
     before = snapshot(pki)
     rc, _, err = sealmq(capsys, "pki", "enroll", "--pki", pki, "device", "Bad_ID")
-    assert rc == 2 and "policy_violation" in err
+    assert rc == 2
+    assert "policy_violation" in err
     assert snapshot(pki) == before
     assert sealmq(capsys, "pki", "enroll", "--pki", pki, "device", "d1")[0] == 0
     before = snapshot(pki)
     rc, _, err = sealmq(capsys, "pki", "enroll", "--pki", pki, "device", "d1")
-    assert rc == 2 and "already_exists" in err
+    assert rc == 2
+    assert "already_exists" in err
     assert snapshot(pki) == before
 
 
@@ -437,7 +453,8 @@ def test_unsupported_and_locked_keys(tmp_path: Path, capsys: pytest.CaptureFixtu
             "--out",
             tmp_path / "csr.pem",
         )
-        assert rc == 2 and ("unsupported_algorithm" in err or "weak_key" in err), err
+        assert rc == 2
+        assert "unsupported_algorithm" in err or "weak_key" in err, err
         assert not (tmp_path / "csr.pem").exists()
     pw = tmp_path / "pw"
     pw.write_bytes(b"s3cret")
@@ -459,7 +476,8 @@ def test_unsupported_and_locked_keys(tmp_path: Path, capsys: pytest.CaptureFixtu
             tmp_path / "csr.pem",
             *extra,
         )
-        assert rc == 2 and "bad_passphrase" in err
+        assert rc == 2
+        assert "bad_passphrase" in err
     assert (
         sealmq(
             capsys,
@@ -479,7 +497,8 @@ def test_unsupported_and_locked_keys(tmp_path: Path, capsys: pytest.CaptureFixtu
         == 0
     )
     rc, _, err = sealmq(capsys, "pki", "keygen", "--out", tmp_path / "k")
-    assert rc == 2 and "already_exists" in err
+    assert rc == 2
+    assert "already_exists" in err
 
 
 def test_verify_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -488,19 +507,22 @@ def test_verify_cli_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     store.init_ca(other)
     foreign = store.enroll(other, Role.DEVICE, "d1")
     rc, _, err = sealmq(capsys, "pki", "verify", "--pki", pki, foreign / "cert.pem")
-    assert rc == 2 and "unknown_ca" in err
+    assert rc == 2
+    assert "unknown_ca" in err
     key = keys.generate(keys.KeyType.P256)
     csr = issue.make_csr(key, Role.DEVICE, "old").public_bytes(serialization.Encoding.PEM)
     old = store.sign_csr(pki, csr, Role.DEVICE, days=30, now=datetime.now(UTC) - timedelta(days=31))
     (tmp_path / "old.pem").write_bytes(old.cert_pem())
     rc, _, err = sealmq(capsys, "pki", "verify", "--pki", pki, tmp_path / "old.pem")
-    assert rc == 2 and "expired" in err
+    assert rc == 2
+    assert "expired" in err
     good = store.enroll(pki, Role.DEVICE, "d2")
     (tmp_path / "trunc.pem").write_bytes((good / "cert.pem").read_bytes()[:300])
     for cmd in ("verify", "show"):
         args = ["pki", cmd, *(["--pki", pki] if cmd == "verify" else []), tmp_path / "trunc.pem"]
         rc, _, err = sealmq(capsys, *args)
-        assert rc == 2 and "malformed" in err
+        assert rc == 2
+        assert "malformed" in err
 
 
 def test_load_identity_checks_key_matches(tmp_path: Path) -> None:
@@ -518,7 +540,9 @@ def test_real_console_exit_code(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     run = [sys.executable, "-m", "sealmq.cli", "pki"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([*run, "init", "--pki", str(pki)], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [*run, "init", "--pki", str(pki)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(
         [*run, "verify", "--pki", str(pki), str(layout.anchor(pki))],
@@ -526,5 +550,7 @@ def test_real_console_exit_code(tmp_path: Path) -> None:
         text=True,
         env=env,
         timeout=60,
+        check=False,
     )
-    assert r.returncode == 2 and "sealmq: error:" in r.stderr
+    assert r.returncode == 2
+    assert "sealmq: error:" in r.stderr
