@@ -105,7 +105,7 @@ def counter_random(seed: int) -> Any:
 
 
 @dataclass
-class TestPki:
+class PkiFixture:
     root: x509.Certificate
     issuing: x509.Certificate
     issuing_key: Any
@@ -126,14 +126,14 @@ class TestPki:
         return X509Authenticator(self.trust_store(**kw), role, now or self.now, known or [])
 
 
-def make_pki(now: datetime = NOW, seed: int = 1) -> TestPki:
+def make_pki(now: datetime = NOW, seed: int = 1) -> PkiFixture:
     rnd = counter_random(seed)
     root_key = ec.derive_private_key(int.from_bytes(rnd(32), "big"), ec.SECP256R1())
     issuing_key = ec.derive_private_key(int.from_bytes(rnd(32), "big"), ec.SECP256R1())
     start = now - timedelta(days=30)
     root = issue.make_root(root_key, start, path_len=1, random_bytes=rnd)
     issuing = issue.make_issuing(issuing_key, root, root_key, start, random_bytes=rnd)
-    return TestPki(root, issuing, issuing_key, now)
+    return PkiFixture(root, issuing, issuing_key, now)
 
 
 def p256_key(seed: int) -> ec.EllipticCurvePrivateKey:
