@@ -77,7 +77,7 @@ class EmbeddedBrokerConfig:
         return cfg
 
 
-class HardenedBroker(Broker):
+class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's Broker with our framing, connection bound and policy wired into the plugins."""
 
     def __init__(self, config: EmbeddedBrokerConfig, policy: BrokerPolicy, stats: BrokerStats) -> None:
@@ -111,9 +111,8 @@ class HardenedBroker(Broker):
         stats.active_connections += 1
         try:
             peer = writer.get_extra_info("peername")
-            framed = FramedReader(
-                reader, writer, self._limits, self.sealmq_policy.gate, stats, f"{peer[0]}:{peer[1]}" if peer else "?"
-            )
+            name = f"{peer[0]}:{peer[1]}" if peer else "?"
+            framed = FramedReader(reader, writer, self._limits, self.sealmq_policy.gate, stats, peer=name)
             await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
         finally:
             stats.active_connections -= 1

@@ -23,6 +23,7 @@ keep-alive ``wait_for`` around a read can cancel it without desynchronising the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -150,7 +151,7 @@ class FramingLimits:
     connect_timeout: float
 
 
-class FramedReader(ReaderAdapter):
+class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     """A ReaderAdapter that gives amqtt whole, checked packets (see the module docstring)."""
 
     def __init__(
@@ -160,6 +161,7 @@ class FramedReader(ReaderAdapter):
         limits: FramingLimits,
         gate: ConnectGate,
         stats: BrokerStats,
+        *,
         peer: str,
     ) -> None:
         self._r = reader
@@ -190,7 +192,7 @@ class FramedReader(ReaderAdapter):
                         packet = await self._next_packet()
                 except TimeoutError:
                     self._stats.bad_framing += 1
-                    log.warning("closing %s: no CONNECT within %.0f s", self._peer, self._limits.connect_timeout)
+                    log.warning("closing %s: no CONNECT in %.0f s", self._peer, self._limits.connect_timeout)
                     self._close()
                     return b""
             else:
@@ -261,10 +263,8 @@ class FramedReader(ReaderAdapter):
             self._stats.refused_connect += 1
             log.warning("refused CONNECT from %s (user %r): code %d", self._peer, info.username, code)
             self._w.write(bytes([0x20, 0x02, 0x00, code]))
-            try:
+            with contextlib.suppress(ConnectionError):
                 await self._w.drain()
-            except ConnectionError:
-                pass
             self._close()
             return b""
         return header + body

@@ -66,7 +66,7 @@ def render(out_dir: Path, users: dict[str, User], opts: MosquittoOptions) -> dic
     """The text of each file (pure; ``write_config`` writes them)."""
     for ch in ("\n", " ", "#"):
         if ch in str(out_dir) or ch in opts.host or ch in opts.run_as:
-            raise ConfigError(Reason.CONFIG_INVALID, "paths and host must not contain spaces, '#' or newlines")
+            raise ConfigError(Reason.CONFIG_INVALID, "paths and names must not hold spaces, '#' or newlines")
     if not users:
         raise ConfigError(Reason.CONFIG_INVALID, "no users: mosquitto would refuse everyone")
     values = {

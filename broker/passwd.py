@@ -129,7 +129,8 @@ def load_users(path: str | Path) -> dict[str, User]:
     except FileNotFoundError:
         raise ConfigError(Reason.NOT_FOUND, f"user file {path} not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(Reason.CONFIG_INVALID, f"cannot read user file {path}: {type(exc).__name__}") from None
+        why = type(exc).__name__
+        raise ConfigError(Reason.CONFIG_INVALID, f"cannot read user file {path}: {why}") from None
     return parse_users(text)
 
 

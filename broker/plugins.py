@@ -17,7 +17,7 @@ from amqtt.session import Session
 from broker.policy import BrokerPolicy
 
 
-class SealmqAuthPlugin(BaseAuthPlugin):
+class SealmqAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untyped
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.policy: BrokerPolicy | None = None
@@ -29,7 +29,7 @@ class SealmqAuthPlugin(BaseAuthPlugin):
         return role is not None
 
 
-class SealmqAclPlugin(BaseTopicPlugin):
+class SealmqAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.policy: BrokerPolicy | None = None

@@ -7,14 +7,11 @@ import time
 
 import pytest
 
-from tests.brokers import (  # noqa: F401 - fixtures
-    BrokerHandle,
-    Creds,
-    amqtt_broker,
-    any_broker,
-    raw_connect,
-    running_amqtt,
-)
+from tests import brokers
+from tests.brokers import BrokerHandle, Creds, raw_connect, running_amqtt
+
+any_broker = brokers.any_broker
+amqtt_broker = brokers.amqtt_broker
 
 DEV = "sealmq/v1/{}/{}/{}"
 
@@ -68,8 +65,9 @@ def test_monitor_reads_all_publishes_nothing(any_broker: BrokerHandle) -> None:
     b.subscribe(backend, "sealmq/v1/+/+/up")
     dev, dev_got = b.connect(b.devices[0])
     b.subscribe(dev, DEV.format(b.devices[0].username, "+", "down"))
-    mon.publish(DEV.format(b.devices[0].username, "data", "down"), b"monitor-forged", qos=1).wait_for_publish(5)
-    mon.publish(DEV.format(b.devices[0].username, "data", "up"), b"monitor-forged", qos=1).wait_for_publish(5)
+    for direction in ("down", "up"):
+        topic = DEV.format(b.devices[0].username, "data", direction)
+        mon.publish(topic, b"forged", qos=1).wait_for_publish(5)
     dev.publish(DEV.format(b.devices[0].username, "data", "up"), b"up", qos=1).wait_for_publish(5)
     backend.publish(DEV.format(b.devices[0].username, "data", "down"), b"down", qos=1).wait_for_publish(5)
     seen = sorted(m.payload for m in [mon_got.get(), mon_got.get()])
@@ -158,8 +156,8 @@ def test_client_id_bound_to_user(amqtt_broker: BrokerHandle) -> None:
     b.connect(Creds(b.devices[0].username, "wrong"), client_id="backend", expect_refused=True)
     b.connect(b.devices[0], client_id="backend", expect_refused=True)
     dev, _ = b.connect(b.devices[0], client_id=f"{b.devices[0].username}:agent")
-    dev.publish(DEV.format(b.devices[0].username, "data", "up"), b"still-subscribed", qos=1).wait_for_publish(5)
-    assert got.get().payload == b"still-subscribed"
+    dev.publish(DEV.format(b.devices[0].username, "data", "up"), b"still-here", qos=1).wait_for_publish(5)
+    assert got.get().payload == b"still-here"
     assert backend.is_connected()
 
 
@@ -177,8 +175,8 @@ def test_binds_loopback_only(kind: str, tmp_path) -> None:  # type: ignore[no-un
             conf = b.broker.conf.read_text()
             assert f"listener {b.port} 127.0.0.1" in conf
         # the listening socket as the kernel sees it: only 127.0.0.1
-        listening = [
-            line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:] if line.split()[3] == "0A"
-        ]
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        listening = [row[1] for row in rows if row[3] == "0A"]
         ours = [addr for addr in listening if int(addr.split(":")[1], 16) == b.port]
-        assert ours == ["0100007F:%04X" % b.port], ours
+        assert ours == [f"0100007F:{b.port:04X}"], ours

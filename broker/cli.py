@@ -1,0 +1,153 @@
+"""``sealmq broker {run,passwd,mosquitto-config}`` and ``sealmq inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sealmq.errors import ConfigError, Reason
+
+_RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout"}
+
+
+def register(subparsers: Any) -> None:
+    broker = subparsers.add_parser("broker", help="run or configure the MQTT broker")
+    sub = broker.add_subparsers(dest="broker_command", metavar="SUBCOMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the embedded hardened amqtt broker in the foreground")
+    run.add_argument("--config", type=Path, help="TOML file with keys: " + ", ".join(sorted(_RUN_KEYS)))
+    run.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="port (default 1883; 0 picks a free one)")
+    run.add_argument("--passwd", type=Path, help="user file (sealmq broker passwd)")
+    run.add_argument("--max-message-size", type=int, help="largest payload relayed, bytes (default 262144)")
+    run.add_argument("--max-connections", type=int, help="simultaneous connections (default 1000)")
+    run.set_defaults(func=cmd_run)
+
+    pw = sub.add_parser("passwd", help="add, replace or delete a broker user")
+    pw.add_argument("--file", type=Path, required=True, help="user file (created 0600 if missing)")
+    pw.add_argument("--role", choices=["device", "backend", "monitor"], default="device")
+    pw.add_argument("--password-file", type=Path, help="read the password from this file (first line)")
+    pw.add_argument("--delete", action="store_true", help="remove the user")
+    pw.add_argument("--iterations", type=int, default=None, help="PBKDF2 iterations (default 10000)")
+    pw.add_argument("name", help="device id, or the backend/monitor user name")
+    pw.set_defaults(func=cmd_passwd)
+
+    mq = sub.add_parser("mosquitto-config", help="write a runnable Mosquitto config directory")
+    mq.add_argument("--out", type=Path, required=True, help="directory to write")
+    mq.add_argument("--passwd", "--users", dest="passwd", type=Path, required=True, help="sealmq user file")
+    mq.add_argument("--host", default="127.0.0.1")
+    mq.add_argument("--port", type=int, default=1883)
+    mq.add_argument("--max-message-size", type=int, default=None)
+    mq.add_argument("--no-persistence", action="store_true")
+    mq.set_defaults(func=cmd_mosquitto_config)
+
+    ins = subparsers.add_parser("inspect", help="print what the broker sees on sealmq/# (no plaintext)")
+    ins.add_argument("--host", default="127.0.0.1")
+    ins.add_argument("--port", type=int, default=1883)
+    ins.add_argument("--username", help="a monitor user")
+    ins.add_argument("--password", help="its password (or use --password-file)")
+    ins.add_argument("--password-file", type=Path)
+    ins.add_argument("--count", type=int, help="exit after this many messages")
+    ins.add_argument("--timeout", type=float, help="exit after this many quiet seconds")
+    ins.set_defaults(func=cmd_inspect)
+
+
+def _read_password_file(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(Reason.CONFIG_INVALID, f"cannot read {path}: {type(exc).__name__}") from None
+    if not lines or not lines[0]:
+        raise ConfigError(Reason.CONFIG_INVALID, f"{path}: empty password")
+    return lines[0]
+
+
+def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            values = tomllib.loads(args.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(Reason.CONFIG_INVALID, f"cannot read {args.config}: {exc}") from None
+        unknown = set(values) - _RUN_KEYS
+        if unknown:
+            raise ConfigError(Reason.CONFIG_INVALID, f"unknown keys in {args.config}: {sorted(unknown)}")
+    for key in ("host", "port", "passwd", "max_message_size", "max_connections"):
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    values.setdefault("port", 1883)
+    if "passwd" not in values:
+        raise ConfigError(Reason.CONFIG_INVALID, "a user file is required (--passwd or passwd = in --config)")
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("sealmq.broker").setLevel(logging.INFO)
+    config = EmbeddedBrokerConfig(**load_run_config(args))
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with EmbeddedBroker(config) as broker:
+            print(f"sealmq broker listening on {broker.host}:{broker.port}", flush=True)
+            while not stop.wait(0.5):
+                pass
+            print("sealmq broker: shutting down", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from broker.passwd import DEFAULT_ITERATIONS, add_user, generate_password, remove_user
+
+    if args.delete:
+        remove_user(args.file, args.name)
+        print(f"removed {args.name}")
+        return 0
+    generated = args.password_file is None
+    password = generate_password() if generated else _read_password_file(args.password_file)
+    add_user(args.file, args.name, password, args.role, iterations=args.iterations or DEFAULT_ITERATIONS)
+    if generated:
+        # printed once, on stdout only; it is not stored anywhere in clear
+        print(f"{args.name} ({args.role}) password: {password}")
+    else:
+        print(f"set password of {args.name} ({args.role})")
+    return 0
+
+
+def cmd_mosquitto_config(args: argparse.Namespace) -> int:
+    from broker.mosquitto_config import DEFAULT_MAX_MESSAGE_SIZE, MosquittoOptions, write_config
+    from broker.passwd import load_users
+
+    opts = MosquittoOptions(
+        host=args.host,
+        port=args.port,
+        max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
+        persistence=not args.no_persistence,
+    )
+    conf = write_config(args.out, load_users(args.passwd), opts)
+    print(f"wrote {conf}; run: mosquitto -c {conf}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from broker.inspect import run_inspect
+
+    password = args.password
+    if args.password_file is not None:
+        password = _read_password_file(args.password_file)
+    return run_inspect(
+        args.host, args.port, args.username, password, count=args.count, timeout=args.timeout, out=sys.stdout
+    )
