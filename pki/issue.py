@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pki.keys import PrivateKey, signing_hash
 from pki.verify import (
+    PARSE_ERRORS,
     Role,
     describe_public_key,
     identity_uri,
@@ -160,7 +160,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         else:
             csr = x509.load_der_x509_csr(data)
         _ = (csr.subject, [str(a.value) for a in csr.subject])
-    except (ValueError, TypeError, UnsupportedAlgorithm, IndexError, OverflowError):
+    except PARSE_ERRORS:
         raise CsrError(Reason.MALFORMED, "not a certificate signing request") from None
     return csr
 
@@ -179,7 +179,7 @@ def check_csr(
     """Everything the CA refuses to sign: broken self-signature, weak or foreign key types,
     an invalid name, a CA:true request, any SAN other than our own URI for this role and name."""
     role = Role(role)
-    _parse = (ValueError, TypeError, UnsupportedAlgorithm, IndexError, OverflowError)
+    _parse = PARSE_ERRORS
     try:
         pub = csr.public_key()
     except _parse:

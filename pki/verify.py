@@ -41,7 +41,18 @@ MAX_INPUT_BYTES = 1 << 20  # a chain or CRL larger than this is garbage, not a c
 
 # Parsing of X.509 in cryptography is lazy: a certificate that loads can still raise when a
 # field is touched. Everything below converts these into our errors.
-PARSE_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, IndexError, KeyError, OverflowError)
+PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    IndexError,
+    KeyError,
+    OverflowError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.AttributeNotFound,
+)
 
 
 class Role(StrEnum):
@@ -147,7 +158,7 @@ def load_certificate(data: bytes | x509.Certificate) -> x509.Certificate:
 
 def _touch(cert: x509.Certificate) -> None:
     try:
-        _ = (cert.subject, cert.issuer, cert.serial_number, cert.not_valid_before_utc)
+        _ = (cert.version, cert.subject, cert.issuer, cert.serial_number, cert.not_valid_before_utc)
         _ = (cert.not_valid_after_utc, cert.extensions, cert.signature_hash_algorithm)
         _ = [str(a.value) for a in cert.subject] + [str(a.value) for a in cert.issuer]
     except PARSE_ERRORS:
