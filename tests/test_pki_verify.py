@@ -270,3 +270,58 @@ def test_malformed_inputs(two_level: Path) -> None:
     with pytest.raises(CertificateError) as info:
         TrustStore.from_pem(b"not pem")
     assert info.value.reason is Reason.MALFORMED
+
+
+def test_identity_uri_golden_both_directions() -> None:
+    from pki.verify import identity_uri, parse_identity_uri
+
+    golden = {
+        (Role.DEVICE, "cam-1"): "urn:sealmq:device:cam-1",
+        (Role.BACKEND, "backend"): "urn:sealmq:backend:backend",
+    }
+    for (role, name), uri in golden.items():
+        assert identity_uri(role, name) == uri
+        assert parse_identity_uri(uri) == (role, name)
+    for bad in (
+        "urn:sealmq:device:",
+        "urn:sealmq:admin:x",
+        "urn:sealmq:device:A",
+        "urn:other:device:x",
+        "urn:sealmq:device:a/b",
+        "urn:sealmq:device",
+    ):
+        with pytest.raises(CertificateError) as info:
+            parse_identity_uri(bad)
+        assert info.value.reason is Reason.POLICY_VIOLATION
+    assert layout.serial_hex(0xABC) == "0" * 37 + "abc"
+
+
+def test_verify_module_is_pure() -> None:
+    """The handshake calls it: no file, clock or randomness (the AST check of tests/test_sans_io.py)."""
+    import ast
+
+    from tests.test_sans_io import FORBIDDEN_MODULES, FORBIDDEN_NAMES
+
+    tree = ast.parse((Path(__file__).parents[1] / "pki" / "verify.py").read_text())
+    forbidden = FORBIDDEN_MODULES | {"os", "io", "pathlib", "shutil", "tempfile"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert all(a.name.split(".")[0] not in forbidden for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in forbidden
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert (node.value.id, node.attr) not in FORBIDDEN_NAMES
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "open"
+
+
+def test_rotation_overlap_two_anchors(two_level: Path, other_ca: Path) -> None:
+    """During a CA rotation the verifier trusts both roots (ca.crt and crl.pem concatenated)."""
+    ts = TrustStore.from_pem(
+        layout.anchor(two_level).read_bytes() + layout.anchor(other_ca).read_bytes(),
+        layout.crl(two_level).read_bytes() + layout.crl(other_ca).read_bytes(),
+    )
+    old = chain(two_level, Role.DEVICE, "dev-ec")
+    new = chain(other_ca, Role.DEVICE, "dev-ec")
+    assert ts.verify(old, role=Role.DEVICE, now=now()).certificate == old[0]
+    assert ts.verify(new, role=Role.DEVICE, now=now()).certificate == new[0]
