@@ -71,10 +71,20 @@ def trace1_credential(role: str) -> X509Credential:
 
 def trace1_pair(debug: bool = True) -> tuple[Initiator, Responder]:
     ini = Initiator(
-        trace1_credential("I"), Trace1Authenticator(), c_i=h("C_I"), suites=[0], ephemeral_key=h("X"), debug=debug
+        trace1_credential("I"),
+        Trace1Authenticator(),
+        c_i=h("C_I"),
+        suites=[0],
+        ephemeral_key=h("X"),
+        debug=debug,
     )
     res = Responder(
-        trace1_credential("R"), Trace1Authenticator(), c_r=h("C_R"), suites=[0], ephemeral_key=h("Y"), debug=debug
+        trace1_credential("R"),
+        Trace1Authenticator(),
+        c_r=h("C_R"),
+        suites=[0],
+        ephemeral_key=h("Y"),
+        debug=debug,
     )
     return ini, res
 
@@ -111,7 +121,9 @@ class PkiFixture:
     issuing_key: Any
     now: datetime
 
-    def leaf(self, role: Role, name: str, key: Any, *, now: datetime | None = None, days: int = 365) -> list[bytes]:
+    def leaf(
+        self, role: Role, name: str, key: Any, *, now: datetime | None = None, days: int = 365
+    ) -> list[bytes]:
         csr = issue.make_csr(key, role, name)
         checked = issue.check_csr(csr, role, name)
         cert = issue.issue_leaf(checked, self.issuing, self.issuing_key, now or self.now, days=days)
@@ -238,7 +250,16 @@ def golden_run(v: dict[str, str]) -> dict[str, str]:
     ini.process_message_4(m4)
     result = ini.result()
     out = {"message_1": m1, "message_2": m2, "message_3": m3, "message_4": m4}
-    for name in ("TH_2", "PRK_2e", "MAC_2", "Signature_or_MAC_2", "TH_3", "MAC_3", "Signature_or_MAC_3", "TH_4"):
+    for name in (
+        "TH_2",
+        "PRK_2e",
+        "MAC_2",
+        "Signature_or_MAC_2",
+        "TH_3",
+        "MAC_3",
+        "Signature_or_MAC_3",
+        "TH_4",
+    ):
         out[name] = res.transcript.get(name) or ini.transcript[name]
     out["PRK_out"] = result.prk_out
     out["OSCORE_Master_Secret"] = result.oscore_master_secret()

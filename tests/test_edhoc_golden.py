@@ -29,7 +29,9 @@ def test_encode_gives_stored_bytes(encoded: dict[str, str], name: str) -> None:
 def test_decode_stored_bytes_as_responder() -> None:
     _, res = golden_pair(INPUTS)
     info = res.process_message_1(OUT["message_1"])
-    assert info.method == 0 and info.suite == 2 and info.c_i == bytes.fromhex(INPUTS["C_I"])
+    assert info.method == 0
+    assert info.suite == 2
+    assert info.c_i == bytes.fromhex(INPUTS["C_I"])
     assert info.ead_1 == (EadItem(1, bytes.fromhex("01020304")),)
     assert res.create_message_2() == OUT["message_2"]
     res.process_message_3(OUT["message_3"])

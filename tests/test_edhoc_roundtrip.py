@@ -72,19 +72,24 @@ def make_pair(
 
 
 @pytest.mark.parametrize("by_reference", [False, True], ids=["x5chain", "x5t"])
-@pytest.mark.parametrize(("kind", "suite"), [("p256", 2), ("rsa", -24), ("ed25519", 0), ("p256", 3), ("p256", 6),
-                                             ("ed25519", 1)])
+@pytest.mark.parametrize(
+    ("kind", "suite"), [("p256", 2), ("rsa", -24), ("ed25519", 0), ("p256", 3), ("p256", 6), ("ed25519", 1)]
+)
 def test_round_trip(pki: PkiFixture, kind: str, suite: int, by_reference: bool) -> None:
     ini, res = make_pair(pki, kind, [suite], by_reference=by_reference)
     msgs = run_handshake(ini, res)
     a, b = ini.result(), res.result()
-    assert a.prk_out == b.prk_out and len(a.prk_out) == 32
+    assert a.prk_out == b.prk_out
+    assert len(a.prk_out) == 32
     assert a.suite == b.suite == suite
     assert (a.c_i, a.c_r) == (b.c_i, b.c_r) == (cbor.dumps(-3), b"\x99\x01")
-    assert a.peer.identity.name == "backend" and a.peer.identity.role is Role.BACKEND
-    assert b.peer.identity.name == "dev-7" and b.peer.identity.role is Role.DEVICE
+    assert a.peer.identity.name == "backend"
+    assert a.peer.identity.role is Role.BACKEND
+    assert b.peer.identity.name == "dev-7"
+    assert b.peer.identity.role is Role.DEVICE
     assert a.exporter(0, b"", 16) == b.exporter(0, b"", 16)
-    assert ini.state is State.CONFIRMED and res.state is State.CONFIRMED
+    assert ini.state is State.CONFIRMED
+    assert res.state is State.CONFIRMED
     id_cred_i_compact_len = 14 if by_reference else 100
     assert len(msgs["message_3"]) > id_cred_i_compact_len  # x5chain carries the certificates
     if kind == "rsa":
@@ -93,8 +98,10 @@ def test_round_trip(pki: PkiFixture, kind: str, suite: int, by_reference: bool) 
 
 def test_suite_24_p384() -> None:
     """Suite 24 (P-384, ES384, A256GCM, SHA-384) with a credential the test vouches for itself."""
-    keys = [ec.derive_private_key(int.from_bytes(counter_random(s)(48), "big") % (2**380), ec.SECP384R1())
-            for s in (1, 2)]
+    keys = [
+        ec.derive_private_key(int.from_bytes(counter_random(s)(48), "big") % (2**380), ec.SECP384R1())
+        for s in (1, 2)
+    ]
 
     class Raw:
         def __init__(self, key: Any) -> None:
@@ -123,9 +130,12 @@ def test_suite_24_p384() -> None:
     ini = Initiator(Raw(keys[0]), ByKid(), c_i=b"\x01\x02", suites=[24], random_bytes=rnd)
     res = Responder(Raw(keys[1]), ByKid(), c_r=5, suites=[24], random_bytes=rnd)
     msgs = run_handshake(ini, res)
-    assert ini.result().prk_out == res.result().prk_out and len(ini.result().prk_out) == 48
-    assert ini.result().hash_name == "sha384" and ini.result().app_aead == 3
-    assert res.result().peer.identity == b"\x01" and ini.result().peer.identity == b"\x02"
+    assert ini.result().prk_out == res.result().prk_out
+    assert len(ini.result().prk_out) == 48
+    assert ini.result().hash_name == "sha384"
+    assert ini.result().app_aead == 3
+    assert res.result().peer.identity == b"\x01"
+    assert ini.result().peer.identity == b"\x02"
     assert cbor.loads_seq(msgs["message_1"])[1] == 24
 
 
@@ -140,8 +150,10 @@ def test_ead_passed_through_and_padding_dropped(pki: PkiFixture) -> None:
     i3 = res.process_message_3(ini.create_message_3([(-5, b"three")]))
     assert i3.ead_3 == (EadItem(-5, b"three"),)
     assert ini.process_message_4(res.create_message_4([(11, None)])) == (EadItem(11, None),)
-    assert res.result().ead[1] == i1.ead_1 and res.result().ead[3] == i3.ead_3
-    assert ini.result().ead[2] == i2.ead_2 and ini.result().ead[4] == (EadItem(11, None),)
+    assert res.result().ead[1] == i1.ead_1
+    assert res.result().ead[3] == i3.ead_3
+    assert ini.result().ead[2] == i2.ead_2
+    assert ini.result().ead[4] == (EadItem(11, None),)
 
 
 def test_negotiation_like_trace_2(pki: PkiFixture) -> None:
@@ -151,13 +163,16 @@ def test_negotiation_like_trace_2(pki: PkiFixture) -> None:
     assert cbor.loads_seq(m1)[1] == 6
     with pytest.raises(EdhocError) as info:
         res.process_message_1(m1)
-    assert info.value.reason is Reason.UNSUPPORTED_SUITE and info.value.err_code == 2
+    assert info.value.reason is Reason.UNSUPPORTED_SUITE
+    assert info.value.err_code == 2
     err_msg = encode_error(info.value)
     assert err_msg == bytes.fromhex("0202")  # as in RFC 9529 trace 2
     m1b = ini.process_error(err_msg)
     assert cbor.loads_seq(m1b)[1] == [6, 2]
     assert cbor.loads_seq(m1b)[2] != cbor.loads_seq(m1)[2]  # a fresh ephemeral key
-    res2 = Responder(res.credentials, res.authenticator, c_r=b"\x99\x01", suites=[2], random_bytes=counter_random(9))
+    res2 = Responder(
+        res.credentials, res.authenticator, c_r=b"\x99\x01", suites=[2], random_bytes=counter_random(9)
+    )
     res2.process_message_1(m1b)
     ini.process_message_2(res2.create_message_2())
     res2.process_message_3(ini.create_message_3())
@@ -181,7 +196,8 @@ def test_responder_refuses_downgrade(pki: PkiFixture) -> None:
     ini._offered = (6, 2)  # what an attacker-induced retry would send
     with pytest.raises(EdhocError) as info:
         res.process_message_1(ini.create_message_1())
-    assert info.value.err_code == 2 and info.value.suites_r == [2, 6]
+    assert info.value.err_code == 2
+    assert info.value.suites_r == [2, 6]
 
 
 def test_initiator_refuses_loop(pki: PkiFixture) -> None:
@@ -224,9 +240,12 @@ def test_cpu_cost_per_side(pki: PkiFixture, capsys: pytest.CaptureFixture[str]) 
         t_ini += (t1 - t0) + (t3 - t2) + (t5 - t4)
         t_res += (t2 - t1) + (t4 - t3)
     with capsys.disabled():
-        print(f"\nEDHOC suite 2 x5t, CPU per handshake incl. X.509 path validation: "
-              f"initiator {t_ini / n * 1000:.2f} ms, responder {t_res / n * 1000:.2f} ms")
-    assert t_ini / n < 0.05 and t_res / n < 0.05  # generous: catches an accidental slow path only
+        print(
+            f"\nEDHOC suite 2 x5t, CPU per handshake incl. X.509 path validation: "
+            f"initiator {t_ini / n * 1000:.2f} ms, responder {t_res / n * 1000:.2f} ms"
+        )
+    assert t_ini / n < 0.05
+    assert t_res / n < 0.05
 
 
 def test_certificate_is_parsed_only_from_der(pki: PkiFixture) -> None:

@@ -7,12 +7,45 @@ import pytest
 from sealmq import kdf
 from tests.edhoc_helpers import h, run_handshake, trace1_pair
 
-INITIATOR_VALUES = ["message_1", "TH_2", "PRK_2e", "KEYSTREAM_2", "PLAINTEXT_2", "PRK_3e2m", "MAC_2", "TH_3",
-                    "PRK_4e3m", "MAC_3", "Signature_or_MAC_3", "PLAINTEXT_3", "K_3", "IV_3", "message_3",
-                    "TH_4", "PRK_out"]
-RESPONDER_VALUES = ["H(message_1)", "TH_2", "PRK_2e", "PRK_3e2m", "MAC_2", "Signature_or_MAC_2", "PLAINTEXT_2",
-                    "KEYSTREAM_2", "message_2", "TH_3", "PLAINTEXT_3", "PRK_4e3m", "MAC_3", "TH_4", "PRK_out",
-                    "K_4", "IV_4", "message_4"]
+INITIATOR_VALUES = [
+    "message_1",
+    "TH_2",
+    "PRK_2e",
+    "KEYSTREAM_2",
+    "PLAINTEXT_2",
+    "PRK_3e2m",
+    "MAC_2",
+    "TH_3",
+    "PRK_4e3m",
+    "MAC_3",
+    "Signature_or_MAC_3",
+    "PLAINTEXT_3",
+    "K_3",
+    "IV_3",
+    "message_3",
+    "TH_4",
+    "PRK_out",
+]
+RESPONDER_VALUES = [
+    "H(message_1)",
+    "TH_2",
+    "PRK_2e",
+    "PRK_3e2m",
+    "MAC_2",
+    "Signature_or_MAC_2",
+    "PLAINTEXT_2",
+    "KEYSTREAM_2",
+    "message_2",
+    "TH_3",
+    "PLAINTEXT_3",
+    "PRK_4e3m",
+    "MAC_3",
+    "TH_4",
+    "PRK_out",
+    "K_4",
+    "IV_4",
+    "message_4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +75,8 @@ def test_each_role_against_the_trace_alone() -> None:
     ini, _ = trace1_pair()
     assert ini.create_message_1() == h("message_1")
     info2 = ini.process_message_2(h("message_2"))
-    assert info2.c_r == h("C_R") and info2.ead_2 == ()
+    assert info2.c_r == h("C_R")
+    assert info2.ead_2 == ()
     assert ini.create_message_3() == h("message_3")
     assert ini.process_message_4(h("message_4")) == ()
     _, res = trace1_pair()
@@ -79,5 +113,6 @@ def test_signatures_match_trace(trace_run) -> None:  # type: ignore[no-untyped-d
 def test_transcript_is_opt_in() -> None:
     ini, res = trace1_pair(debug=False)
     run_handshake(ini, res)
-    assert ini.transcript == {} and res.transcript == {}
+    assert ini.transcript == {}
+    assert res.transcript == {}
     assert ini.result().prk_out == h("PRK_out")
