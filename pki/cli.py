@@ -10,7 +10,7 @@ from typing import Any
 
 from pki import issue, keys, layout, show, store
 from pki.verify import Role, identity_of, load_chain
-from sealmq.errors import CertificateError
+from sealmq.errors import CertificateError, PkiError, Reason
 
 ROLES = [r.value for r in Role]
 
@@ -57,7 +57,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     chain_out = Path(args.chain_out) if args.chain_out else out.parent / layout.CHAIN
     for p in (out, chain_out):  # checked before issuing, so a refusal leaves no record behind
         if p.exists() and not args.force:
-            store.write_atomic(p, b"")  # raises ALREADY_EXISTS
+            raise PkiError(Reason.ALREADY_EXISTS, f"{p} exists (use --force to replace it)")
     issued = store.sign_csr(
         args.pki, csr_pem, args.role, days=args.days, passphrase=_passphrase(args), expected_name=args.name
     )
@@ -73,7 +73,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 def _cmd_enroll(args: argparse.Namespace) -> int:
     name = args.name or (layout.DEFAULT_BACKEND if args.role == Role.BACKEND.value else None)
     if name is None:
-        raise CertificateError(detail="enroll device needs a NAME")
+        raise PkiError(Reason.POLICY_VIOLATION, "enroll device needs a NAME")
     d = store.enroll(
         args.pki,
         args.role,
