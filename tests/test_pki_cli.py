@@ -554,3 +554,20 @@ def test_real_console_exit_code(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "sealmq: error:" in r.stderr
+
+
+def test_sign_refuses_to_overwrite_output_before_issuing(
+    locked_pki: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki, pw = locked_pki
+    csr = tmp_path / "csr.pem"
+    csr.write_bytes(_csr(P256))
+    (tmp_path / "cert.pem").write_bytes(b"old")
+    before, before_out = snapshot(pki), snapshot(tmp_path)
+    argv = ["pki", "sign", "--pki", pki, "--csr", csr, "--role", "device", "--out", tmp_path / "cert.pem"]
+    rc, _, err = sealmq(capsys, *argv, "--passphrase-file", pw)
+    assert rc == 2
+    assert "already_exists" in err
+    assert (snapshot(pki), snapshot(tmp_path)) == (before, before_out)  # no certificate recorded either
+    assert sealmq(capsys, *argv, "--passphrase-file", pw, "--force")[0] == 0
+    assert (tmp_path / "cert.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
