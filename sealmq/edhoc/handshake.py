@@ -418,9 +418,11 @@ class Initiator(_Party):
         if not suites:
             raise LocalProtocolError(Reason.CONFIG_INVALID, "no cipher suites")
         self.suites = tuple(get_suite(s).ident for s in suites)  # preference order
-        if not all(credential.supports(get_suite(s)) for s in self.suites):
+        # Only "some suite fits" here: RFC 9529 trace 2 offers a suite (6) its P-256 static key
+        # cannot serve; a suite the credential does not fit fails when it would be used.
+        if not any(credential.supports(get_suite(s)) for s in self.suites):
             raise LocalProtocolError(
-                Reason.UNSUPPORTED_ALGORITHM, "credential does not fit every offered suite"
+                Reason.UNSUPPORTED_ALGORITHM, "credential fits none of the offered suites"
             )
         self.credential = credential
         self._method = method
@@ -445,7 +447,9 @@ class Initiator(_Party):
         self._log("message_1", msg)
         return msg
 
-    def process_error(self, data: bytes, *, ephemeral_key: bytes | None = None) -> bytes:
+    def process_error(
+        self, data: bytes, *, ephemeral_key: bytes | None = None, c_i: bytes | int | None = None
+    ) -> bytes:
         """Handle an EDHOC error received instead of message_2 (or message_4).
 
         ERR_CODE 2 whose SUITES_R shares a suite with ours: returns the new message_1 (with a
@@ -469,6 +473,8 @@ class Initiator(_Party):
             # RFC 9528 6.3.2: SUITES_I = our suites in preference order, up to the selected one.
             offered = self.suites[: self.suites.index(selected) + 1]
             self._offered = offered
+            if c_i is not None:
+                self._c_i = connection_id(c_i)
             return self._message_1_for(offered, self._ead_1, ephemeral_key)
 
     # --- message_2 -----------------------------------------------------------------------
@@ -531,6 +537,10 @@ class Initiator(_Party):
     def create_message_3(self, ead_3: EadInput = ()) -> bytes:
         with self._step(Input.SEND_M3):
             s = self.suite
+            if not self.credential.supports(s):
+                raise LocalProtocolError(
+                    Reason.UNSUPPORTED_ALGORITHM, f"credential does not fit suite {s.ident}"
+                )
             th_3 = self._th
             if initiator_signs(self._method):
                 self._prk_4e3m = self._prk_3e2m
