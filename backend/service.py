@@ -1,0 +1,225 @@
+"""The backend service: the paho-mqtt adapter around :class:`sealmq.endpoint.BackendEndpoint`.
+
+One MQTT connection serves every device: it subscribes with one wildcard per uplink channel,
+answers handshakes, opens sealed records, stores telemetry and command replies in SQLite,
+sends queued commands, rolls keys when due, and writes the audit log (``server_log.jsonl``).
+A rejected message (garbage, replay, wrong topic, bad certificate) is audited and dropped;
+it never touches another device's session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from backend.storage import Storage
+from pki import layout
+from pki.store import load_identity, load_trust_store
+from runtime.audit import AuditLog
+from runtime.mqtt import MqttLink, MqttSettings
+from sealmq import cbor
+from sealmq.edhoc import X509Credential
+from sealmq.endpoint import (
+    BackendConfig,
+    BackendEndpoint,
+    EpochDropped,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeyUpdateDone,
+    Output,
+    Publish,
+    Received,
+    Rejected,
+    SessionLost,
+)
+from sealmq.errors import DecodeError, SealmqError
+from sealmq.topics import RecordKind
+
+log = logging.getLogger("sealmq.backend")
+
+
+@dataclass
+class BackendSettings:
+    pki_dir: Path
+    data_dir: Path
+    mqtt: MqttSettings
+    name: str = "backend"
+    identity_dir: Path | None = None  # default: <pki>/backend/<name>
+    endpoint: BackendConfig = field(default_factory=BackendConfig)
+    poll_interval: float = 0.25
+
+
+class BackendService:
+    def __init__(self, settings: BackendSettings, *, passphrase: bytes | None = None) -> None:
+        self.settings = settings
+        identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
+        identity = load_identity(identity_dir, passphrase)
+        credential = X509Credential(
+            private_key=identity.private_key,
+            chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
+            by_reference=False,
+        )
+        self._crl_path = layout.crl(settings.pki_dir)
+        self._crl_mtime = self._mtime(self._crl_path)
+        self.endpoint = BackendEndpoint(
+            credentials=credential, trust_store=load_trust_store(settings.pki_dir), config=settings.endpoint
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = Storage(settings.data_dir / "backend.sqlite3")
+        self.audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
+        self.counters = {"received": 0, "rejected": 0, "handshakes": 0, "key_updates": 0}
+        mqtt = settings.mqtt
+        if not mqtt.client_id:
+            # the embedded broker binds client ids to users: "<username>:<anything>"
+            mqtt = replace(mqtt, client_id=f"{mqtt.username or 'backend'}:{settings.name}")
+        self.link = MqttLink(mqtt, self._on_message, self.endpoint.subscriptions,
+                             on_connect=lambda: self.audit.event("connected", host=mqtt.host, port=mqtt.port),
+                             on_disconnect=lambda: self.audit.event("disconnected"))
+
+    @staticmethod
+    def _mtime(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, wait: float | None = 10.0) -> None:
+        self.audit.event("started", data_dir=str(self.settings.data_dir))
+        self.link.start(wait=wait)
+        self._timer = threading.Thread(target=self._run_timer, name="backend-timer", daemon=True)
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(5)
+        self.link.stop()
+        self.audit.event("stopped")
+        self.audit.close()
+        self.storage.close()
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        self.start(wait=None)
+        done.wait()
+        self.stop()
+
+    # -- commands ----------------------------------------------------------------------------
+    def send_command(self, device_id: str, name: str, args: Any = None) -> int:
+        """Queue a command; it is sealed and sent as soon as the device has a session."""
+        return self.storage.queue_command(device_id, name, cbor.dumps(args), time.time())
+
+    def key_update(self, device_id: str) -> None:
+        with self._lock:
+            self._dispatch(self.endpoint.key_update(device_id, time.time(), os.urandom))
+
+    def seal_to(self, device_id: str, kind: RecordKind, plaintext: bytes) -> None:
+        with self._lock:
+            self._dispatch(self.endpoint.seal(device_id, kind, plaintext, time.time()))
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._dispatch(self.endpoint.handle(topic, payload, time.time(), os.urandom))
+
+    def _run_timer(self) -> None:
+        while not self._stop.wait(self.settings.poll_interval):
+            try:
+                self._reload_crl()
+                with self._lock:
+                    now = time.time()
+                    self._dispatch(self.endpoint.poll(now, os.urandom))
+                    self._send_pending_commands(now)
+            except Exception:
+                log.exception("backend timer failed")
+
+    def _reload_crl(self) -> None:
+        mtime = self._mtime(self._crl_path)
+        if mtime != self._crl_mtime:
+            self._crl_mtime = mtime
+            try:
+                store = load_trust_store(self.settings.pki_dir)
+            except SealmqError as err:
+                self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
+                return
+            with self._lock:
+                self.endpoint.trust_store = store
+            self.audit.event("crl_reloaded")
+
+    def _send_pending_commands(self, now: float) -> None:
+        for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):
+            args = cbor.loads(cmd.args)
+            self._dispatch(self.endpoint.seal(cmd.device_id, RecordKind.COMMAND,
+                                              cbor.dumps([cmd.id, cmd.name, args]), now))
+            self.storage.mark_command(cmd.id, "sent", now)
+            self.audit.event("command_sent", device=cmd.device_id, command=cmd.name, id=cmd.id)
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        now = time.time()
+        for out in outputs:
+            if isinstance(out, Publish):
+                self.link.publish(out.topic, out.payload)
+            elif isinstance(out, Received):
+                self.counters["received"] += 1
+                self._on_received(out, now)
+            elif isinstance(out, HandshakeCompleted):
+                self.counters["handshakes"] += 1
+                cert = getattr(out.identity, "certificate", None)
+                fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest() if cert else ""
+                self.storage.record_handshake(out.device_id, now, fingerprint)
+                self.audit.event("handshake_completed", device=out.device_id, suite=out.suite,
+                                 cert_sha256=fingerprint)
+            elif isinstance(out, HandshakeFailed):
+                self.audit.event("handshake_failed", device=out.device_id, reason=out.reason, detail=out.detail)
+            elif isinstance(out, Rejected):
+                self.counters["rejected"] += 1
+                self.audit.event("message_rejected", device=out.device_id, topic=out.topic, stage=out.stage,
+                                 reason=out.reason, detail=out.detail, size=out.size)
+            elif isinstance(out, KeyUpdateDone):
+                self.counters["key_updates"] += 1
+                self.audit.event("key_updated", device=out.device_id, epoch=out.epoch)
+            elif isinstance(out, EpochDropped):
+                self.audit.event("old_keys_dropped", device=out.device_id, epoch=out.epoch)
+            elif isinstance(out, SessionLost):
+                self.audit.event("session_lost", device=out.device_id, reason=out.reason)
+
+    def _on_received(self, rec: Received, now: float) -> None:
+        handler = self.handlers.get(rec.kind)
+        if handler is not None:
+            handler(rec)
+            return
+        if rec.kind is RecordKind.TELEMETRY:
+            self.storage.store_message(rec.device_id, now, rec.kind.name.lower(), rec.epoch, rec.seq, rec.plaintext)
+        elif rec.kind is RecordKind.REPLY:
+            try:
+                body = cbor.as_list(cbor.loads(rec.plaintext), "reply", length=3)
+                command_id = cbor.as_uint(body[0], "command id")
+            except DecodeError as err:
+                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason=err.reason)
+                return
+            cmd = self.storage.command(command_id)
+            if cmd is None or cmd.device_id != rec.device_id:
+                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason="unknown_command")
+                return
+            self.storage.mark_command(command_id, "replied", now, rec.plaintext)
+            self.audit.event("command_replied", device=rec.device_id, id=command_id, ok=bool(body[1]))
+        else:
+            self.audit.event("message_rejected", device=rec.device_id, stage="dispatch",
+                             reason="unexpected_kind", kind=rec.kind.name)

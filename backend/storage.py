@@ -1,0 +1,179 @@
+"""The backend's embedded SQLite database: devices, received records, commands.
+
+Decrypted payloads go here (and to handlers), never to logs. The database is opened in WAL
+mode so that ``sealmq backend ...`` tools can read while the service writes; the service is
+the only writer. Data survives restarts: the file is the state.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    last_handshake REAL,
+    handshakes INTEGER NOT NULL DEFAULT 0,
+    cert_sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    name TEXT NOT NULL,
+    args BLOB NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',   -- pending | sent | replied | failed
+    sent_at REAL,
+    replied_at REAL,
+    reply BLOB
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands(status, device_id);
+"""
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    device_id: str
+    received_at: float
+    kind: str
+    epoch: int
+    seq: int
+    size: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Command:
+    id: int
+    device_id: str
+    name: str
+    args: bytes
+    status: str
+    reply: bytes | None
+
+
+class Storage:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- devices -----------------------------------------------------------------------------
+    def record_handshake(self, device_id: str, now: float, cert_sha256: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO devices(device_id, first_seen, last_seen, last_handshake, handshakes, cert_sha256)"
+                " VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen,"
+                " last_handshake=excluded.last_handshake, handshakes=handshakes+1, cert_sha256=excluded.cert_sha256",
+                (device_id, now, now, now, cert_sha256),
+            )
+
+    def devices(self) -> list[tuple[str, float, float, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device_id, first_seen, last_seen, handshakes FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [(str(r[0]), float(r[1]), float(r[2]), int(r[3])) for r in rows]
+
+    # -- messages ----------------------------------------------------------------------------
+    def store_message(self, device_id: str, now: float, kind: str, epoch: int, seq: int, payload: bytes) -> int:  # noqa: PLR0917
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device_id, now, kind, epoch, seq, len(payload), payload),
+            )
+            db.execute("UPDATE devices SET last_seen=? WHERE device_id=?", (now, device_id))
+            return int(cur.lastrowid or 0)
+
+    def messages(self, device_id: str | None = None, limit: int = 1000) -> list[StoredMessage]:
+        query = "SELECT id, device_id, received_at, kind, epoch, seq, size, payload FROM messages"
+        params: tuple[object, ...] = ()
+        if device_id is not None:
+            query += " WHERE device_id=?"
+            params = (device_id,)
+        query += " ORDER BY id LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*params, limit)).fetchall()
+        return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in rows]
+
+    def count_messages(self, device_id: str | None = None) -> int:
+        with self._lock:
+            if device_id is None:
+                row = self._db.execute("SELECT COUNT(*) FROM messages").fetchone()
+            else:
+                row = self._db.execute("SELECT COUNT(*) FROM messages WHERE device_id=?", (device_id,)).fetchone()
+        return int(row[0])
+
+    # -- commands ----------------------------------------------------------------------------
+    def queue_command(self, device_id: str, name: str, args: bytes, now: float) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO commands(device_id, created_at, name, args) VALUES (?, ?, ?, ?)",
+                (device_id, now, name, args),
+            )
+            return int(cur.lastrowid or 0)
+
+    def pending_commands(self, device_ids: set[str]) -> list[Command]:
+        if not device_ids:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, device_id, name, args, status, reply FROM commands WHERE status='pending' ORDER BY id"
+            ).fetchall()
+        return [Command(int(r[0]), r[1], r[2], bytes(r[3]), r[4], None) for r in rows if r[1] in device_ids]
+
+    def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:
+        column = "sent_at" if status == "sent" else "replied_at"
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?",  # noqa: S608
+                (status, now, reply, command_id),
+            )
+
+    def command(self, command_id: int) -> Command | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT id, device_id, name, args, status, reply FROM commands WHERE id=?", (command_id,)
+            ).fetchone()
+        if r is None:
+            return None
+        return Command(int(r[0]), r[1], r[2], bytes(r[3]), r[4], bytes(r[5]) if r[5] is not None else None)

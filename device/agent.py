@@ -1,0 +1,224 @@
+"""The device agent: the paho-mqtt adapter around :class:`sealmq.endpoint.DeviceEndpoint`.
+
+It owns the I/O the core refuses to do: the MQTT connection (reconnecting with backoff), the
+clock and the random source, a timer that drives handshakes, retries and key updates, the
+device's audit log (``device_log.jsonl``) and the command handlers. Everything it publishes
+after the handshake is a sealed record; it never sends plaintext and never accepts a command
+that did not open under the session it authenticated with the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki.store import load_identity, load_trust_store
+from runtime.audit import AuditLog
+from runtime.mqtt import MqttLink, MqttSettings
+from sealmq import cbor
+from sealmq.edhoc import X509Credential
+from sealmq.endpoint import (
+    DeviceEndpoint,
+    EndpointConfig,
+    EpochDropped,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeyUpdateDone,
+    Output,
+    Publish,
+    Received,
+    Rejected,
+    SessionLost,
+)
+from sealmq.errors import DecodeError, Reason, SealmqError
+from sealmq.topics import RecordKind
+
+log = logging.getLogger("sealmq.device")
+
+CommandHandler = Callable[[Any], Any]
+
+
+@dataclass
+class DeviceConfig:
+    device_id: str
+    identity_dir: Path
+    pki_dir: Path  # where ca/ca.crt and ca/crl.pem are
+    state_dir: Path
+    mqtt: MqttSettings
+    backend_name: str = "backend"
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    poll_interval: float = 0.2
+    max_pending: int = 1000  # telemetry sealed only once a session exists; queued until then
+
+
+class DeviceAgent:
+    def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
+        self.config = config
+        identity = load_identity(config.identity_dir, passphrase)
+        if identity.name != config.device_id:
+            raise SealmqError(Reason.IDENTITY_MISMATCH, f"identity in {config.identity_dir} is {identity.name}")
+        self.identity = identity
+        credential = X509Credential(
+            private_key=identity.private_key,
+            chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
+            by_reference=config.endpoint.by_reference,
+        )
+        self.endpoint = DeviceEndpoint(
+            device_id=config.device_id,
+            credential=credential,
+            trust_store=load_trust_store(config.pki_dir),
+            backend_name=config.backend_name,
+            config=config.endpoint,
+        )
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(config.state_dir / "device_log.jsonl", component=f"device:{config.device_id}",
+                              echo=log)
+        self._lock = threading.RLock()
+        self._pending: deque[tuple[RecordKind, bytes]] = deque(maxlen=config.max_pending)
+        self.established = threading.Event()
+        self.commands: dict[str, CommandHandler] = {
+            "ping": lambda args: "pong",
+            "status": lambda args: {"device": config.device_id, "epoch": self.epoch},
+        }
+        self.on_record: Callable[[Received], None] | None = None  # media acks etc.
+        self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        settings = config.mqtt
+        if not settings.client_id:
+            # the embedded broker binds client ids to users: "<username>:<anything>"
+            settings = replace(settings, client_id=f"{settings.username or config.device_id}:agent")
+        self.link = MqttLink(settings, self._on_message, self.endpoint.subscriptions,
+                             on_connect=self._on_connect, on_disconnect=self._on_disconnect)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, wait: float | None = 10.0) -> None:
+        self.link.start(wait=wait)
+        self._timer = threading.Thread(target=self._run_timer, name=f"device-{self.config.device_id}", daemon=True)
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(5)
+        self.link.stop()
+        self.audit.event("stopped")
+        self.audit.close()
+
+    def wait_established(self, timeout: float) -> bool:
+        return self.established.wait(timeout)
+
+    @property
+    def epoch(self) -> int:
+        session = self.endpoint.session
+        return int(getattr(session, "epoch", 0)) if session is not None else -1
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, kind: RecordKind, plaintext: bytes) -> None:
+        with self._lock:
+            if not self.endpoint.established:
+                self._pending.append((kind, plaintext))
+                return
+            self._dispatch(self.endpoint.seal(kind, plaintext, time.time()))
+
+    def send_telemetry(self, values: dict[str, Any]) -> None:
+        self.send(RecordKind.TELEMETRY, cbor.dumps({"t": round(time.time(), 3), "v": values}))
+
+    def key_update(self) -> None:
+        with self._lock:
+            self._dispatch(self.endpoint.key_update(time.time(), os.urandom))
+
+    # -- I/O callbacks -----------------------------------------------------------------------
+    def _on_connect(self) -> None:
+        self.audit.event("connected", host=self.config.mqtt.host, port=self.config.mqtt.port)
+
+    def _on_disconnect(self) -> None:
+        self.audit.event("disconnected")
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._dispatch(self.endpoint.handle(topic, payload, time.time(), os.urandom))
+
+    def _run_timer(self) -> None:
+        while not self._stop.wait(self.config.poll_interval):
+            if not self.link.connected.is_set():
+                continue
+            try:
+                with self._lock:
+                    self._dispatch(self.endpoint.poll(time.time(), os.urandom))
+            except Exception:
+                log.exception("device timer failed")
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Publish):
+                self.link.publish(out.topic, out.payload)
+                if "/hs/" not in out.topic:
+                    self.counters["sent"] += 1
+            elif isinstance(out, Received):
+                self.counters["received"] += 1
+                self._on_received(out)
+            elif isinstance(out, HandshakeCompleted):
+                self.counters["handshakes"] += 1
+                self.audit.event("handshake_completed", peer=out.peer_name, suite=out.suite)
+                self.established.set()
+                self._flush_pending()
+            elif isinstance(out, HandshakeFailed):
+                self.audit.event("handshake_failed", reason=out.reason, detail=out.detail)
+            elif isinstance(out, Rejected):
+                self.counters["rejected"] += 1
+                self.audit.event("message_rejected", topic=out.topic, stage=out.stage, reason=out.reason,
+                                 detail=out.detail, size=out.size)
+            elif isinstance(out, KeyUpdateDone):
+                self.counters["key_updates"] += 1
+                self.audit.event("key_updated", epoch=out.epoch)
+            elif isinstance(out, EpochDropped):
+                self.audit.event("old_keys_dropped", epoch=out.epoch)
+            elif isinstance(out, SessionLost):
+                self.established.clear()
+                self.audit.event("session_lost", reason=out.reason)
+
+    def _flush_pending(self) -> None:
+        now = time.time()
+        while self._pending and self.endpoint.established:
+            kind, plaintext = self._pending.popleft()
+            self._dispatch(self.endpoint.seal(kind, plaintext, now))
+
+    def _on_received(self, rec: Received) -> None:
+        if rec.kind is RecordKind.COMMAND:
+            self._run_command(rec)
+        elif self.on_record is not None:
+            self.on_record(rec)
+
+    def _run_command(self, rec: Received) -> None:
+        try:
+            body = cbor.as_list(cbor.loads(rec.plaintext), "command", length=3)
+            command_id = cbor.as_uint(body[0], "command id")
+            name = cbor.as_text(body[1], "command name", max_len=64)
+        except DecodeError as err:
+            self.audit.event("command_rejected", reason=err.reason, detail=err.detail)
+            return
+        handler = self.commands.get(name)
+        if handler is None:
+            reply = [command_id, False, f"unknown command {name}"]
+        else:
+            try:
+                reply = [command_id, True, handler(body[2])]
+            except Exception as exc:  # a handler bug must not kill the agent
+                reply = [command_id, False, type(exc).__name__]
+        self.audit.event("command_executed", command=name, id=command_id, ok=bool(reply[1]))
+        self._dispatch(self.endpoint.seal(RecordKind.REPLY, cbor.dumps(reply), time.time()))
+
+
+
+
+

@@ -1,0 +1,82 @@
+"""Audit log: one JSON object per line, rotated, for both the backend and the device.
+
+An audit entry records *what happened* (handshakes, rejections with their reason, key updates,
+connects, transfers) and never carries secrets or plaintext payloads: callers pass only
+identifiers, reasons, sizes and counters. :meth:`AuditLog.event` refuses values that are bytes,
+so a payload cannot be logged by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sealmq.errors import SealmqError
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class AuditLog:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        component: str,
+        max_bytes: int = 5 * 1024 * 1024,
+        backups: int = 5,
+        echo: logging.Logger | None = None,
+    ) -> None:
+        self.component = component
+        self._lock = threading.Lock()
+        self._echo = echo
+        self._handler: logging.Handler | None = None
+        self.counts: dict[str, int] = {}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handler = logging.handlers.RotatingFileHandler(
+                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+            )
+        self.path = path
+
+    def event(self, event: str, **fields: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"ts": round(time.time(), 6), "component": self.component, "event": event}
+        for key, value in fields.items():
+            if isinstance(value, SealmqError):
+                entry["reason"] = value.reason.value
+                if value.detail:
+                    entry["detail"] = value.detail
+                continue
+            if hasattr(value, "value") and isinstance(value.value, _SCALARS):  # enums
+                value = value.value
+            if not isinstance(value, _SCALARS):
+                raise TypeError(f"audit field {key!r} must be a scalar, not {type(value).__name__}")
+            entry[key] = value
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            self.counts[event] = self.counts.get(event, 0) + 1
+            if self._handler is not None:
+                record = logging.LogRecord("sealmq.audit", logging.INFO, "", 0, line, None, None)
+                self._handler.emit(record)
+                self._handler.flush()
+        if self._echo is not None:
+            level = logging.WARNING if event.endswith(("rejected", "failed")) else logging.INFO
+            self._echo.log(level, "%s %s", event, " ".join(f"{k}={v}" for k, v in entry.items()
+                                                             if k not in {"ts", "component", "event"}))
+        return entry
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self._handler.close()
+
+
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    """Read every entry of an audit log (the current file only)."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,279 @@
+"""The sans-IO endpoints driven in memory, with a real PKI: every message a device and the
+backend exchange goes through a tiny router that plays the broker (and the attacker)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from pki import store
+from sealmq import cbor, topics
+from sealmq.endpoint import (
+    BackendConfig,
+    BackendEndpoint,
+    DeviceEndpoint,
+    EndpointConfig,
+    HandshakeCompleted,
+    HandshakeFailed,
+    KeyUpdateDone,
+    Output,
+    Publish,
+    Received,
+    Rejected,
+    SessionLost,
+)
+from sealmq.errors import Reason
+from sealmq.session import SessionConfig
+from sealmq.topics import RecordKind
+from tests.pki_fixtures import TestPki, make_pki
+
+T0 = time.time()  # certificates and the CRL are issued "now"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_pki(tmp_path_factory.mktemp("pki"), ["cam-1", "cam-2", "ed-1", "rsa-1"],
+                    key_types={"ed-1": "ed25519", "rsa-1": "rsa2048"},
+                    extra_backends={"backend-ed": "ed25519", "backend-rsa": "rsa2048"})
+
+
+class Net:
+    """Delivers publishes between one backend and several devices; records everything."""
+
+    def __init__(self, backend: BackendEndpoint, devices: Iterable[DeviceEndpoint]) -> None:
+        self.backend = backend
+        self.devices = {d.device_id: d for d in devices}
+        self.wire: list[Publish] = []
+        self.events: list[Output] = []
+        self.now = T0
+
+    def run(self, outputs: list[Output], *, max_steps: int = 100) -> list[Output]:
+        queue = list(outputs)
+        seen: list[Output] = []
+        steps = 0
+        while queue and steps < max_steps:
+            steps += 1
+            out = queue.pop(0)
+            if not isinstance(out, Publish):
+                seen.append(out)
+                continue
+            self.wire.append(out)
+            parsed = topics.parse(out.topic)
+            if parsed.direction is topics.Direction.UP:
+                queue.extend(self.backend.handle(out.topic, out.payload, self.now, os.urandom))
+            elif parsed.device_id in self.devices:
+                queue.extend(self.devices[parsed.device_id].handle(out.topic, out.payload, self.now, os.urandom))
+        self.events.extend(seen)
+        return seen
+
+    def connect(self, device: DeviceEndpoint) -> list[Output]:
+        return self.run(device.start_handshake(self.now, os.urandom))
+
+
+def make(pki: TestPki, device_ids: list[str], *, suites: tuple[int, ...] = (2,),
+         session: SessionConfig | None = None, backend_name: str = "backend",
+         ) -> tuple[Net, BackendEndpoint, list[DeviceEndpoint]]:
+    names = ["backend", *(n for n in pki.backends if n != "backend")]
+    backend = BackendEndpoint(
+        credentials=[pki.credential("backend", n) for n in names],
+        trust_store=pki.trust_store(),
+        config=BackendConfig(session=session or SessionConfig()),
+    )
+    devices = [
+        DeviceEndpoint(device_id=d, credential=pki.credential("device", d), trust_store=pki.trust_store(),
+                       backend_name=backend_name,
+                       config=EndpointConfig(suites=suites, session=session or SessionConfig()))
+        for d in device_ids
+    ]
+    return Net(backend, devices), backend, devices
+
+
+def completed(events: list[Output]) -> list[HandshakeCompleted]:
+    return [e for e in events if isinstance(e, HandshakeCompleted)]
+
+
+def rejected(events: list[Output]) -> list[Rejected]:
+    return [e for e in events if isinstance(e, Rejected)]
+
+
+def test_full_session_both_ways(pki: TestPki) -> None:
+    net, backend, (dev,) = make(pki, ["cam-1"])
+    events = net.connect(dev)
+    assert [e.device_id for e in completed(events)] == ["cam-1", "cam-1"]  # both sides
+    assert dev.established
+    assert "cam-1" in backend.sessions
+    assert backend.peer("cam-1").name == "cam-1"
+    got = net.run(dev.seal(RecordKind.TELEMETRY, b"hello-marker", net.now))
+    assert [(e.kind, e.plaintext) for e in got if isinstance(e, Received)] == [(RecordKind.TELEMETRY, b"hello-marker")]
+    got = net.run(backend.seal("cam-1", RecordKind.COMMAND, b"do-it", net.now))
+    assert [(e.device_id, e.plaintext) for e in got if isinstance(e, Received)] == [("cam-1", b"do-it")]
+    # nothing on the wire carries the plaintexts
+    assert all(b"hello-marker" not in p.payload and b"do-it" not in p.payload for p in net.wire)
+
+
+@pytest.mark.parametrize("device_id", ["ed-1", "rsa-1"])
+def test_other_key_types_negotiate_their_suite(pki: TestPki, device_id: str) -> None:
+    # Suites 0 and -24 fix the signature algorithm of both sides: the backend serves them with
+    # a second and third credential of the matching key type, under their own names.
+    suites, name = {"ed-1": ((0,), "backend-ed"), "rsa-1": ((-24,), "backend-rsa")}[device_id]
+    net, _backend, (dev,) = make(pki, [device_id], suites=suites, backend_name=name)
+    events = net.connect(dev)
+    assert {e.suite for e in completed(events)} == {suites[0]}
+
+
+def test_suite_negotiation_retries(pki: TestPki) -> None:
+    # The device prefers suite 6 (not served by this backend), then 2: one error round-trip.
+    net, _backend, (dev,) = make(pki, ["cam-1"], suites=(6, 2))
+    events = net.connect(dev)
+    assert {e.suite for e in completed(events)} == {2}
+
+
+def test_key_update_on_demand_loses_nothing(pki: TestPki) -> None:
+    net, _backend, (dev,) = make(pki, ["cam-1"])
+    net.connect(dev)
+    delivered: list[bytes] = []
+    for i in range(5):
+        delivered += [e.plaintext for e in net.run(dev.seal(RecordKind.TELEMETRY, b"m%d" % i, net.now))
+                      if isinstance(e, Received)]
+    events = net.run(dev.key_update(net.now, os.urandom))
+    assert any(isinstance(e, KeyUpdateDone) and e.epoch == 1 for e in events)
+    for i in range(5, 10):
+        delivered += [e.plaintext for e in net.run(dev.seal(RecordKind.TELEMETRY, b"m%d" % i, net.now))
+                      if isinstance(e, Received)]
+    assert delivered == [b"m%d" % i for i in range(10)]
+    assert dev.session is not None
+    assert dev.session.epoch == 1
+
+
+def test_replayed_moved_and_flipped_records_are_rejected(pki: TestPki) -> None:
+    net, _backend, (a, b) = make(pki, ["cam-1", "cam-2"])
+    net.connect(a)
+    net.connect(b)
+    (pub,) = [o for o in a.seal(RecordKind.TELEMETRY, b"once", net.now) if isinstance(o, Publish)]
+    assert [e.plaintext for e in net.run([pub]) if isinstance(e, Received)] == [b"once"]
+    # replay
+    assert [r.reason for r in rejected(net.run([pub]))] == [Reason.REPLAY]
+    # moved to device B's topic, and to another channel of A
+    moved_b = Publish(pub.topic.replace("cam-1", "cam-2"), pub.payload)
+    moved_media = Publish(pub.topic.replace("/data/", "/media/"), pub.payload)
+    assert rejected(net.run([moved_b]))
+    assert rejected(net.run([moved_media]))
+    # a flipped bit anywhere
+    (pub2,) = [o for o in a.seal(RecordKind.TELEMETRY, b"twice", net.now) if isinstance(o, Publish)]
+    for i in range(len(pub2.payload)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(pub2.payload)
+            bad[i] ^= bit
+            assert rejected(net.run([Publish(pub2.topic, bytes(bad))])), (i, bit)
+    # the legitimate sessions are unharmed
+    assert [e.plaintext for e in net.run([pub2]) if isinstance(e, Received)] == [b"twice"]
+    got = net.run(b.seal(RecordKind.TELEMETRY, b"b-ok", net.now))
+    assert [e.plaintext for e in got if isinstance(e, Received)] == [b"b-ok"]
+
+
+def test_device_certificate_on_another_devices_topics(pki: TestPki) -> None:
+    # cam-2's key and certificate, but speaking on cam-1's topics
+    backend = BackendEndpoint(credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store())
+    impostor = DeviceEndpoint(device_id="cam-1", credential=pki.credential("device", "cam-2"),
+                              trust_store=pki.trust_store())
+    net = Net(backend, [impostor])
+    events = net.connect(impostor)
+    failed = [e for e in events if isinstance(e, HandshakeFailed)]
+    assert Reason.IDENTITY_MISMATCH in {e.reason for e in failed}
+    assert "cam-1" not in backend.sessions
+
+
+def test_device_from_another_ca_and_revoked_device(pki: TestPki, tmp_path: Path) -> None:
+    other = make_pki(tmp_path / "other", ["cam-1"])
+    net, backend, _ = make(pki, [])
+    rogue = DeviceEndpoint(device_id="cam-1", credential=other.credential("device", "cam-1"),
+                           trust_store=pki.trust_store())
+    net.devices["cam-1"] = rogue
+    events = net.connect(rogue)
+    assert Reason.UNKNOWN_CA in {e.reason for e in events if isinstance(e, (Rejected, HandshakeFailed))}
+    assert "cam-1" not in backend.sessions
+
+    revoked_pki = make_pki(tmp_path / "rev", ["cam-9"])
+    from pki import layout
+
+    store.revoke(revoked_pki.path, cert_path=layout.device_dir(revoked_pki.path, "cam-9") / "cert.pem")
+    net2, backend2, (dev,) = make(revoked_pki, ["cam-9"])
+    events = net2.connect(dev)
+    assert Reason.REVOKED in {e.reason for e in events if isinstance(e, (Rejected, HandshakeFailed))}
+    assert not backend2.sessions
+
+
+def test_garbage_on_every_backend_topic_harms_nobody(pki: TestPki) -> None:
+    net, backend, (dev,) = make(pki, ["cam-1"])
+    net.connect(dev)
+    garbage = [b"", b"\x00", b"\xff" * 40, cbor.dumps([1, b"", 0, 0, b"x"]), cbor.dumps(True) + b"\x01",
+               os.urandom(200), cbor.dumps(True) + os.urandom(50)]
+    for channel in ("hs", "data", "media"):
+        for device_id in ("cam-1", "cam-2", "nobody"):
+            for g in garbage:
+                out = backend.handle(f"sealmq/v1/{device_id}/{channel}/up", g, net.now, os.urandom)
+                assert all(isinstance(o, (Rejected, Publish)) for o in out), out
+    for bad_topic in ("sealmq/v1/cam-1/data/down", "sealmq/v2/cam-1/data/up", "x", "sealmq/v1/UPPER/data/up"):
+        assert rejected(backend.handle(bad_topic, b"\x01", net.now, os.urandom))
+    got = net.run(dev.seal(RecordKind.TELEMETRY, b"still-fine", net.now))
+    assert [e.plaintext for e in got if isinstance(e, Received)] == [b"still-fine"]
+
+
+def test_message_1_flood_is_bounded(pki: TestPki) -> None:
+    net, backend, (dev,) = make(pki, ["cam-1"])
+    net.connect(dev)
+    backend.config = BackendConfig(max_half_open=50)
+    attacker = DeviceEndpoint(device_id="cam-2", credential=pki.credential("device", "cam-2"),
+                              trust_store=pki.trust_store())
+    refused = 0
+    for i in range(400):
+        (m1,) = attacker.start_handshake(net.now, os.urandom)
+        assert isinstance(m1, Publish)
+        # the flood spreads over many device ids (as if the broker had no ACL)
+        out = backend.handle(m1.topic.replace("cam-2", f"flood-{i}"), m1.payload, net.now, os.urandom)
+        refused += sum(1 for o in rejected(out) if o.reason is Reason.TOO_MANY_HANDSHAKES)
+    assert len(backend.half_open) <= 50
+    assert refused == 350
+    # per-device rate limit on a single topic as well
+    out: list[Output] = []
+    for _ in range(20):
+        (m1,) = attacker.start_handshake(net.now, os.urandom)
+        out += backend.handle(m1.topic, m1.payload, net.now, os.urandom)
+    assert sum(1 for o in rejected(out) if o.reason is Reason.TOO_MANY_HANDSHAKES) >= 14
+    # the established device is untouched
+    got = net.run(dev.seal(RecordKind.TELEMETRY, b"alive", net.now))
+    assert [e.plaintext for e in got if isinstance(e, Received)] == [b"alive"]
+    # and half-open state expires
+    net.now += 60
+    backend.poll(net.now, os.urandom)
+    assert not backend.half_open
+
+
+def test_backend_restart_makes_the_device_rehandshake(pki: TestPki) -> None:
+    net, _backend, (dev,) = make(pki, ["cam-1"])
+    net.connect(dev)
+    fresh = BackendEndpoint(credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store())
+    net.backend = fresh
+    events = net.run(dev.seal(RecordKind.TELEMETRY, b"lost", net.now))
+    assert any(isinstance(e, SessionLost) for e in events)
+    assert len(completed(events)) == 2
+    assert "cam-1" in fresh.sessions
+    got = net.run(dev.seal(RecordKind.TELEMETRY, b"after", net.now))
+    assert [e.plaintext for e in got if isinstance(e, Received)] == [b"after"]
+
+
+def test_device_rejects_a_backend_it_did_not_expect(pki: TestPki, tmp_path: Path) -> None:
+    # A device that trusts only another CA refuses our backend.
+    other = make_pki(tmp_path / "other2", ["cam-1"])
+    backend = BackendEndpoint(credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store())
+    dev = DeviceEndpoint(device_id="cam-1", credential=pki.credential("device", "cam-1"),
+                         trust_store=other.trust_store())
+    net = Net(backend, [dev])
+    events = net.connect(dev)
+    assert not dev.established
+    assert Reason.UNKNOWN_CA in {e.reason for e in events if isinstance(e, HandshakeFailed)}
+    assert "cam-1" not in backend.sessions
