@@ -31,10 +31,11 @@ from sealmq import cbor, topics
 from sealmq.edhoc import (
     EdhocResult,
     Initiator,
+    LocalCredential,
+    PeerAuthenticator,
     Responder,
     State,
     X509Authenticator,
-    X509Credential,
     decode_error_message,
     encode_error_message,
     is_error_message,
@@ -52,6 +53,9 @@ from sealmq.session import Rejected as BufferedRejected
 from sealmq.topics import Channel, Direction, RecordKind
 
 RandomBytes = Callable[[int], bytes]
+# Builds the peer authenticator for one handshake at time ``now`` (the default checks X.509
+# chains against the trust store; method-3 devices plug in a CCS/kid authenticator here).
+AuthenticatorFactory = Callable[[float], PeerAuthenticator]
 
 # ---------------------------------------------------------------------------------------------
 # outputs
@@ -205,14 +209,18 @@ class DeviceEndpoint:
         self,
         *,
         device_id: str,
-        credential: X509Credential,
+        credential: LocalCredential,
         trust_store: Any,
         backend_name: str = "backend",
         config: EndpointConfig | None = None,
+        authenticator: AuthenticatorFactory | None = None,
+        method: int = 0,
     ) -> None:
         self.device_id = topics.check_device_id(device_id)
         self.credential = credential
         self.trust_store = trust_store
+        self.authenticator = authenticator
+        self.method = method
         self.backend_name = backend_name
         self.config = config or EndpointConfig()
         self.state = DeviceState.IDLE
@@ -236,12 +244,16 @@ class DeviceEndpoint:
     # -- handshake ---------------------------------------------------------------------------
     def start_handshake(self, now: float, random_bytes: RandomBytes) -> list[Output]:
         c_i_value = int.from_bytes(random_bytes(1), "big") % 48 - 24  # one-byte id, -24..23
-        authenticator = X509Authenticator(self.trust_store, Role.BACKEND, _to_datetime(now))
+        if self.authenticator is not None:
+            authenticator = self.authenticator(now)
+        else:
+            authenticator = X509Authenticator(self.trust_store, Role.BACKEND, _to_datetime(now))
         self._initiator = Initiator(
             self.credential,
             authenticator,
             c_i=c_i_value,
             suites=self.config.suites,
+            method=self.method,
             random_bytes=random_bytes,
         )
         message_1 = self._initiator.create_message_1()
@@ -392,6 +404,7 @@ class _Established:
 @dataclass(frozen=True)
 class BackendConfig:
     suites: tuple[int, ...] = (2, 0, -24)
+    methods: tuple[int, ...] = (0,)
     max_half_open: int = 1024  # handshakes in progress, all devices together
     half_open_ttl: float = 15.0
     message_1_per_device: int = 6  # message_1 admitted per device per window...
@@ -406,11 +419,13 @@ class BackendEndpoint:
     def __init__(
         self,
         *,
-        credentials: X509Credential | Sequence[X509Credential],
+        credentials: LocalCredential | Sequence[LocalCredential],
         trust_store: Any,
         config: BackendConfig | None = None,
+        authenticator: AuthenticatorFactory | None = None,
     ) -> None:
         self.credentials = credentials
+        self.authenticator = authenticator
         self.trust_store = trust_store
         self.config = config or BackendConfig()
         self.half_open: dict[str, _HalfOpen] = {}
@@ -461,11 +476,16 @@ class BackendEndpoint:
         if prefix is True:
             self._admit_message_1(device_id, now)
             c_r_value = self._pick_c_r(random_bytes)
+            if self.authenticator is not None:
+                authenticator = self.authenticator(now)
+            else:
+                authenticator = X509Authenticator(self.trust_store, Role.DEVICE, _to_datetime(now))
             responder = Responder(
                 self.credentials,
-                X509Authenticator(self.trust_store, Role.DEVICE, _to_datetime(now)),
+                authenticator,
                 c_r=c_r_value,
                 suites=self.config.suites,
+                methods=self.config.methods,
                 random_bytes=random_bytes,
             )
             try:
