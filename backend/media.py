@@ -1,0 +1,417 @@
+"""Backend media store: receives sealed-record plaintexts of media transfers and puts files on disk.
+
+Layout under ``data_dir`` (directories 0700, files 0600)::
+
+    incoming/<device>/<tid>.part    chunks written at their offset as they arrive (sparse file)
+    incoming/<device>/<tid>.state   CBOR {1: signed manifest, 2: received bitmap}: what a restart resumes
+    media/<device>/<safe-name>      verified files only (hash and device signature checked)
+    quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received
+
+Only verified files get a row in the SQLite table ``media`` (the database belongs to the backend
+service; its path is passed in). Memory stays flat: chunks go straight to disk, the SHA-256 is
+computed over the contiguous prefix as it grows, reading back from disk the chunks that arrived
+out of order. The protocol decisions are in :mod:`sealmq.media_receiver`; this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from sealmq import cbor
+from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
+from sealmq.media import (
+    Ack,
+    AckStatus,
+    ControlOp,
+    Manifest,
+    PublicKey,
+    decode_chunk,
+    decode_control,
+    parse_signed_manifest,
+    rejected_ack,
+    verify_manifest,
+)
+from sealmq.media_receiver import (
+    ChunkVerdict,
+    MediaLimits,
+    MediaReceiver,
+    ReceiverState,
+    TransferTable,
+    accept_manifest,
+)
+from sealmq.topics import RecordKind, valid_device_id
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS media (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    stored_path TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    signature_verified INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    transfer_id TEXT NOT NULL,
+    UNIQUE (device, transfer_id)
+)
+"""
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    device_id: str
+    name: str  # as the device named it (untrusted text: display escaped)
+    stored_path: str  # relative to data_dir
+    content_type: str
+    size: int
+    sha256: str  # hex
+    signature_verified: bool
+    created: int
+    received_at: float
+    transfer_id: str  # hex
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A body to seal and publish to the device on its media/down topic."""
+
+    kind: RecordKind
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Received:
+    record: MediaRecord
+
+
+StoreOutput = Reply | Received
+
+
+class MediaRejected(MediaError):
+    """A MediaError that ends a transfer (or refuses to start one); send ``reply`` to the device
+    so that it stops, or re-offers the manifest when the reason is UNKNOWN_TRANSFER."""
+
+    def __init__(self, reason: Reason, detail: str, reply: Reply) -> None:
+        super().__init__(reason, detail)
+        self.reply = reply
+
+
+def _reply(ack: Ack) -> Reply:
+    return Reply(RecordKind.MEDIA_ACK, ack.encode())
+
+
+def _rejection(tid: bytes, err: SealmqError) -> MediaRejected:
+    return MediaRejected(err.reason, err.detail, _reply(rejected_ack(tid, err.reason)))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot escape its directory or hide itself."""
+    base = re.split(r"[/\\]", name)[-1]
+    cleaned = _UNSAFE.sub("_", base).lstrip(".")[:120]
+    return cleaned or "file"
+
+
+@dataclass
+class _Hashing:
+    hasher: hashlib._Hash
+    upto: int = 0  # chunks [0, upto) are hashed
+
+
+class MediaStore:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], db_path: str | os.PathLike[str], *,
+        limits: MediaLimits | None = None, durable: bool = True,
+    ) -> None:
+        self.root = Path(data_dir)
+        self.db_path = Path(db_path)
+        self.limits = limits or MediaLimits()
+        self.durable = durable  # fsync data before an ack claims it (off only in tests)
+        for sub in ("incoming", "media", "quarantine"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db, db:
+            db.execute(SCHEMA)
+        self.table = TransferTable(self.limits)
+        self._hashing: dict[tuple[str, bytes], _Hashing] = {}
+        self._load()
+
+    # --- entry points -------------------------------------------------------------------------
+    def handle(
+        self, device_id: str, public_key: PublicKey, kind: RecordKind, body: bytes, now: float,
+    ) -> list[StoreOutput]:
+        """One opened media record from an authenticated device. ``public_key`` is the device's
+        key from its authenticated session. Raises MediaError/DecodeError for bad input
+        (MediaRejected carries the reply to send); other transfers are never affected."""
+        if not valid_device_id(device_id):
+            raise MediaError(Reason.WRONG_TYPE, "bad device id")
+        if kind is RecordKind.MEDIA_MANIFEST:
+            return self._on_manifest(device_id, public_key, body, now)
+        if kind is RecordKind.MEDIA_CHUNK:
+            return self._on_chunk(device_id, public_key, body, now)
+        if kind is RecordKind.MEDIA_CONTROL:
+            return self._on_control(device_id, public_key, body, now)
+        raise MediaError(Reason.UNEXPECTED_MESSAGE, f"record kind {kind.name} is not for the media store")
+
+    def expire(self, now: float) -> list[tuple[str, bytes]]:
+        """Drop transfers idle past the limit and their partial files; returns (device, tid) pairs."""
+        gone = self.table.expire(now)
+        for device_id, r in gone:
+            self._discard(device_id, r.transfer_id)
+        return [(d, r.transfer_id) for d, r in gone]
+
+    def open_transfers(self) -> list[tuple[str, Manifest, int]]:
+        """(device, manifest, chunks received) of every transfer in progress."""
+        return [(d, r.manifest, r.received.count) for d, r in self.table.items()]
+
+    # --- messages -----------------------------------------------------------------------------
+    def _on_manifest(self, device_id: str, pk: PublicKey, body: bytes, now: float) -> list[StoreOutput]:
+        tid = parse_signed_manifest(body).manifest.transfer_id
+        try:
+            manifest = accept_manifest(body, device_id=device_id, public_key=pk, limits=self.limits)
+        except MediaError as err:
+            raise _rejection(tid, err) from None
+        if self._finished(device_id, tid):
+            return [self._complete_reply(manifest)]
+        r = self.table.find(device_id, tid)
+        if r is not None:
+            if r.manifest.chunk_size != manifest.chunk_size:
+                clash = MediaError(Reason.ALREADY_EXISTS, "transfer open with another chunk size")
+                raise _rejection(tid, clash)
+            r.last_activity = now
+            if r.state is ReceiverState.VERIFYING:
+                return self._finalize(device_id, pk, r, now)
+            return [self._ack(device_id, r)]
+        r = MediaReceiver(manifest, body, limits=self.limits, now=now)
+        try:
+            self.table.add(device_id, r)
+        except MediaError as err:
+            raise _rejection(tid, err) from None
+        part = self._part(device_id, tid)
+        part.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, manifest.size)  # sparse: no space used until chunks land
+        finally:
+            os.close(fd)
+        if r.state is ReceiverState.VERIFYING:  # an empty file has nothing to wait for
+            return self._finalize(device_id, pk, r, now)
+        return [self._ack(device_id, r)]
+
+    def _on_chunk(self, device_id: str, pk: PublicKey, body: bytes, now: float) -> list[StoreOutput]:
+        chunk = decode_chunk(body)
+        r = self.table.find(device_id, chunk.transfer_id)
+        if r is None:
+            return [self._unknown(device_id, chunk.transfer_id)]
+        verdict = r.check_chunk(chunk, now)
+        if verdict is ChunkVerdict.DUPLICATE:
+            return []
+        offset, _ = r.manifest.chunk_range(chunk.index)
+        fd = os.open(self._part(device_id, r.transfer_id), os.O_WRONLY)
+        try:
+            os.pwrite(fd, chunk.data, offset)
+        finally:
+            os.close(fd)
+        ack = r.commit(chunk.index, now)
+        self._advance_hash(device_id, r, chunk.index, chunk.data)
+        if r.state is ReceiverState.VERIFYING:
+            return self._finalize(device_id, pk, r, now)
+        if ack is not None:
+            self._persist(device_id, r)
+            return [_reply(ack)]
+        return []
+
+    def _on_control(self, device_id: str, pk: PublicKey, body: bytes, now: float) -> list[StoreOutput]:
+        control = decode_control(body)
+        tid = control.transfer_id
+        r = self.table.find(device_id, tid)
+        if control.op is ControlOp.ABORT:
+            if r is not None:
+                self.table.remove(device_id, tid)
+                self._discard(device_id, tid)
+            return []
+        if r is None:
+            return [self._unknown(device_id, tid)]
+        r.last_activity = now
+        if r.state is ReceiverState.VERIFYING:
+            return self._finalize(device_id, pk, r, now)
+        return [self._ack(device_id, r)]
+
+    def _unknown(self, device_id: str, tid: bytes) -> Reply:
+        """A chunk or status request for a transfer we do not hold: finished, or unknown."""
+        if self._finished(device_id, tid):
+            return _reply(Ack(tid, AckStatus.COMPLETE, 0, b""))
+        raise _rejection(tid, MediaError(Reason.UNKNOWN_TRANSFER, "no open transfer with this id"))
+
+    # --- completion ---------------------------------------------------------------------------
+    def _finalize(self, device_id: str, pk: PublicKey, r: MediaReceiver, now: float) -> list[StoreOutput]:
+        m = r.manifest
+        tid = r.transfer_id
+        part = self._part(device_id, tid)
+        self._advance_hash(device_id, r, None, b"")
+        h = self._hashing.pop((device_id, tid))
+        failure: Reason | None = None
+        if h.upto != m.chunk_count or not hmac.compare_digest(h.hasher.digest(), m.sha256):
+            failure = Reason.HASH_MISMATCH
+        else:
+            try:  # again, at the end: the signed bytes persisted on disk are what we vouch for
+                verified = verify_manifest(r.signed_manifest, pk)
+                if verified.device_id != device_id or verified != m:
+                    failure = Reason.BAD_SIGNATURE
+            except SealmqError:
+                failure = Reason.BAD_SIGNATURE
+        self.table.remove(device_id, tid)
+        if failure is not None:
+            qdir = self.root / "quarantine" / device_id
+            qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.replace(part, qdir / part.name)
+            self._state(device_id, tid).unlink(missing_ok=True)
+            raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
+        if self.durable:
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        dest = self._destination(device_id, m)
+        os.replace(part, dest)
+        record = MediaRecord(
+            device_id, m.name, str(dest.relative_to(self.root)), m.content_type, m.size, m.sha256.hex(),
+            True, m.created, now, tid.hex(),
+        )
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db, db:
+            db.execute(
+                "INSERT OR IGNORE INTO media (device, name, stored_path, content_type, size, sha256, "
+                "signature_verified, created, received_at, transfer_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (record.device_id, record.name, record.stored_path, record.content_type, record.size,
+                 record.sha256, 1, record.created, record.received_at, record.transfer_id),
+            )
+        self._state(device_id, tid).unlink(missing_ok=True)
+        return [_reply(r.finish(None)), Received(record)]
+
+    def _destination(self, device_id: str, m: Manifest) -> Path:
+        ddir = self.root / "media" / device_id
+        ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = safe_name(m.name)
+        dest = ddir / name
+        if dest.exists():
+            stem, dot, ext = name.rpartition(".")
+            if not dot or not stem:
+                stem, ext = name, ""
+            dest = ddir / f"{stem}-{m.transfer_id.hex()}{'.' + ext if ext else ''}"
+        return dest
+
+    def _complete_reply(self, m: Manifest) -> Reply:
+        return _reply(Ack(m.transfer_id, AckStatus.COMPLETE, 0, b""))
+
+    def _finished(self, device_id: str, tid: bytes) -> bool:
+        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
+            row = db.execute(
+                "SELECT 1 FROM media WHERE device = ? AND transfer_id = ?", (device_id, tid.hex())
+            ).fetchone()
+        return row is not None
+
+    # --- hashing ------------------------------------------------------------------------------
+    def _advance_hash(self, device_id: str, r: MediaReceiver, index: int | None, data: bytes) -> None:
+        key = (device_id, r.transfer_id)
+        h = self._hashing.get(key)
+        if h is None:
+            h = self._hashing[key] = _Hashing(hashlib.sha256())
+        if h.upto >= r.manifest.chunk_count or h.upto not in r.received:
+            return
+        fd: int | None = None
+        try:
+            while h.upto < r.manifest.chunk_count and h.upto in r.received:
+                if h.upto == index:
+                    h.hasher.update(data)
+                else:  # arrived out of order (or before a restart): read it back
+                    if fd is None:
+                        fd = os.open(self._part(device_id, r.transfer_id), os.O_RDONLY)
+                    offset, length = r.manifest.chunk_range(h.upto)
+                    h.hasher.update(os.pread(fd, length, offset))
+                h.upto += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    # --- persistence --------------------------------------------------------------------------
+    def _part(self, device_id: str, tid: bytes) -> Path:
+        return self.root / "incoming" / device_id / f"{tid.hex()}.part"
+
+    def _state(self, device_id: str, tid: bytes) -> Path:
+        return self.root / "incoming" / device_id / f"{tid.hex()}.state"
+
+    def _ack(self, device_id: str, r: MediaReceiver) -> Reply:
+        self._persist(device_id, r)
+        return _reply(r.ack())
+
+    def _persist(self, device_id: str, r: MediaReceiver) -> None:
+        """Write the received bitmap; the data it names is synced first, so a restart never
+        believes in chunks the disk does not hold."""
+        part = self._part(device_id, r.transfer_id)
+        if self.durable:
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        state = self._state(device_id, r.transfer_id)
+        tmp = state.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()}))
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, state)
+
+    def _discard(self, device_id: str, tid: bytes) -> None:
+        self._part(device_id, tid).unlink(missing_ok=True)
+        self._state(device_id, tid).unlink(missing_ok=True)
+        self._hashing.pop((device_id, tid), None)
+
+    def _load(self) -> None:
+        for state in sorted((self.root / "incoming").glob("*/*.state")):
+            device_id = state.parent.name
+            try:
+                saved = cbor.as_map(cbor.loads(state.read_bytes()), "media state")
+                signed = cbor.as_bytes(saved.get(1), "signed manifest")
+                manifest = parse_signed_manifest(signed).manifest
+                if manifest.device_id != device_id or state.stem != manifest.transfer_id.hex():
+                    raise DecodeError(Reason.IDENTITY_MISMATCH, "state file in the wrong place")
+                if not self._part(device_id, manifest.transfer_id).exists():
+                    raise MediaError(Reason.NOT_FOUND, "partial file missing")
+                r = MediaReceiver(
+                    manifest, signed, limits=self.limits,
+                    received=cbor.as_bytes(saved.get(2), "received bitmap"),
+                )
+                self.table.add(device_id, r, enforce_limit=False)
+            except (SealmqError, OSError):
+                # Unreadable state: forget it; the device's next offer starts the transfer afresh.
+                state.unlink(missing_ok=True)
+                state.with_suffix(".part").unlink(missing_ok=True)
+
+
+def list_media(db_path: str | os.PathLike[str]) -> list[MediaRecord]:
+    """Every verified file received, oldest first (for ``sealmq backend media``)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute(SCHEMA)
+        rows = db.execute(
+            "SELECT device, name, stored_path, content_type, size, sha256, signature_verified, created, "
+            "received_at, transfer_id FROM media ORDER BY received_at, id"
+        ).fetchall()
+    return [
+        MediaRecord(d, n, p, t, int(s), h, bool(v), int(c), float(ra), tid)
+        for d, n, p, t, s, h, v, c, ra, tid in rows
+    ]

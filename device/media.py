@@ -1,0 +1,249 @@
+"""Device media outbox: files waiting to be sent, their signed manifests and how far each got.
+
+``Outbox(state_dir, device_id, private_key)``; ``add(path)`` hashes the file (streaming), signs
+its manifest and persists ``<state_dir>/<tid>.out`` = CBOR {1: file path, 2: signed manifest,
+3: acked bitmap}, so a device restart resumes every unfinished transfer. ``poll(now)`` returns
+the (record kind, plaintext) pairs to seal and publish; chunks are read from disk on demand, so
+memory stays flat whatever the file size. ``handle(kind, body, now)`` takes acks from the backend.
+The protocol itself is :class:`sealmq.media_sender.MediaSender`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sealmq import cbor
+from sealmq.errors import LocalProtocolError, MediaError, Reason, SealmqError
+from sealmq.media import (
+    DEFAULT_CHUNK_SIZE,
+    ControlOp,
+    Manifest,
+    PrivateKey,
+    decode_ack,
+    decode_control,
+    sign_manifest,
+)
+from sealmq.media_sender import (
+    DEFAULT_RESEND_AFTER,
+    DEFAULT_WINDOW,
+    Completed,
+    MediaSender,
+    Rejected,
+    SendChunk,
+    SendControl,
+    SenderEvent,
+    SenderState,
+    SendManifest,
+)
+from sealmq.topics import RecordKind
+
+_READ_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TransferProgress:
+    """What a progress bar needs; ``state`` is a SenderState value."""
+
+    transfer_id: bytes
+    name: str
+    state: str
+    acked_bytes: int
+    total_bytes: int
+    reason: Reason | None = None
+
+
+ProgressHook = Callable[[TransferProgress], None]
+
+
+@dataclass
+class OutgoingTransfer:
+    path: Path
+    sender: MediaSender
+
+    @property
+    def transfer_id(self) -> bytes:
+        return self.sender.transfer_id
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.sender.manifest
+
+
+def file_sha256(path: Path) -> tuple[bytes, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while block := f.read(_READ_BLOCK):
+            h.update(block)
+            size += len(block)
+    return h.digest(), size
+
+
+class Outbox:
+    def __init__(
+        self, state_dir: str | os.PathLike[str], device_id: str, private_key: PrivateKey, *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE, window: int = DEFAULT_WINDOW,
+        resend_after: float = DEFAULT_RESEND_AFTER, on_progress: ProgressHook | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.device_id = device_id
+        self.private_key = private_key
+        self.chunk_size = chunk_size
+        self.window = window
+        self.resend_after = resend_after
+        self.on_progress = on_progress
+        self._transfers: dict[bytes, OutgoingTransfer] = {}
+        self._load()
+
+    @property
+    def transfers(self) -> list[OutgoingTransfer]:
+        return list(self._transfers.values())
+
+    def add(self, path: str | os.PathLike[str], content_type: str | None = None, *,
+            created: int | None = None) -> OutgoingTransfer:
+        """Queue a file. The same file added twice is one transfer (the id is deterministic)."""
+        p = Path(path).resolve()
+        digest, size = file_sha256(p)
+        manifest = Manifest.create(
+            device_id=self.device_id, name=p.name,
+            content_type=content_type or mimetypes.guess_type(p.name)[0] or "application/octet-stream",
+            size=size, sha256=digest,
+            created=int(p.stat().st_mtime) if created is None else created, chunk_size=self.chunk_size,
+        )
+        existing = self._transfers.get(manifest.transfer_id)
+        if existing is not None:
+            return existing
+        t = OutgoingTransfer(p, self._sender(sign_manifest(self.private_key, manifest), None))
+        self._transfers[t.transfer_id] = t
+        self._persist(t)
+        return t
+
+    def poll(self, now: float) -> list[tuple[RecordKind, bytes]]:
+        """Record plaintexts to seal and publish now (manifests, chunks, status requests)."""
+        out: list[tuple[RecordKind, bytes]] = []
+        for t in list(self._transfers.values()):
+            try:
+                out.extend(self._poll_one(t, now))
+            except OSError:
+                # The file vanished or shrank since add(): the signed hash can never match.
+                out.append((RecordKind.MEDIA_CONTROL, t.sender.abort()))
+                self._finish(t, Reason.NOT_FOUND)
+        return out
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for t in self._transfers.values() if (d := t.sender.next_deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def handle(self, kind: RecordKind, body: bytes, now: float) -> list[SenderEvent]:
+        """A decrypted record from the backend's media/down topic."""
+        if kind is RecordKind.MEDIA_CONTROL:
+            control = decode_control(body)
+            t = self._transfers.get(control.transfer_id)
+            if t is None:
+                return []
+            if control.op is ControlOp.ABORT:
+                t.sender.abort()
+                self._finish(t, Reason.PEER_ERROR)
+                return [Rejected(t.transfer_id, Reason.PEER_ERROR)]
+            return []
+        if kind is not RecordKind.MEDIA_ACK:
+            raise MediaError(Reason.UNEXPECTED_MESSAGE, f"record kind {kind.name} is not for the outbox")
+        ack = decode_ack(body)
+        t = self._transfers.get(ack.transfer_id)
+        if t is None:
+            return []  # a duplicate or late ack of a transfer already finished: expected, harmless
+        events = t.sender.handle_ack(ack, now)
+        for ev in events:
+            if isinstance(ev, Completed):
+                self._finish(t, None)
+            elif isinstance(ev, Rejected):
+                self._finish(t, ev.reason)
+        if t.transfer_id in self._transfers:
+            self._persist(t)
+            self._report(t)
+        return events
+
+    def abort(self, tid: bytes) -> tuple[RecordKind, bytes]:
+        t = self._get(tid)
+        body = t.sender.abort()
+        self._finish(t, None)
+        return RecordKind.MEDIA_CONTROL, body
+
+    # --- internals ----------------------------------------------------------------------------
+    def _poll_one(self, t: OutgoingTransfer, now: float) -> list[tuple[RecordKind, bytes]]:
+        out: list[tuple[RecordKind, bytes]] = []
+        actions = t.sender.poll(now)
+        if not actions:
+            return out
+        with t.path.open("rb") as f:
+            for action in actions:
+                if isinstance(action, SendManifest):
+                    out.append((RecordKind.MEDIA_MANIFEST, action.body))
+                elif isinstance(action, SendChunk):
+                    f.seek(action.offset)
+                    data = f.read(action.length)
+                    if len(data) != action.length:
+                        raise OSError("file shorter than its manifest")
+                    out.append((RecordKind.MEDIA_CHUNK, t.sender.chunk_body(action.index, data)))
+                elif isinstance(action, SendControl):
+                    out.append((RecordKind.MEDIA_CONTROL, action.body))
+        return out
+
+    def _get(self, tid: bytes) -> OutgoingTransfer:
+        t = self._transfers.get(tid)
+        if t is None:
+            raise MediaError(Reason.UNKNOWN_TRANSFER, "no such outgoing transfer")
+        return t
+
+    def _sender(self, signed: bytes, acked: bytes | None) -> MediaSender:
+        return MediaSender(signed, acked=acked, window=self.window, resend_after=self.resend_after)
+
+    def _finish(self, t: OutgoingTransfer, reason: Reason | None) -> None:
+        self._transfers.pop(t.transfer_id, None)
+        self._state_path(t.transfer_id).unlink(missing_ok=True)
+        self._report(t, reason)
+
+    def _report(self, t: OutgoingTransfer, reason: Reason | None = None) -> None:
+        if self.on_progress is None:
+            return
+        p = t.sender.progress()
+        state = t.sender.state.value
+        if reason is not None and t.sender.state is not SenderState.REJECTED:
+            state = SenderState.ABORTED.value
+        self.on_progress(TransferProgress(t.transfer_id, t.manifest.name, state, p.acked_bytes,
+                                          p.total_bytes, reason or t.sender.reason))
+
+    def _state_path(self, tid: bytes) -> Path:
+        return self.state_dir / f"{tid.hex()}.out"
+
+    def _persist(self, t: OutgoingTransfer) -> None:
+        path = self._state_path(t.transfer_id)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            state = {1: str(t.path), 2: t.sender.signed_manifest, 3: t.sender.acked.to_bytes()}
+            os.write(fd, cbor.dumps(state))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def _load(self) -> None:
+        for path in sorted(self.state_dir.glob("*.out")):
+            try:
+                saved = cbor.as_map(cbor.loads(path.read_bytes()), "outbox state")
+                sender = self._sender(
+                    cbor.as_bytes(saved.get(2), "signed manifest"), cbor.as_bytes(saved.get(3), "acked"),
+                )
+                if sender.manifest.device_id != self.device_id or path.stem != sender.transfer_id.hex():
+                    raise LocalProtocolError(Reason.IDENTITY_MISMATCH, "outbox state of another device")
+                t = OutgoingTransfer(Path(cbor.as_text(saved.get(1), "path")), sender)
+            except SealmqError:
+                path.unlink(missing_ok=True)  # unreadable: the file can be added again
+                continue
+            self._transfers[t.transfer_id] = t
