@@ -21,6 +21,7 @@ _SUBCOMMANDS = (
     "broker.cli",
     "backend.cli",
     "device.cli",
+    "runtime.demo",
 )
 
 

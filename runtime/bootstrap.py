@@ -1,0 +1,119 @@
+"""Bootstrap a deployment directory: CA, backend and device identities, broker users.
+
+Idempotent: what exists is kept, what is missing is created. Used by ``sealmq demo``,
+``sealmq bootstrap`` (the Docker ``pki`` service) and the end-to-end tests. Each identity's
+broker password is written next to its key as ``mqtt.password`` (0600): like the private key, it
+belongs to its owner and is never printed. The broker's user file only holds salted hashes.
+
+Layout under ``DIR``::
+
+    pki/                     the PKI (docs/pki.md); devices/<id>/mqtt.password, backend/<name>/mqtt.password
+    broker/users             broker user file (name:role:hash), 0600
+    broker/monitor.password  password of the read-only "monitor" user (inspect, mosquitto_sub)
+    backend/                 the backend's data (SQLite, audit log, media)
+    devices/<id>/            each device's state (audit log, media outbox)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.passwd import DEFAULT_ITERATIONS, Role, add_user, generate_password, load_users
+from pki import layout, store
+
+
+@dataclass(frozen=True)
+class Deployment:
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def users(self) -> Path:
+        return self.root / "broker" / "users"
+
+    @property
+    def monitor_password_file(self) -> Path:
+        return self.root / "broker" / "monitor.password"
+
+    @property
+    def backend_data(self) -> Path:
+        return self.root / "backend"
+
+    def device_state(self, device_id: str) -> Path:
+        return self.root / "devices" / device_id
+
+    def password_file(self, role: str, name: str) -> Path:
+        if role == "monitor":
+            return self.monitor_password_file
+        d = layout.device_dir(self.pki, name) if role == "device" else layout.backend_dir(self.pki, name)
+        return d / "mqtt.password"
+
+    def password(self, role: str, name: str) -> str:
+        return self.password_file(role, name).read_text(encoding="utf-8").strip()
+
+    def devices(self) -> list[str]:
+        root = self.pki / "devices"
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "cert.pem").exists())
+
+
+def _write_secret(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (text + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _ensure_user(dep: Deployment, role: Role, name: str, iterations: int, existing: set[str]) -> bool:
+    pw_file = dep.password_file(role.value, name)
+    if name in existing and pw_file.exists():
+        return False
+    password = generate_password()
+    _write_secret(pw_file, password)
+    add_user(dep.users, name, password, role, iterations=iterations)
+    existing.add(name)
+    return True
+
+
+def bootstrap(
+    root: Path,
+    device_ids: list[str],
+    *,
+    key_type: str = "p256",
+    iterations: int = DEFAULT_ITERATIONS,
+    backend_name: str = "backend",
+) -> tuple[Deployment, list[str]]:
+    """Create whatever is missing; returns the deployment and a list of what was created."""
+    dep = Deployment(root)
+    created: list[str] = []
+    if not layout.anchor(dep.pki).exists():
+        store.init_ca(dep.pki)
+        created.append("CA")
+    if not (layout.backend_dir(dep.pki, backend_name) / "cert.pem").exists():
+        store.enroll(dep.pki, "backend", backend_name)
+        created.append(f"backend identity {backend_name}")
+    for device_id in device_ids:
+        if not (layout.device_dir(dep.pki, device_id) / "cert.pem").exists():
+            store.enroll(dep.pki, "device", device_id, key_type=key_type)
+            created.append(f"device identity {device_id}")
+    dep.users.parent.mkdir(parents=True, exist_ok=True)
+    existing = set(load_users(dep.users)) if dep.users.exists() else set()
+    if _ensure_user(dep, Role.BACKEND, backend_name, iterations, existing):
+        created.append(f"broker user {backend_name}")
+    if _ensure_user(dep, Role.MONITOR, "monitor", iterations, existing):
+        created.append("broker user monitor")
+    for device_id in device_ids:
+        if _ensure_user(dep, Role.DEVICE, device_id, iterations, existing):
+            created.append(f"broker user {device_id}")
+    dep.backend_data.mkdir(parents=True, exist_ok=True)
+    return dep, created
