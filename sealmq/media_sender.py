@@ -9,7 +9,9 @@ Flow: offer the manifest and wait for the backend's first ack (its bitmap is wha
 transfer after a restart of either side); then keep up to ``window`` chunks in flight, resend any
 chunk not acknowledged within ``resend_after`` seconds (and ask for an ack then); done when the
 backend acknowledges the transfer as complete and verified. The latest ack is authoritative: if
-the backend lost chunks (a restart, an expired transfer) they are simply sent again.
+the backend lost chunks (a restart, an expired transfer) they are simply sent again. A rejection
+for an unknown or expired transfer re-offers the manifest at once, TOO_MANY_TRANSFERS after
+``resend_after``; any other rejection is final.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from sealmq.media import (
 DEFAULT_WINDOW = 16
 DEFAULT_RESEND_AFTER = 5.0
 
-# The backend forgot the transfer (expired or lost): offer the manifest again rather than fail.
-_REOFFER_REASONS = frozenset({Reason.UNKNOWN_TRANSFER, Reason.TRANSFER_EXPIRED})
+# The backend forgot the transfer (expired or lost): offer the manifest again at once.
+_REOFFER_NOW = frozenset({Reason.UNKNOWN_TRANSFER, Reason.TRANSFER_EXPIRED})
+# The backend is busy with this device's other transfers: offer again after resend_after.
+_REOFFER_LATER = frozenset({Reason.TOO_MANY_TRANSFERS})
 
 
 class SenderState(StrEnum):
@@ -175,8 +179,8 @@ class MediaSender:
             return []
         if ack.status is AckStatus.REJECTED:
             reason = ack.reason or Reason.PEER_ERROR
-            if reason in _REOFFER_REASONS:
-                self._reset_to_offer()
+            if reason in _REOFFER_NOW or reason in _REOFFER_LATER:
+                self._reset_to_offer(now if reason in _REOFFER_LATER else None)
                 return []
             self.state = SenderState.REJECTED
             self.reason = reason
@@ -206,9 +210,9 @@ class MediaSender:
         return Progress(self.acked.count, m.chunk_count, acked_bytes, m.size)
 
     # --- internals --------------------------------------------------------------------------
-    def _reset_to_offer(self) -> None:
+    def _reset_to_offer(self, wait_from: float | None) -> None:
         self.state = SenderState.OFFERING
-        self._manifest_sent_at = None
+        self._manifest_sent_at = wait_from
         self._in_flight.clear()
         self._retry.clear()
         self._retry_set.clear()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from backend.media import MediaRejected, MediaStore, Received, Reply, list_media
+from backend.media import MediaRejected, MediaStore, Received, Reply, list_media, safe_name
 from device.media import Outbox, TransferProgress
 from sealmq import cbor
 from sealmq.errors import MediaError, Reason, SealmqError
@@ -367,6 +367,26 @@ def test_truncated_transfer_expires_and_is_cleaned_up(tmp_path: Path) -> None:
     link.now += 62
     link.run()
     assert list_media(tmp_path / "backend.db")[0].sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_more_files_than_the_backend_allows_wait_their_turn(tmp_path: Path) -> None:
+    outbox, store = new_outbox(tmp_path), new_store(tmp_path, max_transfers_per_device=2)
+    srcs = [make_file(tmp_path / f"{i}.bin", 30_000, seed=i) for i in range(3)]
+    for src in srcs:
+        outbox.add(src)
+    link = Link(outbox, store)
+    link.run()
+    assert [e.reason for e in link.errors] == [Reason.TOO_MANY_TRANSFERS]
+    assert sorted(r.name for r in list_media(tmp_path / "backend.db")) == ["0.bin", "1.bin", "2.bin"]
+
+
+def test_safe_names() -> None:
+    assert safe_name("../../etc/passwd") == "passwd"
+    assert safe_name("..\\..\\boot.ini") == "boot.ini"
+    assert safe_name(".bashrc") == "bashrc"
+    assert safe_name("...") == "file"
+    assert safe_name("chat é 🐈.png") == "chat_.png"
+    assert len(safe_name("a" * 300)) == 120
 
 
 def test_abort_discards_partial_data(tmp_path: Path) -> None:
