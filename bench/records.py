@@ -1,0 +1,152 @@
+"""Seal/open cost per record (issue #3): ``Session.seal``/``open`` vs the raw AEAD underneath.
+
+Three rows per plaintext size, same plaintext, same AAD bytes:
+
+* ``Session.seal`` / ``Session.open``: the whole sealmq record path (topic, CBOR record, OSCORE
+  nonce and AAD with the topic binding, AES-CCM-16-64-128, replay window, key-usage counters);
+* raw ``AESCCM`` (16-byte key, 8-byte tag, 13-byte nonce) encrypt/decrypt: the AEAD alone, so the
+  difference is the cost of our framing;
+* raw ``AESGCM`` (AES-128-GCM, 12-byte nonce, 16-byte tag): the standard alternative AEAD.
+
+Figures are CPU microseconds per operation (``time.thread_time`` over a batch, median of the
+batches): the machine is shared, and CPU time does not count time spent descheduled.
+The largest size is 65,000 bytes: AES-CCM's 13-byte nonce caps a plaintext below 65,536.
+
+Run alone: ``python3 -m bench.records [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
+
+from bench.stats import fmt, median, table
+from sealmq import record
+from sealmq.session import Delivered, Session, SessionConfig
+from sealmq.topics import RecordKind
+
+SIZES = (64, 1024, 65_000)
+DEVICE = "bench-dev"
+C_I, C_R = b"\x0e", b"\x27"
+
+
+def session_pair(now: float = 1_700_000_000.0) -> tuple[Session, Session]:
+    """A device and a backend session over the same (random) PRK_out, as after EDHOC."""
+    prk_out = os.urandom(32)
+    config = SessionConfig(auto_key_update=False)
+    device = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=True, device_id=DEVICE,
+                                now=now, config=config)
+    backend = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=False, device_id=DEVICE,
+                                 now=now, config=config)
+    return device, backend
+
+
+@dataclass
+class Result:
+    seal_us: list[float]
+    open_us: list[float]
+
+
+def _per_op(fn: Callable[[], None], ops: int) -> float:
+    t0 = time.thread_time()
+    fn()
+    return (time.thread_time() - t0) / ops * 1e6
+
+
+def bench_session(size: int, ops: int, repeats: int) -> Result:
+    plaintext = os.urandom(size)
+    now = 1_700_000_000.0
+    out = Result([], [])
+    for _ in range(repeats):
+        device, backend = session_pair(now)
+        sealed: list[tuple[str, bytes]] = []
+
+        def seal_all(device: Session = device, sealed: list[tuple[str, bytes]] = sealed) -> None:
+            for _ in range(ops):
+                sealed.append(device.seal(RecordKind.TELEMETRY, plaintext, now))
+
+        def open_all(backend: Session = backend, sealed: list[tuple[str, bytes]] = sealed) -> None:
+            for topic, data in sealed:
+                backend.open(topic, data, now)
+
+        out.seal_us.append(_per_op(seal_all, ops))
+        # check outside the timed region that what we time really opens
+        check_dev, check_be = session_pair(now)
+        events = check_be.open(*check_dev.seal(RecordKind.TELEMETRY, plaintext, now), now)
+        if not (len(events) == 1 and isinstance(events[0], Delivered) and events[0].plaintext == plaintext):
+            raise AssertionError("session round trip failed")
+        out.open_us.append(_per_op(open_all, ops))
+    return out
+
+
+def bench_raw(size: int, ops: int, repeats: int, *, gcm: bool) -> Result:
+    plaintext = os.urandom(size)
+    key = os.urandom(16)
+    aead: AESCCM | AESGCM = AESGCM(key) if gcm else AESCCM(key, tag_length=8)
+    nonce_len = 12 if gcm else 13
+    topic = f"sealmq/v1/{DEVICE}/up/data"
+    # The exact AAD bytes a record of this session carries (kid 1 byte, piv of 2 bytes).
+    aad = record.record_aad(10, kid=b"\x27", piv=1000, epoch=0, kind=RecordKind.TELEMETRY, topic=topic)
+    out = Result([], [])
+    for _ in range(repeats):
+        nonces = [os.urandom(nonce_len) for _ in range(ops)]  # drawn outside the timed loop
+        cts: list[bytes] = []
+
+        def enc(nonces: list[bytes] = nonces, cts: list[bytes] = cts) -> None:
+            for n in nonces:
+                cts.append(aead.encrypt(n, plaintext, aad))
+
+        def dec(nonces: list[bytes] = nonces, cts: list[bytes] = cts) -> None:
+            for n, ct in zip(nonces, cts, strict=True):
+                aead.decrypt(n, ct, aad)
+
+        out.seal_us.append(_per_op(enc, ops))
+        out.open_us.append(_per_op(dec, ops))
+    return out
+
+
+def ops_for(size: int, quick: bool) -> int:
+    if quick:
+        return 20 if size < 4096 else 4
+    return 3000 if size < 4096 else 300
+
+
+def run(*, quick: bool = False, repeats: int = 9) -> str:
+    reps = 2 if quick else repeats
+    rows: list[list[object]] = []
+    for size in SIZES:
+        ops = ops_for(size, quick)
+        sess = bench_session(size, ops, reps)
+        ccm = bench_raw(size, ops, reps, gcm=False)
+        gcm = bench_raw(size, ops, reps, gcm=True)
+        s_seal, s_open = median(sess.seal_us), median(sess.open_us)
+        c_seal, c_open = median(ccm.seal_us), median(ccm.open_us)
+        g_seal, g_open = median(gcm.seal_us), median(gcm.open_us)
+        rows.append([f"{size:,} B", "Session.seal / open (sealmq record)", fmt(s_seal), fmt(s_open),
+                     f"{(s_seal + s_open) / (c_seal + c_open):.2f}x"])
+        rows.append(["", "raw AES-128-CCM-8 encrypt / decrypt", fmt(c_seal), fmt(c_open), "1.00x"])
+        rows.append(["", "raw AES-128-GCM encrypt / decrypt", fmt(g_seal), fmt(g_open),
+                     f"{(g_seal + g_open) / (c_seal + c_open):.2f}x"])
+        rows.append(["", "framing overhead per record (Session - raw CCM)", fmt(s_seal - c_seal),
+                     fmt(s_open - c_open), ""])
+    header = ["plaintext", "operation", "seal/encrypt (us)", "open/decrypt (us)", "seal+open vs raw CCM"]
+    return (f"### Seal/open CPU per record (median of {reps} batches; "
+            f"{ops_for(64, quick)} ops per batch below 4 KiB, {ops_for(65_000, quick)} at 65,000 B)\n\n"
+            f"{table(header, rows)}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="sealmq record seal/open cost vs raw AEADs")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args(argv)
+    print(run(quick=args.quick, repeats=args.repeats))
+
+
+if __name__ == "__main__":
+    main()

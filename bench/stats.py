@@ -1,0 +1,113 @@
+"""Small statistics, table formatting and the machine description shared by the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import ssl
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nearest-rank because the samples are few."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no samples")
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; numbers right-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(headers) + " |"]
+    aligns = []
+    for i in range(len(headers)):
+        numeric = all(_is_number(r[i]) for r in cells) and bool(cells)
+        aligns.append("---:" if numeric else "---")
+    lines.append("|" + "|".join(aligns) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", "").rstrip("x%"))
+    except ValueError:
+        return False
+    return True
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _mosquitto_version() -> str:
+    try:
+        out = subprocess.run(["mosquitto", "-h"], check=False, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    for line in (out.stdout + out.stderr).splitlines():
+        if "version" in line:
+            return line.strip()
+    return "unknown"
+
+
+def _cryptography_openssl() -> str:
+    from cryptography.hazmat.backends.openssl import backend
+
+    return str(backend.openssl_version_text())
+
+
+def machine() -> str:
+    """The machine description every recorded result carries."""
+    import os
+
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    rows = [
+        ("date (UTC)", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")),
+        ("nproc", str(os.cpu_count())),
+        ("CPU", _cpu_model()),
+        ("load average at start (1/5/15 min)", load),
+        ("OS", platform.platform()),
+        ("Python", sys.version.split()[0]),
+        ("OpenSSL (Python ssl)", ssl.OPENSSL_VERSION),
+        ("OpenSSL (cryptography)", _cryptography_openssl()),
+        ("cryptography", _version("cryptography")),
+        ("cbor2", _version("cbor2")),
+        ("paho-mqtt", _version("paho-mqtt")),
+        ("amqtt", _version("amqtt")),
+        ("mosquitto", _mosquitto_version()),
+    ]
+    return table(["what", "value"], rows)
