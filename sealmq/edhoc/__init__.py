@@ -1,10 +1,22 @@
 """EDHOC (RFC 9528): the authenticated key exchange that opens every sealmq session.
 
 Import from here; the submodules are ``suites`` (cipher suites and their primitives),
-``wire`` (message encodings), ``credentials`` (local credentials and peer authentication)
+``wire`` (message encodings), ``credentials`` (local credentials and peer authentication),
+``ccs`` (CCS static-DH credentials for method 3)
 and ``handshake`` (the Initiator/Responder state machines and :class:`EdhocResult`).
 """
 
+from sealmq.edhoc.ccs import (
+    Ccs,
+    CcsAuthenticator,
+    CcsCredential,
+    CcsEntry,
+    CcsIdentity,
+    CcsRegistry,
+    MixedAuthenticator,
+    decode_ccs,
+    encode_ccs,
+)
 from sealmq.edhoc.credentials import (
     AuthenticatedPeer,
     AuthKind,
@@ -41,6 +53,12 @@ __all__ = [
     "SUITES",
     "AuthKind",
     "AuthenticatedPeer",
+    "Ccs",
+    "CcsAuthenticator",
+    "CcsCredential",
+    "CcsEntry",
+    "CcsIdentity",
+    "CcsRegistry",
     "EadItem",
     "EdhocResult",
     "ErrorMessage",
@@ -50,6 +68,7 @@ __all__ = [
     "Message1Info",
     "Message2Info",
     "Message3Info",
+    "MixedAuthenticator",
     "PeerAuthenticator",
     "Responder",
     "State",
@@ -59,7 +78,9 @@ __all__ = [
     "X509Authenticator",
     "X509Credential",
     "connection_id",
+    "decode_ccs",
     "decode_error_message",
+    "encode_ccs",
     "encode_error",
     "encode_error_message",
     "generate_ephemeral",
