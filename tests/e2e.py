@@ -3,6 +3,7 @@ the real backend service and real device agents, all with a real PKI made by the
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import threading
@@ -173,10 +174,8 @@ class System:
         for closer in reversed(self.closers):
             closer()
         for agent in self.agents.values():
-            try:
+            with contextlib.suppress(Exception):
                 agent.stop()
-            except Exception:
-                pass
         self.stop_backend()
         self.stop_broker()
 
