@@ -155,10 +155,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     if not isinstance(data, bytes) or len(data) > MAX_CSR_BYTES:
         raise CsrError(Reason.MALFORMED, "CSR must be bytes and small")
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            csr = x509.load_pem_x509_csr(data)
-        else:
-            csr = x509.load_der_x509_csr(data)
+        csr = x509.load_pem_x509_csr(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_csr(data)
         _ = (csr.subject, [str(a.value) for a in csr.subject])
     except PARSE_ERRORS:
         raise CsrError(Reason.MALFORMED, "not a certificate signing request") from None
