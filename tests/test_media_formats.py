@@ -263,3 +263,49 @@ def test_bitmap_ack_view_round_trip() -> None:
     assert exc.value.reason is Reason.CHUNK_OUT_OF_RANGE
     with pytest.raises(MediaError):
         Bitmap.from_ack(20, 21, b"")
+
+
+# --- the CDDL in docs/media.md against real messages ------------------------------------------
+DOC = Path(__file__).resolve().parents[1] / "docs" / "media.md"
+
+
+def cddl_schema(root: str) -> object:
+    pycddl = pytest.importorskip("pycddl")
+    text = DOC.read_text()
+    cddl = text.split("```cddl\n", 1)[1].split("```", 1)[0]
+    return pycddl.Schema(f"root = {root}\n{cddl}")
+
+
+def test_docs_cddl_accepts_real_messages_and_refuses_bad_ones() -> None:
+    pycddl = pytest.importorskip("pycddl")
+    tid = bytes.fromhex(TID)
+    good = {
+        "media-manifest-message": [bytes.fromhex(ED_COSE_HEX), bytes.fromhex(EC_COSE_HEX),
+                                   sign_manifest(RSA_KEY, MANIFEST)],
+        "manifest": [MANIFEST.to_cbor()],
+        "media-chunk": [encode_chunk(tid, 3, b"abc"), encode_chunk(tid, 0, bytes(MAX_CHUNK_SIZE))],
+        "media-ack": [Ack(tid, AckStatus.IN_PROGRESS, 2, b"\xa0").encode(),
+                      Ack(tid, AckStatus.COMPLETE, 0, b"").encode(),
+                      rejected_ack(tid, Reason.HASH_MISMATCH).encode()],
+        "media-control": [Control(ControlOp.ABORT, tid).encode()],
+    }
+    bad = {
+        "media-chunk": [cbor.dumps([bytes(15), 0, b""]), cbor.dumps([tid, 0, bytes(MAX_CHUNK_SIZE + 1)])],
+        "media-ack": [cbor.dumps([tid, 2, 0, b""]), cbor.dumps([tid, 3, 0, b""])],
+        "media-control": [cbor.dumps([3, tid])],
+        "manifest": [cbor.dumps({**cbor.loads(MANIFEST.to_cbor()), 8: 100})],
+    }
+    for signed in good["media-manifest-message"]:
+        parsed = parse_signed_manifest(signed)
+        good.setdefault("protected-header", []).append(parsed.protected)
+        good["manifest"].append(parsed.payload)
+    bad["protected-header"] = [cbor.dumps({1: -9}), cbor.dumps({1: -7, 4: b"kid"})]
+    for root, bodies in good.items():
+        schema = cddl_schema(root)
+        for body in bodies:
+            schema.validate_cbor(body)  # type: ignore[attr-defined]
+    for root, bodies in bad.items():
+        schema = cddl_schema(root)
+        for body in bodies:
+            with pytest.raises(pycddl.ValidationError):
+                schema.validate_cbor(body)  # type: ignore[attr-defined]
