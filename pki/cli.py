@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pki import issue, keys, layout, show, store
+from pki import ccs, issue, keys, layout, show, store
 from pki.verify import Role, identity_of, load_chain
 from sealmq.errors import CertificateError, PkiError, Reason
 
@@ -214,3 +214,5 @@ def register(subparsers: Any) -> None:
 
     sp = cmd("show", _cmd_show, "a readable summary of a certificate (or each of a chain)")
     sp.add_argument("cert", type=Path)
+
+    ccs.register_cli(sub)  # sealmq pki ccs issue|register|list|revoke (EDHOC method 3)

@@ -9,6 +9,9 @@
     DIR/ca/issued/<serial-hex>.crt, DIR/ca/index.json   what was issued
     DIR/devices/<id>/key.pem (0600), csr.pem, cert.pem, chain.pem
     DIR/backend/<name>/key.pem (0600), csr.pem, cert.pem, chain.pem   (default name "backend")
+    DIR/devices/<id>/ccs_key.pem (0600), ccs.cbor   a CCS static-DH credential (EDHOC method 3)
+    DIR/backend/<name>/ccs_key.pem (0600), ccs.cbor
+    DIR/ccs/registry.json                          registered CCS credentials (kid -> role, name, CCS)
 """
 
 from __future__ import annotations
@@ -97,3 +100,17 @@ def device_dir(pki_dir: Path | str, device_id: str) -> Path:
 
 def backend_dir(pki_dir: Path | str, name: str = DEFAULT_BACKEND) -> Path:
     return identity_dir(pki_dir, Role.BACKEND, name)
+
+
+CCS = "ccs"
+CCS_KEY = "ccs_key.pem"
+CCS_CRED = "ccs.cbor"
+CCS_REGISTRY = "registry.json"
+
+
+def ccs_dir(pki_dir: Path | str) -> Path:
+    return Path(pki_dir) / CCS
+
+
+def ccs_registry(pki_dir: Path | str) -> Path:
+    return ccs_dir(pki_dir) / CCS_REGISTRY
