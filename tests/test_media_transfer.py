@@ -119,7 +119,8 @@ def test_multi_mb_file_arrives_identical_over_a_lossy_link(tmp_path: Path) -> No
     src = make_file(tmp_path / "clip.mjpeg", 3 * 1024 * 1024 + 123)
     progress: list[TransferProgress] = []
     outbox = new_outbox(tmp_path, hook=progress.append)
-    store = new_store(tmp_path)
+    # durable: fsync before every ack, as in production
+    store = MediaStore(tmp_path / "backend", tmp_path / "backend.db")
     t = outbox.add(src)
     assert t.manifest.chunk_count == 769
     link = Link(outbox, store, drop=0.1, dup=0.1, reorder=True)
