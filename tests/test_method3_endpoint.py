@@ -137,7 +137,7 @@ def test_ccs_of_one_device_on_another_devices_topics(pki: TestPki) -> None:
     net = Net(backend, [dev])
     events = net.connect(dev)
     fails = [e for e in events if isinstance(e, HandshakeFailed)]
-    assert [(e.device_id, e.reason) for e in fails][0] == ("tiny-2", Reason.IDENTITY_MISMATCH)
+    assert next((e.device_id, e.reason) for e in fails) == ("tiny-2", Reason.IDENTITY_MISMATCH)
     assert "tiny-2" not in backend.sessions and not completed(events)
 
 
@@ -156,7 +156,7 @@ def test_backend_without_method_3_refuses_it(pki: TestPki) -> None:
     dev = ccs_device(pki, "tiny-1")
     net = Net(backend, [dev])
     events = net.connect(dev)
-    assert [r.reason for r in rejected(events)][0] is Reason.UNSUPPORTED_METHOD
+    assert next(r.reason for r in rejected(events)) is Reason.UNSUPPORTED_METHOD
     assert not completed(events) and not dev.established
 
 
