@@ -1,0 +1,74 @@
+#!/bin/sh
+# sealmq-bootstrap: the one-shot `pki` service of docker-compose.yml (see docs/docker.md).
+#
+# 1. `sealmq bootstrap` creates what is missing in the deployment volume ($SEALMQ_DEPLOY_DIR):
+#    the CA, the backend identity, devices dev-001..dev-$SEALMQ_DEVICES, the broker user file,
+#    each identity's mqtt.password and the monitor's password. Existing ones are kept.
+# 2. Each service then gets only what it needs, copied into its own volume, so that no running
+#    container holds the CA key or another party's private key:
+#      $SEALMQ_PUBLISH_BACKEND  ca/ca.crt, ca/crl.pem, backend/backend/{key,cert,chain}.pem + mqtt.password
+#      $SEALMQ_PUBLISH_DEVICES  ca/ca.crt, ca/crl.pem, devices/<id>/{key,cert,chain}.pem + mqtt.password
+#      $SEALMQ_BROKER_DIR       users (salted hashes only) and mosquitto/ (generated Mosquitto config)
+#    A file is copied only when missing or different: a re-run after `sealmq pki revoke` or
+#    `sealmq pki crl` republishes the CRL (the backend reloads it) and touches nothing else.
+set -eu
+umask 077
+
+deploy="${SEALMQ_DEPLOY_DIR:?set SEALMQ_DEPLOY_DIR}"
+to_backend="${SEALMQ_PUBLISH_BACKEND:?set SEALMQ_PUBLISH_BACKEND}"
+to_devices="${SEALMQ_PUBLISH_DEVICES:?set SEALMQ_PUBLISH_DEVICES}"
+broker="${SEALMQ_BROKER_DIR:?set SEALMQ_BROKER_DIR}"
+devices="${SEALMQ_DEVICES:-3}"
+backend_name="${SEALMQ_BACKEND_NAME:-backend}"
+
+sealmq bootstrap --dir "$deploy" --devices "$devices"
+pki="$deploy/pki"
+
+changed=0
+# publish SRC DST: atomic copy (0600) when DST is missing or differs from SRC.
+publish() {
+  if [ -f "$2" ] && cmp -s "$1" "$2"; then
+    return 0
+  fi
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$2.tmp"
+  chmod 600 "$2.tmp"
+  mv -f "$2.tmp" "$2"
+  echo "published $2"
+  changed=1
+}
+
+# publish_identity DIR DST: the files an endpoint loads (never csr.pem, never a CA key).
+publish_identity() {
+  for f in key.pem cert.pem chain.pem mqtt.password; do
+    publish "$1/$f" "$2/$f"
+  done
+}
+
+for dst in "$to_backend" "$to_devices"; do
+  for f in ca.crt crl.pem issuing.crt; do
+    if [ -f "$pki/ca/$f" ]; then
+      publish "$pki/ca/$f" "$dst/ca/$f"
+    fi
+  done
+done
+publish_identity "$pki/backend/$backend_name" "$to_backend/backend/$backend_name"
+for dir in "$pki"/devices/*/; do
+  [ -f "$dir/cert.pem" ] || continue
+  id="$(basename "$dir")"
+  publish_identity "$pki/devices/$id" "$to_devices/devices/$id"
+done
+
+users_changed=$changed
+changed=0
+publish "$deploy/broker/users" "$broker/users"
+if [ "$changed" = 1 ] || [ ! -f "$broker/mosquitto/mosquitto.conf" ]; then
+  if [ -f "$broker/mosquitto/mosquitto.conf" ]; then first=0; else first=1; fi
+  # Inside the container the broker listens on every interface of the compose network; the host
+  # publishes the port on 127.0.0.1 only (docker-compose.yml).
+  sealmq broker mosquitto-config --out "$broker/mosquitto" --passwd "$broker/users" \
+    --host "${SEALMQ_BROKER_BIND:-0.0.0.0}" --port "${SEALMQ_BROKER_PORT:-1883}"
+  [ "$first" = 1 ] || echo "new broker users: restart the broker to load them (docker compose restart broker)"
+fi
+[ "$users_changed" = 1 ] || [ "$changed" = 1 ] || echo "nothing to publish: everything was already in place"
+echo "bootstrap done"
