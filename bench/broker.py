@@ -1,0 +1,442 @@
+"""End to end through a broker (issue #4): sealed vs plaintext telemetry, and 100 devices handshaking.
+
+Throughput. One publisher process and one subscriber process (separate processes, as in
+``/work/shared/design/stack-facts.md``, so they do not share a GIL), QoS 1 both ways, 256-byte
+application payloads, through the same broker in the same run:
+
+* ``plaintext``: the product's MQTT adapter (``runtime.mqtt.MqttLink``) publishing the raw
+  payload on the device's data topic; the subscriber counts what arrives;
+* ``sealed``: the device path (``DeviceEndpoint.seal`` + ``MqttLink``) after a real EDHOC
+  handshake over the broker, and the backend path (``MqttLink`` + ``BackendEndpoint.handle``,
+  which opens every record and checks its replay window);
+* ``sealed, full service``: ``DeviceAgent.send`` -> ``BackendService`` (which also stores every
+  record in SQLite and keeps its audit log): what a deployment gets.
+
+Rate = messages / (last message opened at the subscriber - first publish), on one monotonic
+clock shared by the processes. Every message must arrive; a run that loses any says so.
+
+Handshakes. ``device.simulator.Simulator`` with N enrolled devices, each with its own broker
+user and connection, against a ``BackendService`` in its own process: the time from the first
+CONNECT until every device holds a session.
+
+Brokers: the embedded hardened amqtt (``broker.embedded.EmbeddedBroker``, in this process) and a
+mosquitto child process on a generated config (``broker.mosquitto_config.write_config``), both on
+127.0.0.1 and an ephemeral port.
+
+Run alone: ``python3 -m bench.broker [--quick] [--messages N] [--devices N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.stats import fmt, median, table
+
+HOST = "127.0.0.1"
+PAYLOAD = 256
+DEVICE = "bench-dev"
+MODES = ("plaintext", "sealed", "sealed, full service")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# --- broker lifecycle ----------------------------------------------------------------------------
+
+@contextmanager
+def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
+    """Start ``kind`` ("amqtt" or "mosquitto") on a free 127.0.0.1 port; yield the port; stop it."""
+    port = _free_port()
+    if kind == "amqtt":
+        from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
+
+        # start() returns once the listener is bound (a probe connection would only add log noise)
+        broker = EmbeddedBroker(EmbeddedBrokerConfig(passwd=users, host=HOST, port=port)).start()
+        try:
+            yield port
+        finally:
+            broker.stop()
+        return
+    from broker.mosquitto_config import MosquittoOptions, write_config
+    from broker.passwd import load_users
+    from tests.brokers import MosquittoProcess
+
+    conf_dir = root / f"mosquitto-{port}"
+    write_config(conf_dir, load_users(users), MosquittoOptions(host=HOST, port=port))
+    proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
+    try:
+        yield port
+    finally:
+        proc.stop()
+
+
+def mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+# --- child processes -----------------------------------------------------------------------------
+# Module-level functions so that the "spawn" start method can import them.
+
+def _settings(cfg: dict[str, Any], user: str, role: str, suffix: str) -> Any:
+    from runtime.bootstrap import Deployment
+    from runtime.mqtt import MqttSettings
+
+    dep = Deployment(Path(cfg["root"]))
+    return MqttSettings(host=HOST, port=cfg["port"], username=user, password=dep.password(role, user),
+                        client_id=f"{user}:{suffix}", clean_session=True)
+
+
+def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
+    """The backend side: counts telemetry (plaintext) or opened records (sealed)."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from pki import layout
+    from pki.store import load_identity, load_trust_store
+    from runtime.mqtt import MqttLink
+    from sealmq import topics
+    from sealmq.edhoc import X509Credential
+    from sealmq.endpoint import BackendEndpoint, Publish, Received, Rejected
+    from sealmq.topics import Channel, Direction, RecordKind
+
+    mode, n = cfg["mode"], cfg["messages"]
+    pki = Path(cfg["root"]) / "pki"
+    settings = _settings(cfg, "backend", "backend", f"bench-{mode[:6]}")
+    state = {"count": 0, "last": 0.0, "bad": 0}
+    finished = threading.Event()
+    lock = threading.Lock()
+
+    def count_one() -> None:
+        state["count"] += 1
+        if state["count"] == n:
+            state["last"] = time.monotonic()
+            finished.set()
+
+    if mode == "sealed, full service":
+        from backend.service import BackendService, BackendSettings
+
+        svc = BackendService(BackendSettings(pki_dir=pki, data_dir=Path(cfg["root"]) / "backend-data",
+                                             mqtt=settings, poll_interval=0.25))
+        seen = 0
+
+        def on_record(rec: Received) -> None:
+            # BackendService's default telemetry path, then the count
+            svc.storage.store_message(rec.device_id, time.time(), "telemetry", rec.epoch, rec.seq, rec.plaintext)
+            count_one()
+
+        svc.handlers[RecordKind.TELEMETRY] = on_record
+        svc.start()
+        ready.set()
+        finished.wait(cfg["timeout"])
+        seen = state["count"]
+        results.put(("sub", seen, state["last"], svc.counters["rejected"]))
+        svc.stop()
+        return
+
+    link: MqttLink
+    if mode == "plaintext":
+        def on_plain(topic: str, payload: bytes) -> None:
+            with lock:
+                if len(payload) != PAYLOAD:
+                    state["bad"] += 1
+                count_one()
+
+        link = MqttLink(settings, on_plain, [topics.subscription(Channel.DATA, Direction.UP)])
+    else:
+        ident = load_identity(layout.backend_dir(pki, "backend"))
+        cred = X509Credential(private_key=ident.private_key,
+                              chain_der=[c.public_bytes(Encoding.DER) for c in ident.chain], by_reference=False)
+        endpoint = BackendEndpoint(credentials=cred, trust_store=load_trust_store(pki))
+
+        def on_sealed(topic: str, payload: bytes) -> None:
+            with lock:
+                for out in endpoint.handle(topic, payload, time.time(), os.urandom):
+                    if isinstance(out, Publish):
+                        link.publish(out.topic, out.payload)
+                    elif isinstance(out, Received) and out.kind is RecordKind.TELEMETRY:
+                        count_one()
+                    elif isinstance(out, Rejected):
+                        state["bad"] += 1
+
+        link = MqttLink(settings, on_sealed, endpoint.subscriptions)
+    link.start()
+    ready.set()
+    finished.wait(cfg["timeout"])
+    with lock:
+        results.put(("sub", state["count"], state["last"], state["bad"]))
+    link.stop()
+
+
+def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any) -> None:
+    """The device side: handshake first if sealed, then ``messages`` publishes as fast as paho takes them."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from pki import layout
+    from pki.store import load_identity, load_trust_store
+    from runtime.mqtt import MqttLink
+    from sealmq import topics
+    from sealmq.edhoc import X509Credential
+    from sealmq.endpoint import DeviceEndpoint, HandshakeCompleted, Publish
+    from sealmq.topics import Channel, Direction, RecordKind
+
+    mode, n = cfg["mode"], cfg["messages"]
+    pki = Path(cfg["root"]) / "pki"
+    settings = _settings(cfg, DEVICE, "device", f"bench-{mode[:6]}")
+    payloads = [i.to_bytes(4, "big") + os.urandom(PAYLOAD - 4) for i in range(n)]
+    wire_size = PAYLOAD
+
+    if mode == "sealed, full service":
+        from device.agent import DeviceAgent, DeviceConfig
+
+        agent = DeviceAgent(DeviceConfig(device_id=DEVICE, identity_dir=layout.device_dir(pki, DEVICE), pki_dir=pki,
+                                         state_dir=Path(cfg["root"]) / "device-state", mqtt=settings))
+        agent.start()
+        if not agent.wait_established(30):
+            results.put(("pub", -1.0, 0))
+            agent.stop()
+            return
+        ready.set()
+        go.wait()
+        t0 = time.monotonic()
+        for p in payloads:
+            agent.send(RecordKind.TELEMETRY, p)
+        results.put(("pub", t0, -1))  # the agent's records are the same bytes as in "sealed"
+        done.wait(cfg["linger"])
+        agent.stop()
+        return
+
+    lock = threading.Lock()
+    established = threading.Event()
+    ident = load_identity(layout.device_dir(pki, DEVICE))
+    cred = X509Credential(private_key=ident.private_key,
+                          chain_der=[c.public_bytes(Encoding.DER) for c in ident.chain], by_reference=False)
+    endpoint = DeviceEndpoint(device_id=DEVICE, credential=cred, trust_store=load_trust_store(pki))
+
+    def on_message(topic: str, payload: bytes) -> None:
+        with lock:
+            for out in endpoint.handle(topic, payload, time.time(), os.urandom):
+                if isinstance(out, Publish):
+                    link.publish(out.topic, out.payload)
+                elif isinstance(out, HandshakeCompleted):
+                    established.set()
+
+    link = MqttLink(settings, on_message, endpoint.subscriptions if mode == "sealed" else [])
+    link.start()
+    if mode == "sealed":
+        time.sleep(0.2)  # let the SUBACKs land before message_1
+        with lock:
+            for out in endpoint.start_handshake(time.time(), os.urandom):
+                if isinstance(out, Publish):
+                    link.publish(out.topic, out.payload)
+        if not established.wait(30):
+            results.put(("pub", -1.0, 0))
+            link.stop()
+            return
+    ready.set()
+    go.wait()
+    topic = topics.topic(DEVICE, Channel.DATA, Direction.UP)
+    t0 = time.monotonic()
+    if mode == "plaintext":
+        for p in payloads:
+            link.publish(topic, p)
+    else:
+        for p in payloads:
+            with lock:
+                outs = endpoint.seal(RecordKind.TELEMETRY, p, time.time())
+            for out in outs:
+                if isinstance(out, Publish):
+                    wire_size = len(out.payload)
+                    link.publish(out.topic, out.payload)
+    results.put(("pub", t0, wire_size))
+    done.wait(cfg["linger"])  # keep the connection until the subscriber has everything
+    link.stop()
+
+
+def _backend_service(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -> None:
+    from backend.service import BackendService, BackendSettings
+    from sealmq.endpoint import BackendConfig
+
+    settings = _settings(cfg, "backend", "backend", "bench-hs")
+    # Every device connects at once: let the half-open bound and per-device admission fit them.
+    endpoint = BackendConfig(max_half_open=max(1024, 2 * cfg["devices"]))
+    svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki",
+                                         data_dir=Path(cfg["root"]) / f"backend-hs-{cfg['port']}",
+                                         mqtt=settings, endpoint=endpoint, poll_interval=0.1))
+    svc.start()
+    ready.set()
+    stop.wait(cfg["timeout"] + 30)
+    results.put(("backend", svc.counters["handshakes"]))
+    svc.stop()
+
+
+def _simulator(cfg: dict[str, Any], results: Any) -> None:
+    from device.simulator import Simulator
+    from runtime.bootstrap import Deployment
+    from runtime.mqtt import MqttSettings
+
+    dep = Deployment(Path(cfg["root"]))
+    ids = cfg["device_ids"]
+    sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['port']}", ids,
+                    MqttSettings(host=HOST, port=cfg["port"], clean_session=True),
+                    password_for=lambda d: dep.password("device", d))
+    try:
+        seconds = sim.start(timeout=cfg["timeout"])
+        results.put(("sim", seconds, sim.established()))
+    finally:
+        sim.stop()
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+@dataclass
+class Throughput:
+    broker: str
+    mode: str
+    rates: list[float]
+    received: list[int]
+    sent: int
+    wire: int
+
+
+def _collect(results: Any, want: int, timeout: float) -> list[tuple[Any, ...]]:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want:
+        out.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
+    return out
+
+
+def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, timeout: float,
+                    ) -> tuple[float, int, int]:
+    cfg = {"root": str(root), "port": port, "mode": mode, "messages": messages, "timeout": timeout,
+           "linger": min(timeout, 60.0)}
+    results = ctx.Queue()
+    sub_ready, pub_ready, go, done = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
+    sub = ctx.Process(target=_subscriber, args=(cfg, sub_ready, results))
+    sub.start()
+    if not sub_ready.wait(60):
+        sub.terminate()
+        raise RuntimeError("subscriber did not start")
+    pub = ctx.Process(target=_publisher, args=(cfg, pub_ready, go, done, results))
+    pub.start()
+    try:
+        if not pub_ready.wait(60):
+            raise RuntimeError(f"publisher not ready ({mode})")
+        go.set()
+        got = {r[0]: r for r in _collect(results, 2, timeout + 60)}
+    finally:
+        done.set()
+        for p in (pub, sub):
+            p.join(timeout + 30)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    _, t0, wire = got["pub"]
+    _, count, last, bad = got["sub"]
+    if bad:
+        raise RuntimeError(f"{mode}: {bad} messages rejected or malformed")
+    rate = messages / (last - t0) if count == messages and last > t0 else 0.0
+    return rate, count, wire
+
+
+def handshakes_once(ctx: Any, root: Path, port: int, device_ids: list[str], timeout: float) -> tuple[float, int, int]:
+    cfg = {"root": str(root), "port": port, "devices": len(device_ids), "device_ids": device_ids,
+           "timeout": timeout}
+    results = ctx.Queue()
+    ready, stop = ctx.Event(), ctx.Event()
+    backend = ctx.Process(target=_backend_service, args=(cfg, ready, stop, results))
+    backend.start()
+    sim = None
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("backend service did not start")
+        sim = ctx.Process(target=_simulator, args=(cfg, results))
+        sim.start()
+        _, seconds, established = _collect(results, 1, timeout + 120)[0]
+        stop.set()
+        _, handshakes = _collect(results, 1, 60)[0]
+    finally:
+        stop.set()
+        for p in (sim, backend):
+            if p is not None:
+                p.join(60)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+    return seconds, established, handshakes
+
+
+def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
+        devices: int | None = None, brokers: tuple[str, ...] = ("amqtt", "mosquitto")) -> str:
+    from runtime.bootstrap import bootstrap
+
+    n = messages or (200 if quick else 10_000)
+    reps = repeats or (1 if quick else 3)
+    n_dev = devices or (5 if quick else 100)
+    timeout = 30.0 if quick else 300.0
+    kinds = [b for b in brokers if b != "mosquitto" or mosquitto_available()]
+    ctx = mp.get_context("spawn")
+    sim_ids = [f"sim-{i:03d}" for i in range(n_dev)]
+    with tempfile.TemporaryDirectory(prefix="sealmq-bench-broker-") as tmp:
+        root = Path(tmp)
+        # Production PBKDF2 strength for broker users unless --quick (then the floor, 1,000).
+        dep, _ = bootstrap(root, [DEVICE, *sim_ids], iterations=1_000 if quick else 10_000)
+        rows: list[Throughput] = []
+        hs_rows: list[list[object]] = []
+        for kind in kinds:
+            with running_broker(kind, dep.users, root) as port:
+                for mode in MODES:
+                    row = Throughput(kind, mode, [], [], n, PAYLOAD)
+                    for _ in range(reps):
+                        rate, count, wire = throughput_once(ctx, root, port, mode, n, timeout)
+                        row.rates.append(rate)
+                        row.received.append(count)
+                        row.wire = wire
+                    rows.append(row)
+                seconds, established, handshakes = handshakes_once(ctx, root, port, sim_ids, timeout)
+                hs_rows.append([kind, n_dev, established, handshakes, fmt(seconds, 2),
+                                fmt(seconds / max(1, established) * 1e3, 1)])
+    plain = {r.broker: median(r.rates) for r in rows if r.mode == "plaintext"}
+    t_rows = []
+    for r in rows:
+        rate = median(r.rates)
+        lost = "all" if all(c == r.sent for c in r.received) else "/".join(str(c) for c in r.received)
+        t_rows.append([r.broker, r.mode, r.wire if r.wire > 0 else "as sealed", fmt(rate), fmt(rate * PAYLOAD / 1e6, 2),
+                       f"{rate / plain[r.broker]:.2f}x" if plain.get(r.broker) else "-", lost])
+    throughput = table(["broker", "path", "MQTT payload (B)", "msg/s (median)", "MB/s of 256 B payloads",
+                        "vs plaintext", "delivered"], t_rows)
+    hs = table(["broker", "devices", "established", "backend handshakes", "seconds until all established",
+                "ms per device"], hs_rows)
+    return (f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
+            f"median of {reps} runs\n\n{throughput}\n\n"
+            f"### {n_dev} simulated devices connecting and handshaking at once\n\n{hs}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="sealmq end-to-end broker benchmarks")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--messages", type=int)
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--devices", type=int)
+    ap.add_argument("--broker", choices=["amqtt", "mosquitto"], action="append")
+    args = ap.parse_args(argv)
+    print(run(quick=args.quick, messages=args.messages, repeats=args.repeats, devices=args.devices,
+              brokers=tuple(args.broker or ("amqtt", "mosquitto"))))
+
+
+if __name__ == "__main__":
+    main()
