@@ -117,7 +117,7 @@ class Deployment:
         sealmq = self.bin / "sealmq"
         sealmq.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sealmq.cli "$@"\n')
         sealmq.chmod(0o755)
-        mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
         if mosquitto:
             (self.bin / "mosquitto").symlink_to(mosquitto)
         self.logs = self.root / "logs"
@@ -137,10 +137,10 @@ class Deployment:
             out[target] = self.volume_dir(volume)
         return out
 
-    def map_token(self, service: str, token: str) -> str:
-        if token in self.services:  # a service's host name on the compose network
+    def map_token(self, service: str, token: str, *, host: bool = False) -> str:
+        if host and token in self.services:  # a service's host name on the compose network
             return "127.0.0.1"
-        if token == "0.0.0.0":  # noqa: S104 - what the compose file binds in a container
+        if token == "0.0.0.0":
             return "127.0.0.1"
         if token == CONTAINER_PORT:
             return str(self.port)
@@ -149,11 +149,18 @@ class Deployment:
                 return str(host) + token[len(target):]
         return token
 
+    def map_args(self, service: str, args: list[Any]) -> list[str]:
+        """Map a command line; a value after --host/-h is a host name."""
+        out: list[str] = []
+        for arg in args:
+            out.append(self.map_token(service, str(arg), host=bool(out) and out[-1] in {"--host", "-h"}))
+        return out
+
     def map_shell(self, service: str, command: str) -> str:
-        return re.sub(r"[^\s'\"]+", lambda m: self.map_token(service, m.group()), command)
+        return " ".join(self.map_args(service, command.split(" ")))
 
     def command(self, service: str) -> list[str]:
-        return [self.map_token(service, str(a)) for a in self.services[service]["command"]]
+        return self.map_args(service, self.services[service]["command"])
 
     def env(self, service: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEALMQ_")}
@@ -161,7 +168,7 @@ class Deployment:
         env["PYTHONPATH"] = str(REPO)
         env["HOME"] = str(self.root)
         for key, value in (self.services[service].get("environment") or {}).items():
-            env[key] = self.map_token(service, str(value))
+            env[key] = self.map_token(service, str(value), host=key.endswith("_HOST"))
         return env
 
     def healthcheck(self, service: str) -> list[str] | None:
@@ -171,7 +178,7 @@ class Deployment:
         if test[0] == "CMD-SHELL":
             return ["/bin/sh", "-c", self.map_shell(service, test[1])]
         assert test[0] == "CMD"
-        return [self.map_token(service, str(a)) for a in test[1:]]
+        return self.map_args(service, test[1:])
 
     # -- running ---------------------------------------------------------------------------
     def run(self, args: list[str], service: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

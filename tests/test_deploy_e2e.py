@@ -1,0 +1,130 @@
+"""docker-compose.yml end to end, without Docker: the services' own commands as child processes.
+
+What runs is read from docker-compose.yml (and docker/compose.mosquitto.yml) by
+tests/test_deploy_compose.py's ``Deployment``: commands, environment, volumes mapped to temp
+directories, depends_on order and conditions, health checks. The wildcard monitor is the
+walk-through's own command (docs/docker.md): ``mosquitto_sub ... -t 'sealmq/#' -v -F '%t %x'``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_deploy_compose import MOSQUITTO_OVERRIDE, Deployment, load_compose, startup_order
+
+SIM_SECONDS = "6"
+
+
+def _monitor_command(dep: Deployment) -> list[str]:
+    password = (dep.mounts("pki")["/pki"] / "broker" / "monitor.password").read_text().strip()
+    return ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(dep.port), "-i", "monitor:walkthrough",
+            "-u", "monitor", "-P", password, "-t", "sealmq/#", "-v", "-F", "%t %x"]
+
+
+def _media_cli_exists(dep: Deployment) -> bool:
+    return dep.run(["sealmq", "backend", "media", "--help"], "backend").returncode == 0
+
+
+def _satisfy(dep: Deployment, service: str, condition: str) -> None:
+    """Wait for what `depends_on: {service: {condition: ...}}` waits for."""
+    if condition == "service_completed_successfully":
+        return  # one-shot services are run to completion when started (below)
+    if condition == "service_healthy":
+        dep.wait_healthy(service, timeout=40)
+        return
+    raise AssertionError(f"unexpected depends_on condition {condition}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("variant", ["amqtt", "mosquitto"])
+def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub (mosquitto-clients) is needed for the walk-through's monitor")
+    override = MOSQUITTO_OVERRIDE if variant == "mosquitto" else None
+    services = load_compose({"SEALMQ_DEVICES": "2", "SEALMQ_SIM_DURATION": SIM_SECONDS,
+                             "SEALMQ_SIM_INTERVAL": "0.5"}, override)
+    dep = Deployment(tmp_path, services)
+    if variant == "mosquitto" and not (dep.bin / "mosquitto").exists():
+        pytest.skip("mosquitto is not installed")
+    order = startup_order(services)
+    conditions = {dep_name: cond["condition"] for svc in services.values()
+                  for dep_name, cond in (svc.get("depends_on") or {}).items()}
+    one_shot = {name for name, svc in services.items() if svc.get("restart") == "no"}
+    monitor: subprocess.Popen[bytes] | None = None
+    monitor_log = tmp_path / "monitor.log"
+    try:
+        assert not dep.healthy("broker"), "the broker's health check passes with no broker running"
+        for name in order:
+            if name in one_shot:
+                result = dep.run_service(name)
+                assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr}"
+            elif name == "simulator":
+                break  # last: started below, once the monitor listens
+            else:
+                dep.start(name)
+            if name in conditions:
+                _satisfy(dep, name, conditions[name])
+            if name == "broker":
+                with monitor_log.open("wb") as out:
+                    monitor = subprocess.Popen(_monitor_command(dep), stdout=out, stderr=subprocess.STDOUT)
+        assert order[-1] == "simulator"
+        time.sleep(0.5)  # the monitor's SUBACK
+        started = time.monotonic()
+        sim = dep.run_service("simulator", timeout=60)
+        assert sim.returncode == 0, f"simulator:\n{sim.stdout}\n{sim.stderr}"
+        assert "2/2 devices completed their handshakes" in sim.stdout, sim.stdout
+        assert time.monotonic() - started < 40
+        time.sleep(1.0)  # the last records reach the backend
+
+        backend_data = dep.mounts("backend")["/data"]
+        listing = dep.run(["sealmq", "backend", "messages", "--data", str(backend_data), "--limit", "1000"], "backend")
+        assert listing.returncode == 0, listing.stderr
+        stored_lines = [ln for ln in listing.stdout.splitlines() if "seq=" in ln]
+        for device in ("dev-001", "dev-002"):
+            assert sum(device in ln for ln in stored_lines) >= 3, listing.stdout
+        assert "temperature_c" in listing.stdout  # the backend opened the records
+        if _media_cli_exists(dep):
+            media = dep.run(["sealmq", "backend", "media", "--data", str(backend_data)], "backend")
+            assert media.returncode == 0, media.stderr
+            assert media.stdout.strip(), "the backend lists no received images"
+
+        from backend.storage import Storage
+
+        store = Storage(backend_data / "backend.sqlite3")
+        try:
+            plaintexts = [m.payload for m in store.messages(None, limit=10_000)]
+        finally:
+            store.close()
+        assert len(plaintexts) == len(stored_lines)
+    finally:
+        if monitor is not None:
+            monitor.send_signal(signal.SIGINT)
+            try:
+                monitor.wait(5)
+            except subprocess.TimeoutExpired:
+                monitor.kill()
+                monitor.wait(5)
+        codes = {name: dep.stop(name) for name in list(reversed(order)) if name in dep.procs}
+        dep.stop_all()
+
+    # every long-running service stops cleanly on SIGTERM (what `docker compose stop` sends)
+    assert codes == {"backend": 0, "broker": 0}, {n: dep.log(n) for n in codes}
+
+    seen = [line.split(" ", 1) for line in monitor_log.read_text().splitlines() if line.startswith("sealmq/")]
+    topics = {topic for topic, _ in seen}
+    for device in ("dev-001", "dev-002"):
+        assert f"sealmq/v1/{device}/hs/up" in topics, topics
+        assert f"sealmq/v1/{device}/data/up" in topics, topics
+    data_up = [bytes.fromhex(payload) for topic, payload in seen if topic.endswith("/data/up")]
+    assert len(data_up) >= len(plaintexts)
+    everything = b"".join(bytes.fromhex(payload) for _, payload in seen)
+    assert b"temperature_c" not in everything and b"humidity" not in everything
+    for plaintext in plaintexts:
+        assert plaintext not in everything, "a stored plaintext crossed the broker in clear"
