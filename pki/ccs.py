@@ -133,7 +133,8 @@ def issue_ccs(
     """A new P-256 static DH key (0600) and its CCS in the identity's directory, registered.
 
     With ``force`` an existing CCS of that identity is replaced and its old entry revoked.
-    ``days=None`` issues a CCS without ``exp``.
+    ``days=None`` issues a minimal CCS (``sub`` and ``cnf`` only, no ``iat``/``exp``): what
+    lakers-based devices need; such a credential is valid until revoked.
     """
     pki = Path(pki_dir)
     role = _check(role, name)
@@ -155,7 +156,8 @@ def issue_ccs(
             subject_uri(role.value, name),
             kid,
             key.public_key(),
-            issued_at=int(now.timestamp()),
+            # days=None: a minimal CCS {sub, cnf} (RFC 9529's shape; all lakers 0.6.2 can parse)
+            issued_at=None if days is None else int(now.timestamp()),
             expires=None if days is None else int((now + timedelta(days=days)).timestamp()),
         )
         if force:
@@ -282,7 +284,7 @@ def register_cli(sub: Any) -> None:
     sp.add_argument("--pki", required=True, type=Path)
     sp.add_argument("role", choices=roles)
     sp.add_argument("name", nargs="?", help="device id, or backend name (default 'backend')")
-    sp.add_argument("--days", type=int, default=issue.DEFAULT_LEAF_DAYS, help="validity; 0 = no exp claim")
+    sp.add_argument("--days", type=int, default=issue.DEFAULT_LEAF_DAYS, help="validity; 0 = minimal CCS without iat/exp (lakers devices)")
     sp.add_argument("--force", action="store_true", help="replace (and revoke) an existing CCS")
 
     sp = csub.add_parser("register", help="register a CCS made elsewhere (sub = urn:sealmq:<role>:<name>)")

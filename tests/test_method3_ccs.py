@@ -301,7 +301,7 @@ def test_issue_register_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "already_exists" in capsys.readouterr().err
     assert main(["pki", "ccs", "issue", "--pki", str(pki), "device", "dev-1", "--force", "--days", "0"]) == 0
     new = pki_ccs.load_credential(pki, "device", "dev-1")
-    assert new.ccs.kid != cred.ccs.kid and new.ccs.expires is None
+    assert new.ccs.kid != cred.ccs.kid and new.ccs.expires is None and new.ccs.issued_at is None
     reg = pki_ccs.load_registry(pki)
     assert reg.by_kid(cred.ccs.kid).revoked and not reg.by_kid(new.ccs.kid).revoked  # type: ignore[union-attr]
 
