@@ -22,6 +22,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from backend.media import MediaRejected, MediaStore
+from backend.media import Received as MediaReceived
+from backend.media import Reply as MediaReply
 from backend.storage import Storage
 from pki import layout
 from pki.store import load_identity, load_trust_store
@@ -43,6 +46,7 @@ from sealmq.endpoint import (
     SessionLost,
 )
 from sealmq.errors import DecodeError, SealmqError
+from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.backend")
@@ -57,6 +61,7 @@ class BackendSettings:
     identity_dir: Path | None = None  # default: <pki>/backend/<name>
     endpoint: BackendConfig = field(default_factory=BackendConfig)
     poll_interval: float = 0.25
+    media_limits: MediaLimits | None = None
 
 
 class BackendService:
@@ -76,6 +81,8 @@ class BackendService:
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(settings.data_dir / "backend.sqlite3")
+        self.media = MediaStore(settings.data_dir, settings.data_dir / "backend.sqlite3", limits=settings.media_limits)
+        self._next_expiry = 0.0
         self.audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -147,6 +154,10 @@ class BackendService:
                     now = time.time()
                     self._dispatch(self.endpoint.poll(now, os.urandom))
                     self._send_pending_commands(now)
+                    if now >= self._next_expiry:
+                        self._next_expiry = now + 5.0
+                        for device_id, tid in self.media.expire(now):
+                            self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
             except Exception:
                 log.exception("backend timer failed")
 
@@ -205,7 +216,9 @@ class BackendService:
         if handler is not None:
             handler(rec)
             return
-        if rec.kind is RecordKind.TELEMETRY:
+        if rec.kind in (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL):
+            self._on_media(rec, now)
+        elif rec.kind is RecordKind.TELEMETRY:
             self.storage.store_message(rec.device_id, now, rec.kind.name.lower(), rec.epoch, rec.seq, rec.plaintext)
         elif rec.kind is RecordKind.REPLY:
             try:
@@ -223,3 +236,27 @@ class BackendService:
         else:
             self.audit.event("message_rejected", device=rec.device_id, stage="dispatch",
                              reason="unexpected_kind", kind=rec.kind.name)
+
+    def _on_media(self, rec: Received, now: float) -> None:
+        peer = self.endpoint.peer(rec.device_id)
+        if peer is None:  # pragma: no cover - a record only opens under an established session
+            return
+        try:
+            outputs = self.media.handle(rec.device_id, peer.public_key, rec.kind, rec.plaintext, now)
+        except MediaRejected as err:
+            self.audit.event("transfer_rejected", device=rec.device_id, reason=err.reason, detail=err.detail)
+            self._dispatch(self.endpoint.seal(rec.device_id, err.reply.kind, err.reply.body, now))
+            return
+        except SealmqError as err:
+            self.audit.event("message_rejected", device=rec.device_id, stage="media", reason=err.reason,
+                             detail=err.detail)
+            return
+        for out in outputs:
+            if isinstance(out, MediaReply):
+                self._dispatch(self.endpoint.seal(rec.device_id, out.kind, out.body, now))
+            elif isinstance(out, MediaReceived):
+                r = out.record
+                # file names stay out of logs: the transfer id and hash identify the file
+                self.audit.event("transfer_completed", device=rec.device_id, transfer=r.transfer_id, size=r.size,
+                                 sha256=r.sha256, content_type=r.content_type,
+                                 signature_verified=r.signature_verified)

@@ -170,7 +170,7 @@ class EmbeddedBroker:
                 return
             started.set()
             await self._stopped.wait()
-            await self._broker.shutdown()
+            await self._shutdown()
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -192,6 +192,28 @@ class EmbeddedBroker:
             raise TransportError(Reason.TRANSPORT_FAILED, f"embedded broker failed to start: {failure[0]}")
         log.info("embedded broker listening on %s:%d", self.host, self.port)
         return self
+
+    async def _shutdown(self) -> None:
+        """Release the port first, then let amqtt shut down (bounded), then drop what is left.
+
+        amqtt's own shutdown can take long (or hang) with busy clients; a restarted broker must
+        be able to bind the same port at once, so listeners close before anything else.
+        """
+        broker = self._broker
+        if broker is None:
+            return
+        for server in list(getattr(broker, "_servers", {}).values()):
+            instance = getattr(server, "instance", None)
+            if instance is not None:
+                instance.close()
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout=10)
+        except (TimeoutError, Exception) as exc:
+            log.warning("amqtt shutdown did not finish cleanly: %s", type(exc).__name__)
+        current = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not current:
+                task.cancel()
 
     def stop(self, timeout: float = 15.0) -> None:
         thread, loop, stopped = self._thread, self._loop, self._stopped

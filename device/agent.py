@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from device.media import Outbox, OutgoingTransfer, ProgressHook
 from pki.store import load_identity, load_trust_store
 from runtime.audit import AuditLog
 from runtime.mqtt import MqttLink, MqttSettings
@@ -58,6 +59,9 @@ class DeviceConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     poll_interval: float = 0.2
     max_pending: int = 1000  # telemetry sealed only once a session exists; queued until then
+    chunk_size: int = 32 * 1024  # media chunk size (sealed record < broker's max message size)
+    media_window: int = 16  # media chunks in flight per transfer
+    media_resend_after: float = 5.0
 
 
 class DeviceAgent:
@@ -89,7 +93,11 @@ class DeviceAgent:
             "ping": lambda args: "pong",
             "status": lambda args: {"device": config.device_id, "epoch": self.epoch},
         }
-        self.on_record: Callable[[Received], None] | None = None  # media acks etc.
+        self.on_record: Callable[[Received], None] | None = None  # records the agent does not handle
+        self.on_progress: ProgressHook | None = None
+        self.outbox = Outbox(config.state_dir / "outbox", config.device_id, identity.private_key,
+                             chunk_size=config.chunk_size, window=config.media_window,
+                             resend_after=config.media_resend_after, on_progress=self._progress)
         self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -133,6 +141,39 @@ class DeviceAgent:
     def send_telemetry(self, values: dict[str, Any]) -> None:
         self.send(RecordKind.TELEMETRY, cbor.dumps({"t": round(time.time(), 3), "v": values}))
 
+    def send_file(self, path: Path, content_type: str | None = None) -> OutgoingTransfer:
+        """Queue a file: signed manifest + sealed chunks, resumable (state persists in the outbox)."""
+        with self._lock:
+            transfer = self.outbox.add(path, content_type)
+            self.audit.event("transfer_queued", transfer=transfer.transfer_id.hex(), size=transfer.manifest.size)
+            if self.endpoint.established:
+                self._pump_media(time.time())
+            return transfer
+
+    def pending_transfers(self) -> int:
+        with self._lock:
+            return len(self.outbox.transfers)
+
+    def wait_transfers(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pending_transfers() == 0:
+                return True
+            time.sleep(0.05)
+        return self.pending_transfers() == 0
+
+    def _progress(self, progress: Any) -> None:
+        if progress.state in ("done", "rejected", "aborted"):
+            event = "transfer_completed" if progress.state == "done" else "transfer_" + progress.state
+            self.audit.event(event, transfer=progress.transfer_id.hex(), size=progress.total_bytes,
+                             reason=progress.reason)
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def _pump_media(self, now: float) -> None:
+        for kind, body in self.outbox.poll(now):
+            self._dispatch(self.endpoint.seal(kind, body, now))
+
     def key_update(self) -> None:
         with self._lock:
             self._dispatch(self.endpoint.key_update(time.time(), os.urandom))
@@ -154,7 +195,10 @@ class DeviceAgent:
                 continue
             try:
                 with self._lock:
-                    self._dispatch(self.endpoint.poll(time.time(), os.urandom))
+                    now = time.time()
+                    self._dispatch(self.endpoint.poll(now, os.urandom))
+                    if self.endpoint.established:
+                        self._pump_media(now)
             except Exception:
                 log.exception("device timer failed")
 
@@ -196,6 +240,14 @@ class DeviceAgent:
     def _on_received(self, rec: Received) -> None:
         if rec.kind is RecordKind.COMMAND:
             self._run_command(rec)
+        elif rec.kind in (RecordKind.MEDIA_ACK, RecordKind.MEDIA_CONTROL):
+            now = time.time()
+            try:
+                self.outbox.handle(rec.kind, rec.plaintext, now)
+            except SealmqError as err:
+                self.audit.event("message_rejected", stage="media", reason=err.reason, detail=err.detail)
+                return
+            self._pump_media(now)  # the ack opened the window: send the next chunks now
         elif self.on_record is not None:
             self.on_record(rec)
 
