@@ -284,7 +284,8 @@ def register_cli(sub: Any) -> None:
     sp.add_argument("--pki", required=True, type=Path)
     sp.add_argument("role", choices=roles)
     sp.add_argument("name", nargs="?", help="device id, or backend name (default 'backend')")
-    sp.add_argument("--days", type=int, default=issue.DEFAULT_LEAF_DAYS, help="validity; 0 = minimal CCS without iat/exp (lakers devices)")
+    sp.add_argument("--days", type=int, default=issue.DEFAULT_LEAF_DAYS,
+                    help="validity; 0 = minimal CCS without iat/exp (lakers devices)")
     sp.add_argument("--force", action="store_true", help="replace (and revoke) an existing CCS")
 
     sp = csub.add_parser("register", help="register a CCS made elsewhere (sub = urn:sealmq:<role>:<name>)")

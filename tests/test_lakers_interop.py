@@ -120,7 +120,7 @@ def test_their_responder_refuses_our_tampered_message_3() -> None:
     ini.process_message_2(res.prepare_message_2(lakers.CredentialTransfer.ByReference, b"\x05", None))
     m3 = bytearray(ini.create_message_3())
     m3[-1] ^= 1
-    with pytest.raises(Exception):  # noqa: B017, PT011 - lakers raises a plain Python exception
+    with pytest.raises(ValueError, match="MacVerificationFailed"):
         res.parse_message_3(bytes(m3))
 
 
