@@ -33,7 +33,7 @@ def system(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[System]:
 
 
 def random_file(path: Path, size: int) -> Path:
-    rnd = random.Random(size)  # noqa: S311 - test data, reproducible
+    rnd = random.Random(size)
     with path.open("wb") as f:
         left = size
         while left:
@@ -84,7 +84,7 @@ def test_images_and_a_50mb_video_arrive_identical_and_unseen(system: System, tmp
     recorder.stop()
     blob = b"\x00".join(p for _, p in captured)
     assert len(blob) > 50 * 1024 * 1024  # the whole video did cross the broker
-    rnd = random.Random(1)  # noqa: S311
+    rnd = random.Random(1)
     data = video.read_bytes()
     for _ in range(300):  # no 24-byte window of the video appears in anything relayed
         off = rnd.randrange(0, len(data) - 24)
