@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     messages.add_argument("--limit", type=int, default=20)
     messages.set_defaults(func=_messages)
 
+    media = bsub.add_parser("media", help="list received media files with their verification status")
+    media.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
+    media.add_argument("--device", default=None)
+    media.set_defaults(func=_media)
+
     command = bsub.add_parser("command", help="queue a sealed command for a device")
     command.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
     command.add_argument("device")
@@ -74,6 +79,23 @@ def _messages(args: argparse.Namespace) -> int:
             shown = f"<{m.size} bytes>"
         print(f"{_ts(m.received_at)} {m.device_id:20} {m.kind:10} epoch={m.epoch} seq={m.seq:<6} {shown}")
     print(f"({store.count_messages(args.device)} stored)")
+    return 0
+
+
+def _media(args: argparse.Namespace) -> int:
+    from backend.media import list_media
+
+    db = args.data / "backend.sqlite3"
+    if not db.exists():
+        print(f"no backend data in {args.data}")
+        return 2
+    rows = [r for r in list_media(db) if args.device in (None, r.device_id)]
+    for r in rows:
+        status = "signature verified" if r.signature_verified else "NOT VERIFIED"
+        name = r.name.encode("unicode_escape").decode("ascii")  # device-chosen text: never raw to a terminal
+        print(f"{_ts(r.received_at)} {r.device_id:16} {r.size:>12} B  {r.content_type:24} sha256={r.sha256[:16]}..."
+              f"  {status}  {args.data / r.stored_path}  (sent as {name!r})")
+    print(f"({len(rows)} files)")
     return 0
 
 

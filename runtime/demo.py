@@ -117,6 +117,12 @@ def run_demo(args: argparse.Namespace) -> int:
         took = sim.start(timeout=30)
         say(f"[4/5] {sim.established()}/{len(ids)} devices authenticated the backend and were authenticated "
             f"(EDHOC, X.509) in {took:.2f} s")
+        images = _media_files(args.images)
+        for agent in sim.agents:
+            for f in images:
+                agent.send_file(f)
+        if images:
+            say(f"      each device sends {len(images)} files from {images[0].parent} (signed, sealed, chunked)")
         step = 0
         end = time.monotonic() + args.duration
         commands_sent = key_updates = False
@@ -136,15 +142,23 @@ def run_demo(args: argparse.Namespace) -> int:
             step += 1
             time.sleep(0.5)
         time.sleep(1.5)  # let the last records land
+        unfinished = sum(0 if a.wait_transfers(30) else a.pending_transfers() for a in sim.agents)
         stored = backend.storage.count_messages()
         sent = sum(a.counters["sent"] for a in sim.agents)
         say(f"[5/5] traffic for {args.duration:.0f} s:")
         say(f"      telemetry records sent {step * len(ids)}, stored by the backend {stored}")
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {_replied(backend)}, rejected messages {backend.counters['rejected']}")
+        from backend.media import list_media
+
+        media = list_media(dep.backend_data / "backend.sqlite3")
+        verified = sum(1 for m in media if m.signature_verified)
+        say(f"      media files received {len(media)} ({verified} with the device signature verified), "
+            f"unfinished transfers {unfinished}; list them: sealmq backend media --data {dep.backend_data}")
         with monitor._lock:
             seen = list(monitor.messages)
         leaked = [t for t, p in seen if MARKER.encode() in p]
+        leaked += [t for t, p in seen for f in images if f.name.encode() in p]
         total = sum(len(p) for _, p in seen)
         say(f"      the broker relayed {len(seen)} messages ({total} bytes); telemetry values found in them: "
             f"{'NONE' if not leaked else len(leaked)}")
@@ -163,6 +177,18 @@ def run_demo(args: argparse.Namespace) -> int:
             backend.stop()
         monitor.link.stop()
         broker.stop()
+
+
+def _media_files(folder: Path | None) -> list[Path]:
+    """The demo's images: the given folder, else the samples shipped in the repository's img/."""
+    if folder is None:
+        folder = Path(__file__).resolve().parents[1] / "img"
+        if not folder.is_dir():
+            return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _MEDIA_SUFFIXES)
+
+
+_MEDIA_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".gif", ".mp4", ".webm", ".avi", ".mjpeg"}
 
 
 def _replied(backend: object) -> int:
