@@ -162,7 +162,9 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"{sim.established()}/{len(ids)} devices completed their handshakes in {took:.2f} s")
     try:
         if args.images is not None:
-            files = sorted(p for p in args.images.iterdir() if p.is_file() and not p.name.startswith("."))
+            from device.simulator import media_files
+
+            files = media_files(args.images)
             for agent in sim.agents:
                 for f in files:
                     agent.send_file(f)

@@ -29,6 +29,14 @@ class SimulationResult:
     key_updates: int
 
 
+MEDIA_SUFFIXES = frozenset({".png", ".apng", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".webm", ".avi", ".mjpeg"})
+
+
+def media_files(folder: Path) -> list[Path]:
+    """Images and videos in ``folder`` (by suffix), sorted: what the simulator and the demo send."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
+
+
 def telemetry_for(device_id: str, step: int) -> dict[str, float | int | str]:
     """Plausible sensor values (a daily temperature curve plus noise)."""
     phase = (hash(device_id) % 100) / 100.0

@@ -181,14 +181,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _media_files(folder: Path | None) -> list[Path]:
     """The demo's images: the given folder, else the samples shipped in the repository's img/."""
+    from device.simulator import media_files
+
     if folder is None:
         folder = Path(__file__).resolve().parents[1] / "img"
         if not folder.is_dir():
             return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _MEDIA_SUFFIXES)
-
-
-_MEDIA_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".gif", ".mp4", ".webm", ".avi", ".mjpeg"}
+    return media_files(folder)
 
 
 def _replied(backend: object) -> int:
