@@ -171,8 +171,8 @@ class BackendService:
                 self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
                 return
             with self._lock:
-                self.endpoint.trust_store = store
-            self.audit.event("crl_reloaded")
+                self.audit.event("crl_reloaded")
+                self._dispatch(self.endpoint.revalidate(store, time.time()))
 
     def _send_pending_commands(self, now: float) -> None:
         for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):

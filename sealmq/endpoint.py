@@ -583,6 +583,25 @@ class BackendEndpoint:
         topic, record = est.session.start_key_update(random_bytes(16), now)
         return [Publish(topic, record)]
 
+    def revalidate(self, trust_store: Any, now: float) -> list[Output]:
+        """Re-check every established session's device certificate (e.g. after a CRL update).
+
+        A session whose certificate no longer validates (revoked, expired) is closed at once:
+        revocation does not wait for the device's next handshake.
+        """
+        self.trust_store = trust_store
+        out: list[Output] = []
+        for device_id, est in list(self.sessions.items()):
+            cert = getattr(est.peer, "certificate", None)
+            if cert is None:
+                continue  # not an X.509 peer (e.g. a CCS credential): checked at its next handshake
+            try:
+                trust_store.verify([cert], role=Role.DEVICE, now=_to_datetime(now), expected_name=device_id)
+            except SealmqError as err:
+                del self.sessions[device_id]
+                out.append(SessionLost(device_id, err.reason))
+        return out
+
     def _expire(self, now: float) -> None:
         for device_id in [d for d, h in self.half_open.items() if now - h.created > self.config.half_open_ttl]:
             del self.half_open[device_id]

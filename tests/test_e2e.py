@@ -208,3 +208,21 @@ def test_backend_restart_devices_recover_data_intact(system: System) -> None:
     b.send_telemetry({"n": 3})
     assert wait_for(lambda: stored_values(system, "cam-1")[-1:] == [3] and stored_values(system, "cam-2")[-1:] == [3])
     assert a.counters["handshakes"] == 2 and b.counters["handshakes"] == 2
+
+
+def test_revoking_an_established_device_ends_its_session(system: System) -> None:
+    backend = system.start_backend()
+    a = system.agent("cam-1")
+    b = system.agent("cam-2")
+    a.send_telemetry({"n": 0})
+    assert wait_for(lambda: len(stored_values(system, "cam-1")) == 1)
+    store.revoke(system.dep.pki, cert_path=layout.device_dir(system.dep.pki, "cam-1") / "cert.pem")
+    assert wait_for(lambda: "cam-1" not in backend.endpoint.sessions, 5)
+    lost = [e for e in system.audit() if e["event"] == "session_lost" and e.get("device") == "cam-1"]
+    assert lost and lost[0]["reason"] == "revoked"
+    a.send_telemetry({"n": 1})  # no session any more; its re-handshake is refused as revoked
+    assert wait_for(lambda: any(e.get("reason") == "revoked" for e in system.audit()
+                                if e["event"] == "handshake_failed"), 10)
+    assert stored_values(system, "cam-1") == [0]
+    b.send_telemetry({"n": 5})  # the other device is unaffected
+    assert wait_for(lambda: stored_values(system, "cam-2") == [5])
