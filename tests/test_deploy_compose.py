@@ -68,14 +68,19 @@ def load_compose(env: Mapping[str, str], override: Path | None = None) -> dict[s
     return interpolate(services, env)
 
 
-def image_scripts() -> dict[str, Path]:
-    """Installed path in the image -> source in the repo, from the Dockerfile's COPY lines."""
+def image_copies() -> dict[str, Path]:
+    """Absolute path in the image -> source in the repo, from the Dockerfile's COPY lines."""
     out = {}
     for line in DOCKERFILE.read_text().splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[0] == "COPY" and parts[2].startswith("/usr/local/bin/"):
-            out[parts[2]] = REPO / parts[1]
+        if len(parts) == 3 and parts[0] == "COPY" and parts[2].startswith("/"):
+            out[parts[2].rstrip("/")] = REPO / parts[1]
     return out
+
+
+def image_scripts() -> dict[str, Path]:
+    """The image's installed commands: COPY ... /usr/local/bin/NAME."""
+    return {k: v for k, v in image_copies().items() if k.startswith("/usr/local/bin/")}
 
 
 def startup_order(services: Mapping[str, dict[str, Any]]) -> list[str]:
@@ -144,7 +149,8 @@ class Deployment:
             return "127.0.0.1"
         if token == CONTAINER_PORT:
             return str(self.port)
-        for target, host in sorted(self.mounts(service).items(), key=lambda kv: -len(kv[0])):
+        places = {**image_copies(), **self.mounts(service)}
+        for target, host in sorted(places.items(), key=lambda kv: -len(kv[0])):
             if token == target or token.startswith(target + "/"):
                 return str(host) + token[len(target):]
         return token

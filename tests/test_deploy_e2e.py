@@ -8,6 +8,7 @@ walk-through's own command (docs/docker.md): ``mosquitto_sub ... -t 'sealmq/#' -
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import subprocess
@@ -77,7 +78,8 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
         assert order[-1] == "simulator"
         time.sleep(0.5)  # the monitor's SUBACK
         started = time.monotonic()
-        sim = dep.run_service("simulator", timeout=60)
+        sim_args = dep.services["simulator"]["command"]
+        sim = dep.run_service("simulator", timeout=90)
         assert sim.returncode == 0, f"simulator:\n{sim.stdout}\n{sim.stderr}"
         assert "2/2 devices completed their handshakes" in sim.stdout, sim.stdout
         assert time.monotonic() - started < 40
@@ -90,10 +92,23 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
         for device in ("dev-001", "dev-002"):
             assert sum(device in ln for ln in stored_lines) >= 3, listing.stdout
         assert "temperature_c" in listing.stdout  # the backend opened the records
+        images: list[bytes] = []
         if _media_cli_exists(dep):
+            from device.simulator import media_files
+
+            image_dir = Path(dep.map_token("simulator", sim_args[sim_args.index("--images") + 1]))
+            images = [p.read_bytes() for p in media_files(image_dir)]
+            assert len(images) >= 3
+            assert "media transfers all complete" in sim.stdout, sim.stdout
             media = dep.run(["sealmq", "backend", "media", "--data", str(backend_data)], "backend")
             assert media.returncode == 0, media.stderr
-            assert media.stdout.strip(), "the backend lists no received images"
+            rows = [ln for ln in media.stdout.splitlines() if "sha256=" in ln]
+            for device in ("dev-001", "dev-002"):
+                verified = [ln for ln in rows if device in ln and "signature verified" in ln]
+                assert len(verified) == len(images), media.stdout
+                for image in images:  # arrived intact
+                    assert any(f"sha256={hashlib.sha256(image).hexdigest()[:16]}" in ln for ln in verified)
+            assert "NOT VERIFIED" not in media.stdout
 
         from backend.storage import Storage
 
@@ -128,3 +143,9 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
     assert b"temperature_c" not in everything and b"humidity" not in everything
     for plaintext in plaintexts:
         assert plaintext not in everything, "a stored plaintext crossed the broker in clear"
+    if images:
+        assert any("/media/up" in topic for topic in topics), topics
+        assert b"\x89PNG" not in everything and b"IDAT" not in everything
+        for image in images:  # no 32-byte piece of any image, at any of several offsets
+            for offset in range(0, len(image) - 32, max(1, len(image) // 8)):
+                assert image[offset:offset + 32] not in everything
