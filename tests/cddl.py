@@ -505,12 +505,10 @@ class _Run:
                 return self.fail(path, f"expected a map, got {_brief(v)}")
             return self.map_(t.group, v, path)
         if isinstance(t, Unwrap):
-            target = self.schema.resolve_type(t.name)
-            while isinstance(target, Name):
-                target = self.schema.resolve_type(target.name)
-            if isinstance(target, (Array, Map)):
-                return self.match(Map(target.group) if isinstance(target, Map) else Array(target.group), v, path)
-            raise CddlSyntaxError(f"~{t.name}: can only unwrap an array or map type")
+            as_type = _group_as_type(self.schema.unwrap(t.name))
+            if as_type is None:
+                raise CddlSyntaxError(f"~{t.name} used where a type is expected")
+            return self.match(as_type, v, path)
         if isinstance(t, Enum):
             for option in self.schema.enum_values(t.group):
                 if self.match(option, v, path):
@@ -693,6 +691,8 @@ class _Run:
             rule = self.schema.resolve(entry.value.name)
             if isinstance(rule, Group):
                 return rule
+        if isinstance(entry.value, Unwrap) and entry.key is None:
+            return self.schema.unwrap(entry.value.name)
         return None
 
     # maps: entries consume key/value pairs
@@ -864,6 +864,15 @@ class Schema:
                 raise CddlSyntaxError(f"group {name!r} used where a type is expected")
             return as_type
         return rule
+
+    def unwrap(self, name: str) -> Group:
+        """``~name``: the group inside the array or map type ``name``."""
+        target = self.resolve_type(name)
+        while isinstance(target, Name):
+            target = self.resolve_type(target.name)
+        if isinstance(target, (Array, Map)):
+            return target.group
+        raise CddlSyntaxError(f"~{name}: can only unwrap an array or map type")
 
     def enum_values(self, group: Group) -> list[Type]:
         out: list[Type] = []
