@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,21 @@ from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.storage import Storage
+from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
+from pki.verify import Role
 from runtime.audit import AuditLog
 from runtime.mqtt import MqttLink, MqttSettings
 from sealmq import cbor
-from sealmq.edhoc import X509Credential
+from sealmq.edhoc import (
+    CcsAuthenticator,
+    LocalCredential,
+    MixedAuthenticator,
+    PeerAuthenticator,
+    X509Authenticator,
+    X509Credential,
+)
 from sealmq.endpoint import (
     BackendConfig,
     BackendEndpoint,
@@ -45,7 +55,7 @@ from sealmq.endpoint import (
     Rejected,
     SessionLost,
 )
-from sealmq.errors import DecodeError, SealmqError
+from sealmq.errors import DecodeError, Reason, SealmqError
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
 
@@ -69,15 +79,27 @@ class BackendService:
         self.settings = settings
         identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
         identity = load_identity(identity_dir, passphrase)
-        credential = X509Credential(
+        credentials: list[LocalCredential] = [X509Credential(
             private_key=identity.private_key,
             chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
             by_reference=False,
-        )
+        )]
         self._crl_path = layout.crl(settings.pki_dir)
         self._crl_mtime = self._mtime(self._crl_path)
+        # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too when the
+        # backend has a CCS of its own: `sealmq pki ccs issue --pki DIR backend`.
+        self._registry_path = layout.ccs_registry(settings.pki_dir)
+        self._registry_mtime = self._mtime(self._registry_path)
+        self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
+        config = settings.endpoint
+        ccs_key = identity_dir / layout.CCS_KEY
+        if ccs_key.exists() and self.registry is not None:
+            credentials.append(pki_ccs.load_credential(settings.pki_dir, "backend", settings.name))
+            if 3 not in config.methods:
+                config = replace(config, methods=(*config.methods, 3))
         self.endpoint = BackendEndpoint(
-            credentials=credential, trust_store=load_trust_store(settings.pki_dir), config=settings.endpoint
+            credentials=credentials, trust_store=load_trust_store(settings.pki_dir), config=config,
+            authenticator=self._authenticator,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.storage = Storage(settings.data_dir / "backend.sqlite3")
@@ -150,6 +172,7 @@ class BackendService:
         while not self._stop.wait(self.settings.poll_interval):
             try:
                 self._reload_crl()
+                self._reload_registry()
                 with self._lock:
                     now = time.time()
                     self._dispatch(self.endpoint.poll(now, os.urandom))
@@ -160,6 +183,34 @@ class BackendService:
                             self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
             except Exception:
                 log.exception("backend timer failed")
+
+    def _authenticator(self, now: float) -> PeerAuthenticator:
+        x509 = X509Authenticator(self.endpoint.trust_store, Role.DEVICE, datetime.fromtimestamp(now, UTC))
+        if self.registry is None:
+            return x509
+        return MixedAuthenticator(ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=x509)
+
+    def _reload_registry(self) -> None:
+        mtime = self._mtime(self._registry_path)
+        if mtime == self._registry_mtime:
+            return
+        self._registry_mtime = mtime
+        try:
+            registry = pki_ccs.load_registry(self.settings.pki_dir)
+        except SealmqError as err:
+            self.audit.event("ccs_reload_failed", reason=err.reason, detail=err.detail)
+            return
+        with self._lock:
+            self.registry = registry
+            self.audit.event("ccs_registry_reloaded")
+            # a revoked or removed CCS ends its live session now, not at the next handshake
+            for device_id, est in list(self.endpoint.sessions.items()):
+                kid = getattr(est.peer, "kid", None)
+                if kid is None:
+                    continue
+                entry = registry.by_kid(kid)
+                if entry is None or entry.revoked:
+                    self._dispatch(self.endpoint.close_session(device_id, Reason.REVOKED))
 
     def _reload_crl(self) -> None:
         mtime = self._mtime(self._crl_path)
@@ -238,11 +289,11 @@ class BackendService:
                              reason="unexpected_kind", kind=rec.kind.name)
 
     def _on_media(self, rec: Received, now: float) -> None:
-        peer = self.endpoint.peer(rec.device_id)
-        if peer is None:  # pragma: no cover - a record only opens under an established session
+        public_key = self.endpoint.peer_public_key(rec.device_id)
+        if public_key is None:  # pragma: no cover - a record only opens under an established session
             return
         try:
-            outputs = self.media.handle(rec.device_id, peer.public_key, rec.kind, rec.plaintext, now)
+            outputs = self.media.handle(rec.device_id, public_key, rec.kind, rec.plaintext, now)
         except MediaRejected as err:
             self.audit.event("transfer_rejected", device=rec.device_id, reason=err.reason, detail=err.detail)
             self._dispatch(self.endpoint.seal(rec.device_id, err.reply.kind, err.reply.body, now))

@@ -19,14 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 from device.media import Outbox, OutgoingTransfer, ProgressHook
+from pki import ccs as pki_ccs
+from pki import layout as pki_layout
 from pki.store import load_identity, load_trust_store
+from pki.verify import Role
 from runtime.audit import AuditLog
 from runtime.mqtt import MqttLink, MqttSettings
 from sealmq import cbor
-from sealmq.edhoc import X509Credential
+from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
     DeviceEndpoint,
     EndpointConfig,
@@ -62,26 +65,44 @@ class DeviceConfig:
     chunk_size: int = 32 * 1024  # media chunk size (sealed record < broker's max message size)
     media_window: int = 16  # media chunks in flight per transfer
     media_resend_after: float = 5.0
+    method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
 
 
 class DeviceAgent:
     def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
         self.config = config
-        identity = load_identity(config.identity_dir, passphrase)
-        if identity.name != config.device_id:
-            raise SealmqError(Reason.IDENTITY_MISMATCH, f"identity in {config.identity_dir} is {identity.name}")
-        self.identity = identity
-        credential = X509Credential(
-            private_key=identity.private_key,
-            chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
-            by_reference=config.endpoint.by_reference,
-        )
+        credential: LocalCredential
+        authenticator = None
+        trust_store = None
+        if config.method == 3:
+            # A constrained device: its CCS and static DH key; the backend is known by its
+            # registered CCS (kid), no certificate chain anywhere. Media are signed with the same key.
+            ccs_credential = pki_ccs.load_credential(config.pki_dir, "device", config.device_id)
+            credential = ccs_credential
+            signing_key: Any = load_pem_private_key((config.identity_dir / pki_layout.CCS_KEY).read_bytes(), None)
+            registry = pki_ccs.load_registry(config.pki_dir)
+
+            def authenticator(now: float) -> PeerAuthenticator:
+                return CcsAuthenticator(registry, Role.BACKEND, now)
+        else:
+            identity = load_identity(config.identity_dir, passphrase)
+            if identity.name != config.device_id:
+                raise SealmqError(Reason.IDENTITY_MISMATCH, f"identity in {config.identity_dir} is {identity.name}")
+            credential = X509Credential(
+                private_key=identity.private_key,
+                chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
+                by_reference=config.endpoint.by_reference,
+            )
+            signing_key = identity.private_key
+            trust_store = load_trust_store(config.pki_dir)
         self.endpoint = DeviceEndpoint(
             device_id=config.device_id,
             credential=credential,
-            trust_store=load_trust_store(config.pki_dir),
+            trust_store=trust_store,
             backend_name=config.backend_name,
             config=config.endpoint,
+            authenticator=authenticator,
+            method=config.method,
         )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(config.state_dir / "device_log.jsonl", component=f"device:{config.device_id}",
@@ -95,7 +116,7 @@ class DeviceAgent:
         }
         self.on_record: Callable[[Received], None] | None = None  # records the agent does not handle
         self.on_progress: ProgressHook | None = None
-        self.outbox = Outbox(config.state_dir / "outbox", config.device_id, identity.private_key,
+        self.outbox = Outbox(config.state_dir / "outbox", config.device_id, signing_key,
                              chunk_size=config.chunk_size, window=config.media_window,
                              resend_after=config.media_resend_after, on_progress=self._progress)
         self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--interval", type=float, default=5.0, help="seconds between telemetry records")
     run.add_argument("--count", type=int, default=0, help="stop after this many records (0 = forever)")
     run.add_argument("--by-reference", action="store_true", help="send the certificate as x5t, not x5chain")
+    run.add_argument("--method", type=int, choices=[0, 3], default=0,
+                     help="EDHOC method: 0 = X.509 signatures (default), 3 = static DH with a CCS (pki ccs issue)")
     add_mqtt_arguments(run)
     run.set_defaults(func=_run)
 
@@ -66,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         state_dir=args.state or Path("sealmq-data") / "devices" / args.id,
         mqtt=settings,
         endpoint=EndpointConfig(by_reference=args.by_reference),
+        method=args.method,
     ))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

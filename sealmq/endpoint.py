@@ -397,8 +397,9 @@ class _HalfOpen:
 @dataclass
 class _Established:
     session: Session
-    peer: Any  # pki.verify.VerifiedPeer of the device
+    peer: Any  # what authenticated the device: pki.verify.VerifiedPeer, or a CCS identity
     since: float
+    public_key: Any = None  # the device's authentication key (signature key, or static DH key for CCS)
 
 
 @dataclass(frozen=True)
@@ -441,6 +442,11 @@ class BackendEndpoint:
     def peer(self, device_id: str) -> Any:
         est = self.sessions.get(device_id)
         return est.peer if est is not None else None
+
+    def peer_public_key(self, device_id: str) -> Any:
+        """The key the device authenticated with: what its media signatures are checked against."""
+        est = self.sessions.get(device_id)
+        return est.public_key if est is not None else None
 
     def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]:
         device_id: str | None = None
@@ -540,7 +546,8 @@ class BackendEndpoint:
             config=self.config.session,
             random_bytes=random_bytes,
         )
-        self.sessions[device_id] = _Established(session, identity, now)  # replaces any older session
+        # replaces any older session of this device
+        self.sessions[device_id] = _Established(session, identity, now, result.peer.public_key)
         return [Publish(down, c_i + message_4), HandshakeCompleted(device_id, device_id, result.suite, identity)]
 
     def _pick_c_r(self, random_bytes: RandomBytes) -> int:
@@ -601,6 +608,12 @@ class BackendEndpoint:
                 del self.sessions[device_id]
                 out.append(SessionLost(device_id, err.reason))
         return out
+
+    def close_session(self, device_id: str, reason: Reason) -> list[Output]:
+        """Drop a device's session now (e.g. its credential was revoked)."""
+        if self.sessions.pop(device_id, None) is None:
+            return []
+        return [SessionLost(device_id, reason)]
 
     def _expire(self, now: float) -> None:
         for device_id in [d for d, h in self.half_open.items() if now - h.created > self.config.half_open_ttl]:

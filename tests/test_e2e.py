@@ -226,3 +226,32 @@ def test_revoking_an_established_device_ends_its_session(system: System) -> None
     assert stored_values(system, "cam-1") == [0]
     b.send_telemetry({"n": 5})  # the other device is unaffected
     assert wait_for(lambda: stored_values(system, "cam-2") == [5])
+
+
+def test_constrained_method3_device_beside_a_certificate_device(system: System) -> None:
+    from dataclasses import replace
+
+    from device.agent import DeviceAgent
+    from pki import ccs as pki_ccs
+
+    pki_ccs.issue_ccs(system.dep.pki, "backend", "backend", days=None)
+    pki_ccs.issue_ccs(system.dep.pki, "device", "cam-3", days=None)
+    backend = system.start_backend()
+    assert 3 in backend.endpoint.config.methods
+    x509_dev = system.agent("cam-1")
+    template = system.agent("cam-3", start=False)
+    tiny = DeviceAgent(replace(template.config, method=3))
+    tiny.start()
+    system.closers.append(tiny.stop)
+    assert tiny.wait_established(10)
+    assert backend.endpoint.peer("cam-3").kid  # authenticated by its registered CCS (kid), no certificate
+    tiny.send_telemetry({"n": 7})
+    x509_dev.send_telemetry({"n": 8})
+    assert wait_for(lambda: stored_values(system, "cam-3") == [7] and stored_values(system, "cam-1") == [8])
+    tiny.send_file(Path(__file__).resolve().parents[1] / "img" / "checker.png")
+    assert tiny.wait_transfers(30)  # media signed with the device's CCS key, verified by the backend
+    # revoking the CCS ends the live session at once; the certificate device is unaffected
+    pki_ccs.revoke_ccs(system.dep.pki, role="device", name="cam-3")
+    assert wait_for(lambda: "cam-3" not in backend.endpoint.sessions, 5)
+    x509_dev.send_telemetry({"n": 9})
+    assert wait_for(lambda: stored_values(system, "cam-1") == [8, 9])
