@@ -179,15 +179,26 @@ def ops_for(size: int, quick: bool) -> int:
 def run(*, quick: bool = False, repeats: int = 9) -> str:
     reps = 2 if quick else repeats
     rows: list[list[object]] = []
+    results: dict[tuple[int, str], Result] = {}
+
+    def add(key: tuple[int, str], r: Result) -> None:
+        acc = results.setdefault(key, Result([], []))
+        acc.seal_us += r.seal_us
+        acc.open_us += r.open_us
+
     with tempfile.TemporaryDirectory(prefix="sealmq-bench-rec-") as tmp:
         device, backend = endpoint_pair(Path(tmp) / "pki")
-        endpoint = {size: bench_endpoint(device, backend, size, ops_for(size, quick), reps) for size in SIZES}
+        # Interleaved batches: one batch of each variant per round, so load drift hits all alike.
+        for _ in range(reps):
+            for size in SIZES:
+                ops = ops_for(size, quick)
+                add((size, "endpoint"), bench_endpoint(device, backend, size, ops, 1))
+                add((size, "session"), bench_session(size, ops, 1))
+                add((size, "ccm"), bench_raw(size, ops, 1, gcm=False))
+                add((size, "gcm"), bench_raw(size, ops, 1, gcm=True))
     for size in SIZES:
-        ops = ops_for(size, quick)
-        ep = endpoint[size]
-        sess = bench_session(size, ops, reps)
-        ccm = bench_raw(size, ops, reps, gcm=False)
-        gcm = bench_raw(size, ops, reps, gcm=True)
+        ep, sess = results[(size, "endpoint")], results[(size, "session")]
+        ccm, gcm = results[(size, "ccm")], results[(size, "gcm")]
         s_seal, s_open = median(sess.seal_us), median(sess.open_us)
         c_seal, c_open = median(ccm.seal_us), median(ccm.open_us)
         g_seal, g_open = median(gcm.seal_us), median(gcm.open_us)

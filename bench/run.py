@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--handshake-runs", type=int, default=200)
     ap.add_argument("--messages", type=int, help="messages per broker throughput run")
     ap.add_argument("--devices", type=int, help="simulated devices for the handshake storm")
+    ap.add_argument("--broker-repeats", type=int, help="runs per broker/path (default 3)")
     args = ap.parse_args(argv)
     parts = args.only or list(PARTS)
     started = time.monotonic()
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(records.run(quick=args.quick))
         sys.stdout.flush()
     if "broker" in parts:
-        print(broker.run(quick=args.quick, messages=args.messages, devices=args.devices))
+        print(broker.run(quick=args.quick, messages=args.messages, devices=args.devices,
+                         repeats=args.broker_repeats))
     print(f"_total benchmark time: {time.monotonic() - started:.0f} s_")
     return 0
 
