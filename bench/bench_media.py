@@ -71,7 +71,7 @@ def product_defaults() -> tuple[int, int, int]:
     from device.agent import DeviceConfig
     from sealmq.media_receiver import DEFAULT_ACK_EVERY
 
-    defaults = {f.name: f.default for f in dataclasses.fields(DeviceConfig)}
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(DeviceConfig)}
     return int(defaults["chunk_size"]), int(defaults["media_window"]), DEFAULT_ACK_EVERY
 
 
@@ -263,7 +263,7 @@ def _plain_publisher(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> 
     from sealmq.topics import Channel, Direction
 
     cond = threading.Condition()
-    state = {"acked": -1, "done": -1}
+    state = {"acked": -1, "done": -1, "next": 0}
 
     def on_message(topic: str, payload: bytes) -> None:
         with cond:
@@ -293,7 +293,8 @@ def _plain_publisher(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> 
         with src.open("rb") as f:
             for index in range(count):
                 with cond:
-                    if not cond.wait_for(lambda i=index: i - state["acked"] < WINDOW,
+                    state["next"] = index
+                    if not cond.wait_for(lambda: state["next"] - state["acked"] < WINDOW,
                                          max(0.0, deadline - time.monotonic())):
                         results.put(("send", False, 0.0, f"stalled at chunk {index}"))
                         return
