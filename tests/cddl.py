@@ -801,9 +801,15 @@ class Schema:
     ``rule`` is a rule name or any CDDL type expression over the schema's rules (``"[ message_1 ]"``).
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, *, replace: str = "") -> None:
+        """``replace``: rules that replace same-named rules of ``text`` (to narrow a schema in tests)."""
         self.rules: dict[str, Type | Group] = {}
+        replacements = {name: body for name, _op, body in _Parser(tokenize(replace)).rules()}
+        replaced: set[str] = set()
         for name, op, body in _Parser(tokenize(text)).rules():
+            if name in replacements:
+                replaced.add(name)
+                continue
             if name in _PRIMS:
                 raise CddlSyntaxError(f"rule {name!r} redefines a prelude type")
             if op == "=":
@@ -823,6 +829,10 @@ class Schema:
                     raise CddlSyntaxError(f"'//=' on type {name!r}")
                 new_g = body if isinstance(body, Group) else Group(((Entry(1, 1, None, False, body),),))
                 self.rules[name] = Group((*(old_g.choices if old_g else ()), *new_g.choices))
+        for name, body in replacements.items():
+            if name not in replaced:
+                raise CddlSyntaxError(f"replacement for rule {name!r}, which the schema does not define")
+            self.rules[name] = body
         for name, body in self.rules.items():
             self._check_names(body, name)
 

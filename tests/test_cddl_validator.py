@@ -305,6 +305,14 @@ def test_validate_cbor_and_seq() -> None:
         s.validate_cbor(cbor.dumps(-3) + b"\x00", "c_x")  # trailing data
 
 
+def test_replacing_rules() -> None:
+    s = Schema("a = [ b ]\nb = int", replace="b = uint")
+    assert s.matches([1], "a")
+    assert not s.matches([-1], "a")
+    with pytest.raises(CddlSyntaxError):
+        Schema("a = int", replace="c = int")  # a typo must not silently add a rule
+
+
 def test_markdown_extraction() -> None:
     md = "# T\n```cddl\na = int ; one\n```\ntext\n```python\nb = 1\n```\n```cddl\nc = [a]\n```\n"
     text = cddl_from_markdown(md)

@@ -13,6 +13,7 @@ whatever the code's own decoders accept, the docs must accept too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,8 +94,9 @@ class Capture:
     plaintext_4: list[bytes] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def spies() -> Iterator[Capture]:
+@contextlib.contextmanager
+def spying() -> Iterator[Capture]:
+    """While active, every record sealed, AAD built and EDHOC object made in this process is kept."""
     cap = Capture()
     real_seal, real_aad = record.seal, oscore.aad
     real_initiator, real_responder = endpoint.Initiator, endpoint.Responder
@@ -190,10 +192,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 
 
 @pytest.fixture(scope="module")
-def memory_run(spies: Capture, pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Capture:
+def memory_run(pki: TestPki, tmp_path_factory: pytest.TempPathFactory) -> Capture:
     """One in-memory run that makes every kind of handshake frame, record and media message."""
-    cap = spies
-    tmp = tmp_path_factory.mktemp("media")
+    with spying() as cap:
+        _memory_session(cap, pki, tmp_path_factory.mktemp("media"))
+    return cap
+
+
+def _memory_session(cap: Capture, pki: TestPki, tmp: Path) -> None:
     # X.509 device offering suite 6 first: an ERR_CODE 2 round trip, then suite 2
     net, backend, (cam1, cam2) = make(pki, ["cam-1", "cam-2"])
     cam1.config = EndpointConfig(suites=(6, 2))
@@ -247,7 +253,6 @@ def memory_run(spies: Capture, pki: TestPki, tmp_path_factory: pytest.TempPathFa
         ccs_net = Net(backend_for(pki), [tiny])
         events = deliver(ccs_net, cap, tiny.start_handshake(ccs_net.now, os.urandom))
         assert sum(isinstance(e, HandshakeCompleted) for e in events) == 2
-    return cap
 
 
 # --- the checks -------------------------------------------------------------------------------
@@ -335,6 +340,56 @@ def test_edhoc_plaintexts_and_credentials_match_the_docs(schema: Schema, memory_
         schema.validate([] if not pt else cbor.loads_seq(pt), "[ plaintext_4 ]")
 
 
+# --- end to end: the real device agent and backend service over the embedded broker ------------
+
+def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Path) -> None:
+    """Telemetry, commands and replies are made by device/agent.py and backend/service.py only."""
+    from tests.e2e import Recorder, System, wait_for
+
+    with spying() as cap:
+        system = System(tmp_path, ["cam-1"], broker="amqtt")
+        try:
+            recorder = Recorder(system)
+            backend = system.start_backend()
+            agent = system.agent("cam-1")
+            agent.send_telemetry({"temp": 21.5, "n": 1, "ok": True, "tags": ["a", "b"], "raw": b"\x00"})
+            agent.send_telemetry({})
+            ids = [backend.send_command("cam-1", "ping"), backend.send_command("cam-1", "status", {"why": 1}),
+                   backend.send_command("cam-1", "no-such-command", [1, 2])]
+            assert wait_for(lambda: all((c := backend.storage.command(i)) is not None
+                                        and c.status in ("replied", "failed") for i in ids))
+            agent.key_update()
+            assert wait_for(lambda: agent.epoch == 1)
+            src = tmp_path / "clip.bin"
+            src.write_bytes(os.urandom(40_000))
+            agent.send_file(src)
+            assert agent.wait_transfers(20)
+            agent.send_telemetry({"after": "update"})
+            assert wait_for(lambda: len(backend.storage.messages("cam-1")) == 3)
+            wait_for(lambda: False, timeout=0.3)  # let the recorder see the last publishes
+            relayed = recorder.snapshot()
+            recorder.stop()
+        finally:
+            system.close()
+    channels = {topics.parse(t).channel for t, _ in relayed}
+    assert channels == {Channel.HANDSHAKE, Channel.DATA, Channel.MEDIA}
+    for topic, payload in relayed:
+        check_publish(schema, topic, payload)
+    kinds = [kind for kind, _ in cap.sealed]
+    for kind in RecordKind:
+        assert kind in kinds or kind is RecordKind.MEDIA_CONTROL, kind  # no status request without loss
+    for kind, plaintext in cap.sealed:
+        check_body(schema, kind, plaintext)
+        for bad in _invalid_variants(cbor.loads(plaintext)):
+            assert not schema.matches(bad, BODY_RULE[kind]), (kind, bad)
+    replies = [cbor.loads(p) for k, p in cap.sealed if k is RecordKind.REPLY]
+    assert {r[1] for r in replies} == {True, False}  # both reply alternatives
+    for aad in cap.aads:
+        schema.validate_cbor(aad, "record-enc-structure")
+    for rule, pt in edhoc_plaintexts(cap):
+        schema.validate_seq(pt, f"[ {rule} ]")
+
+
 # --- mutations must be refused (the tests above can fail) -------------------------------------
 
 def _invalid_variants(value: Any) -> list[Any]:
@@ -381,6 +436,45 @@ def test_mutated_messages_are_refused(schema: Schema, memory_run: Capture) -> No
     rec = next(cbor.loads(p) for t, p in memory_run.wire if "/data/" in t)
     for i, bad_item in ((0, 9), (1, bytes(9)), (2, -1), (3, 2**40), (4, bytes(7))):
         assert not schema.matches([*rec[:i], bad_item, *rec[i + 1:]], "record")
+
+
+# Each narrowing of a rule (one alternative or range less) must make some real message fail:
+# evidence that the checks above look at what they claim to, and that the run exercises it.
+NARROWED = {
+    "record-kind": "record-kind = 1..4",
+    "id-cred": "id-cred = kid-compact / { 33 => x5chain } / { 34 => x5t }",
+    "hs-down-frame": "hs-down-frame = [ c-x, message_2 ] / [ c-x, message_4 ] / [ c-x, error ]",
+    "hs-up-frame": "hs-up-frame = [ true, message_1 ] / [ c-x, message_3 ]",
+    "media-ack": "media-ack = [transfer-id, status: 0 / 1, base: uint, received: bstr]",
+    "media-control": "media-control = [op: 2, transfer-id]",
+    "key-update": "key-update = [ type: 1, epoch: 1..4294967295, nonce_a: ku-nonce ]",
+    "record-binding": "record-binding = [ epoch-number, record-kind, "
+                      'tstr .regexp "sealmq/v1/[a-z0-9][a-z0-9._-]{0,62}/data/(up|down)" ]',
+    "suites": "suites = suite",
+    "manifest": "manifest = { 1 => transfer-id, 2 => device-id, 3 => tstr, 4 => tstr, 5 => uint, 6 => bstr, "
+                "7 => uint, 8 => 2048..64512, 9 => uint }",  # the test's chunks are 1024 bytes
+}
+
+
+def _all_checks(schema: Schema, cap: Capture) -> None:
+    for topic, payload in cap.wire:
+        check_publish(schema, topic, payload)
+    for kind, plaintext in cap.sealed:
+        check_body(schema, kind, plaintext)
+    for aad in cap.aads:
+        schema.validate_cbor(aad, "record-enc-structure")
+        schema.validate_cbor(cbor.loads(cbor.loads(aad)[2])[4], "record-binding")
+    for rule, pt in edhoc_plaintexts(cap):
+        schema.validate_seq(pt, f"[ {rule} ]")
+
+
+@pytest.mark.parametrize("rule", sorted(NARROWED))
+def test_a_narrowed_rule_is_caught(schema: Schema, memory_run: Capture, rule: str) -> None:
+    text = cddl_from_markdown((DOCS / "protocol.md").read_text()) + "\n" + cddl_from_markdown(
+        (DOCS / "media.md").read_text())
+    _all_checks(schema, memory_run)
+    with pytest.raises(CddlError):
+        _all_checks(Schema(text, replace=NARROWED[rule]), memory_run)
 
 
 # --- what the code's decoders accept, the docs accept ----------------------------------------
