@@ -246,6 +246,17 @@ def _memory_session(cap: Capture, pki: TestPki, tmp: Path) -> None:
     for o in fresh.handle(pub.topic, pub.payload, net.now, os.urandom):
         if isinstance(o, Publish):
             cap.wire.append((o.topic, o.payload))
+    # cam-2 by reference (x5t), to a backend configured with cam-2's chain
+    chain = list(pki.credential("device", "cam-2").chain_der)
+    by_ref = DeviceEndpoint(device_id="cam-2", credential=pki.credential("device", "cam-2", by_reference=True),
+                            trust_store=pki.trust_store())
+    knows = BackendEndpoint(
+        credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store(),
+        authenticator=lambda now: X509Authenticator(pki.trust_store(), Role.DEVICE, datetime.fromtimestamp(now, UTC),
+                                                    known_chains=[chain]))
+    ref_net = Net(knows, [by_ref])
+    events = deliver(ref_net, cap, by_ref.start_handshake(ref_net.now, os.urandom))
+    assert sum(isinstance(e, HandshakeCompleted) for e in events) == 2
     # CCS devices (method 3): kid sent compact, and the CCS by value (kccs)
     for by_value in (False, True):
         name = "tiny-2" if by_value else "tiny-1"
@@ -329,6 +340,7 @@ def test_edhoc_plaintexts_and_credentials_match_the_docs(schema: Schema, memory_
         id_creds.append(items[1] if rule == "plaintext_2" else items[0])
     assert any(isinstance(i, dict) and 33 in i for i in id_creds)  # x5chain
     assert any(isinstance(i, dict) and 14 in i for i in id_creds)  # kccs
+    assert any(isinstance(i, dict) and 34 in i for i in id_creds)  # x5t
     assert any(isinstance(i, (int, bytes)) for i in id_creds)  # compact kid
     for i in id_creds:
         if isinstance(i, dict) and 14 in i:
@@ -443,6 +455,7 @@ def test_mutated_messages_are_refused(schema: Schema, memory_run: Capture) -> No
 NARROWED = {
     "record-kind": "record-kind = 1..4",
     "id-cred": "id-cred = kid-compact / { 33 => x5chain } / { 34 => x5t }",
+    "x5t": "x5t = [ -16, bstr .size 32 ]",
     "hs-down-frame": "hs-down-frame = [ c-x, message_2 ] / [ c-x, message_4 ] / [ c-x, error ]",
     "hs-up-frame": "hs-up-frame = [ true, message_1 ] / [ c-x, message_3 ]",
     "media-ack": "media-ack = [transfer-id, status: 0 / 1, base: uint, received: bstr]",
