@@ -44,6 +44,7 @@ from sealmq.endpoint import (
 )
 from sealmq.errors import SealmqError
 from sealmq.media import (
+    AckStatus,
     Control,
     ControlOp,
     decode_ack,
@@ -146,11 +147,11 @@ def deliver(net: Net, cap: Capture, outputs: list[Output],
 
 
 def media_session(net: Net, cap: Capture, dev: DeviceEndpoint, outbox: Outbox, store: MediaStore,
-                  *, drop_acks: int = 0) -> list[str]:
+                  *, drop_acks: int = 0) -> list[AckStatus]:
     """Run the outbox's transfers through the sealed endpoints until done; returns ack outcomes."""
     backend = net.backend
     device_id = dev.device_id
-    dropped, outcomes = 0, []
+    dropped, outcomes = 0, list[AckStatus]()
     for _ in range(200):
         if not outbox.transfers:
             return outcomes
@@ -170,7 +171,7 @@ def media_session(net: Net, cap: Capture, dev: DeviceEndpoint, outbox: Outbox, s
                 except MediaRejected as err:
                     replies = [err.reply]
                 for reply in replies:
-                    outcomes.append(str(decode_ack(reply.body).status))
+                    outcomes.append(decode_ack(reply.body).status)
                     pubs = backend.seal(device_id, reply.kind, reply.body, net.now)
                     if dropped < drop_acks:
                         dropped += 1
@@ -217,12 +218,12 @@ def _memory_session(cap: Capture, pki: TestPki, tmp: Path) -> None:
     outbox = Outbox(tmp / "outbox", "cam-1", pki.identity("device", "cam-1").private_key, chunk_size=1024)
     outbox.add(src)
     outcomes = media_session(net, cap, cam1, outbox, store, drop_acks=1)
-    assert outcomes[-1] == "1"  # AckStatus.COMPLETE
+    assert outcomes[-1] is AckStatus.COMPLETE
     # a manifest signed with a key that is not the device's: a rejected ack
     bad_outbox = Outbox(tmp / "outbox-bad", "cam-1", ec.generate_private_key(ec.SECP256R1()), chunk_size=1024)
     (tmp / "other.png").write_bytes(os.urandom(100))
     bad_outbox.add(tmp / "other.png")
-    assert media_session(net, cap, cam1, bad_outbox, store)[-1] == "2"  # AckStatus.REJECTED
+    assert media_session(net, cap, cam1, bad_outbox, store)[-1] is AckStatus.REJECTED
     # cam-2: message_4 tampered on the way: the device answers C_R || error
     def flip_message_4(pub: Publish) -> Publish:
         if pub.topic.endswith("cam-2/hs/down") and cam2.state.value == "handshaking" and len(pub.payload) < 20:
