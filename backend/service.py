@@ -31,7 +31,7 @@ from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
 from pki.verify import Role
-from runtime.audit import AuditLog
+from runtime.audit import AuditLog, audit_protocol_event
 from runtime.mqtt import MqttLink, MqttSettings
 from sealmq import cbor
 from sealmq.edhoc import (
@@ -45,21 +45,19 @@ from sealmq.edhoc import (
 from sealmq.endpoint import (
     BackendConfig,
     BackendEndpoint,
-    EpochDropped,
     HandshakeCompleted,
-    HandshakeFailed,
-    KeyUpdateDone,
     Output,
     Publish,
     Received,
-    Rejected,
-    SessionLost,
 )
 from sealmq.errors import DecodeError, Reason, SealmqError
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.backend")
+
+# audit events that are also counted
+_COUNTERS = {"message_rejected": "rejected", "key_updated": "key_updates"}
 
 
 @dataclass
@@ -248,19 +246,10 @@ class BackendService:
                 self.storage.record_handshake(out.device_id, now, fingerprint)
                 self.audit.event("handshake_completed", device=out.device_id, suite=out.suite,
                                  cert_sha256=fingerprint)
-            elif isinstance(out, HandshakeFailed):
-                self.audit.event("handshake_failed", device=out.device_id, reason=out.reason, detail=out.detail)
-            elif isinstance(out, Rejected):
-                self.counters["rejected"] += 1
-                self.audit.event("message_rejected", device=out.device_id, topic=out.topic, stage=out.stage,
-                                 reason=out.reason, detail=out.detail, size=out.size)
-            elif isinstance(out, KeyUpdateDone):
-                self.counters["key_updates"] += 1
-                self.audit.event("key_updated", device=out.device_id, epoch=out.epoch)
-            elif isinstance(out, EpochDropped):
-                self.audit.event("old_keys_dropped", device=out.device_id, epoch=out.epoch)
-            elif isinstance(out, SessionLost):
-                self.audit.event("session_lost", device=out.device_id, reason=out.reason)
+            else:
+                event = audit_protocol_event(self.audit, out)
+                if event in _COUNTERS:
+                    self.counters[_COUNTERS[event]] += 1
 
     def _on_received(self, rec: Received, now: float) -> None:
         handler = self.handlers.get(rec.kind)

@@ -26,27 +26,25 @@ from pki import ccs as pki_ccs
 from pki import layout as pki_layout
 from pki.store import load_identity, load_trust_store
 from pki.verify import Role
-from runtime.audit import AuditLog
+from runtime.audit import AuditLog, audit_protocol_event
 from runtime.mqtt import MqttLink, MqttSettings
 from sealmq import cbor
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
     DeviceEndpoint,
     EndpointConfig,
-    EpochDropped,
     HandshakeCompleted,
-    HandshakeFailed,
-    KeyUpdateDone,
     Output,
     Publish,
     Received,
-    Rejected,
-    SessionLost,
 )
 from sealmq.errors import DecodeError, Reason, SealmqError
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.device")
+
+# audit events that are also counted
+_COUNTERS = {"message_rejected": "rejected", "key_updated": "key_updates"}
 
 CommandHandler = Callable[[Any], Any]
 
@@ -237,20 +235,12 @@ class DeviceAgent:
                 self.audit.event("handshake_completed", peer=out.peer_name, suite=out.suite)
                 self.established.set()
                 self._flush_pending()
-            elif isinstance(out, HandshakeFailed):
-                self.audit.event("handshake_failed", reason=out.reason, detail=out.detail)
-            elif isinstance(out, Rejected):
-                self.counters["rejected"] += 1
-                self.audit.event("message_rejected", topic=out.topic, stage=out.stage, reason=out.reason,
-                                 detail=out.detail, size=out.size)
-            elif isinstance(out, KeyUpdateDone):
-                self.counters["key_updates"] += 1
-                self.audit.event("key_updated", epoch=out.epoch)
-            elif isinstance(out, EpochDropped):
-                self.audit.event("old_keys_dropped", epoch=out.epoch)
-            elif isinstance(out, SessionLost):
-                self.established.clear()
-                self.audit.event("session_lost", reason=out.reason)
+            else:
+                event = audit_protocol_event(self.audit, out)
+                if event in _COUNTERS:
+                    self.counters[_COUNTERS[event]] += 1
+                if event == "session_lost":
+                    self.established.clear()
 
     def _flush_pending(self) -> None:
         now = time.time()

@@ -80,3 +80,30 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def audit_protocol_event(audit: AuditLog, out: object) -> str | None:
+    """Audit one protocol event that both the device and the backend report the same way.
+
+    Returns the audit event name written (so callers can count), or None when ``out`` is not one
+    of these events (publishes, deliveries and completed handshakes stay with the caller).
+    """
+    from sealmq.endpoint import EpochDropped, HandshakeFailed, KeyUpdateDone, Rejected, SessionLost
+
+    if isinstance(out, HandshakeFailed):
+        audit.event("handshake_failed", device=out.device_id, reason=out.reason, detail=out.detail)
+        return "handshake_failed"
+    if isinstance(out, Rejected):
+        audit.event("message_rejected", device=out.device_id, topic=out.topic, stage=out.stage,
+                    reason=out.reason, detail=out.detail, size=out.size)
+        return "message_rejected"
+    if isinstance(out, KeyUpdateDone):
+        audit.event("key_updated", device=out.device_id, epoch=out.epoch)
+        return "key_updated"
+    if isinstance(out, EpochDropped):
+        audit.event("old_keys_dropped", device=out.device_id, epoch=out.epoch)
+        return "old_keys_dropped"
+    if isinstance(out, SessionLost):
+        audit.event("session_lost", device=out.device_id, reason=out.reason)
+        return "session_lost"
+    return None
