@@ -164,12 +164,8 @@ def row(label: str, samples: list[Sample]) -> list[object]:
             fmt(median(res)), fmt(percentile(res, 90))]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--quick", action="store_true", help="20 runs per case")
-    args = parser.parse_args(argv)
-    runs = 20 if args.quick else args.runs
+def run(runs: int = 300) -> str:
+    """Every case interleaved, ``runs`` handshakes each; returns the markdown table."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pki"
         setups, _ = build(path)
@@ -191,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row(label, samples) for label, samples in results.items()]
     if lakers_samples:
         rows.append(row(lakers_label, lakers_samples))
-    print(f"EDHOC cipher suite 2, {runs} handshakes per case, CPU in microseconds per side\n")
-    print(table(["case", "m1", "m2", "m3", "m4", "total B", "device med", "device p90",
-                 "backend med", "backend p90"], rows))
+    head = f"### EDHOC method 3 vs method 0 (suite 2, {runs} handshakes per case, CPU us per side)\n\n"
+    return head + table(["case", "m1", "m2", "m3", "m4", "total B", "device med", "device p90",
+                         "backend med", "backend p90"], rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="20 runs per case")
+    args = parser.parse_args(argv)
+    print(run(20 if args.quick else args.runs))
     print(f"\n{machine()}")
     return 0
 

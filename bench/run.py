@@ -12,10 +12,10 @@ import argparse
 import sys
 import time
 
-from bench import broker, handshake, records
+from bench import bench_media, bench_method3, broker, handshake, records
 from bench.stats import machine
 
-PARTS = ("handshake", "records", "broker")
+PARTS = ("handshake", "method3", "records", "broker", "media")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         runs, warmup = (5, 1) if args.quick else (args.handshake_runs, 5)
         print(handshake.run(runs, warmup))
         sys.stdout.flush()
+    if "method3" in parts:
+        print(bench_method3.run(20 if args.quick else 300))
+        sys.stdout.flush()
     if "records" in parts:
         print(records.run(quick=args.quick))
         sys.stdout.flush()
     if "broker" in parts:
         print(broker.run(quick=args.quick, messages=args.messages, devices=args.devices,
                          repeats=args.broker_repeats))
+        sys.stdout.flush()
+    if "media" in parts:
+        print(bench_media.run(quick=args.quick))
     print(f"_total benchmark time: {time.monotonic() - started:.0f} s_")
     return 0
 
