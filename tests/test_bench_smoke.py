@@ -62,4 +62,4 @@ def test_broker_bench_quick_amqtt() -> None:
 
 
 def test_run_entry_point_parses() -> None:
-    assert run.PARTS == ("handshake", "records", "broker")
+    assert run.PARTS == ("handshake", "method3", "records", "broker", "media")
