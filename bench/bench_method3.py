@@ -21,6 +21,7 @@ Run: ``python3 -m bench.bench_method3 [--runs N] [--quick]``.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -85,8 +86,8 @@ def build(path: Path) -> tuple[list[Setup], Any]:
         dev, be = x509("device", DEVICE, by_ref), x509("backend", BACKEND, by_ref)
         setups.append(Setup(
             f"method 0 (ES256 signatures), {label}", 0, dev, be,
-            lambda be=be: X509Authenticator(trust, Role.BACKEND, now, [be.chain_der]),
-            lambda dev=dev: X509Authenticator(trust, Role.DEVICE, now, [dev.chain_der]),
+            functools.partial(X509Authenticator, trust, Role.BACKEND, now, [be.chain_der]),
+            functools.partial(X509Authenticator, trust, Role.DEVICE, now, [dev.chain_der]),
         ))
     for by_value, label in ((False, "kid"), (True, "kccs (CCS by value)")):
         setups.append(Setup(

@@ -131,7 +131,6 @@ def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
 
         svc = BackendService(BackendSettings(pki_dir=pki, data_dir=Path(cfg["root"]) / "backend-data",
                                              mqtt=settings, poll_interval=0.25))
-        seen = 0
 
         def on_record(rec: Received) -> None:
             # BackendService's default telemetry path, then the count
@@ -142,8 +141,7 @@ def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
         svc.start()
         ready.set()
         finished.wait(cfg["timeout"])
-        seen = state["count"]
-        results.put(("sub", seen, state["last"], svc.counters["rejected"]))
+        results.put(("sub", state["count"], state["last"], svc.counters["rejected"]))
         svc.stop()
         return
 
@@ -313,7 +311,7 @@ class Throughput:
 
 
 def _collect(results: Any, want: int, timeout: float) -> list[tuple[Any, ...]]:
-    out = []
+    out: list[tuple[Any, ...]] = []
     deadline = time.monotonic() + timeout
     while len(out) < want:
         out.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
