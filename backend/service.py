@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from backend.media import MediaRejected, MediaStore
@@ -86,6 +87,8 @@ class BackendService:
         self._crl_mtime = self._mtime(self._crl_path)
         # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too when the
         # backend has a CCS of its own: `sealmq pki ccs issue --pki DIR backend`.
+        self._issued_mtime = -1.0
+        self._issued_chains: list[list[bytes]] = []
         self._registry_path = layout.ccs_registry(settings.pki_dir)
         self._registry_mtime = self._mtime(self._registry_path)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
@@ -182,11 +185,31 @@ class BackendService:
             except Exception:
                 log.exception("backend timer failed")
 
+    def _known_device_chains(self) -> list[list[bytes]]:
+        """Certificates this CA issued, so a device may send its certificate by reference (x5t).
+
+        Re-read when ``ca/issued/`` changes (a newly enrolled device). A certificate found here is
+        still fully validated (chain, role, validity, CRL) before it is trusted.
+        """
+        issued = layout.issued_dir(self.settings.pki_dir)
+        mtime = self._mtime(issued)
+        if mtime != self._issued_mtime:
+            self._issued_mtime = mtime
+            chains = []
+            for path in sorted(issued.glob("*.crt")) if issued.is_dir() else []:
+                try:
+                    chains.append([x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)])
+                except (OSError, ValueError):
+                    continue
+            self._issued_chains = chains
+        return self._issued_chains
+
     def _authenticator(self, now: float) -> PeerAuthenticator:
-        x509 = X509Authenticator(self.endpoint.trust_store, Role.DEVICE, datetime.fromtimestamp(now, UTC))
+        by_cert = X509Authenticator(self.endpoint.trust_store, Role.DEVICE, datetime.fromtimestamp(now, UTC),
+                                 known_chains=self._known_device_chains())
         if self.registry is None:
-            return x509
-        return MixedAuthenticator(ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=x509)
+            return by_cert
+        return MixedAuthenticator(ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=by_cert)
 
     def _reload_registry(self) -> None:
         mtime = self._mtime(self._registry_path)

@@ -255,3 +255,18 @@ def test_constrained_method3_device_beside_a_certificate_device(system: System) 
     assert wait_for(lambda: "cam-3" not in backend.endpoint.sessions, 5)
     x509_dev.send_telemetry({"n": 9})
     assert wait_for(lambda: stored_values(system, "cam-1") == [8, 9])
+
+
+def test_device_certificate_by_reference_x5t(system: System) -> None:
+    # The device sends only its certificate's hash (x5t); the backend knows what its CA issued.
+    from sealmq.endpoint import EndpointConfig
+
+    recorder = Recorder(system)
+    system.start_backend()
+    by_value = system.agent("cam-1")
+    by_ref = system.agent("cam-2", endpoint=EndpointConfig(by_reference=True, handshake_timeout=3.0))
+    by_ref.send_telemetry({"n": 1})
+    by_value.send_telemetry({"n": 2})
+    assert wait_for(lambda: stored_values(system, "cam-2") == [1] and stored_values(system, "cam-1") == [2])
+    up = {t.split("/")[2]: len(p) for t, p in recorder.snapshot() if t.endswith("/hs/up") and p[:1] != b"\xf5"}
+    assert up["cam-2"] + 300 < up["cam-1"]  # message_3 without the certificate is far smaller
