@@ -72,8 +72,46 @@ def _encode(obj: Any, out: list[bytes]) -> None:
         raise TypeError(f"cannot encode {type(obj).__name__} deterministically")
 
 
+_MAP_FREE_SCALARS = frozenset({bytes, str, bool, type(None), float})
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
+
+
+def _map_free(obj: Any, depth: int = 0) -> bool:
+    """True if ``obj`` holds no map (nor anything cbor2 would encode differently from us)."""
+    t = type(obj)
+    if t is int:
+        return _INT_MIN <= obj <= _INT_MAX
+    if t in _MAP_FREE_SCALARS:
+        return True
+    if (t is list or t is tuple) and depth < MAX_DEPTH:
+        for item in obj:
+            ti = type(item)
+            if ti in _MAP_FREE_SCALARS:
+                continue
+            if not _map_free(item, depth + 1):
+                return False
+        return True
+    return False
+
+
 def dumps(obj: Any) -> bytes:
-    """Encode deterministically (RFC 8949 section 4.2.1: bytewise-sorted map keys)."""
+    """Encode deterministically (RFC 8949 section 4.2.1: bytewise-sorted map keys).
+
+    Without maps, deterministic encoding is just shortest-form heads and definite lengths, which is
+    exactly what cbor2's C encoder writes: that fast path serves the records and AADs on every
+    message. Maps go through our own encoder, because cbor2's ``canonical`` sorts keys length-first
+    (RFC 7049), not bytewise (RFC 8949). ``tests/test_cbor.py`` checks both paths agree.
+    """
+    if _map_free(obj):
+        return cbor2.dumps(obj, canonical=True)
+    out: list[bytes] = []
+    _encode(obj, out)
+    return b"".join(out)
+
+
+def dumps_slow(obj: Any) -> bytes:
+    """The pure encoder, without the fast path (for tests that compare the two)."""
     out: list[bytes] = []
     _encode(obj, out)
     return b"".join(out)

@@ -83,3 +83,16 @@ def test_arbitrary_bytes_only_raise_decode_error(data: bytes) -> None:
 @given(st.lists(plain, min_size=1, max_size=4))
 def test_sequence_round_trip(items: list[object]) -> None:
     assert cbor.loads_seq(cbor.dumps_seq(*items)) == items
+
+
+@given(plain)
+def test_fast_path_equals_the_pure_encoder(value: object) -> None:
+    # dumps() hands map-free values to cbor2's C encoder: it must write the very same bytes
+    assert cbor.dumps(value) == cbor.dumps_slow(value)
+
+
+@given(st.lists(st.integers(min_value=-(2**64), max_value=2**64 - 1) | st.binary(max_size=300)
+                | st.text(max_size=30) | st.booleans() | st.none(), max_size=8))
+def test_fast_path_on_record_shaped_values(value: list[object]) -> None:
+    assert cbor.dumps(value) == cbor.dumps_slow(value)
+    assert cbor.dumps(tuple(value)) == cbor.dumps_slow(value)
