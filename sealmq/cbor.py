@@ -81,7 +81,7 @@ def _map_free(obj: Any, depth: int = 0) -> bool:
     """True if ``obj`` holds no map (nor anything cbor2 would encode differently from us)."""
     t = type(obj)
     if t is int:
-        return _INT_MIN <= obj <= _INT_MAX
+        return bool(_INT_MIN <= obj <= _INT_MAX)
     if t in _MAP_FREE_SCALARS:
         return True
     if (t is list or t is tuple) and depth < MAX_DEPTH:
