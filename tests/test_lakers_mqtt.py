@@ -2,7 +2,7 @@
 handshake with our BackendEndpoint through a real broker (the embedded amqtt, with its ACLs),
 then exchanges sealed records and runs a key update with our Session: the handshake keys agree.
 
-The device side speaks the hs-topic framing of ``sealmq/endpoint.py`` by hand
+The device side speaks the hs-topic framing of ``sealmq/endpoint/framing.py`` by hand
 (``true || message_1``, ``C_R || message_3``; it receives ``C_I || message_2/4``)."""
 
 from __future__ import annotations

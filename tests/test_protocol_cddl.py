@@ -30,7 +30,7 @@ from backend.media import MediaRejected, MediaStore, Reply
 from device.media import Outbox
 from pki import ccs as pki_ccs
 from pki.verify import Role
-from sealmq import cbor, endpoint, oscore, record, topics
+from sealmq import cbor, oscore, record, topics
 from sealmq.edhoc import Responder, X509Authenticator
 from sealmq.endpoint import (
     BackendEndpoint,
@@ -42,6 +42,8 @@ from sealmq.endpoint import (
     Publish,
     Received,
 )
+from sealmq.endpoint import backend as backend_endpoint
+from sealmq.endpoint import device as device_endpoint
 from sealmq.errors import SealmqError
 from sealmq.media import (
     AckStatus,
@@ -100,7 +102,7 @@ def spying() -> Iterator[Capture]:
     """While active, every record sealed, AAD built and EDHOC object made in this process is kept."""
     cap = Capture()
     real_seal, real_aad = record.seal, oscore.aad
-    real_initiator, real_responder = endpoint.Initiator, endpoint.Responder
+    real_initiator, real_responder = device_endpoint.Initiator, backend_endpoint.Responder
 
     def seal(ctx: Any, *, kind: RecordKind, epoch: int, piv: int, topic: str, plaintext: bytes) -> bytes:
         cap.sealed.append((RecordKind(kind), bytes(plaintext)))
@@ -121,8 +123,8 @@ def spying() -> Iterator[Capture]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(record, "seal", seal)
         mp.setattr(oscore, "aad", aad)
-        mp.setattr(endpoint, "Initiator", debug(real_initiator))
-        mp.setattr(endpoint, "Responder", debug(real_responder))
+        mp.setattr(device_endpoint, "Initiator", debug(real_initiator))
+        mp.setattr(backend_endpoint, "Responder", debug(real_responder))
         yield cap
 
 

@@ -1,0 +1,272 @@
+"""The backend's side of the protocol: the EDHOC responder for every device, with bounded
+half-open state, and one session per device (sans-IO)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pki.verify import Role
+from sealmq import cbor, topics
+from sealmq.edhoc import LocalCredential, Responder, X509Authenticator, encode_error_message, is_error_message
+from sealmq.endpoint.events import (
+    AuthenticatorFactory,
+    HandshakeCompleted,
+    HandshakeFailed,
+    Output,
+    Publish,
+    RandomBytes,
+    Rejected,
+    SessionLost,
+    session_events,
+    to_datetime,
+)
+from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
+from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
+from sealmq.session import Session, SessionConfig
+from sealmq.topics import Channel, Direction, RecordKind
+
+
+@dataclass
+class _HalfOpen:
+    responder: Responder
+    created: float
+    c_r: bytes
+
+
+@dataclass
+class _Established:
+    session: Session
+    peer: Any  # what authenticated the device: pki.verify.VerifiedPeer, or a CCS identity
+    since: float
+    public_key: Any = None  # the device's authentication key (signature key, or static DH key for CCS)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    suites: tuple[int, ...] = (2, 0, -24)
+    methods: tuple[int, ...] = (0,)
+    max_half_open: int = 1024  # handshakes in progress, all devices together
+    half_open_ttl: float = 15.0
+    message_1_per_device: int = 6  # message_1 admitted per device per window...
+    message_1_window: float = 60.0  # ...of this many seconds
+    notice_interval: float = 5.0  # min seconds between "no session" notices to one device
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+class BackendEndpoint:
+    """The backend's protocol state for every device: bounded half-open handshakes, sessions."""
+
+    def __init__(
+        self,
+        *,
+        credentials: LocalCredential | Sequence[LocalCredential],
+        trust_store: Any,
+        config: BackendConfig | None = None,
+        authenticator: AuthenticatorFactory | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.authenticator = authenticator
+        self.trust_store = trust_store
+        self.config = config or BackendConfig()
+        self.half_open: dict[str, _HalfOpen] = {}
+        self.sessions: dict[str, _Established] = {}
+        self._m1_times: dict[str, list[float]] = {}
+        self._last_notice: dict[str, float] = {}
+        self.subscriptions = [
+            topics.subscription(Channel.HANDSHAKE, Direction.UP),
+            topics.subscription(Channel.DATA, Direction.UP),
+            topics.subscription(Channel.MEDIA, Direction.UP),
+        ]
+
+    def peer(self, device_id: str) -> Any:
+        est = self.sessions.get(device_id)
+        return est.peer if est is not None else None
+
+    def peer_public_key(self, device_id: str) -> Any:
+        """The key the device authenticated with: what its media signatures are checked against."""
+        est = self.sessions.get(device_id)
+        return est.public_key if est is not None else None
+
+    def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]:
+        device_id: str | None = None
+        try:
+            parsed = topics.parse(topic)
+            device_id = parsed.device_id
+            if parsed.direction is not Direction.UP:
+                raise DecodeError(Reason.WRONG_TOPIC, "the backend only accepts uplink topics")
+            if parsed.channel is Channel.HANDSHAKE:
+                return self._on_handshake(device_id, topic, payload, now, random_bytes)
+            return self._on_record(device_id, topic, payload, now, random_bytes)
+        except SealmqError as err:
+            stage = "topic" if device_id is None else ("handshake" if "/hs/" in topic else "record")
+            return [Rejected(device_id, topic, stage, err.reason, err.detail, len(payload))]
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _admit_message_1(self, device_id: str, now: float) -> None:
+        self._expire(now)
+        window = [t for t in self._m1_times.get(device_id, []) if now - t < self.config.message_1_window]
+        if len(window) >= self.config.message_1_per_device:
+            self._m1_times[device_id] = window
+            raise EdhocError(Reason.TOO_MANY_HANDSHAKES, "message_1 rate limit for this device")
+        if device_id not in self.half_open and len(self.half_open) >= self.config.max_half_open:
+            raise EdhocError(Reason.TOO_MANY_HANDSHAKES, "too many handshakes in progress")
+        window.append(now)
+        self._m1_times[device_id] = window
+
+    def _on_handshake(
+        self, device_id: str, topic: str, payload: bytes, now: float, random_bytes: RandomBytes
+    ) -> list[Output]:
+        prefix, message = split_frame(payload)
+        down = topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN)
+        if prefix is True:
+            self._admit_message_1(device_id, now)
+            c_r_value = self._pick_c_r(random_bytes)
+            if self.authenticator is not None:
+                authenticator = self.authenticator(now)
+            else:
+                authenticator = X509Authenticator(self.trust_store, Role.DEVICE, to_datetime(now))
+            responder = Responder(
+                self.credentials,
+                authenticator,
+                c_r=c_r_value,
+                suites=self.config.suites,
+                methods=self.config.methods,
+                random_bytes=random_bytes,
+            )
+            try:
+                responder.process_message_1(message)
+            except EdhocError as err:
+                out: list[Output] = [Rejected(device_id, topic, "handshake", err.reason, err.detail, len(payload))]
+                prefix_c_i = c_i_prefix_of(message)
+                if prefix_c_i is not None:
+                    out.append(Publish(down, prefix_c_i + encode_error_message(err)))
+                return out
+            c_i = responder.c_i_item or b""
+            if responder.c_r == responder.c_i:  # RFC 9528 3.3: C_R must differ from C_I
+                c_r_value = c_r_value + 1 if c_r_value < 23 else -24
+            message_2 = responder.create_message_2(c_r=c_r_value)
+            # a newer message_1 from this device replaces its older half-open handshake
+            self.half_open[device_id] = _HalfOpen(responder, now, cbor.dumps(c_r_value))
+            return [Publish(down, c_i + message_2)]
+        half = self.half_open.get(device_id)
+        if half is None or cbor.dumps(prefix) != half.c_r:
+            raise EdhocError(Reason.UNEXPECTED_MESSAGE, "no handshake in progress with that C_R")
+        responder = half.responder
+        c_i = responder.c_i_item or b""
+        try:
+            if is_error_message(message):
+                del self.half_open[device_id]
+                try:
+                    responder.process_error(message)
+                except EdhocError as err:
+                    return [HandshakeFailed(device_id, err.reason, err.detail)]
+            responder.process_message_3(message)
+            result = responder.result()
+            identity = result.peer.identity
+            if getattr(identity, "name", None) != device_id:
+                raise EdhocError(Reason.IDENTITY_MISMATCH, "certificate names another device than the topic")
+        except EdhocError as err:
+            del self.half_open[device_id]
+            return [
+                Publish(down, c_i + encode_error_message(err)),
+                HandshakeFailed(device_id, err.reason, err.detail),
+            ]
+        message_4 = responder.create_message_4()
+        del self.half_open[device_id]
+        session = Session.from_edhoc(
+            prk_out=result.prk_out,
+            c_i=result.c_i,
+            c_r=result.c_r,
+            is_initiator=False,
+            device_id=device_id,
+            now=now,
+            hash_name=result.hash_name,
+            app_aead=result.app_aead,
+            config=self.config.session,
+            random_bytes=random_bytes,
+        )
+        # replaces any older session of this device
+        self.sessions[device_id] = _Established(session, identity, now, result.peer.public_key)
+        return [Publish(down, c_i + message_4), HandshakeCompleted(device_id, device_id, result.suite, identity)]
+
+    def _pick_c_r(self, random_bytes: RandomBytes) -> int:
+        return int.from_bytes(random_bytes(1), "big") % 48 - 24
+
+    # -- records -----------------------------------------------------------------------------
+    def _on_record(
+        self, device_id: str, topic: str, payload: bytes, now: float, random_bytes: RandomBytes
+    ) -> list[Output]:
+        est = self.sessions.get(device_id)
+        if est is None:
+            out: list[Output] = [Rejected(device_id, topic, "record", Reason.UNKNOWN_SESSION, "", len(payload))]
+            last = self._last_notice.get(device_id, -1e18)
+            if now - last >= self.config.notice_interval:
+                self._last_notice[device_id] = now
+                err = EdhocError(Reason.UNKNOWN_SESSION, "no session", err_code=1)
+                out.append(Publish(topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN),
+                                   NULL_PREFIX + encode_error_message(err)))
+            return out
+        try:
+            events = est.session.open(topic, payload, now, random_bytes)
+        except SessionError as err:
+            if err.reason is Reason.KEY_LIMIT_REACHED:
+                del self.sessions[device_id]
+                return [SessionLost(device_id, err.reason)]
+            raise
+        return session_events(device_id, topic, events)
+
+    def seal(self, device_id: str, kind: RecordKind, plaintext: bytes, now: float) -> list[Output]:
+        est = self.sessions.get(device_id)
+        if est is None:
+            raise SessionError(Reason.UNKNOWN_SESSION, f"no session with {device_id}")
+        topic, record = est.session.seal(kind, plaintext, now)
+        return [Publish(topic, record)]
+
+    def key_update(self, device_id: str, now: float, random_bytes: RandomBytes) -> list[Output]:
+        est = self.sessions.get(device_id)
+        if est is None:
+            raise LocalProtocolError(Reason.UNKNOWN_SESSION, f"no session with {device_id}")
+        topic, record = est.session.start_key_update(random_bytes(16), now)
+        return [Publish(topic, record)]
+
+    def revalidate(self, trust_store: Any, now: float) -> list[Output]:
+        """Re-check every established session's device certificate (e.g. after a CRL update).
+
+        A session whose certificate no longer validates (revoked, expired) is closed at once:
+        revocation does not wait for the device's next handshake.
+        """
+        self.trust_store = trust_store
+        out: list[Output] = []
+        for device_id, est in list(self.sessions.items()):
+            cert = getattr(est.peer, "certificate", None)
+            if cert is None:
+                continue  # not an X.509 peer (e.g. a CCS credential): checked at its next handshake
+            try:
+                trust_store.verify([cert], role=Role.DEVICE, now=to_datetime(now), expected_name=device_id)
+            except SealmqError as err:
+                del self.sessions[device_id]
+                out.append(SessionLost(device_id, err.reason))
+        return out
+
+    def close_session(self, device_id: str, reason: Reason) -> list[Output]:
+        """Drop a device's session now (e.g. its credential was revoked)."""
+        if self.sessions.pop(device_id, None) is None:
+            return []
+        return [SessionLost(device_id, reason)]
+
+    def _expire(self, now: float) -> None:
+        for device_id in [d for d, h in self.half_open.items() if now - h.created > self.config.half_open_ttl]:
+            del self.half_open[device_id]
+
+    def poll(self, now: float, random_bytes: RandomBytes) -> list[Output]:
+        self._expire(now)
+        out: list[Output] = []
+        for device_id, est in list(self.sessions.items()):
+            try:
+                out.extend(session_events(device_id, "", est.session.poll(now, random_bytes)))
+            except SessionError as err:
+                del self.sessions[device_id]
+                out.append(SessionLost(device_id, err.reason))
+        return out
