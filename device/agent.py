@@ -19,12 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from device.media import Outbox, OutgoingTransfer, ProgressHook
 from pki import ccs as pki_ccs
+from pki import keys
 from pki import layout as pki_layout
-from pki.store import load_identity, load_trust_store
+from pki.store import load_identity, load_trust_store, read_bytes
 from pki.verify import Role
 from runtime.audit import AuditLog, audit_protocol_event
 from runtime.mqtt import MqttLink, MqttSettings
@@ -38,7 +39,7 @@ from sealmq.endpoint import (
     Publish,
     Received,
 )
-from sealmq.errors import DecodeError, Reason, SealmqError
+from sealmq.errors import DecodeError, KeyFileError, Reason, SealmqError
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.device")
@@ -66,33 +67,36 @@ class DeviceConfig:
     method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
 
 
+def _credentials(
+    config: DeviceConfig, passphrase: bytes | None
+) -> tuple[LocalCredential, Callable[[float], PeerAuthenticator] | None, Any, Any]:
+    """(EDHOC credential, backend authenticator factory, trust store, media signing key)."""
+    if config.method == 3:
+        # A constrained device: its CCS and static DH key; the backend is known by its registered
+        # CCS (kid), no certificate chain anywhere. Media are signed with the same key.
+        credential = pki_ccs.load_credential(config.pki_dir, "device", config.device_id, passphrase=passphrase)
+        key_pem = read_bytes(config.identity_dir / pki_layout.CCS_KEY, "CCS key", KeyFileError)
+        registry = pki_ccs.load_registry(config.pki_dir)
+
+        def authenticator(now: float) -> PeerAuthenticator:
+            return CcsAuthenticator(registry, Role.BACKEND, now)
+
+        return credential, authenticator, None, keys.from_pem(key_pem, passphrase)
+    identity = load_identity(config.identity_dir, passphrase)
+    if identity.name != config.device_id:
+        raise SealmqError(Reason.IDENTITY_MISMATCH, f"identity in {config.identity_dir} is {identity.name}")
+    credential_x509 = X509Credential(
+        private_key=identity.private_key,
+        chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
+        by_reference=config.endpoint.by_reference,
+    )
+    return credential_x509, None, load_trust_store(config.pki_dir), identity.private_key
+
+
 class DeviceAgent:
     def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
         self.config = config
-        credential: LocalCredential
-        authenticator = None
-        trust_store = None
-        if config.method == 3:
-            # A constrained device: its CCS and static DH key; the backend is known by its
-            # registered CCS (kid), no certificate chain anywhere. Media are signed with the same key.
-            ccs_credential = pki_ccs.load_credential(config.pki_dir, "device", config.device_id)
-            credential = ccs_credential
-            signing_key: Any = load_pem_private_key((config.identity_dir / pki_layout.CCS_KEY).read_bytes(), None)
-            registry = pki_ccs.load_registry(config.pki_dir)
-
-            def authenticator(now: float) -> PeerAuthenticator:
-                return CcsAuthenticator(registry, Role.BACKEND, now)
-        else:
-            identity = load_identity(config.identity_dir, passphrase)
-            if identity.name != config.device_id:
-                raise SealmqError(Reason.IDENTITY_MISMATCH, f"identity in {config.identity_dir} is {identity.name}")
-            credential = X509Credential(
-                private_key=identity.private_key,
-                chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
-                by_reference=config.endpoint.by_reference,
-            )
-            signing_key = identity.private_key
-            trust_store = load_trust_store(config.pki_dir)
+        credential, authenticator, trust_store, signing_key = _credentials(config, passphrase)
         self.endpoint = DeviceEndpoint(
             device_id=config.device_id,
             credential=credential,
