@@ -31,8 +31,6 @@ from sealmq.session import SessionConfig
 from sealmq.topics import RecordKind
 from tests.pki_fixtures import TestPki, make_pki
 
-T0 = time.time()  # certificates and the CRL are issued "now"
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
@@ -49,7 +47,10 @@ class Net:
         self.devices = {d.device_id: d for d in devices}
         self.wire: list[Publish] = []
         self.events: list[Output] = []
-        self.now = T0
+        # The clock of this run: taken when the network is made, after the PKI fixture issued its
+        # certificates (valid from 5 minutes before issuance); a clock taken at import time would
+        # predate them in a long test run.
+        self.now = time.time()
 
     def run(self, outputs: list[Output], *, max_steps: int = 100) -> list[Output]:
         queue = list(outputs)
@@ -277,3 +278,36 @@ def test_device_rejects_a_backend_it_did_not_expect(pki: TestPki, tmp_path: Path
     assert not dev.established
     assert Reason.UNKNOWN_CA in {e.reason for e in events if isinstance(e, HandshakeFailed)}
     assert "cam-1" not in backend.sessions
+
+
+@pytest.mark.parametrize("c_i", [b"", b"\x07" * 7, b"\x14" * 20])
+def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) -> None:
+    """RFC 9528 lets C_I be any byte string, the empty one included: the backend frames its answers
+    with C_I exactly as message_1 carried it, and refuses a C_I too long to be its OSCORE Sender ID
+    (at most 7 bytes with AES-CCM-16-64-128) with an error the initiator can read."""
+    from datetime import UTC, datetime
+
+    from pki.verify import Role
+    from sealmq.edhoc import Initiator, X509Authenticator, decode_error_message, is_error_message
+
+    _, backend, _ = make(pki, [])
+    ini = Initiator(pki.credential("device", "cam-1"),
+                    X509Authenticator(pki.trust_store(), Role.BACKEND, datetime.now(UTC)),
+                    c_i=c_i or b"\x00", random_bytes=os.urandom)
+    if not c_i:
+        ini._c_i = b""  # the public constructor insists on 1..32 bytes; peers may send the empty id
+    now = time.time()
+    out = backend.handle("sealmq/v1/cam-1/hs/up", b"\xf5" + ini.create_message_1(), now, os.urandom)
+    (answer,) = [o for o in out if isinstance(o, Publish)]
+    prefix = cbor.loads_seq(answer.payload)[0]
+    assert prefix == c_i  # the C_I item, exactly as message_1 carried it
+    body = answer.payload[len(cbor.dumps(prefix)):]
+    if len(c_i) > 7:
+        assert is_error_message(body)
+        assert decode_error_message(body).err_info == "unsupported"
+        assert [r.reason for r in rejected(out)] == [Reason.UNSUPPORTED]
+        return
+    ini.process_message_2(body)
+    out = backend.handle("sealmq/v1/cam-1/hs/up", (ini.c_r_item or b"") + ini.create_message_3(), now, os.urandom)
+    assert completed(out)
+    assert "cam-1" in backend.sessions

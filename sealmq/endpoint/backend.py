@@ -24,6 +24,7 @@ from sealmq.endpoint.events import (
 )
 from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
+from sealmq.oscore import AES_CCM_16_64_128
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import Channel, Direction, RecordKind
 
@@ -32,7 +33,8 @@ from sealmq.topics import Channel, Direction, RecordKind
 class _HalfOpen:
     responder: Responder
     created: float
-    c_r: bytes
+    c_r: bytes  # our C_R as its CBOR item: the prefix message_3 must carry
+    c_i_prefix: bytes  # the device's C_I as its CBOR item: the prefix of what we send back
 
 
 @dataclass
@@ -137,24 +139,28 @@ class BackendEndpoint:
             )
             try:
                 responder.process_message_1(message)
+                # C_I becomes our OSCORE Sender ID (RFC 9528 A.1): it must fit the AEAD's nonce
+                if len(responder.c_i or b"") > AES_CCM_16_64_128.max_id_length:
+                    raise EdhocError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
             except EdhocError as err:
                 out: list[Output] = [Rejected(device_id, topic, "handshake", err.reason, err.detail, len(payload))]
                 prefix_c_i = c_i_prefix_of(message)
                 if prefix_c_i is not None:
                     out.append(Publish(down, prefix_c_i + encode_error_message(err)))
                 return out
-            c_i = responder.c_i_item or b""
+            # the frame prefix is C_I exactly as message_1 carried it (an empty byte string too)
+            c_i = c_i_prefix_of(message) or b""
             if responder.c_r == responder.c_i:  # RFC 9528 3.3: C_R must differ from C_I
                 c_r_value = c_r_value + 1 if c_r_value < 23 else -24
             message_2 = responder.create_message_2(c_r=c_r_value)
             # a newer message_1 from this device replaces its older half-open handshake
-            self.half_open[device_id] = _HalfOpen(responder, now, cbor.dumps(c_r_value))
+            self.half_open[device_id] = _HalfOpen(responder, now, cbor.dumps(c_r_value), c_i)
             return [Publish(down, c_i + message_2)]
         half = self.half_open.get(device_id)
         if half is None or cbor.dumps(prefix) != half.c_r:
             raise EdhocError(Reason.UNEXPECTED_MESSAGE, "no handshake in progress with that C_R")
         responder = half.responder
-        c_i = responder.c_i_item or b""
+        c_i = half.c_i_prefix
         try:
             if is_error_message(message):
                 del self.half_open[device_id]
