@@ -71,6 +71,9 @@ class BackendSettings:
     endpoint: BackendConfig = field(default_factory=BackendConfig)
     poll_interval: float = 0.25
     media_limits: MediaLimits | None = None
+    # Live sessions are re-validated this often (and whenever the CRL changes): a certificate that
+    # expires mid-session ends its session, it does not wait for the next handshake.
+    revalidate_interval: float = 60.0
 
 
 class BackendService:
@@ -106,6 +109,7 @@ class BackendService:
         self.storage = Storage(settings.data_dir / "backend.sqlite3")
         self.media = MediaStore(settings.data_dir, settings.data_dir / "backend.sqlite3", limits=settings.media_limits)
         self._next_expiry = 0.0
+        self._next_revalidation = time.time() + settings.revalidate_interval
         self.audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -178,6 +182,9 @@ class BackendService:
                     now = time.time()
                     self._dispatch(self.endpoint.poll(now, os.urandom))
                     self._send_pending_commands(now)
+                    if now >= self._next_revalidation:
+                        self._next_revalidation = now + self.settings.revalidate_interval
+                        self._dispatch(self.endpoint.revalidate(self.endpoint.trust_store, now))
                     if now >= self._next_expiry:
                         self._next_expiry = now + 5.0
                         for device_id, tid in self.media.expire(now):

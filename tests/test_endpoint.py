@@ -311,3 +311,13 @@ def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) 
     out = backend.handle("sealmq/v1/cam-1/hs/up", (ini.c_r_item or b"") + ini.create_message_3(), now, os.urandom)
     assert completed(out)
     assert "cam-1" in backend.sessions
+
+
+def test_a_certificate_expiring_mid_session_ends_the_session(pki: TestPki) -> None:
+    net, backend, (dev,) = make(pki, ["cam-1"])
+    net.connect(dev)
+    assert not backend.revalidate(backend.trust_store, net.now)  # valid now: nothing happens
+    later = net.now + 400 * 24 * 3600  # past the device certificate's notAfter (365 days)
+    lost = backend.revalidate(backend.trust_store, later)
+    assert [(e.device_id, e.reason) for e in lost if isinstance(e, SessionLost)] == [("cam-1", Reason.EXPIRED)]
+    assert "cam-1" not in backend.sessions
