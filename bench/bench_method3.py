@@ -33,6 +33,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from bench.handshake import timed_handshake
 from bench.stats import fmt, machine, median, percentile, table
 from pki import ccs as pki_ccs
 from pki import layout, store
@@ -40,7 +41,6 @@ from pki.store import load_identity, load_trust_store
 from pki.verify import Role
 from sealmq.edhoc import (
     CcsAuthenticator,
-    Initiator,
     LocalCredential,
     PeerAuthenticator,
     Responder,
@@ -101,27 +101,8 @@ def build(path: Path) -> tuple[list[Setup], Any]:
 
 
 def run_once(s: Setup) -> Sample:
-    clock = time.thread_time
-    t0 = clock()
-    ini = Initiator(s.device, s.device_auth(), c_i=b"\x0e", suites=[2], method=s.method, random_bytes=os.urandom)
-    m1 = ini.create_message_1()
-    t1 = clock()
-    res = Responder(s.backend, s.backend_auth(), c_r=b"\x27", suites=[2], methods=[s.method],
-                    random_bytes=os.urandom)
-    res.process_message_1(m1)
-    m2 = res.create_message_2()
-    t2 = clock()
-    ini.process_message_2(m2)
-    m3 = ini.create_message_3()
-    t3 = clock()
-    res.process_message_3(m3)
-    m4 = res.create_message_4()
-    t4 = clock()
-    ini.process_message_4(m4)
-    t5 = clock()
-    if ini.result().prk_out != res.result().prk_out:
-        raise AssertionError("sides disagree on PRK_out")
-    return Sample((t1 - t0) + (t3 - t2) + (t5 - t4), (t2 - t1) + (t4 - t3), (len(m1), len(m2), len(m3), len(m4)))
+    got = timed_handshake(s.device, s.device_auth(), s.backend, s.backend_auth(), suite=2, method=s.method)
+    return Sample(got.initiator_cpu, got.responder_cpu, got.sizes)
 
 
 def lakers_once(path: Path, registry: Any) -> Sample | None:

@@ -33,7 +33,14 @@ from bench.stats import fmt, median, percentile, table
 from pki import layout, store
 from pki.store import load_identity, load_trust_store
 from pki.verify import Role, TrustStore
-from sealmq.edhoc import Initiator, Responder, X509Authenticator, X509Credential
+from sealmq.edhoc import (
+    Initiator,
+    LocalCredential,
+    PeerAuthenticator,
+    Responder,
+    X509Authenticator,
+    X509Credential,
+)
 
 # Sizes the EDHOC authors publish for method 0 (signatures), X.509 by reference (x5t), P-256,
 # ECDSA, AES-CCM 8-byte tag, 1-byte connection identifiers: draft-ietf-iotops-security-protocol-
@@ -100,6 +107,39 @@ class EdhocSample:
     sizes: tuple[int, int, int, int]
 
 
+def timed_handshake(device: LocalCredential, device_auth: PeerAuthenticator, backend: LocalCredential,
+                    backend_auth: PeerAuthenticator, *,
+                    suite: int = 2, method: int = 0) -> EdhocSample:
+    """One full EDHOC handshake between our two roles, CPU time split by side, message sizes."""
+    clock = time.thread_time
+    wall0 = time.perf_counter()
+    t0 = clock()
+    ini = Initiator(device, device_auth, c_i=b"\x0e", suites=[suite], method=method, random_bytes=os.urandom)
+    m1 = ini.create_message_1()
+    t1 = clock()
+    res = Responder(backend, backend_auth, c_r=b"\x27", suites=[suite], methods=[method], random_bytes=os.urandom)
+    res.process_message_1(m1)
+    m2 = res.create_message_2()
+    t2 = clock()
+    ini.process_message_2(m2)
+    m3 = ini.create_message_3()
+    t3 = clock()
+    res.process_message_3(m3)
+    m4 = res.create_message_4()
+    t4 = clock()
+    ini.process_message_4(m4)
+    t5 = clock()
+    wall = time.perf_counter() - wall0
+    if ini.result().prk_out != res.result().prk_out:
+        raise AssertionError("EDHOC sides disagree on PRK_out")
+    return EdhocSample(
+        initiator_cpu=(t1 - t0) + (t3 - t2) + (t5 - t4),
+        responder_cpu=(t2 - t1) + (t4 - t3),
+        wall=wall,
+        sizes=(len(m1), len(m2), len(m3), len(m4)),
+    )
+
+
 def edhoc_runner(pki: BenchPki, case: Case) -> Callable[[], EdhocSample]:
     """A closure running one full handshake of ``case``; credentials are loaded once, outside."""
     dev = pki.credential("device", case.device, case.by_reference)
@@ -107,34 +147,10 @@ def edhoc_runner(pki: BenchPki, case: Case) -> Callable[[], EdhocSample]:
     ts, now = pki.trust_store, pki.now
 
     def once() -> EdhocSample:
-        clock = time.thread_time
-        wall0 = time.perf_counter()
-        t0 = clock()
-        ini = Initiator(dev, X509Authenticator(ts, Role.BACKEND, now, [be.chain_der]),
-                        c_i=b"\x0e", suites=[case.suite], random_bytes=os.urandom)
-        m1 = ini.create_message_1()
-        t1 = clock()
-        res = Responder(be, X509Authenticator(ts, Role.DEVICE, now, [dev.chain_der]),
-                        c_r=b"\x27", suites=[case.suite], random_bytes=os.urandom)
-        res.process_message_1(m1)
-        m2 = res.create_message_2()
-        t2 = clock()
-        ini.process_message_2(m2)
-        m3 = ini.create_message_3()
-        t3 = clock()
-        res.process_message_3(m3)
-        m4 = res.create_message_4()
-        t4 = clock()
-        ini.process_message_4(m4)
-        t5 = clock()
-        wall = time.perf_counter() - wall0
-        if ini.result().prk_out != res.result().prk_out:
-            raise AssertionError("EDHOC sides disagree on PRK_out")
-        return EdhocSample(
-            initiator_cpu=(t1 - t0) + (t3 - t2) + (t5 - t4),
-            responder_cpu=(t2 - t1) + (t4 - t3),
-            wall=wall,
-            sizes=(len(m1), len(m2), len(m3), len(m4)),
+        return timed_handshake(
+            dev, X509Authenticator(ts, Role.BACKEND, now, [be.chain_der]),
+            be, X509Authenticator(ts, Role.DEVICE, now, [dev.chain_der]),
+            suite=case.suite,
         )
 
     return once
