@@ -135,22 +135,12 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
-def enrolled_devices(pki_dir: Path) -> list[str]:
-    """Device ids that have an identity (key + certificate) under ``<pki>/devices/``."""
-    from pki import layout
-
-    root = layout.device_dir(pki_dir, "x").parent
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "key.pem").exists() and (p / "cert.pem").exists())
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from device.simulator import Simulator
     from pki import layout
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    ids = args.ids or enrolled_devices(args.pki)
+    ids = args.ids or layout.enrolled_devices(args.pki)
     if not ids:
         print("no enrolled devices: run `sealmq pki enroll --pki DIR device NAME` first")
         return 2

@@ -102,6 +102,14 @@ def backend_dir(pki_dir: Path | str, name: str = DEFAULT_BACKEND) -> Path:
     return identity_dir(pki_dir, Role.BACKEND, name)
 
 
+def enrolled_devices(pki_dir: Path | str) -> list[str]:
+    """Device ids with an identity (key and certificate) under ``DIR/devices/``, sorted."""
+    root = Path(pki_dir) / ROLE_DIRS[Role.DEVICE]
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "key.pem").exists() and (p / "cert.pem").exists())
+
+
 CCS = "ccs"
 CCS_KEY = "ccs_key.pem"
 CCS_CRED = "ccs.cbor"

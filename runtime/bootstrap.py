@@ -57,10 +57,7 @@ class Deployment:
         return self.password_file(role, name).read_text(encoding="utf-8").strip()
 
     def devices(self) -> list[str]:
-        root = self.pki / "devices"
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if (p / "cert.pem").exists())
+        return layout.enrolled_devices(self.pki)
 
 
 def _write_secret(path: Path, text: str) -> None:
