@@ -169,6 +169,11 @@ class Storage:
                 (status, now, reply, command_id),
             )
 
+    def count_commands(self, status: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM commands WHERE status=?", (status,)).fetchone()
+        return int(row[0])
+
     def command(self, command_id: int) -> Command | None:
         with self._lock:
             r = self._db.execute(

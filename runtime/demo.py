@@ -147,8 +147,9 @@ def run_demo(args: argparse.Namespace) -> int:
         sent = sum(a.counters["sent"] for a in sim.agents)
         say(f"[5/5] traffic for {args.duration:.0f} s:")
         say(f"      telemetry records sent {step * len(ids)}, stored by the backend {stored}")
+        replied = backend.storage.count_commands("replied")
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
-            f"commands answered {_replied(backend)}, rejected messages {backend.counters['rejected']}")
+            f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
         from backend.media import list_media
 
         media = list_media(dep.backend_data / "backend.sqlite3")
@@ -188,13 +189,6 @@ def _media_files(folder: Path | None) -> list[Path]:
         if not folder.is_dir():
             return []
     return media_files(folder)
-
-
-def _replied(backend: object) -> int:
-    storage = getattr(backend, "storage")  # noqa: B009
-    with storage._lock:
-        row = storage._db.execute("SELECT COUNT(*) FROM commands WHERE status='replied'").fetchone()
-    return int(row[0])
 
 
 if __name__ == "__main__":  # pragma: no cover
