@@ -76,6 +76,27 @@ class BackendSettings:
     revalidate_interval: float = 60.0
 
 
+class _FileWatch:
+    """Says when a file (or a directory's listing) changed since it last looked."""
+
+    def __init__(self, path: Path, *, seen: bool) -> None:
+        self.path = path
+        self._mtime = self._now() if seen else None
+
+    def _now(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def changed(self) -> bool:
+        mtime = self._now()
+        if mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        return True
+
+
 class BackendService:
     def __init__(self, settings: BackendSettings, *, passphrase: bytes | None = None) -> None:
         self.settings = settings
@@ -86,14 +107,13 @@ class BackendService:
             chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
             by_reference=False,
         )]
-        self._crl_path = layout.crl(settings.pki_dir)
-        self._crl_mtime = self._mtime(self._crl_path)
+        self._crl = _FileWatch(layout.crl(settings.pki_dir), seen=True)
         # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too when the
         # backend has a CCS of its own: `sealmq pki ccs issue --pki DIR backend`.
-        self._issued_mtime = -1.0
+        self._issued = _FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
         self._issued_chains: list[list[bytes]] = []
         self._registry_path = layout.ccs_registry(settings.pki_dir)
-        self._registry_mtime = self._mtime(self._registry_path)
+        self._registry = _FileWatch(self._registry_path, seen=True)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
         config = settings.endpoint
         ccs_key = identity_dir / layout.CCS_KEY
@@ -124,12 +144,6 @@ class BackendService:
                              on_connect=lambda: self.audit.event("connected", host=mqtt.host, port=mqtt.port),
                              on_disconnect=lambda: self.audit.event("disconnected"))
 
-    @staticmethod
-    def _mtime(path: Path) -> float:
-        try:
-            return path.stat().st_mtime
-        except OSError:
-            return 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, wait: float | None = 10.0) -> None:
@@ -198,10 +212,8 @@ class BackendService:
         Re-read when ``ca/issued/`` changes (a newly enrolled device). A certificate found here is
         still fully validated (chain, role, validity, CRL) before it is trusted.
         """
-        issued = layout.issued_dir(self.settings.pki_dir)
-        mtime = self._mtime(issued)
-        if mtime != self._issued_mtime:
-            self._issued_mtime = mtime
+        if self._issued.changed():
+            issued = self._issued.path
             chains = []
             for path in sorted(issued.glob("*.crt")) if issued.is_dir() else []:
                 try:
@@ -219,10 +231,8 @@ class BackendService:
         return MixedAuthenticator(ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=by_cert)
 
     def _reload_registry(self) -> None:
-        mtime = self._mtime(self._registry_path)
-        if mtime == self._registry_mtime:
+        if not self._registry.changed():
             return
-        self._registry_mtime = mtime
         try:
             registry = pki_ccs.load_registry(self.settings.pki_dir)
         except SealmqError as err:
@@ -241,17 +251,16 @@ class BackendService:
                     self._dispatch(self.endpoint.close_session(device_id, Reason.REVOKED))
 
     def _reload_crl(self) -> None:
-        mtime = self._mtime(self._crl_path)
-        if mtime != self._crl_mtime:
-            self._crl_mtime = mtime
-            try:
-                store = load_trust_store(self.settings.pki_dir)
-            except SealmqError as err:
-                self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
-                return
-            with self._lock:
-                self.audit.event("crl_reloaded")
-                self._dispatch(self.endpoint.revalidate(store, time.time()))
+        if not self._crl.changed():
+            return
+        try:
+            store = load_trust_store(self.settings.pki_dir)
+        except SealmqError as err:
+            self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
+            return
+        with self._lock:
+            self.audit.event("crl_reloaded")
+            self._dispatch(self.endpoint.revalidate(store, time.time()))
 
     def _send_pending_commands(self, now: float) -> None:
         for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):
