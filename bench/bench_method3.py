@@ -38,7 +38,6 @@ from bench.stats import fmt, machine, median, percentile, table
 from pki import ccs as pki_ccs
 from pki import layout, store
 from pki.store import load_identity, load_trust_store
-from pki.verify import Role
 from sealmq.edhoc import (
     CcsAuthenticator,
     LocalCredential,
@@ -47,6 +46,7 @@ from sealmq.edhoc import (
     X509Authenticator,
     X509Credential,
 )
+from sealmq.identity import Role
 
 DEVICE, BACKEND = "bench-dev", "backend"
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from bench.stats import fmt, median, percentile, table
 from pki import layout, store
 from pki.store import load_identity, load_trust_store
-from pki.verify import Role, TrustStore
+from pki.verify import TrustStore
 from sealmq.edhoc import (
     Initiator,
     LocalCredential,
@@ -41,6 +41,7 @@ from sealmq.edhoc import (
     X509Authenticator,
     X509Credential,
 )
+from sealmq.identity import Role
 
 # Sizes the EDHOC authors publish for method 0 (signatures), X.509 by reference (x5t), P-256,
 # ECDSA, AES-CCM 8-byte tag, 1-byte connection identifiers: draft-ietf-iotops-security-protocol-

@@ -17,7 +17,7 @@ monitor    nothing                               ``sealmq/#`` and narrower
 
 from __future__ import annotations
 
-from broker.passwd import Role
+from broker.passwd import AccountRole
 from sealmq.topics import ROOT, Channel, valid_device_id
 
 CHANNELS = tuple(c.value for c in Channel)
@@ -71,37 +71,37 @@ def filter_covered(requested: str, allowed: str) -> bool:
     return len(r_levels) == len(a_levels)
 
 
-def subscribe_filters(role: Role, name: str) -> tuple[str, ...]:
+def subscribe_filters(role: AccountRole, name: str) -> tuple[str, ...]:
     """The widest filters ``name`` may subscribe to (and receive on)."""
-    if role is Role.DEVICE:
+    if role is AccountRole.DEVICE:
         return (f"{ROOT}/{name}/+/down",) if valid_device_id(name) else ()
-    if role is Role.BACKEND:
+    if role is AccountRole.BACKEND:
         return (f"{ROOT}/+/+/up",)
-    if role is Role.MONITOR:
+    if role is AccountRole.MONITOR:
         return ("sealmq/#",)
     return ()
 
 
-def may_publish(role: Role, name: str, topic: str) -> bool:
+def may_publish(role: AccountRole, name: str, topic: str) -> bool:
     if not topic or "+" in topic or "#" in topic or "\x00" in topic:
         return False
     levels = topic.split("/")
     if len(levels) != 5 or f"{levels[0]}/{levels[1]}" != ROOT or levels[3] not in CHANNELS:
         return False
     device, direction = levels[2], levels[4]
-    if role is Role.DEVICE:
+    if role is AccountRole.DEVICE:
         return direction == "up" and device == name and valid_device_id(name)
-    if role is Role.BACKEND:
+    if role is AccountRole.BACKEND:
         return direction == "down" and valid_device_id(device)
     return False
 
 
-def may_subscribe(role: Role, name: str, flt: str) -> bool:
+def may_subscribe(role: AccountRole, name: str, flt: str) -> bool:
     if not valid_filter(flt):
         return False
     return any(filter_covered(flt, allowed) for allowed in subscribe_filters(role, name))
 
 
-def may_receive(role: Role, name: str, topic: str) -> bool:
+def may_receive(role: AccountRole, name: str, topic: str) -> bool:
     """Checked again at delivery: a session whose user changed must not keep old subscriptions."""
     return any(topic_matches(topic, allowed) for allowed in subscribe_filters(role, name))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from broker.passwd import Role, User
+from broker.passwd import AccountRole, User
 from sealmq.errors import ConfigError, Reason
 from sealmq.topics import ROOT, Channel
 
@@ -50,12 +50,12 @@ def _template(name: str) -> str:
 def acl_sections(users: dict[str, User]) -> str:
     out: list[str] = []
     for user in sorted(users.values(), key=lambda u: u.name):
-        if user.role is Role.BACKEND:
+        if user.role is AccountRole.BACKEND:
             out.append(f"# backend: all devices' .../up in, .../down out\nuser {user.name}")
             out.append(f"topic read {ROOT}/+/+/up")
             out += [f"topic write {ROOT}/+/{ch.value}/down" for ch in Channel]
             out.append("")
-        elif user.role is Role.MONITOR:
+        elif user.role is AccountRole.MONITOR:
             out.append(f"# monitor: read everything under sealmq/, write nothing\nuser {user.name}")
             out.append("topic read sealmq/#")
             out.append("")

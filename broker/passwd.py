@@ -39,7 +39,10 @@ HASH_PREFIX = "$7$"
 # Service-user names share the device-id alphabet so every name is a safe topic level and file name.
 
 
-class Role(StrEnum):
+class AccountRole(StrEnum):
+    """Kinds of broker account (what the ACL grants), not to be confused with the protocol
+    roles of :class:`sealmq.identity.Role`: the monitor is a broker user, never an EDHOC peer."""
+
     DEVICE = "device"
     BACKEND = "backend"
     MONITOR = "monitor"
@@ -48,7 +51,7 @@ class Role(StrEnum):
 @dataclass(frozen=True)
 class User:
     name: str
-    role: Role
+    role: AccountRole
     pw_hash: str  # "$7$iterations$salt$hash"
 
 
@@ -105,7 +108,7 @@ def parse_users(text: str) -> dict[str, User]:
         if not valid_user_name(name):
             raise ConfigError(Reason.CONFIG_INVALID, f"line {lineno}: bad user name")
         try:
-            role = Role(role_text)
+            role = AccountRole(role_text)
         except ValueError:
             raise ConfigError(Reason.CONFIG_INVALID, f"line {lineno}: unknown role {role_text!r}") from None
         iterations, _, _ = _parse_hash(pw_hash)
@@ -150,7 +153,7 @@ def add_user(
     path: str | Path,
     name: str,
     password: str,
-    role: Role | str = Role.DEVICE,
+    role: AccountRole | str = AccountRole.DEVICE,
     *,
     iterations: int = DEFAULT_ITERATIONS,
 ) -> User:
@@ -161,7 +164,7 @@ def add_user(
         raise ConfigError(Reason.CONFIG_INVALID, "empty password")
     p = Path(path)
     users = load_users(p) if p.exists() else {}
-    user = User(name, Role(role), hash_password(password, iterations=iterations))
+    user = User(name, AccountRole(role), hash_password(password, iterations=iterations))
     users[name] = user
     _write_private(p, format_users(users))
     return user

@@ -25,7 +25,7 @@ from broker.framing import (
     CONNACK_NOT_AUTHORIZED,
     ConnectInfo,
 )
-from broker.passwd import Role, User, load_users, verify_password
+from broker.passwd import AccountRole, User, load_users, verify_password
 
 CLIENT_ID_SEPARATOR = ":"  # not in the device-id alphabet, so "<user>:<suffix>" never names another user
 
@@ -50,7 +50,7 @@ class BrokerPolicy:
     def from_file(cls, path: str | Path) -> BrokerPolicy:
         return cls(load_users(path))
 
-    def role(self, name: str | None) -> Role | None:
+    def role(self, name: str | None) -> AccountRole | None:
         user = self._users.get(name) if name is not None else None
         return user.role if user else None
 
@@ -58,7 +58,7 @@ class BrokerPolicy:
         msg = name.encode() + b"\x00" + password.encode("utf-8", "surrogateescape")
         return hmac.new(self._cache_key, msg, hashlib.sha256).digest()
 
-    async def check_password(self, name: str | None, password: str | None) -> Role | None:
+    async def check_password(self, name: str | None, password: str | None) -> AccountRole | None:
         """The user's role if ``password`` is right, else None. Never raises on bad input."""
         if name is None or password is None:
             return None

@@ -30,9 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from pki import issue, keys, layout
 from pki.store import read_bytes, write_atomic
-from pki.verify import Role, valid_name
+from pki.verify import valid_name
 from sealmq.edhoc.ccs import CcsCredential, CcsEntry, CcsRegistry, decode_ccs, encode_ccs, subject_uri
 from sealmq.errors import KeyFileError, PkiError, Reason, SealmqError
+from sealmq.identity import Role
 
 REGISTRY_VERSION = 1
 KID_LENGTH = 4  # short on the wire (method 3 is for constrained links), unique by construction

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pki import ccs, issue, keys, layout, show, store
-from pki.verify import Role, identity_of, load_chain
+from pki.verify import identity_of, load_chain
 from sealmq.errors import CertificateError, PkiError, Reason
+from sealmq.identity import Role
 
 ROLES = [r.value for r in Role]
 

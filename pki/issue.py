@@ -24,13 +24,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pki.keys import PrivateKey, signing_hash
 from pki.verify import (
     PARSE_ERRORS,
-    Role,
     describe_public_key,
     identity_uri,
     parse_identity_uri,
     valid_name,
 )
 from sealmq.errors import CertificateError, CsrError, PkiError, Reason
+from sealmq.identity import Role
 
 DEFAULT_LEAF_DAYS = 365
 MAX_LEAF_DAYS = 825

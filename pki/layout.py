@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pki.verify import Role, valid_name
+from pki.verify import valid_name
 from sealmq.errors import PkiError, Reason
+from sealmq.identity import Role
 
 CA = "ca"
 ROOT_CERT = "root.crt"

@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from pki import issue, keys, layout
 from pki.keys import KeyType, PrivateKey
 from pki.verify import (
-    Role,
     TrustStore,
     identity_of,
     load_certificates_pem,
@@ -34,6 +33,7 @@ from pki.verify import (
     load_crls_pem,
 )
 from sealmq.errors import CertificateError, KeyFileError, PkiError, Reason
+from sealmq.identity import Role
 
 MAX_FILE = 1 << 20
 

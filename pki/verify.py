@@ -20,7 +20,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
@@ -30,6 +29,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sealmq.errors import CertificateError, PkiError, Reason
+from sealmq.identity import Role as Role  # noqa: PLC0414 - re-exported for device/agent.py, backend/service.py
 
 URI_PREFIX = "urn:sealmq:"
 # Names end up in topics, SAN URIs and directory names: the device-id alphabet for both roles.
@@ -55,17 +55,18 @@ PARSE_ERRORS = (
 )
 
 
-class Role(StrEnum):
-    DEVICE = "device"
-    BACKEND = "backend"
-
-
 @dataclass(frozen=True)
 class VerifiedPeer:
+    """A peer whose certificate chain validated; a :class:`sealmq.identity.PeerIdentity`."""
+
     role: Role
     name: str  # device id or backend name, from the SAN URI
     certificate: x509.Certificate  # the leaf
     public_key: Any  # the leaf's public key object (cryptography)
+
+    @property
+    def credential(self) -> str:
+        return f"x509 serial {self.certificate.serial_number:x}"
 
 
 # --- identity ------------------------------------------------------------------------------

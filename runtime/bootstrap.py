@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.passwd import DEFAULT_ITERATIONS, Role, add_user, generate_password, load_users
+from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
 
 
@@ -71,7 +71,7 @@ def _write_secret(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _ensure_user(dep: Deployment, role: Role, name: str, iterations: int, existing: set[str]) -> bool:
+def _ensure_user(dep: Deployment, role: AccountRole, name: str, iterations: int, existing: set[str]) -> bool:
     pw_file = dep.password_file(role.value, name)
     if name in existing and pw_file.exists():
         return False
@@ -105,12 +105,12 @@ def bootstrap(
             created.append(f"device identity {device_id}")
     dep.users.parent.mkdir(parents=True, exist_ok=True)
     existing = set(load_users(dep.users)) if dep.users.exists() else set()
-    if _ensure_user(dep, Role.BACKEND, backend_name, iterations, existing):
+    if _ensure_user(dep, AccountRole.BACKEND, backend_name, iterations, existing):
         created.append(f"broker user {backend_name}")
-    if _ensure_user(dep, Role.MONITOR, "monitor", iterations, existing):
+    if _ensure_user(dep, AccountRole.MONITOR, "monitor", iterations, existing):
         created.append("broker user monitor")
     for device_id in device_ids:
-        if _ensure_user(dep, Role.DEVICE, device_id, iterations, existing):
+        if _ensure_user(dep, AccountRole.DEVICE, device_id, iterations, existing):
             created.append(f"broker user {device_id}")
     dep.backend_data.mkdir(parents=True, exist_ok=True)
     return dep, created

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, write_config
-from broker.passwd import Role, add_user, load_users
+from broker.passwd import AccountRole, add_user, load_users
 
 TEST_ITERATIONS = 1_000
 HOST = "127.0.0.1"
@@ -164,10 +164,10 @@ def make_users(directory: Path, n_devices: int = 2) -> tuple[Path, Creds, list[C
     backend = Creds("backend", secrets.token_urlsafe(12))
     monitor = Creds("monitor", secrets.token_urlsafe(12))
     devices = [Creds(f"dev{i}", secrets.token_urlsafe(12)) for i in range(n_devices)]
-    add_user(passwd, backend.username, backend.password, Role.BACKEND, iterations=TEST_ITERATIONS)
-    add_user(passwd, monitor.username, monitor.password, Role.MONITOR, iterations=TEST_ITERATIONS)
+    add_user(passwd, backend.username, backend.password, AccountRole.BACKEND, iterations=TEST_ITERATIONS)
+    add_user(passwd, monitor.username, monitor.password, AccountRole.MONITOR, iterations=TEST_ITERATIONS)
     for d in devices:
-        add_user(passwd, d.username, d.password, Role.DEVICE, iterations=TEST_ITERATIONS)
+        add_user(passwd, d.username, d.password, AccountRole.DEVICE, iterations=TEST_ITERATIONS)
     return passwd, backend, devices, monitor
 
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from pki import issue
-from pki.verify import Role, TrustStore
+from pki.verify import TrustStore
 from sealmq import cbor
 from sealmq.edhoc import (
     AuthenticatedPeer,
@@ -31,6 +31,7 @@ from sealmq.edhoc import (
 )
 from sealmq.edhoc.wire import x5t_hash
 from sealmq.errors import EdhocError, Reason
+from sealmq.identity import Role
 from tests.conftest import VECTORS, load_vectors
 
 T1 = load_vectors("rfc9529_trace1.json")["values"]

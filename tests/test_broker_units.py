@@ -15,7 +15,7 @@ from broker import acl
 from broker.framing import ConnectParseError, parse_connect
 from broker.inspect_format import describe
 from broker.passwd import (
-    Role,
+    AccountRole,
     add_user,
     hash_password,
     load_users,
@@ -67,12 +67,12 @@ def test_malformed_hash_never_verifies(bad: str) -> None:
 
 def test_user_file_add_replace_remove_and_mode(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "users"
-    add_user(path, "dev-1", "a", Role.DEVICE, iterations=1000)
+    add_user(path, "dev-1", "a", AccountRole.DEVICE, iterations=1000)
     add_user(path, "backend", "b", "backend", iterations=1000)
-    add_user(path, "dev-1", "plaintext-secret", Role.DEVICE, iterations=1000)  # replaces
+    add_user(path, "dev-1", "plaintext-secret", AccountRole.DEVICE, iterations=1000)  # replaces
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     users = load_users(path)
-    assert {u.name: u.role for u in users.values()} == {"dev-1": Role.DEVICE, "backend": Role.BACKEND}
+    assert {u.name: u.role for u in users.values()} == {"dev-1": AccountRole.DEVICE, "backend": AccountRole.BACKEND}
     assert verify_password("plaintext-secret", users["dev-1"].pw_hash)
     assert not verify_password("a", users["dev-1"].pw_hash)
     assert "plaintext-secret" not in path.read_text()
@@ -125,7 +125,7 @@ A, B = "deva", "devb"
     ],
 )
 def test_device_subscribe(flt: str, ok: bool) -> None:
-    assert acl.may_subscribe(Role.DEVICE, A, flt) is ok
+    assert acl.may_subscribe(AccountRole.DEVICE, A, flt) is ok
 
 
 @pytest.mark.parametrize(
@@ -142,19 +142,19 @@ def test_device_subscribe(flt: str, ok: bool) -> None:
     ],
 )
 def test_device_publish(topic: str, ok: bool) -> None:
-    assert acl.may_publish(Role.DEVICE, A, topic) is ok
+    assert acl.may_publish(AccountRole.DEVICE, A, topic) is ok
 
 
 def test_backend_and_monitor() -> None:
-    assert acl.may_subscribe(Role.BACKEND, "backend", "sealmq/v1/+/+/up")
-    assert acl.may_subscribe(Role.BACKEND, "backend", "sealmq/v1/+/data/up")
-    assert not acl.may_subscribe(Role.BACKEND, "backend", "sealmq/#")
-    assert not acl.may_subscribe(Role.BACKEND, "backend", "sealmq/v1/+/data/down")
-    assert acl.may_publish(Role.BACKEND, "backend", f"sealmq/v1/{A}/data/down")
-    assert not acl.may_publish(Role.BACKEND, "backend", f"sealmq/v1/{A}/data/up")
-    assert acl.may_subscribe(Role.MONITOR, "mon", "sealmq/#")
-    assert not acl.may_subscribe(Role.MONITOR, "mon", "#")
-    assert not acl.may_publish(Role.MONITOR, "mon", f"sealmq/v1/{A}/data/down")
+    assert acl.may_subscribe(AccountRole.BACKEND, "backend", "sealmq/v1/+/+/up")
+    assert acl.may_subscribe(AccountRole.BACKEND, "backend", "sealmq/v1/+/data/up")
+    assert not acl.may_subscribe(AccountRole.BACKEND, "backend", "sealmq/#")
+    assert not acl.may_subscribe(AccountRole.BACKEND, "backend", "sealmq/v1/+/data/down")
+    assert acl.may_publish(AccountRole.BACKEND, "backend", f"sealmq/v1/{A}/data/down")
+    assert not acl.may_publish(AccountRole.BACKEND, "backend", f"sealmq/v1/{A}/data/up")
+    assert acl.may_subscribe(AccountRole.MONITOR, "mon", "sealmq/#")
+    assert not acl.may_subscribe(AccountRole.MONITOR, "mon", "#")
+    assert not acl.may_publish(AccountRole.MONITOR, "mon", f"sealmq/v1/{A}/data/down")
 
 
 LEVEL = st.sampled_from(["sealmq", "v1", A, B, "data", "hs", "down", "up", "x", "+", "#"])
@@ -164,10 +164,10 @@ CONCRETE = st.sampled_from(["sealmq", "v1", A, B, "data", "hs", "down", "up", "x
 @given(
     st.lists(LEVEL, min_size=1, max_size=6).map("/".join),
     st.lists(CONCRETE, min_size=1, max_size=6).map("/".join),
-    st.sampled_from(list(Role)),
+    st.sampled_from(list(AccountRole)),
     st.sampled_from([A, B, "backend"]),
 )
-def test_subscribe_never_grants_an_unreceivable_topic(flt: str, topic: str, role: Role, name: str) -> None:
+def test_subscribe_never_grants_an_unreceivable_topic(flt: str, topic: str, role: AccountRole, name: str) -> None:
     """The soundness property amqtt's ACL lacks: an allowed filter matches only allowed topics."""
     if acl.may_subscribe(role, name, flt) and acl.topic_matches(topic, flt):
         assert acl.may_receive(role, name, topic), (flt, topic)

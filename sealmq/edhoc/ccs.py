@@ -32,6 +32,7 @@ from sealmq.edhoc.credentials import AuthenticatedPeer, AuthKind, PeerAuthentica
 from sealmq.edhoc.suites import CURVE_P256, Suite, exchange
 from sealmq.edhoc.wire import IdCred
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError
+from sealmq.identity import Role
 
 # CWT claim keys (RFC 8392) and the confirmation method (RFC 8747).
 CLAIM_ISS, CLAIM_SUB, CLAIM_EXP, CLAIM_NBF, CLAIM_IAT, CLAIM_CNF = 1, 2, 4, 5, 6, 8
@@ -45,7 +46,7 @@ MAX_CCS_LEN = 1024
 MAX_KID_LEN = 16
 MAX_SUBJECT_LEN = 256
 URI_PREFIX = "urn:sealmq:"
-ROLES = ("device", "backend")
+ROLES = tuple(r.value for r in Role)
 
 _CLAIMS = {CLAIM_ISS, CLAIM_SUB, CLAIM_EXP, CLAIM_NBF, CLAIM_IAT, CLAIM_CNF}
 _KEY_LABELS = {KEY_KTY, KEY_KID, KEY_CRV, KEY_X, KEY_Y}
@@ -245,12 +246,18 @@ class CcsCredential:
 
 @dataclass(frozen=True)
 class CcsIdentity:
-    """Who a registered CCS belongs to; ``name`` is the device id or the backend name."""
+    """Who a registered CCS belongs to (a :class:`~sealmq.identity.PeerIdentity`); ``name`` is
+    the device id or the backend name, ``public_key`` the static DH key of the CCS."""
 
-    role: str
+    role: Role
     name: str
     kid: bytes
     subject: str
+    public_key: ec.EllipticCurvePublicKey = field(compare=False)
+
+    @property
+    def credential(self) -> str:
+        return f"ccs kid {self.kid.hex()}"
 
 
 @dataclass(frozen=True)
@@ -311,9 +318,9 @@ class CcsAuthenticator:
     seconds since the epoch; ``None`` skips the time check).
     """
 
-    def __init__(self, registry: CcsRegistry, role: Any, now: float | None = None) -> None:
+    def __init__(self, registry: CcsRegistry, role: Role | str, now: float | None = None) -> None:
         self.registry = registry
-        self.role = str(getattr(role, "value", role))
+        self.role = Role(role).value
         self.now = now
 
     def _resolve(self, id_cred: IdCred) -> CcsEntry:
@@ -346,7 +353,8 @@ class CcsAuthenticator:
                 raise EdhocError(Reason.NOT_YET_VALID, "credential not yet valid")
             if entry.ccs.expires is not None and self.now >= entry.ccs.expires:
                 raise EdhocError(Reason.EXPIRED, "credential expired")
-        identity = CcsIdentity(entry.role, entry.name, entry.ccs.kid, entry.ccs.subject)
+        identity = CcsIdentity(Role(entry.role), entry.name, entry.ccs.kid, entry.ccs.subject,
+                               entry.ccs.public_key)
         return AuthenticatedPeer(cred=entry.ccs.encoded, public_key=entry.ccs.public_key, identity=identity)
 
 

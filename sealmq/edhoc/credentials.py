@@ -28,6 +28,7 @@ from sealmq import cbor
 from sealmq.edhoc.suites import Suite, exchange
 from sealmq.edhoc.wire import X5T_SHA256_64, IdCred, x5t_hash
 from sealmq.errors import CertificateError, EdhocError, LocalProtocolError, Reason
+from sealmq.identity import PeerIdentity, Role
 
 MAX_CERT_LEN = 8192
 
@@ -43,7 +44,7 @@ class AuthenticatedPeer:
 
     cred: bytes  # CRED_x exactly as it goes into context_2/3 (a CBOR item)
     public_key: Any  # signature key, or static DH key (methods 1..3)
-    identity: Any  # opaque to EDHOC: e.g. pki.verify.VerifiedPeer
+    identity: PeerIdentity  # opaque to EDHOC: pki.verify.VerifiedPeer, a CcsIdentity...
 
 
 class PeerAuthenticator(Protocol):
@@ -143,7 +144,7 @@ class StaticDhKey:
 class TrustStoreLike(Protocol):
     """The part of ``pki.verify.TrustStore`` EDHOC uses (structural, so the core needs no pki import)."""
 
-    def verify(self, chain: Sequence[bytes], *, role: Any, now: datetime) -> Any: ...
+    def verify(self, chain: Sequence[bytes], *, role: Role, now: datetime) -> PeerIdentity: ...
 
 
 class X509Authenticator:
@@ -157,7 +158,7 @@ class X509Authenticator:
     def __init__(
         self,
         trust_store: TrustStoreLike,
-        role: Any,
+        role: Role,
         now: datetime,
         known_chains: Sequence[Sequence[bytes]] = (),
     ) -> None:

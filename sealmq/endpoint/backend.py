@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pki.verify import Role
 from sealmq import cbor, topics
 from sealmq.edhoc import LocalCredential, Responder, X509Authenticator, encode_error_message, is_error_message
 from sealmq.endpoint.events import (
@@ -24,6 +23,7 @@ from sealmq.endpoint.events import (
 )
 from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
+from sealmq.identity import PeerIdentity, Role
 from sealmq.oscore import AES_CCM_16_64_128
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import Channel, Direction, RecordKind
@@ -40,9 +40,9 @@ class _HalfOpen:
 @dataclass
 class _Established:
     session: Session
-    peer: Any  # what authenticated the device: pki.verify.VerifiedPeer, or a CCS identity
+    peer: PeerIdentity  # who the device authenticated as (certificate or CCS)
     since: float
-    public_key: Any = None  # the device's authentication key (signature key, or static DH key for CCS)
+    public_key: Any = None  # the key the handshake authenticated (signature key, or static DH key for CCS)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class BackendEndpoint:
             topics.subscription(Channel.MEDIA, Direction.UP),
         ]
 
-    def peer(self, device_id: str) -> Any:
+    def peer(self, device_id: str) -> PeerIdentity | None:
         est = self.sessions.get(device_id)
         return est.peer if est is not None else None
 
@@ -171,7 +171,7 @@ class BackendEndpoint:
             responder.process_message_3(message)
             result = responder.result()
             identity = result.peer.identity
-            if getattr(identity, "name", None) != device_id:
+            if identity.name != device_id:
                 raise EdhocError(Reason.IDENTITY_MISMATCH, "certificate names another device than the topic")
         except EdhocError as err:
             del self.half_open[device_id]

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from pki.verify import Role
 from sealmq import cbor, topics
 from sealmq.edhoc import (
     EdhocResult,
@@ -32,6 +31,7 @@ from sealmq.endpoint.events import (
 )
 from sealmq.endpoint.framing import TRUE_PREFIX, split_frame
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
+from sealmq.identity import PeerIdentity, Role
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import Channel, Direction, RecordKind
 
@@ -81,7 +81,7 @@ class DeviceEndpoint:
         self.config = config or EndpointConfig()
         self.state = DeviceState.IDLE
         self.session: Session | None = None
-        self.peer: Any = None
+        self.peer: PeerIdentity | None = None
         self._initiator: Initiator | None = None
         self._c_i: bytes = b""
         self._deadline = 0.0
@@ -163,8 +163,7 @@ class DeviceEndpoint:
 
     def _complete(self, result: EdhocResult, now: float, random_bytes: RandomBytes) -> list[Output]:
         identity = result.peer.identity
-        name = getattr(identity, "name", None)
-        if name != self.backend_name:
+        if identity.name != self.backend_name:
             return self._fail(Reason.IDENTITY_MISMATCH, "backend certificate names another backend", now)
         self.session = Session.from_edhoc(
             prk_out=result.prk_out,
@@ -182,7 +181,7 @@ class DeviceEndpoint:
         self._initiator = None
         self._failures = 0
         self.state = DeviceState.ESTABLISHED
-        return [HandshakeCompleted(self.device_id, str(name), result.suite, identity)]
+        return [HandshakeCompleted(self.device_id, identity.name, result.suite, identity)]
 
     # -- messages ----------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sealmq.edhoc import PeerAuthenticator
 from sealmq.errors import Reason
+from sealmq.identity import PeerIdentity
 from sealmq.session import Delivered, KeyUpdated, OldEpochDropped, Send
 from sealmq.session import Rejected as BufferedRejected
 from sealmq.topics import RecordKind
@@ -37,7 +38,7 @@ class HandshakeCompleted:
     device_id: str
     peer_name: str
     suite: int
-    identity: Any  # pki.verify.VerifiedPeer of the other side
+    identity: PeerIdentity  # who the other side authenticated as (certificate or CCS)
 
 
 @dataclass(frozen=True)
