@@ -19,12 +19,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from sealmq import cbor
+from sealmq import cbor, cose
+from sealmq.cose import ALG_EDDSA, ALG_ES256, ALG_PS256, MIN_RSA_BITS
 from sealmq.errors import ConfigError, DecodeError, MediaError, Reason
 from sealmq.topics import check_device_id
 
@@ -173,18 +171,11 @@ def decode_manifest(payload: bytes) -> Manifest:
     return manifest
 
 
-# --- COSE_Sign1 -------------------------------------------------------------------------------
-ALG_ES256 = -7
-ALG_EDDSA = -8
-ALG_PS256 = -37
-
+# --- COSE_Sign1 (the primitives are in sealmq.cose) ---------------------------------------------
 PrivateKey = (
     ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | rsa.RSAPrivateKey
 )
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey | rsa.RSAPublicKey
-
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)  # RFC 8230: salt = hash length
-
 
 def alg_for_key(key: PrivateKey | PublicKey) -> int:
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
@@ -195,14 +186,10 @@ def alg_for_key(key: PrivateKey | PublicKey) -> int:
                         ed448.Ed448PrivateKey, ed448.Ed448PublicKey)):
         return ALG_EDDSA
     if isinstance(key, (rsa.RSAPrivateKey, rsa.RSAPublicKey)):
-        if key.key_size < 2048:
+        if key.key_size < MIN_RSA_BITS:
             raise MediaError(Reason.WEAK_KEY, "RSA keys below 2048 bits are refused")
         return ALG_PS256
     raise MediaError(Reason.UNSUPPORTED_ALGORITHM, f"no COSE algorithm for {type(key).__name__}")
-
-
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor.dumps(["Signature1", protected, b"", payload])
 
 
 def sign_manifest(private_key: PrivateKey, manifest: Manifest) -> bytes:
@@ -211,15 +198,7 @@ def sign_manifest(private_key: PrivateKey, manifest: Manifest) -> bytes:
     alg = alg_for_key(private_key)
     protected = cbor.dumps({1: alg})
     payload = manifest.to_cbor()
-    tbs = _sig_structure(protected, payload)
-    if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        der = private_key.sign(tbs, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
-        r, s = decode_dss_signature(der)
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    elif isinstance(private_key, rsa.RSAPrivateKey):
-        signature = private_key.sign(tbs, _PSS, hashes.SHA256())
-    else:
-        signature = private_key.sign(tbs)
+    signature = cose.sign(alg, private_key, cose.sig_structure(protected, b"", payload))
     return cbor.dumps([protected, {}, payload, signature])
 
 
@@ -262,20 +241,9 @@ def verify_manifest(cose_bytes: bytes, public_key: PublicKey) -> Manifest:
     signed = parse_signed_manifest(cose_bytes)
     if signed.alg != alg_for_key(public_key):
         raise MediaError(Reason.BAD_SIGNATURE, "COSE alg does not match the device key")
-    tbs = _sig_structure(signed.protected, signed.payload)
-    sig = signed.signature
-    try:
-        if isinstance(public_key, ec.EllipticCurvePublicKey):
-            if len(sig) != 64:
-                raise MediaError(Reason.BAD_SIGNATURE, "ES256 signature must be 64 bytes")
-            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
-            public_key.verify(der, tbs, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(public_key, rsa.RSAPublicKey):
-            public_key.verify(sig, tbs, _PSS, hashes.SHA256())
-        else:
-            public_key.verify(sig, tbs)
-    except (InvalidSignature, ValueError):
-        raise MediaError(Reason.BAD_SIGNATURE, "manifest signature does not verify") from None
+    if not cose.verify(signed.alg, public_key, cose.sig_structure(signed.protected, b"", signed.payload),
+                       signed.signature):
+        raise MediaError(Reason.BAD_SIGNATURE, "manifest signature does not verify")
     return signed.manifest
 
 

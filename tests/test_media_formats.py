@@ -11,11 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sealmq import cbor
+from sealmq.cose import ALG_EDDSA, ALG_ES256, ALG_PS256
 from sealmq.errors import ConfigError, DecodeError, MediaError, Reason
 from sealmq.media import (
-    ALG_EDDSA,
-    ALG_ES256,
-    ALG_PS256,
     CHUNK_ENVELOPE,
     MAX_ACK_BITMAP,
     MAX_CHUNK_SIZE,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from sealmq import cbor, kdf
+from sealmq import cbor, cose, kdf
 from sealmq.edhoc.credentials import AuthenticatedPeer, AuthKind, LocalCredential, PeerAuthenticator
 from sealmq.edhoc.suites import DEFAULT_SUITES, Suite, exchange, generate_ephemeral, get_suite
 from sealmq.edhoc.wire import (
@@ -360,7 +360,7 @@ class _Party:
 
 def _sig_structure(id_cred: IdCred, th: bytes, cred: bytes, ead: bytes, mac: bytes) -> bytes:
     # COSE_Sign1 Sig_structure with external_aad = << TH_x, CRED_x, ? EAD_x >> (RFC 9528 5.3.2).
-    return cbor.dumps(["Signature1", id_cred.encoded, cbor.dumps(th) + cred + ead, mac])
+    return cose.sig_structure(id_cred.encoded, cbor.dumps(th) + cred + ead, mac)
 
 
 def _xor(a: bytes, b: bytes) -> bytes:

@@ -16,31 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 
+from sealmq import cose
+from sealmq.cose import (
+    ALG_A128GCM,
+    ALG_A256GCM,
+    ALG_AES_CCM_16_64_128,
+    ALG_AES_CCM_16_128_128,
+    ALG_EDDSA,
+    ALG_ES256,
+    ALG_ES384,
+    ALG_PS256,
+    MIN_RSA_BITS,
+)
 from sealmq.errors import DecryptError, EdhocError, LocalProtocolError, Reason
-
-# COSE algorithm identifiers (IANA "COSE Algorithms").
-ALG_AES_CCM_16_64_128 = 10
-ALG_AES_CCM_16_128_128 = 30
-ALG_A128GCM = 1
-ALG_A256GCM = 3
-ALG_EDDSA = -8
-ALG_ES256 = -7
-ALG_ES384 = -35
-ALG_PS256 = -37
-ALG_SHA256 = -16
-ALG_SHA384 = -43
 
 CURVE_X25519 = "X25519"
 CURVE_P256 = "P-256"
 CURVE_P384 = "P-384"
-
-MIN_RSA_BITS = 2048
 
 
 @dataclass(frozen=True)
@@ -114,19 +110,13 @@ class Suite:
 
     def sign(self, private_key: Any, message: bytes) -> bytes:
         """COSE signature of ``message`` with the suite's signature algorithm."""
-        if self.sig_alg == ALG_EDDSA and isinstance(private_key, ed25519.Ed25519PrivateKey):
-            return private_key.sign(message)
-        if self.sig_alg in (ALG_ES256, ALG_ES384) and isinstance(private_key, ec.EllipticCurvePrivateKey):
-            curve_name = "secp256r1" if self.sig_alg == ALG_ES256 else "secp384r1"
-            if private_key.curve.name != curve_name:
-                raise LocalProtocolError(Reason.UNSUPPORTED_ALGORITHM, "signing key on the wrong curve")
-            hash_alg: hashes.HashAlgorithm = hashes.SHA256() if self.sig_alg == ALG_ES256 else hashes.SHA384()
-            der = private_key.sign(message, ec.ECDSA(hash_alg, deterministic_signing=True))
-            r, s = decode_dss_signature(der)
-            n = private_key.curve.key_size // 8
-            return r.to_bytes(n, "big") + s.to_bytes(n, "big")
-        if self.sig_alg == ALG_PS256 and isinstance(private_key, rsa.RSAPrivateKey):
-            return private_key.sign(message, _pss(), hashes.SHA256())
+        if self.sig_alg in (ALG_ES256, ALG_ES384) and isinstance(private_key, ec.EllipticCurvePrivateKey) \
+                and private_key.curve.name != cose.ECDSA_CURVE[self.sig_alg]:
+            raise LocalProtocolError(Reason.UNSUPPORTED_ALGORITHM, "signing key on the wrong curve")
+        if (self.sig_alg == ALG_EDDSA and isinstance(private_key, ed25519.Ed25519PrivateKey)) or (
+            self.sig_alg in (ALG_ES256, ALG_ES384) and isinstance(private_key, ec.EllipticCurvePrivateKey)
+        ) or (self.sig_alg == ALG_PS256 and isinstance(private_key, rsa.RSAPrivateKey)):
+            return cose.sign(self.sig_alg, private_key, message)
         raise LocalProtocolError(
             Reason.UNSUPPORTED_ALGORITHM,
             f"local key {type(private_key).__name__} cannot sign suite {self.ident}",
@@ -137,7 +127,7 @@ class Suite:
         if self.sig_alg == ALG_EDDSA:
             return isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey))
         if self.sig_alg in (ALG_ES256, ALG_ES384):
-            want = "secp256r1" if self.sig_alg == ALG_ES256 else "secp384r1"
+            want = cose.ECDSA_CURVE[self.sig_alg]
             return isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and (
                 key.curve.name == want
             )
@@ -152,24 +142,8 @@ class Suite:
                 Reason.UNSUPPORTED_ALGORITHM,
                 f"peer key {type(public_key).__name__} does not fit suite {self.ident}",
             )
-        try:
-            if isinstance(public_key, ed25519.Ed25519PublicKey):
-                public_key.verify(signature, message)
-            elif isinstance(public_key, ec.EllipticCurvePublicKey):
-                n = public_key.curve.key_size // 8
-                if len(signature) != 2 * n:
-                    raise InvalidSignature
-                der = encode_dss_signature(
-                    int.from_bytes(signature[:n], "big"), int.from_bytes(signature[n:], "big")
-                )
-                hash_alg: hashes.HashAlgorithm = hashes.SHA256() if n == 32 else hashes.SHA384()
-                public_key.verify(der, message, ec.ECDSA(hash_alg))
-            elif isinstance(public_key, rsa.RSAPublicKey):
-                public_key.verify(signature, message, _pss(), hashes.SHA256())
-            else:  # pragma: no cover - excluded by signature_key_matches
-                raise InvalidSignature
-        except (InvalidSignature, ValueError):
-            raise EdhocError(Reason.SIGNATURE_FAILED, "signature does not verify") from None
+        if not cose.verify(self.sig_alg, public_key, message, signature):
+            raise EdhocError(Reason.SIGNATURE_FAILED, "signature does not verify")
 
     # --- EDHOC AEAD (message_3, message_4) -------------------------------------------------
 
@@ -186,11 +160,6 @@ class Suite:
         if self.aead in (ALG_A128GCM, ALG_A256GCM):
             return AESGCM(key)
         return AESCCM(key, tag_length=self.tag_length)
-
-
-def _pss() -> padding.PSS:
-    # RFC 8230 section 2: PS256 uses MGF1 with SHA-256 and a salt as long as the hash.
-    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
 def _nist_curve(name: str) -> ec.EllipticCurve:
