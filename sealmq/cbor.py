@@ -2,8 +2,8 @@
 
 Every message sealmq accepts must be *deterministically encoded* (RFC 8949 section 4.2.1:
 shortest-form integers and lengths, definite lengths, sorted map keys), contain only the
-plain data model (integers, byte and text strings, arrays, maps, booleans, null, floats;
-no tags, no undefined, no simple values) and nest at most :data:`MAX_DEPTH` deep.
+plain data model (integers, byte and text strings, arrays, maps, floats, false, true, null;
+no tags, no undefined, no other simple value) and nest at most :data:`MAX_DEPTH` deep.
 Anything else raises :class:`~sealmq.errors.DecodeError`, never a cbor2 exception.
 
 Rejecting non-deterministic encodings is what RFC 9529 section 4 asks of EDHOC, and it

@@ -72,6 +72,9 @@ class Reason(StrEnum):
     HASH_MISMATCH = "hash_mismatch"
     TRANSFER_EXPIRED = "transfer_expired"
     TOO_MANY_TRANSFERS = "too_many_transfers"
+    # --- application messages (telemetry, command, reply bodies) ------------------------------
+    BAD_BODY = "bad_body"  # well-formed CBOR, but not the body its record kind requires
+    UNKNOWN_COMMAND = "unknown_command"  # a reply names no command sent to that device
     # --- transport / broker -----------------------------------------------------------------
     NOT_AUTHORIZED = "not_authorized"
     TRANSPORT_FAILED = "transport_failed"
@@ -173,6 +176,17 @@ class SessionError(SealmqError):
     """The session cannot proceed (no keys, sequence exhausted, key limits reached)."""
 
     default_reason = Reason.UNKNOWN_SESSION
+
+
+# --- application messages -------------------------------------------------------------------
+class BodyError(DecodeError):
+    """A telemetry, command or reply body was refused (:mod:`sealmq.bodies`).
+
+    ``reason`` is the CBOR-level reason (``malformed``, ``not_deterministic``...) when the bytes
+    are not one strict CBOR item, else ``bad_body``.
+    """
+
+    default_reason = Reason.BAD_BODY
 
 
 # --- media --------------------------------------------------------------------------------

@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from backend.media import MediaRejected, MediaStore, Reply
 from device.media import Outbox
 from pki import ccs as pki_ccs
-from pki.verify import Role
-from sealmq import cbor, oscore, record, topics
+from sealmq import bodies, cbor, oscore, record, topics
 from sealmq.edhoc import Responder, X509Authenticator
 from sealmq.endpoint import (
     BackendEndpoint,
@@ -45,6 +44,7 @@ from sealmq.endpoint import (
 from sealmq.endpoint import backend as backend_endpoint
 from sealmq.endpoint import device as device_endpoint
 from sealmq.errors import SealmqError
+from sealmq.identity import Role
 from sealmq.media import (
     AckStatus,
     Control,
@@ -399,6 +399,13 @@ def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Pat
             assert not schema.matches(bad, BODY_RULE[kind]), (kind, bad)
     replies = [cbor.loads(p) for k, p in cap.sealed if k is RecordKind.REPLY]
     assert {r[1] for r in replies} == {True, False}  # both reply alternatives
+    # sealmq.bodies decodes what the apps send, and encodes it back to the very same bytes
+    codec = {RecordKind.TELEMETRY: bodies.decode_telemetry, RecordKind.COMMAND: bodies.decode_command,
+             RecordKind.REPLY: bodies.decode_reply}
+    app_bodies = [(k, p) for k, p in cap.sealed if k in codec]
+    assert {k for k, _ in app_bodies} == set(codec)
+    for kind, plaintext in app_bodies:
+        assert codec[kind](plaintext).encode() == plaintext, kind
     for aad in cap.aads:
         schema.validate_cbor(aad, "record-enc-structure")
     for rule, pt in edhoc_plaintexts(cap):
@@ -493,6 +500,33 @@ def test_a_narrowed_rule_is_caught(schema: Schema, memory_run: Capture, rule: st
         _all_checks(Schema(text, replace=NARROWED[rule]), memory_run)
 
 
+# --- the application bodies' codec (sealmq.bodies) against the docs -----------------------------
+
+APP_BODIES: list[tuple[str, Any]] = [
+    ("telemetry", bodies.Telemetry.at(1700000000.123, {"temp": 21.5, "tags": ["a"], "raw": b"\x00"})),
+    ("telemetry", bodies.Telemetry(0, {})),
+    ("command", bodies.Command(1, "ping")),
+    ("command", bodies.Command(bodies.MAX_COMMAND_ID, "x" * 64, {"why": [1, -2.5, None]})),
+    ("reply", bodies.Reply.success(2, {"device": "cam-1", "epoch": 3})),
+    ("reply", bodies.Reply.unknown_command(bodies.MAX_COMMAND_ID, "y" * 64)),
+    ("reply", bodies.Reply.failure(3, "e" * bodies.MAX_REPLY_ERROR)),
+]
+
+
+@pytest.mark.parametrize(("rule", "body"), APP_BODIES, ids=lambda v: str(v)[:24])
+def test_codec_bodies_match_the_docs(schema: Schema, rule: str, body: Any) -> None:
+    schema.validate_cbor(body.encode(), rule)
+    for bad in _invalid_variants(cbor.loads(body.encode())):
+        assert not schema.matches(bad, rule), (rule, bad)
+
+
+def test_docs_bound_command_ids_as_the_codec_does(schema: Schema) -> None:
+    assert schema.matches([bodies.MAX_COMMAND_ID, "ping", None], "command")
+    assert not schema.matches([bodies.MAX_COMMAND_ID + 1, "ping", None], "command")
+    assert not schema.matches([bodies.MAX_COMMAND_ID + 1, True, None], "reply")
+    assert not schema.matches([1, "x" * 65, None], "command")
+
+
 # --- what the code's decoders accept, the docs accept ----------------------------------------
 
 def _decoders() -> dict[str, Callable[[bytes], Any]]:
@@ -503,6 +537,9 @@ def _decoders() -> dict[str, Callable[[bytes], Any]]:
         "media-control": decode_control,
         "manifest": decode_manifest,
         "key-update": lambda b: _parse_control(b, 32),
+        "telemetry": bodies.decode_telemetry,
+        "command": bodies.decode_command,
+        "reply": bodies.decode_reply,
     }
 
 
@@ -530,6 +567,7 @@ def decoder_samples(memory_run: Capture) -> list[tuple[str, Any]]:
             for k, p in memory_run.sealed if k is RecordKind.MEDIA_MANIFEST]
     m1 = [cbor.loads_seq(p)[1:] for t, p in memory_run.wire if t.endswith("/hs/up") and p[:1] == b"\xf5"]
     out += [("[ message_1 ]", m) for m in m1]
+    out += [(rule, cbor.loads(body.encode())) for rule, body in APP_BODIES]
     return out
 
 

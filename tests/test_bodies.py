@@ -1,0 +1,217 @@
+"""sealmq.bodies: the telemetry/command/reply codec. Golden bytes (what device/agent.py and
+backend/service.py put in records today), strictness and bounds, Hypothesis round trips, and
+garbage / mutations that must give a typed BodyError and nothing else."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sealmq import cbor
+from sealmq.bodies import (
+    MAX_COMMAND_ID,
+    Command,
+    Reply,
+    Telemetry,
+    decode_command,
+    decode_reply,
+    decode_telemetry,
+)
+from sealmq.errors import BodyError, DecodeError, LocalProtocolError, Reason
+
+# --- golden: the bytes the agent and the service produce (expressions copied from them) ---------
+
+VALUES = {"temp": 21.5, "n": 1, "ok": True, "tags": ["a", "b"], "raw": b"\x00"}
+GOLDEN = [
+    # device/agent.py send_telemetry: cbor.dumps({"t": round(time.time(), 3), "v": values})
+    (Telemetry.at(1700000000.12345, VALUES),
+     "a26174fb41d954fc4007df3b6176a5616e01626f6bf5637261774100647461677382616161626474656d70f94d60",
+     cbor.dumps({"t": round(1700000000.12345, 3), "v": VALUES})),
+    (Telemetry.at(0.5, {}), "a26174f938006176a0", cbor.dumps({"t": 0.5, "v": {}})),
+    # backend/service.py _send_pending_commands: cbor.dumps([cmd.id, cmd.name, cbor.loads(cmd.args)]),
+    # args stored as cbor.dumps(None) when the command takes none
+    (Command(1, "ping"), "83016470696e67f6", cbor.dumps([1, "ping", None])),
+    (Command(7, "status", {"why": 1}), "830766737461747573a16377687901", cbor.dumps([7, "status", {"why": 1}])),
+    # device/agent.py _run_command: cbor.dumps([command_id, ok, result-or-error])
+    (Reply.success(1, "pong"), "8301f564706f6e67", cbor.dumps([1, True, "pong"])),
+    (Reply.unknown_command(3, "nope"), "8303f474756e6b6e6f776e20636f6d6d616e64206e6f7065",
+     cbor.dumps([3, False, "unknown command nope"])),
+    (Reply.failure(4, "KeyError"), "8304f4684b65794572726f72", cbor.dumps([4, False, "KeyError"])),
+]
+
+
+@pytest.mark.parametrize(("body", "hex_bytes", "legacy"), GOLDEN, ids=lambda v: repr(v)[:30])
+def test_encoding_is_what_the_apps_send_today(body: Any, hex_bytes: str, legacy: bytes) -> None:
+    assert body.encode() == legacy
+    assert body.encode().hex() == hex_bytes
+
+
+@pytest.mark.parametrize(("body", "hex_bytes", "legacy"), GOLDEN, ids=lambda v: repr(v)[:30])
+def test_golden_bodies_decode_back(body: Any, hex_bytes: str, legacy: bytes) -> None:
+    decode = {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply}[type(body)]
+    assert decode(legacy) == body
+
+
+def test_reply_accessors() -> None:
+    assert Reply.success(1, {"a": 1}).error is None
+    assert Reply.unknown_command(2, "x").error == "unknown command x"
+    assert decode_reply(cbor.dumps([5, False, "E"])).ok is False
+
+
+def test_reprs_carry_no_payload() -> None:
+    assert "21.5" not in repr(Telemetry(1, {"temp": 21.5}))
+    assert "secret" not in repr(Command(1, "set", "secret")) + repr(Reply.success(1, "secret"))
+
+
+# --- bounds and strictness ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad_id", [MAX_COMMAND_ID + 1, 2**64 - 1, -1, True, 1.0, "1", None])
+def test_command_id_out_of_range_is_a_typed_error(bad_id: Any) -> None:
+    for body in ([bad_id, "ping", None], [bad_id, True, "pong"]):
+        data = cbor.dumps(body)
+        decode = decode_command if isinstance(body[1], str) else decode_reply
+        with pytest.raises(BodyError) as exc:
+            decode(data)
+        assert exc.value.reason is Reason.BAD_BODY
+    with pytest.raises(LocalProtocolError):
+        Command(bad_id, "ping")
+
+
+def test_largest_command_id_is_accepted() -> None:
+    assert decode_command(Command(MAX_COMMAND_ID, "ping").encode()).id == MAX_COMMAND_ID
+    assert decode_reply(Reply.success(MAX_COMMAND_ID, None).encode()).id == MAX_COMMAND_ID
+
+
+REFUSED = [
+    ("telemetry", cbor.dumps({"t": 1})),
+    ("telemetry", cbor.dumps({"t": 1, "v": {}, "x": 0})),
+    ("telemetry", cbor.dumps({"t": True, "v": {}})),
+    ("telemetry", cbor.dumps({"t": "1", "v": {}})),
+    ("telemetry", cbor.dumps({"t": math.nan, "v": {}})),
+    ("telemetry", cbor.dumps({"t": math.inf, "v": {}})),
+    ("telemetry", cbor.dumps({"t": 1, "v": {1: 2}})),
+    ("telemetry", cbor.dumps({"t": 1, "v": [1]})),
+    ("telemetry", cbor.dumps([1, {}])),
+    ("command", cbor.dumps([1, "ping"])),
+    ("command", cbor.dumps([1, "ping", None, None])),
+    ("command", cbor.dumps([1, b"ping", None])),
+    ("command", cbor.dumps([1, "x" * 65, None])),
+    ("command", cbor.dumps([1, "é" * 33, None])),  # 66 bytes of UTF-8
+    ("command", cbor.dumps({"id": 1})),
+    ("reply", cbor.dumps([1, 1, "pong"])),
+    ("reply", cbor.dumps([1, None, "pong"])),
+    ("reply", cbor.dumps([1, False, 42])),
+    ("reply", cbor.dumps([1, False, "e" * 257])),
+    ("reply", cbor.dumps([1, True])),
+]
+DECODERS = {"telemetry": decode_telemetry, "command": decode_command, "reply": decode_reply}
+
+
+@pytest.mark.parametrize(("kind", "data"), REFUSED)
+def test_wrong_shapes_are_bad_body(kind: str, data: bytes) -> None:
+    with pytest.raises(BodyError) as exc:
+        DECODERS[kind](data)
+    assert exc.value.reason is Reason.BAD_BODY
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+@pytest.mark.parametrize(("data", "reason"), [
+    (b"", Reason.MALFORMED),
+    (b"\x83\x01", Reason.MALFORMED),
+    (b"\x18\x01", Reason.NOT_DETERMINISTIC),
+    (b"\x01\x01", Reason.TRAILING_DATA),
+    (b"\xc1\x01", Reason.UNSUPPORTED),  # a tag
+])
+def test_cbor_failures_keep_their_reason(kind: str, data: bytes, reason: Reason) -> None:
+    with pytest.raises(BodyError) as exc:
+        DECODERS[kind](data)
+    assert exc.value.reason is reason
+
+
+def test_bodies_the_peer_would_refuse_cannot_be_built() -> None:
+    with pytest.raises(LocalProtocolError):
+        Command(1, "x" * 65)
+    with pytest.raises(LocalProtocolError):
+        Reply(1, False, 3)
+    with pytest.raises(LocalProtocolError):
+        Telemetry(math.nan, {})
+    with pytest.raises(LocalProtocolError):
+        Telemetry(1, {2: 3})  # type: ignore[dict-item]
+    with pytest.raises(LocalProtocolError):
+        Command(1, "set", {1, 2}).encode()  # a set has no CBOR form
+    deep: Any = 0
+    for _ in range(20):
+        deep = [deep]
+    with pytest.raises(LocalProtocolError):
+        Command(1, "set", deep).encode()  # the strict decoder would refuse the nesting
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+plain = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.binary(max_size=16) | st.text(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+ids = st.integers(0, MAX_COMMAND_ID)
+names = st.text(max_size=64).filter(lambda s: len(s.encode("utf-8", "surrogatepass")) <= 64)
+bodies = st.one_of(
+    st.builds(Telemetry, st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
+              st.dictionaries(st.text(max_size=8), plain, max_size=5)),
+    st.builds(Command, ids, names, plain),
+    st.builds(Reply.success, ids, plain),
+    st.builds(Reply.failure, ids, st.text(max_size=40)),
+)
+
+
+def _decoder_of(body: Any) -> Any:
+    return {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply}[type(body)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    # -0.0 == 0.0 in Python, but they are different CBOR: compare encodings too
+    return bool(a == b and a.encode() == b.encode())
+
+
+@settings(max_examples=300)
+@given(bodies)
+def test_round_trip(body: Any) -> None:
+    data = body.encode()
+    assert _same(_decoder_of(body)(data), body)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(sorted(DECODERS)), st.binary(max_size=64))
+def test_garbage_gives_a_typed_error_or_a_valid_body(kind: str, data: bytes) -> None:
+    try:
+        body = DECODERS[kind](data)
+    except BodyError:
+        return
+    assert body.encode() == data  # accepted: then it is exactly its own encoding
+
+
+@settings(max_examples=300)
+@given(bodies, st.data())
+def test_mutations_give_a_typed_error_or_a_valid_body(body: Any, data: st.DataObject) -> None:
+    raw = bytearray(body.encode())
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(0, max(len(raw) - 1, 0)))
+        if op == "flip" and raw:
+            raw[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "cut":
+            del raw[pos:pos + data.draw(st.integers(1, 4))]
+        else:
+            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=3))
+    for decode in DECODERS.values():
+        try:
+            decoded = decode(bytes(raw))
+        except BodyError as exc:
+            assert isinstance(exc, DecodeError)
+            continue
+        assert decoded.encode() == bytes(raw)
