@@ -37,7 +37,7 @@ from pki.store import load_identity, load_trust_store
 from sealmq import record, topics
 from sealmq.edhoc import X509Credential
 from sealmq.endpoint import BackendEndpoint, DeviceEndpoint, Publish, Received
-from sealmq.session import Delivered, Session, SessionConfig
+from sealmq.session import Session, SessionConfig
 from sealmq.topics import RecordKind
 
 SIZES = (64, 1024, 65_000)
@@ -88,7 +88,7 @@ def bench_session(size: int, ops: int, repeats: int) -> Result:
         # check outside the timed region that what we time really opens
         check_dev, check_be = session_pair(now)
         events = check_be.open(*check_dev.seal(RecordKind.TELEMETRY, plaintext, now), now)
-        if not (len(events) == 1 and isinstance(events[0], Delivered) and events[0].plaintext == plaintext):
+        if not (len(events) == 1 and isinstance(events[0], Received) and events[0].plaintext == plaintext):
             raise AssertionError("session round trip failed")
         out.open_us.append(_per_op(open_all, ops))
     return out

@@ -3,8 +3,13 @@
 A :class:`Session` is a sans-IO state machine (h11/aioquic style): the caller passes bytes, topics,
 the current time and a source of random bytes in, and gets topics, bytes and events out.
 
+Events are the :mod:`sealmq.events` types the endpoints pass on (:class:`~sealmq.events.Received`,
+:class:`~sealmq.events.Publish` for a control record to send, ...).
+
 Key epochs. Epoch 0's OSCORE contexts come from ``PRK_out`` (RFC 9528 A.1). A key update (KUDOS-like,
-RFC 9528 Appendix H) runs as two KEY_UPDATE records on the data channel, A = requester, B = peer::
+RFC 9528 Appendix H) runs as two KEY_UPDATE records on the data channel, A = requester, B = peer
+(:mod:`sealmq.keyupdate` holds the messages, the request/answer state and the decisions; the
+session holds the epochs and applies them)::
 
     A -> B  under epoch n:  [1, n+1, nonce_A]            (request)
     B -> A  under epoch n:  [2, n+1, nonce_A, nonce_B]   (answer)
@@ -13,7 +18,7 @@ Both derive ``PRK_out' = EDHOC_KeyUpdate(PRK_out, nonce_A || nonce_B)`` and epoc
 switches its sending to n+1 when it answers, A when it gets the answer. ``PRK_out`` of epoch n is
 overwritten as soon as n+1's is derived (forward secrecy). Each side still accepts records under
 epoch n for a grace window after it knows the peer switched (A: on the answer; B: on the first
-record under n+1), then drops the old keys (:class:`OldEpochDropped`). Records under n+1 that overtake
+record under n+1), then drops the old keys (:class:`~sealmq.events.EpochDropped`). Records under n+1 that overtake
 the answer (another topic; MQTT orders only per topic) are buffered, bounded, and opened once the
 keys exist. If both sides ask at once, the initiator's (device's) request wins: the device ignores
 the backend's request, the backend drops its own and answers the device's.
@@ -35,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sealmq import cbor, kdf, limits, oscore, record, topics
+from sealmq import kdf, limits, oscore, record, topics
 from sealmq.errors import (
     ConfigError,
     DecryptError,
@@ -45,10 +50,12 @@ from sealmq.errors import (
     SealmqError,
     SessionError,
 )
+from sealmq.events import EpochDropped, KeyUpdateDone, Publish, Received, Rejected, SessionEvent, Stage
+from sealmq.keyupdate import Action, KeyUpdate, Plan, next_prk_out
 from sealmq.oscore import SecurityContext
 from sealmq.record import Record
 from sealmq.replay import ReplayWindow
-from sealmq.topics import Channel, Direction, RecordKind
+from sealmq.topics import Channel, Direction, ParsedTopic, RecordKind
 
 # Which way each kind may travel; anything else is refused on both seal and open.
 KIND_DIRECTIONS: dict[RecordKind, frozenset[Direction]] = {
@@ -63,9 +70,6 @@ KIND_DIRECTIONS: dict[RecordKind, frozenset[Direction]] = {
 }
 
 RandomBytes = Callable[[int], bytes]
-
-KU_REQUEST = 1
-KU_ANSWER = 2
 
 
 @dataclass(frozen=True)
@@ -106,52 +110,8 @@ class SessionConfig:
                 raise ConfigError(Reason.CONFIG_INVALID, f"SessionConfig: {what}")
 
 
-# --- events -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Delivered:
-    """An authentic, fresh application record."""
-
-    kind: RecordKind
-    plaintext: bytes
-    epoch: int
-    seq: int
-
-    def __repr__(self) -> str:  # payloads never go to logs
-        return (f"Delivered(kind={self.kind.name}, len={len(self.plaintext)}, epoch={self.epoch}, "
-                f"seq={self.seq})")
-
-
-@dataclass(frozen=True)
-class Send:
-    """A control record the caller must publish on ``topic``."""
-
-    topic: str
-    record: bytes
-
-
-@dataclass(frozen=True)
-class KeyUpdated:
-    """This side now sends under ``epoch``."""
-
-    epoch: int
-
-
-@dataclass(frozen=True)
-class OldEpochDropped:
-    """The keys of ``epoch`` are gone; records under it are rejected from now on."""
-
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A buffered record that failed once its keys existed (for the audit log)."""
-
-    reason: Reason
-
-
-SessionEvent = Delivered | Send | KeyUpdated | OldEpochDropped | Rejected
+# Events: Session.open/poll return sealmq.events types (Received, Publish, KeyUpdateDone,
+# EpochDropped, Rejected), the same the endpoints pass on.
 
 
 # --- internal state ----------------------------------------------------------------------------
@@ -182,45 +142,6 @@ def _digest(data: bytes | bytearray) -> str:
     return hashlib.sha256(bytes(data)).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class _Pending:
-    target: int
-    nonce: bytes
-    sent_at: float
-
-
-@dataclass(frozen=True)
-class _Answered:
-    target: int
-    nonce_a: bytes
-    nonce_b: bytes
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What an accepted KEY_UPDATE record will do, decided before any state changes."""
-
-    action: str  # "answer" | "reanswer" | "switch" | "ignore"
-    target: int = 0
-    nonce_a: bytes = b""
-    nonce_b: bytes = b""
-
-
-def _parse_control(plaintext: bytes, nonce_max: int) -> tuple[int, int, bytes, bytes]:
-    items = cbor.as_list(cbor.loads(plaintext), "key update")
-    if not items:
-        raise RecordError(Reason.MALFORMED, "empty key update")
-    msg_type = cbor.as_uint(items[0], "key update type", max_value=255)
-    expected = {KU_REQUEST: 3, KU_ANSWER: 4}.get(msg_type)
-    if expected is None or len(items) != expected:
-        raise RecordError(Reason.MALFORMED, "unknown key update message")
-    target = cbor.as_uint(items[1], "epoch", max_value=limits.MAX_EPOCH)
-    nonces = [cbor.as_bytes(n, "nonce", max_len=nonce_max) for n in items[2:]]
-    if any(len(n) < limits.MIN_KEY_UPDATE_NONCE for n in nonces):
-        raise RecordError(Reason.MALFORMED, "key update nonce too short")
-    return msg_type, target, nonces[0], nonces[1] if len(nonces) > 1 else b""
-
-
 class Session:
     """The sealed channel between one device and the backend. See the module docstring."""
 
@@ -242,9 +163,7 @@ class Session:
         self.recipient_id = ctx.recipient_id
         self._epochs: dict[int, _Epoch] = {0: _Epoch(0, ctx, self.config.replay_window, now)}
         self._current = 0
-        self._pending: _Pending | None = None
-        self._answered: _Answered | None = None
-        self._last_switch: tuple[int, bytes] | None = None  # (epoch, nonce_A) of our last completed request
+        self._ku = KeyUpdate(is_initiator=is_initiator, nonce_length=self.config.key_update_nonce_length)
         self._buffer: list[tuple[str, Record]] = []
         self._closed = False
 
@@ -287,7 +206,7 @@ class Session:
 
     @property
     def key_update_pending(self) -> bool:
-        return self._pending is not None
+        return self._ku.pending is not None
 
     def topic_for(self, kind: RecordKind) -> str:
         """The topic this side publishes records of ``kind`` on."""
@@ -332,7 +251,7 @@ class Session:
 
     def key_update_due(self, now: float) -> bool:
         """True when the current keys have been used long enough and an update can start."""
-        if self._closed or self._pending is not None or len(self._epochs) > 1:
+        if self._closed or self._ku.pending is not None or len(self._epochs) > 1:
             return False
         ep = self._epochs[self._current]
         return (ep.next_seq >= self.config.key_update_after_records
@@ -344,27 +263,27 @@ class Session:
         nonce = bytes(nonce)
         if not limits.MIN_KEY_UPDATE_NONCE <= len(nonce) <= limits.MAX_KEY_UPDATE_NONCE:
             raise LocalProtocolError(Reason.WRONG_TYPE, "key update nonce must be 8..32 bytes")
-        if self._pending is not None:
+        if self._ku.pending is not None:
             raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, "a key update is already in progress")
         if len(self._epochs) > 1:
             raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, "previous epoch still in its grace window")
         target = self._current + 1
         if target > limits.MAX_EPOCH:
             raise SessionError(Reason.SEQUENCE_EXHAUSTED, "key epochs exhausted")
-        out = self._send_control([KU_REQUEST, target, nonce], self._epochs[self._current])
-        self._pending = _Pending(target, nonce, now)
-        return out
+        ep = self._epochs[self._current]
+        self._check_can_send(ep)
+        return self._send_control(self._ku.start(target, nonce, now), ep)
 
-    def _send_control(self, message: list[Any], ep: _Epoch) -> tuple[str, bytes]:
-        return self._seal_under(ep, RecordKind.KEY_UPDATE, cbor.dumps(message))
+    def _send_control(self, body: bytes, ep: _Epoch) -> tuple[str, bytes]:
+        return self._seal_under(ep, RecordKind.KEY_UPDATE, body)
 
     def next_timer(self) -> float | None:
         """When :meth:`poll` next has work (None: nothing scheduled)."""
         if self._closed:
             return None
         times = [ep.drop_at for ep in self._epochs.values() if ep.drop_at is not None]
-        if self._pending is not None:
-            times.append(self._pending.sent_at + self.config.key_update_retry_seconds)
+        if self._ku.pending is not None:
+            times.append(self._ku.pending.sent_at + self.config.key_update_retry_seconds)
         elif self.config.auto_key_update and len(self._epochs) == 1:
             times.append(self._epochs[self._current].created + self.config.key_update_after_seconds)
         return min(times) if times else None
@@ -382,34 +301,34 @@ class Session:
             ep = self._epochs[number]
             if ep.drop_at is not None and now >= ep.drop_at:
                 events.append(self._drop(number))
-        if self._pending is not None:
-            if now - self._pending.sent_at >= self.config.key_update_retry_seconds:
-                p = self._pending
-                topic, data = self._send_control([KU_REQUEST, p.target, p.nonce], self._epochs[self._current])
-                self._pending = _Pending(p.target, p.nonce, now)
-                events.append(Send(topic, data))
+        if self._ku.pending is not None:
+            if now - self._ku.pending.sent_at >= self.config.key_update_retry_seconds:
+                ep = self._epochs[self._current]
+                self._check_can_send(ep)
+                topic, data = self._send_control(self._ku.resend(now), ep)
+                events.append(Publish(topic, data))
         elif self.config.auto_key_update and rng is not None and self.key_update_due(now):
             topic, data = self.start_key_update(rng(self.config.key_update_nonce_length), now)
-            events.append(Send(topic, data))
+            events.append(Publish(topic, data))
         return events
 
-    def _drop(self, number: int) -> OldEpochDropped:
+    def _drop(self, number: int) -> EpochDropped:
         del self._epochs[number]
-        if self._answered is not None and self._answered.target == number + 1:
-            self._answered = None  # cannot re-answer without the old sender keys
-        return OldEpochDropped(number)
+        self._ku.epoch_dropped(number)
+        return EpochDropped(self.device_id, number)
 
     # --- receiving --------------------------------------------------------------------------------
 
-    def open(self, topic: str, data: bytes, now: float,
-             random_bytes: RandomBytes | None = None) -> list[SessionEvent]:
+    def open(self, topic: str, data: bytes, now: float, random_bytes: RandomBytes | None = None, *,
+             parsed: ParsedTopic | None = None) -> list[SessionEvent]:
         """Open a record received on ``topic``. Raises a :class:`SealmqError` subclass on rejection.
 
         Returns ``[]`` for a record under the epoch of our pending key update (buffered until the
-        answer brings its keys). ``random_bytes`` overrides the session's random source.
+        answer brings its keys). ``random_bytes`` overrides the session's random source. A caller
+        that already parsed ``topic`` passes ``parsed`` (``topics.parse(topic)``) to spare a parse.
         """
         self._check_open()
-        rec, ep = self._classify(topic, data, now)
+        rec, ep = self._classify(topic, data, now, parsed)
         if ep is None:
             self._buffer.append((topic, rec))
             return []
@@ -419,12 +338,14 @@ class Session:
         if self._closed:
             raise SessionError(Reason.KEY_LIMIT_REACHED, "session closed: run a new handshake")
 
-    def _classify(self, topic: str, data: bytes, now: float) -> tuple[Record, _Epoch | None]:
+    def _classify(self, topic: str, data: bytes, now: float,
+                  parsed: ParsedTopic | None) -> tuple[Record, _Epoch | None]:
         """Every check that needs no key; changes nothing. ``None`` epoch means: buffer it."""
-        try:
-            parsed = topics.parse(topic)
-        except SealmqError:
-            raise RecordError(Reason.WRONG_TOPIC, "topic outside the scheme") from None
+        if parsed is None:
+            try:
+                parsed = topics.parse(topic)
+            except SealmqError:
+                raise RecordError(Reason.WRONG_TOPIC, "topic outside the scheme") from None
         if (parsed.device_id != self.device_id or parsed.direction is not self._recv_dir
                 or parsed.channel is Channel.HANDSHAKE):
             raise RecordError(Reason.WRONG_TOPIC, "record on a topic this session does not receive")
@@ -438,7 +359,7 @@ class Session:
             raise RecordError(Reason.UNKNOWN_SESSION, "kid is not this session's peer")
         ep = self._epochs.get(rec.epoch)
         if ep is None:
-            if self._pending is not None and rec.epoch == self._pending.target:
+            if self._ku.pending is not None and rec.epoch == self._ku.pending.target:
                 if len(self._buffer) >= self.config.max_buffered:
                     raise RecordError(Reason.TOO_LARGE, "too many records waiting for new keys")
                 return None
@@ -458,14 +379,17 @@ class Session:
                 self._closed = True
                 raise SessionError(Reason.KEY_LIMIT_REACHED, "too many failed decryptions") from None
             raise
-        plan = self._plan_control(plaintext, ep, rng) if rec.kind is RecordKind.KEY_UPDATE else None
+        plan = None
+        if rec.kind is RecordKind.KEY_UPDATE:
+            plan = self._ku.plan(plaintext, record_epoch=ep.number, current=self._current,
+                                 check_can_send=lambda: self._check_can_send(ep), rng=rng)
         # From here on the record is accepted: nothing below raises.
         ep.window.mark(rec.piv)
         events: list[SessionEvent] = []
         if ep.number == self._current:
             events.extend(self._note_new_epoch_record(now))
         if plan is None:
-            events.append(Delivered(rec.kind, plaintext, ep.number, rec.piv))
+            events.append(Received(self.device_id, rec.kind, plaintext, ep.number, rec.piv))
         else:
             events.extend(self._apply(plan, ep, now, rng))
         return events
@@ -484,64 +408,27 @@ class Session:
             return [self._drop(old.number)]
         return []
 
-    # --- key update: receiving --------------------------------------------------------------------
+    # --- key update: applying a plan (deciding is sealmq.keyupdate's) ------------------------------
 
-    def _plan_control(self, plaintext: bytes, ep: _Epoch, rng: RandomBytes | None) -> _Plan:
-        """Decide what a KEY_UPDATE record does; raise (changing nothing) if it must be refused."""
-        msg_type, target, nonce_a, nonce_b = _parse_control(plaintext, limits.MAX_KEY_UPDATE_NONCE)
-        if msg_type == KU_REQUEST:
-            if ep.number == self._current and target == self._current + 1:
-                if self._pending is not None and self.is_initiator:
-                    return _Plan("ignore")  # simultaneous: the device's own request wins
-                if target > limits.MAX_EPOCH:
-                    raise RecordError(Reason.UNKNOWN_EPOCH, "key epochs exhausted")
-                self._check_can_send(ep)
-                if rng is None:
-                    raise LocalProtocolError(Reason.CONFIG_INVALID, "no random source to answer a key update")
-                fresh = bytes(rng(self.config.key_update_nonce_length))
-                if len(fresh) != self.config.key_update_nonce_length:
-                    raise LocalProtocolError(Reason.CONFIG_INVALID, "random_bytes returned a wrong length")
-                return _Plan("answer", target, nonce_a, fresh)
-            ans = self._answered
-            if (ans is not None and ans.target == target == ep.number + 1
-                    and hmac.compare_digest(ans.nonce_a, nonce_a)):
-                self._check_can_send(ep)
-                return _Plan("reanswer", target, ans.nonce_a, ans.nonce_b)
-            raise RecordError(Reason.UNEXPECTED_MESSAGE, "key update request for an unexpected epoch")
-        p = self._pending
-        if (p is not None and ep.number == self._current and target == p.target
-                and hmac.compare_digest(p.nonce, nonce_a)):
-            return _Plan("switch", target, nonce_a, nonce_b)
-        last = self._last_switch
-        if last is not None and last[0] == target and hmac.compare_digest(last[1], nonce_a):
-            return _Plan("ignore")  # a repeated answer to a request we already completed
-        raise RecordError(Reason.UNEXPECTED_MESSAGE, "key update answer without a matching request")
-
-    def _apply(self, plan: _Plan, ep: _Epoch, now: float, rng: RandomBytes | None) -> list[SessionEvent]:
-        events: list[SessionEvent] = []
-        if plan.action == "ignore":
-            return events
-        if plan.action == "reanswer":
-            topic, data = self._send_control([KU_ANSWER, plan.target, plan.nonce_a, plan.nonce_b], ep)
-            return [Send(topic, data)]
-        if plan.action == "answer":
-            topic, data = self._send_control([KU_ANSWER, plan.target, plan.nonce_a, plan.nonce_b], ep)
-            events.append(Send(topic, data))
-            self._answered = _Answered(plan.target, plan.nonce_a, plan.nonce_b)
+    def _apply(self, plan: Plan, ep: _Epoch, now: float, rng: RandomBytes | None) -> list[SessionEvent]:
+        if plan.action is Action.IGNORE:
+            return []
+        if plan.action is Action.REANSWER:
+            return [Publish(*self._send_control(self._ku.answer_of(plan), ep))]
+        if plan.action is Action.ANSWER:
+            events: list[SessionEvent] = [Publish(*self._send_control(self._ku.answer_of(plan), ep))]
             # We switch now but learn that the peer did only from its first record under the new
             # epoch; until then the old keys stay, capped by old_epoch_max_seconds.
             events.extend(self._switch(plan, now, rng, old_drop_at=now + self.config.old_epoch_max_seconds,
                                        peer_switched=False))
-        else:  # "switch": the peer switched when it answered
-            self._last_switch = (plan.target, plan.nonce_a)
-            events.extend(self._switch(plan, now, rng, old_drop_at=now + self.config.grace_seconds,
-                                       peer_switched=True))
-        return events
+            return events
+        # SWITCH: the peer switched when it answered
+        return self._switch(plan, now, rng, old_drop_at=now + self.config.grace_seconds, peer_switched=True)
 
-    def _switch(self, plan: _Plan, now: float, rng: RandomBytes | None, *, old_drop_at: float,
+    def _switch(self, plan: Plan, now: float, rng: RandomBytes | None, *, old_drop_at: float,
                 peer_switched: bool) -> list[SessionEvent]:
         events: list[SessionEvent] = []
-        new_prk = kdf.key_update(bytes(self._prk_out), plan.nonce_a + plan.nonce_b, self._hash)
+        new_prk = next_prk_out(bytes(self._prk_out), plan, self._hash)
         # Forward secrecy: the previous PRK_out is overwritten in place, not left for the GC.
         self._prk_out[:] = bytes(len(self._prk_out))
         self._prk_out = bytearray(new_prk)
@@ -553,8 +440,8 @@ class Session:
         old.peer_switched = peer_switched
         self._epochs[plan.target] = _Epoch(plan.target, self._derive_ctx(), self.config.replay_window, now)
         self._current = plan.target
-        self._pending = None
-        events.append(KeyUpdated(plan.target))
+        self._ku.switched(plan)
+        events.append(KeyUpdateDone(self.device_id, plan.target))
         events.extend(self._drain_buffer(now, rng))
         return events
 
@@ -571,7 +458,8 @@ class Session:
             except SessionError:
                 raise
             except SealmqError as exc:
-                events.append(Rejected(exc.reason))
+                events.append(Rejected(self.device_id, topic, Stage.RECORD, exc.reason, "buffered record",
+                                       len(rec.encode())))
         return events
 
     def _derive_ctx(self) -> SecurityContext:
@@ -584,5 +472,5 @@ class Session:
         """Everything that defines this session's behaviour, as a comparable value (keys hashed)."""
         epochs = tuple(ep.state() + ((ep.failed,) if include_failed else ())
                        for _, ep in sorted(self._epochs.items()))
-        return (self._current, epochs, self._pending, self._answered, self._last_switch,
+        return (self._current, epochs, *self._ku.state(),
                 tuple((t, r.encode()) for t, r in self._buffer), _digest(self._prk_out), self._closed)

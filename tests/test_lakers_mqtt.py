@@ -21,7 +21,8 @@ from sealmq import cbor, oscore, topics
 from sealmq.edhoc import CcsAuthenticator, CcsCredential, CcsIdentity
 from sealmq.edhoc.wire import encode_identifier
 from sealmq.endpoint import BackendConfig, BackendEndpoint, HandshakeCompleted, Output, Publish, Received
-from sealmq.session import Delivered, KeyUpdated, Send, Session
+from sealmq.events import KeyUpdateDone
+from sealmq.session import Session
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.brokers import BrokerHandle, running_amqtt
 
@@ -119,7 +120,7 @@ def test_lakers_device_through_amqtt(broker: BrokerHandle, tmp_path: Path) -> No
         backend.client.publish(o.topic, o.payload, qos=1)
     msg = dev_got.get(timeout=10)
     events = session.open(msg.topic, msg.payload, time.time(), os.urandom)
-    assert [(e.kind, e.plaintext) for e in events if isinstance(e, Delivered)] == [(RecordKind.COMMAND, b"reboot-at-3")]
+    assert [(e.kind, e.plaintext) for e in events if isinstance(e, Received)] == [(RecordKind.COMMAND, b"reboot-at-3")]
 
     # --- key update (EDHOC_KeyUpdate on PRK_out from lakers) through the broker --------------------
     topic, record = session.start_key_update(os.urandom(16), time.time())
@@ -127,8 +128,8 @@ def test_lakers_device_through_amqtt(broker: BrokerHandle, tmp_path: Path) -> No
     backend.step()  # answers under epoch 0
     msg = dev_got.get(timeout=10)
     events = session.open(msg.topic, msg.payload, time.time(), os.urandom)
-    assert [e.epoch for e in events if isinstance(e, KeyUpdated)] == [1]
-    assert not [e for e in events if isinstance(e, Send)]
+    assert [e.epoch for e in events if isinstance(e, KeyUpdateDone)] == [1]
+    assert not [e for e in events if isinstance(e, Publish)]
     topic, record = session.seal(RecordKind.TELEMETRY, b"temp=21.6", time.time())
     dev.publish(topic, record, qos=1)
     got = [o for o in backend.step() if isinstance(o, Received)]

@@ -45,6 +45,7 @@ from sealmq.endpoint import backend as backend_endpoint
 from sealmq.endpoint import device as device_endpoint
 from sealmq.errors import SealmqError
 from sealmq.identity import Role
+from sealmq.keyupdate import parse as parse_key_update
 from sealmq.media import (
     AckStatus,
     Control,
@@ -55,7 +56,6 @@ from sealmq.media import (
     decode_manifest,
     parse_signed_manifest,
 )
-from sealmq.session import _parse_control
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.cddl import CddlError, Schema, cddl_from_markdown
 from tests.pki_fixtures import TestPki, make_pki
@@ -536,7 +536,7 @@ def _decoders() -> dict[str, Callable[[bytes], Any]]:
         "media-ack": decode_ack,
         "media-control": decode_control,
         "manifest": decode_manifest,
-        "key-update": lambda b: _parse_control(b, 32),
+        "key-update": lambda b: parse_key_update(b, 32),
         "telemetry": bodies.decode_telemetry,
         "command": bodies.decode_command,
         "reply": bodies.decode_reply,

@@ -22,15 +22,8 @@ from sealmq.errors import (
     SealmqError,
     SessionError,
 )
-from sealmq.session import (
-    Delivered,
-    KeyUpdated,
-    OldEpochDropped,
-    Rejected,
-    Send,
-    Session,
-    SessionConfig,
-)
+from sealmq.events import EpochDropped, KeyUpdateDone, Publish, Received, Rejected, Stage
+from sealmq.session import Session, SessionConfig
 from sealmq.topics import RecordKind
 from tests.conftest import load_vectors
 
@@ -63,11 +56,11 @@ def pair(config: SessionConfig | None = None, now: float = 0.0) -> tuple[Session
 
 
 def delivered(events: list[Any]) -> list[bytes]:
-    return [e.plaintext for e in events if isinstance(e, Delivered)]
+    return [e.plaintext for e in events if isinstance(e, Received)]
 
 
-def sends(events: list[Any]) -> list[Send]:
-    return [e for e in events if isinstance(e, Send)]
+def sends(events: list[Any]) -> list[Publish]:
+    return [e for e in events if isinstance(e, Publish)]
 
 
 # --- the basic flow -----------------------------------------------------------------------------
@@ -81,7 +74,7 @@ def test_full_flow_with_key_update() -> None:
     assert topic == "sealmq/v1/dev-1/data/up"
     assert b"21" not in rec  # sealed
     [ev] = backend.open(topic, rec, now=1)
-    assert ev == Delivered(RecordKind.TELEMETRY, b'{"t":21}', 0, 0)
+    assert ev == Received(DEVICE_ID, RecordKind.TELEMETRY, b'{"t":21}', 0, 0)
     assert "21" not in repr(ev)  # payloads stay out of logs
 
     topic, rec = backend.seal(RecordKind.COMMAND, b"reboot", now=2)
@@ -97,12 +90,12 @@ def test_full_flow_with_key_update() -> None:
     assert device.key_update_pending
     out = backend.open(topic, request, now=4)
     [answer] = sends(out)
-    assert KeyUpdated(1) in out
+    assert KeyUpdateDone(DEVICE_ID, 1) in out
     assert backend.epoch == 1
     assert answer.topic == "sealmq/v1/dev-1/data/down"
-    assert record.decode(answer.record).epoch == 0  # the answer travels under the old epoch
-    out = device.open(answer.topic, answer.record, now=4)
-    assert out == [KeyUpdated(1)]
+    assert record.decode(answer.payload).epoch == 0  # the answer travels under the old epoch
+    out = device.open(answer.topic, answer.payload, now=4)
+    assert out == [KeyUpdateDone(DEVICE_ID, 1)]
     assert device.epoch == backend.epoch == 1
     assert device.epochs == backend.epochs == (0, 1)
 
@@ -115,8 +108,8 @@ def test_full_flow_with_key_update() -> None:
 
     # After the grace window the old keys go.
     assert device.poll(now=20) == []
-    assert device.poll(now=34) == [OldEpochDropped(0)]
-    assert backend.poll(now=36) == [OldEpochDropped(0)]
+    assert device.poll(now=34) == [EpochDropped(DEVICE_ID, 0)]
+    assert backend.poll(now=36) == [EpochDropped(DEVICE_ID, 0)]
     assert device.epochs == backend.epochs == (1,)
 
 
@@ -130,7 +123,7 @@ def test_key_update_matches_rfc9529_trace1() -> None:
     old_prk = device._prk_out  # the object holding epoch 0's PRK_out
     topic, request = device.start_key_update(context[:8], now=0)
     [answer] = sends(backend.open(topic, request, now=0))
-    device.open(answer.topic, answer.record, now=0)
+    device.open(answer.topic, answer.payload, now=0)
     assert bytes(old_prk) == bytes(32)  # overwritten in place: forward secrecy
     assert bytes(device._prk_out) == bytes.fromhex(TRACE1["PRK_out_after_KeyUpdate"])
     secret = bytes.fromhex(TRACE1["OSCORE_Master_Secret_after_KeyUpdate"])
@@ -342,8 +335,8 @@ def _run(data: st.DataObject, n_dev: int, n_back: int, ku: str, config: SessionC
             assert not isinstance(exc, SessionError)
             return
         for e in events:
-            if isinstance(e, Send):
-                net.publish(e.topic, e.record)
+            if isinstance(e, Publish):
+                net.publish(e.topic, e.payload)
             assert not isinstance(e, Rejected) or e.reason is Reason.REPLAY
         got.extend(delivered(events))
 
@@ -417,13 +410,13 @@ def test_simultaneous_requests_device_wins() -> None:
     assert device.open(t2, req_back, now=0) == []  # ignored: the device's own request wins
     out = backend.open(t1, req_dev, now=0)
     [answer] = sends(out)
-    assert KeyUpdated(1) in out
+    assert KeyUpdateDone(DEVICE_ID, 1) in out
     assert not backend.key_update_pending
-    assert device.open(answer.topic, answer.record, now=0) == [KeyUpdated(1)]
+    assert device.open(answer.topic, answer.payload, now=0) == [KeyUpdateDone(DEVICE_ID, 1)]
     # Both derived from the device's nonce: records open across.
     topic, rec = backend.seal(RecordKind.COMMAND, b"c", now=0)
     assert delivered(device.open(topic, rec, now=0)) == [b"c"]
-    body = cbor.loads(record.open_(oscore.from_edhoc(PRK_OUT, C_I, C_R, True), record.decode(answer.record),
+    body = cbor.loads(record.open_(oscore.from_edhoc(PRK_OUT, C_I, C_R, True), record.decode(answer.payload),
                                    answer.topic))
     assert body[:3] == [2, 1, b"D" * 8]
 
@@ -436,10 +429,12 @@ def test_new_epoch_records_before_answer_are_buffered_then_opened() -> None:
     for t, r in early:
         assert device.open(t, r, now=0) == []  # waiting for the answer
     assert device.open(*early[1], now=0) == []  # a duplicate waits too
-    out = device.open(answer.topic, answer.record, now=0)
-    assert out[0] == KeyUpdated(1)
+    out = device.open(answer.topic, answer.payload, now=0)
+    assert out[0] == KeyUpdateDone(DEVICE_ID, 1)
     assert delivered(out) == [b"ack0", b"ack1", b"ack2"]
-    assert Rejected(Reason.REPLAY) in out
+    [dup] = [e for e in out if isinstance(e, Rejected)]  # the duplicate, refused once its keys exist
+    assert (dup.device_id, dup.topic, dup.stage, dup.reason, dup.size) == (
+        DEVICE_ID, early[1][0], Stage.RECORD, Reason.REPLAY, len(early[1][1]))
 
 
 def test_buffer_is_bounded() -> None:
@@ -473,10 +468,10 @@ def test_lost_answer_request_retransmitted_and_reanswered() -> None:
     [first_answer] = sends(backend.open(topic, request, now=0))  # ... and lost
     assert device.poll(now=5) == []
     [retry] = sends(device.poll(now=10))
-    [again] = sends(backend.open(retry.topic, retry.record, now=10))
+    [again] = sends(backend.open(retry.topic, retry.payload, now=10))
     assert backend.epoch == 1
-    assert device.open(again.topic, again.record, now=10) == [KeyUpdated(1)]
-    assert device.open(first_answer.topic, first_answer.record, now=10) == []  # late duplicate: ignored
+    assert device.open(again.topic, again.payload, now=10) == [KeyUpdateDone(DEVICE_ID, 1)]
+    assert device.open(first_answer.topic, first_answer.payload, now=10) == []  # late duplicate: ignored
     topic, rec = device.seal(RecordKind.TELEMETRY, b"t", now=11)
     assert delivered(backend.open(topic, rec, now=11)) == [b"t"]
 
@@ -486,23 +481,23 @@ def test_old_epoch_records_accepted_within_grace_then_rejected() -> None:
     late = [backend.seal(RecordKind.MEDIA_ACK, b"late%d" % i, now=0) for i in range(2)]
     topic, request = device.start_key_update(b"N" * 8, now=0)
     [answer] = sends(backend.open(topic, request, now=0))
-    device.open(answer.topic, answer.record, now=100)
+    device.open(answer.topic, answer.payload, now=100)
     assert delivered(device.open(*late[0], now=129)) == [b"late0"]
     with pytest.raises(RecordError) as info:
         device.open(*late[1], now=130)  # grace over, even before poll() ran
     assert info.value.reason is Reason.UNKNOWN_EPOCH
-    assert device.poll(now=130) == [OldEpochDropped(0)]
+    assert device.poll(now=130) == [EpochDropped(DEVICE_ID, 0)]
 
 
 def test_grace_by_record_count() -> None:
     device, backend = pair(SessionConfig(grace_records=2))
     topic, request = device.start_key_update(b"N" * 8, now=0)
     [answer] = sends(backend.open(topic, request, now=0))
-    device.open(answer.topic, answer.record, now=0)
+    device.open(answer.topic, answer.payload, now=0)
     assert backend.epochs == (0, 1)
     backend.open(*device.seal(RecordKind.TELEMETRY, b"1", now=0), now=0)
     out = backend.open(*device.seal(RecordKind.TELEMETRY, b"2", now=0), now=0)
-    assert OldEpochDropped(0) in out
+    assert EpochDropped(DEVICE_ID, 0) in out
     assert backend.epochs == (1,)
 
 
@@ -514,10 +509,10 @@ def test_backend_grace_starts_when_device_switches() -> None:
     # The device is slow to get the answer: its epoch-0 records keep opening at the backend.
     assert delivered(backend.open(*old, now=200)) == [b"old"]
     assert backend.poll(now=200) == []
-    device.open(answer.topic, answer.record, now=300)
+    device.open(answer.topic, answer.payload, now=300)
     backend.open(*device.seal(RecordKind.TELEMETRY, b"new", now=300), now=300)
     assert backend.poll(now=329) == []
-    assert backend.poll(now=330) == [OldEpochDropped(0)]
+    assert backend.poll(now=330) == [EpochDropped(DEVICE_ID, 0)]
 
 
 # --- limits -----------------------------------------------------------------------------------------
@@ -536,8 +531,8 @@ def test_key_update_due_by_records_and_time_and_auto_start() -> None:
     [req] = sends(device.poll(now=1))
     assert device.key_update_pending
     assert not device.key_update_due(now=1)
-    [answer] = sends(backend.open(req.topic, req.record, now=1))
-    device.open(answer.topic, answer.record, now=1)
+    [answer] = sends(backend.open(req.topic, req.payload, now=1))
+    device.open(answer.topic, answer.payload, now=1)
     assert device.epoch == 1
     assert not device.key_update_due(now=1)  # new epoch, fresh counters (and old one still held)
 
@@ -615,7 +610,7 @@ def test_request_without_random_source_is_refused_unchanged() -> None:
         backend.open(topic, request, now=0)
     assert backend._state() == before
     [answer] = sends(backend.open(topic, request, now=0, random_bytes=rng(b"late")))
-    assert device.open(answer.topic, answer.record, now=0) == [KeyUpdated(1)]
+    assert device.open(answer.topic, answer.payload, now=0) == [KeyUpdateDone(DEVICE_ID, 1)]
 
 
 def test_malformed_control_payload_refused_unchanged() -> None:

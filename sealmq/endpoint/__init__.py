@@ -29,6 +29,7 @@ from sealmq.endpoint.events import (
     Received,
     Rejected,
     SessionLost,
+    Stage,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "Received",
     "Rejected",
     "SessionLost",
+    "Stage",
 ]

@@ -18,7 +18,7 @@ from sealmq.endpoint.events import (
     RandomBytes,
     Rejected,
     SessionLost,
-    session_events,
+    Stage,
     to_datetime,
 )
 from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
@@ -26,7 +26,7 @@ from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, S
 from sealmq.identity import PeerIdentity, Role
 from sealmq.oscore import AES_CCM_16_64_128
 from sealmq.session import Session, SessionConfig
-from sealmq.topics import Channel, Direction, RecordKind
+from sealmq.topics import Channel, Direction, ParsedTopic, RecordKind
 
 
 @dataclass
@@ -92,18 +92,19 @@ class BackendEndpoint:
         return est.public_key if est is not None else None
 
     def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]:
-        device_id: str | None = None
+        parsed: ParsedTopic | None = None
         try:
             parsed = topics.parse(topic)
-            device_id = parsed.device_id
             if parsed.direction is not Direction.UP:
                 raise DecodeError(Reason.WRONG_TOPIC, "the backend only accepts uplink topics")
             if parsed.channel is Channel.HANDSHAKE:
-                return self._on_handshake(device_id, topic, payload, now, random_bytes)
-            return self._on_record(device_id, topic, payload, now, random_bytes)
+                return self._on_handshake(parsed.device_id, topic, payload, now, random_bytes)
+            return self._on_record(parsed, topic, payload, now, random_bytes)
         except SealmqError as err:
-            stage = "topic" if device_id is None else ("handshake" if "/hs/" in topic else "record")
-            return [Rejected(device_id, topic, stage, err.reason, err.detail, len(payload))]
+            if parsed is None:
+                return [Rejected(None, topic, Stage.TOPIC, err.reason, err.detail, len(payload))]
+            stage = Stage.HANDSHAKE if parsed.channel is Channel.HANDSHAKE else Stage.RECORD
+            return [Rejected(parsed.device_id, topic, stage, err.reason, err.detail, len(payload))]
 
     # -- handshake ---------------------------------------------------------------------------
     def _admit_message_1(self, device_id: str, now: float) -> None:
@@ -121,41 +122,55 @@ class BackendEndpoint:
         self, device_id: str, topic: str, payload: bytes, now: float, random_bytes: RandomBytes
     ) -> list[Output]:
         prefix, message = split_frame(payload)
-        down = topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN)
         if prefix is True:
-            self._admit_message_1(device_id, now)
-            c_r_value = self._pick_c_r(random_bytes)
-            if self.authenticator is not None:
-                authenticator = self.authenticator(now)
-            else:
-                authenticator = X509Authenticator(self.trust_store, Role.DEVICE, to_datetime(now))
-            responder = Responder(
-                self.credentials,
-                authenticator,
-                c_r=c_r_value,
-                suites=self.config.suites,
-                methods=self.config.methods,
-                random_bytes=random_bytes,
-            )
-            try:
-                responder.process_message_1(message)
-                # C_I becomes our OSCORE Sender ID (RFC 9528 A.1): it must fit the AEAD's nonce
-                if len(responder.c_i or b"") > AES_CCM_16_64_128.max_id_length:
-                    raise EdhocError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
-            except EdhocError as err:
-                out: list[Output] = [Rejected(device_id, topic, "handshake", err.reason, err.detail, len(payload))]
-                prefix_c_i = c_i_prefix_of(message)
-                if prefix_c_i is not None:
-                    out.append(Publish(down, prefix_c_i + encode_error_message(err)))
-                return out
-            # the frame prefix is C_I exactly as message_1 carried it (an empty byte string too)
-            c_i = c_i_prefix_of(message) or b""
-            if responder.c_r == responder.c_i:  # RFC 9528 3.3: C_R must differ from C_I
-                c_r_value = c_r_value + 1 if c_r_value < 23 else -24
-            message_2 = responder.create_message_2(c_r=c_r_value)
-            # a newer message_1 from this device replaces its older half-open handshake
-            self.half_open[device_id] = _HalfOpen(responder, now, cbor.dumps(c_r_value), c_i)
-            return [Publish(down, c_i + message_2)]
+            return self._on_message_1(device_id, topic, message, size=len(payload), now=now,
+                                      random_bytes=random_bytes)
+        return self._on_message_3(device_id, prefix, message, now=now, random_bytes=random_bytes)
+
+    def _on_message_1(
+        self, device_id: str, topic: str, message: bytes, *, size: int, now: float, random_bytes: RandomBytes
+    ) -> list[Output]:
+        """``true || message_1``: a new handshake (replacing any half-open one of this device)."""
+        down = topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN)
+        self._admit_message_1(device_id, now)
+        c_r_value = self._pick_c_r(random_bytes)
+        if self.authenticator is not None:
+            authenticator = self.authenticator(now)
+        else:
+            authenticator = X509Authenticator(self.trust_store, Role.DEVICE, to_datetime(now))
+        responder = Responder(
+            self.credentials,
+            authenticator,
+            c_r=c_r_value,
+            suites=self.config.suites,
+            methods=self.config.methods,
+            random_bytes=random_bytes,
+        )
+        try:
+            responder.process_message_1(message)
+            # C_I becomes our OSCORE Sender ID (RFC 9528 A.1): it must fit the AEAD's nonce
+            if len(responder.c_i or b"") > AES_CCM_16_64_128.max_id_length:
+                raise EdhocError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
+        except EdhocError as err:
+            out: list[Output] = [Rejected(device_id, topic, Stage.HANDSHAKE, err.reason, err.detail, size)]
+            prefix_c_i = c_i_prefix_of(message)
+            if prefix_c_i is not None:
+                out.append(Publish(down, prefix_c_i + encode_error_message(err)))
+            return out
+        # the frame prefix is C_I exactly as message_1 carried it (an empty byte string too)
+        c_i = c_i_prefix_of(message) or b""
+        if responder.c_r == responder.c_i:  # RFC 9528 3.3: C_R must differ from C_I
+            c_r_value = c_r_value + 1 if c_r_value < 23 else -24
+        message_2 = responder.create_message_2(c_r=c_r_value)
+        # a newer message_1 from this device replaces its older half-open handshake
+        self.half_open[device_id] = _HalfOpen(responder, now, cbor.dumps(c_r_value), c_i)
+        return [Publish(down, c_i + message_2)]
+
+    def _on_message_3(
+        self, device_id: str, prefix: Any, message: bytes, *, now: float, random_bytes: RandomBytes
+    ) -> list[Output]:
+        """``C_R || message_3`` (or ``C_R || error``): completes a half-open handshake."""
+        down = topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN)
         half = self.half_open.get(device_id)
         if half is None or cbor.dumps(prefix) != half.c_r:
             raise EdhocError(Reason.UNEXPECTED_MESSAGE, "no handshake in progress with that C_R")
@@ -202,11 +217,12 @@ class BackendEndpoint:
 
     # -- records -----------------------------------------------------------------------------
     def _on_record(
-        self, device_id: str, topic: str, payload: bytes, now: float, random_bytes: RandomBytes
+        self, parsed: ParsedTopic, topic: str, payload: bytes, now: float, random_bytes: RandomBytes
     ) -> list[Output]:
+        device_id = parsed.device_id
         est = self.sessions.get(device_id)
         if est is None:
-            out: list[Output] = [Rejected(device_id, topic, "record", Reason.UNKNOWN_SESSION, "", len(payload))]
+            out: list[Output] = [Rejected(device_id, topic, Stage.RECORD, Reason.UNKNOWN_SESSION, "", len(payload))]
             last = self._last_notice.get(device_id, -1e18)
             if now - last >= self.config.notice_interval:
                 self._last_notice[device_id] = now
@@ -215,13 +231,12 @@ class BackendEndpoint:
                                    NULL_PREFIX + encode_error_message(err)))
             return out
         try:
-            events = est.session.open(topic, payload, now, random_bytes)
+            return list(est.session.open(topic, payload, now, random_bytes, parsed=parsed))
         except SessionError as err:
             if err.reason is Reason.KEY_LIMIT_REACHED:
                 del self.sessions[device_id]
                 return [SessionLost(device_id, err.reason)]
             raise
-        return session_events(device_id, topic, events)
 
     def seal(self, device_id: str, kind: RecordKind, plaintext: bytes, now: float) -> list[Output]:
         est = self.sessions.get(device_id)
@@ -271,7 +286,7 @@ class BackendEndpoint:
         out: list[Output] = []
         for device_id, est in list(self.sessions.items()):
             try:
-                out.extend(session_events(device_id, "", est.session.poll(now, random_bytes)))
+                out.extend(est.session.poll(now, random_bytes))
             except SessionError as err:
                 del self.sessions[device_id]
                 out.append(SessionLost(device_id, err.reason))

@@ -26,7 +26,7 @@ from sealmq.endpoint.events import (
     RandomBytes,
     Rejected,
     SessionLost,
-    session_events,
+    Stage,
     to_datetime,
 )
 from sealmq.endpoint.framing import TRUE_PREFIX, split_frame
@@ -185,8 +185,10 @@ class DeviceEndpoint:
 
     # -- messages ----------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]:
+        stage = Stage.TOPIC  # until the topic parses
         try:
             parsed = topics.parse(topic)
+            stage = Stage.HANDSHAKE if parsed.channel is Channel.HANDSHAKE else Stage.RECORD
             if parsed.device_id != self.device_id or parsed.direction is not Direction.DOWN:
                 raise DecodeError(Reason.WRONG_TOPIC, "not one of this device's downlink topics")
             if parsed.channel is Channel.HANDSHAKE:
@@ -195,14 +197,13 @@ class DeviceEndpoint:
                 raise SessionError(Reason.UNKNOWN_SESSION, "no session yet")
             before = self.session
             try:
-                return session_events(self.device_id, topic, self.session.open(topic, payload, now, random_bytes))
+                return list(self.session.open(topic, payload, now, random_bytes, parsed=parsed))
             except SessionError as err:
                 if err.reason is Reason.KEY_LIMIT_REACHED and self.session is before:
                     self.session = None
                     return [SessionLost(self.device_id, err.reason), *self.start_handshake(now, random_bytes)]
                 raise
         except SealmqError as err:
-            stage = "handshake" if "/hs/" in topic else "record"
             return [Rejected(self.device_id, topic, stage, err.reason, err.detail, len(payload))]
 
     def seal(self, kind: RecordKind, plaintext: bytes, now: float) -> list[Output]:
@@ -221,7 +222,7 @@ class DeviceEndpoint:
                 return out
         if self.session is not None:
             try:
-                out.extend(session_events(self.device_id, "", self.session.poll(now, random_bytes)))
+                out.extend(self.session.poll(now, random_bytes))
             except SessionError as err:
                 self.session = None
                 out.append(SessionLost(self.device_id, err.reason))
