@@ -308,7 +308,7 @@ class BackendService:
                 return
             cmd = self.storage.command(command_id)
             if cmd is None or cmd.device_id != rec.device_id:
-                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason="unknown_command")
+                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason=Reason.UNKNOWN_COMMAND)
                 return
             self.storage.mark_command(command_id, "replied", now, rec.plaintext)
             self.audit.event("command_replied", device=rec.device_id, id=command_id, ok=bool(body[1]))

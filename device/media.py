@@ -47,11 +47,11 @@ _READ_BLOCK = 1 << 20
 
 @dataclass(frozen=True)
 class TransferProgress:
-    """What a progress bar needs; ``state`` is a SenderState value."""
+    """What a progress bar needs."""
 
     transfer_id: bytes
     name: str
-    state: str
+    state: SenderState  # a StrEnum: compares equal to its value ("done", ...)
     acked_bytes: int
     total_bytes: int
     reason: Reason | None = None
@@ -213,9 +213,9 @@ class Outbox:
         if self.on_progress is None:
             return
         p = t.sender.progress()
-        state = t.sender.state.value
+        state = t.sender.state
         if reason is not None and t.sender.state is not SenderState.REJECTED:
-            state = SenderState.ABORTED.value
+            state = SenderState.ABORTED
         self.on_progress(TransferProgress(t.transfer_id, t.manifest.name, state, p.acked_bytes,
                                           p.total_bytes, reason or t.sender.reason))
 
