@@ -10,7 +10,7 @@ different concept and live with the broker.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Role(StrEnum):
@@ -20,6 +20,7 @@ class Role(StrEnum):
     BACKEND = "backend"
 
 
+@runtime_checkable
 class PeerIdentity(Protocol):
     """What an authenticated peer is, whatever credential proved it (certificate or CCS)."""
 

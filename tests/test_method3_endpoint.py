@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pki import ccs as pki_ccs
-from pki.verify import Role
 from sealmq.edhoc import (
     CcsAuthenticator,
     CcsIdentity,
@@ -30,6 +29,7 @@ from sealmq.endpoint import (
     Received,
 )
 from sealmq.errors import Reason
+from sealmq.identity import PeerIdentity, Role
 from sealmq.topics import RecordKind
 from tests.pki_fixtures import TestPki, make_pki
 from tests.test_endpoint import Net, completed, rejected
@@ -115,6 +115,26 @@ def test_method_3_and_method_0_devices_on_one_backend(pki: TestPki) -> None:
     assert received(got) == [("tiny-1", b"after-ku"), ("tiny-1", b"after-ku-down")]
     assert tiny.session is not None and tiny.session.epoch == 1
     assert all(b"t-from-tiny" not in p.payload and b"after-ku" not in p.payload for p in net.wire)
+
+
+def test_both_kinds_of_peer_are_a_peer_identity(pki: TestPki) -> None:
+    """X.509 (pki.verify.VerifiedPeer) and CCS (CcsIdentity) peers give the endpoints the same
+    attributes: what lets the core type them as sealmq.identity.PeerIdentity."""
+    backend = backend_for(pki)
+    tiny, cam = ccs_device(pki, "tiny-1"), x509_device(pki, "cam-1")
+    net = Net(backend, [tiny, cam])
+    events = net.run(tiny.start_handshake(net.now, os.urandom) + cam.start_handshake(net.now, os.urandom))
+    peers = {(e.device_id, e.peer_name): e.identity for e in completed(events)}
+    assert set(peers) == {("tiny-1", "backend"), ("tiny-1", "tiny-1"), ("cam-1", "backend"), ("cam-1", "cam-1")}
+    for (_, name), peer in peers.items():
+        assert isinstance(peer, PeerIdentity)
+        assert peer.name == name
+        assert peer.role is (Role.BACKEND if name == "backend" else Role.DEVICE)
+        assert peer.public_key is not None
+    assert type(peers["cam-1", "cam-1"]).__name__ == "VerifiedPeer"
+    assert peers["cam-1", "cam-1"].credential.startswith("x509 serial ")
+    assert peers["tiny-1", "tiny-1"].credential == f"ccs kid {backend.peer('tiny-1').kid.hex()}"
+    assert backend.peer_public_key("tiny-1") == peers["tiny-1", "tiny-1"].public_key
 
 
 def test_ccs_sent_by_value(pki: TestPki) -> None:
