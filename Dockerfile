@@ -28,6 +28,7 @@ COPY broker/ broker/
 COPY device/ device/
 COPY backend/ backend/
 COPY runtime/ runtime/
+COPY app/ app/
 RUN pip install --no-cache-dir -c requirements.lock . \
  && rm -rf /src
 

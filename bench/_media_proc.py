@@ -1,6 +1,6 @@
 """Child-process entry for bench.bench_media: run one ``sealmq`` CLI command, then record its peak RSS.
 
-``python3 -m bench._media_proc OUT sealmq-args...`` runs ``sealmq.cli.main(sealmq-args)`` and
+``python3 -m bench._media_proc OUT sealmq-args...`` runs ``app.cli.main(sealmq-args)`` and
 writes this process's VmHWM (peak resident set, KiB, from /proc/self/status) to ``OUT`` as it
 exits. The parent cannot use ``wait4``'s ``ru_maxrss`` for this: Linux carries the parent's own
 high-water mark over into a forked child's ``ru_maxrss`` across exec, so a 300 MB parent makes a
@@ -24,7 +24,7 @@ def vmhwm_kib(pid: int | str = "self") -> int:
 
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
-    from sealmq.cli import main as sealmq_main
+    from app.cli import main as sealmq_main
 
     try:
         code = sealmq_main(argv[1:])

@@ -170,7 +170,7 @@ class PlainReceiver:
 # --- child processes (module level, for the "spawn" start method) --------------------------------
 
 def _settings(cfg: dict[str, Any], role: str, user: str) -> Any:
-    from runtime.bootstrap import Deployment
+    from app.bootstrap import Deployment
     from runtime.mqtt import MqttSettings
 
     # clean sessions: a repeat must not inherit messages queued for the previous run's session
@@ -576,7 +576,7 @@ def mosquitto_available() -> bool:
 def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"), size: int | None = None,
         repeats: int | None = None, memory_sizes: tuple[int, int] | None = None) -> str:
     """Both benchmarks; returns markdown. Sizes default to 50 MB / 2 vs 200 MB (quick: 5 MB / 2 vs 20 MB)."""
-    from runtime.bootstrap import bootstrap
+    from app.bootstrap import bootstrap
 
     size = size or (5 if quick else 50) * MB
     repeats = repeats or (1 if quick else 3)

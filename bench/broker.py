@@ -93,7 +93,7 @@ def mosquitto_available() -> bool:
 # Module-level functions so that the "spawn" start method can import them.
 
 def _settings(cfg: dict[str, Any], user: str, role: str, suffix: str) -> Any:
-    from runtime.bootstrap import Deployment
+    from app.bootstrap import Deployment
     from runtime.mqtt import MqttSettings
 
     dep = Deployment(Path(cfg["root"]))
@@ -282,8 +282,8 @@ def _backend_service(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -
 
 
 def _simulator(cfg: dict[str, Any], results: Any) -> None:
+    from app.bootstrap import Deployment
     from device.simulator import Simulator
-    from runtime.bootstrap import Deployment
     from runtime.mqtt import MqttSettings
 
     dep = Deployment(Path(cfg["root"]))
@@ -380,7 +380,7 @@ def handshakes_once(ctx: Any, root: Path, port: int, device_ids: list[str], time
 
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
         devices: int | None = None, brokers: tuple[str, ...] = ("amqtt", "mosquitto")) -> str:
-    from runtime.bootstrap import bootstrap
+    from app.bootstrap import bootstrap
 
     n = messages or (200 if quick else 10_000)
     reps = repeats or (1 if quick else 3)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from app.bootstrap import Deployment, bootstrap
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, write_config
@@ -20,7 +21,6 @@ from broker.passwd import load_users
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
 from runtime.audit import read_audit
-from runtime.bootstrap import Deployment, bootstrap
 from runtime.mqtt import MqttLink, MqttSettings
 from sealmq.endpoint import BackendConfig, EndpointConfig
 from tests.brokers import MOSQUITTO, MosquittoProcess, free_port, wait_listening

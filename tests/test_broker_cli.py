@@ -13,10 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+from app.cli import main
 from broker.inspect import run_inspect
 from broker.passwd import load_users, verify_password
 from sealmq import cbor
-from sealmq.cli import main
 from tests.brokers import running_amqtt, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_run_foreground_until_sigterm(tmp_path) -> None:  # type: ignore[no-unty
     config = tmp_path / "broker.toml"
     config.write_text(f'passwd = "{users}"\nport = 0\nmax_message_size = 1024\n')
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sealmq.cli", "broker", "run", "--config", str(config)],
+        [sys.executable, "-m", "app.cli", "broker", "run", "--config", str(config)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -120,7 +120,7 @@ class Deployment:
             (self.bin / Path(installed).name).symlink_to(source)
         # what `pip install .` puts on PATH: the console script
         sealmq = self.bin / "sealmq"
-        sealmq.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m sealmq.cli "$@"\n')
+        sealmq.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m app.cli "$@"\n')
         sealmq.chmod(0o755)
         mosquitto = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}{os.pathsep}/usr/sbin")
         if mosquitto:

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from app.cli import main
 from pki import ccs as pki_ccs
 from pki import layout
 from sealmq import cbor
-from sealmq.cli import main
 from sealmq.edhoc import (
     CcsAuthenticator,
     CcsCredential,

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509.oid import NameOID
 
+from app.cli import main
 from pki import issue, keys, layout, store
 from pki.verify import Role
-from sealmq.cli import main
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 PASS = b"correct horse battery staple\n"
@@ -538,7 +538,7 @@ def test_load_identity_checks_key_matches(tmp_path: Path) -> None:
 def test_real_console_exit_code(tmp_path: Path) -> None:
     """The real entry point (a child process): success 0, refusal 2 with the reason on stderr."""
     pki = tmp_path / "pki"
-    run = [sys.executable, "-m", "sealmq.cli", "pki"]
+    run = [sys.executable, "-m", "app.cli", "pki"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run(
         [*run, "init", "--pki", str(pki)], capture_output=True, text=True, env=env, timeout=60, check=False

@@ -17,7 +17,13 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.bootstrap import Deployment, bootstrap
+from app.bootstrap import Deployment, bootstrap
+from backend.media import list_media
+from backend.service import BackendService, BackendSettings
+from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
+from broker.inspect_format import describe
+from device.simulator import Simulator, media_files, telemetry_for
+from runtime.mqtt import MqttLink, MqttSettings
 
 MARKER = "demo-plaintext-marker"
 
@@ -66,8 +72,6 @@ class _Monitor:
     """A read-only wildcard subscriber: records exactly what the broker relays."""
 
     def __init__(self, dep: Deployment, port: int) -> None:
-        from runtime.mqtt import MqttLink, MqttSettings
-
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         settings = MqttSettings(port=port, username="monitor", password=dep.password("monitor", "monitor"),
@@ -80,12 +84,6 @@ class _Monitor:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from backend.service import BackendService, BackendSettings
-    from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
-    from broker.inspect_format import describe
-    from device.simulator import Simulator, telemetry_for
-    from runtime.mqtt import MqttSettings
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     for noisy in ("amqtt", "transitions", "asyncio"):
@@ -150,8 +148,6 @@ def run_demo(args: argparse.Namespace) -> int:
         replied = backend.storage.count_commands("replied")
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
-        from backend.media import list_media
-
         media = list_media(dep.backend_data / "backend.sqlite3")
         verified = sum(1 for m in media if m.signature_verified)
         say(f"      media files received {len(media)} ({verified} with the device signature verified), "
@@ -182,8 +178,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _media_files(folder: Path | None) -> list[Path]:
     """The demo's images: the given folder, else the samples shipped in the repository's img/."""
-    from device.simulator import media_files
-
     if folder is None:
         folder = Path(__file__).resolve().parents[1] / "img"
         if not folder.is_dir():

@@ -1,28 +1,26 @@
 """The ``sealmq`` console script: one entry point for every part of the product.
 
-This module is the only one in the ``sealmq`` package allowed to do I/O: it only wires the
-subcommands of ``pki``, ``broker``, ``device`` and ``backend`` together. Each of those
-packages exposes ``register(subparsers)`` in its own ``cli`` module.
+It only wires the subcommands of ``pki``, ``broker``, ``device``, ``backend`` and the demo
+together; each of those modules exposes ``register(subparsers)``. The imports are plain and
+static: a part that fails to import fails the command loudly, it is never skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
+import backend.cli
+import broker.cli
+import device.cli
+import pki.cli
+from app import demo
 from sealmq import __version__
 from sealmq.errors import SealmqError
 
-# (module, attribute): each registers one top-level subcommand (or several).
-_SUBCOMMANDS = (
-    "pki.cli",
-    "broker.cli",
-    "backend.cli",
-    "device.cli",
-    "runtime.demo",
-)
+# each registers one top-level subcommand (or several), in this order in --help
+_SUBCOMMANDS = (pki.cli, broker.cli, backend.cli, device.cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sealmq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a part not built yet must not break the others
-            if exc.name != name:
-                raise
-            continue
+    for module in _SUBCOMMANDS:
         module.register(sub)
     return parser
 
