@@ -16,12 +16,12 @@ Layout under ``DIR``::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
+from runtime.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,7 @@ class Deployment:
 
 def _write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (text + "\n").encode("utf-8"))
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, (text + "\n").encode("utf-8"), mode=0o600)
 
 
 def _ensure_user(dep: Deployment, role: AccountRole, name: str, iterations: int, existing: set[str]) -> bool:

@@ -24,6 +24,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import atomic_write
 from sealmq import cbor
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
 from sealmq.media import (
@@ -365,16 +366,8 @@ class MediaStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        state = self._state(device_id, r.transfer_id)
-        tmp = state.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()}))
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, state)
+        state = cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()})
+        atomic_write(self._state(device_id, r.transfer_id), state, mode=0o600, durable=self.durable)
 
     def _discard(self, device_id: str, tid: bytes) -> None:
         self._part(device_id, tid).unlink(missing_ok=True)

@@ -23,12 +23,12 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from runtime.files import atomic_write
 from sealmq.errors import ConfigError, Reason
 from sealmq.topics import valid_device_id
 
@@ -138,15 +138,8 @@ def load_users(path: str | Path) -> dict[str, User]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` atomically with mode 0600 (the file holds password hashes)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """The file holds password hashes: 0600, durable, atomic."""
+    atomic_write(path, text.encode("utf-8"), mode=0o600)
 
 
 def add_user(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import atomic_write
 from sealmq import cbor
 from sealmq.errors import LocalProtocolError, MediaError, Reason, SealmqError
 from sealmq.media import (
@@ -223,15 +224,8 @@ class Outbox:
         return self.state_dir / f"{tid.hex()}.out"
 
     def _persist(self, t: OutgoingTransfer) -> None:
-        path = self._state_path(t.transfer_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            state = {1: str(t.path), 2: t.sender.signed_manifest, 3: t.sender.acked.to_bytes()}
-            os.write(fd, cbor.dumps(state))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        state = {1: str(t.path), 2: t.sender.signed_manifest, 3: t.sender.acked.to_bytes()}
+        atomic_write(self._state_path(t.transfer_id), cbor.dumps(state), mode=0o600)
 
     def _load(self) -> None:
         for path in sorted(self.state_dir.glob("*.out")):

@@ -32,6 +32,7 @@ from pki.verify import (
     load_chain,
     load_crls_pem,
 )
+from runtime.files import atomic_write, fsync_dir
 from sealmq.errors import CertificateError, KeyFileError, PkiError, Reason
 from sealmq.identity import Role
 
@@ -65,21 +66,11 @@ def read_passphrase_file(path: Path | str) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes, *, private: bool = False, force: bool = False) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory (0600 if private)."""
+    """Write ``data`` to ``path`` durably and atomically (0600 if private), refusing to replace
+    an existing file unless ``force``."""
     if path.exists() and not force:
         raise PkiError(Reason.ALREADY_EXISTS, f"{path} exists (use --force to replace it)")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data, mode=0o600 if private else 0o644)
 
 
 @contextlib.contextmanager
@@ -99,6 +90,7 @@ def _new_dir(final: Path, *, force: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_parent:
