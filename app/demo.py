@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from app.bootstrap import Deployment, bootstrap
-from backend.media import list_media
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
@@ -148,7 +147,7 @@ def run_demo(args: argparse.Namespace) -> int:
         replied = backend.storage.count_commands("replied")
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
-        media = list_media(dep.backend_data / "backend.sqlite3")
+        media = backend.storage.media()
         verified = sum(1 for m in media if m.signature_verified)
         say(f"      media files received {len(media)} ({verified} with the device signature verified), "
             f"unfinished transfers {unfinished}; list them: sealmq backend media --data {dep.backend_data}")

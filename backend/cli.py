@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from backend.storage import Storage, db_path
 from runtime.config import add_mqtt_arguments, mqtt_settings
 from sealmq import cbor
 
@@ -57,10 +58,8 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage(data: Path):  # type: ignore[no-untyped-def]
-    from backend.storage import Storage
-
-    return Storage(data / "backend.sqlite3")
+def _storage(data: Path) -> Storage:
+    return Storage(db_path(data))
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -83,13 +82,10 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 def _media(args: argparse.Namespace) -> int:
-    from backend.media import list_media
-
-    db = args.data / "backend.sqlite3"
-    if not db.exists():
+    if not db_path(args.data).exists():
         print(f"no backend data in {args.data}")
         return 2
-    rows = [r for r in list_media(db) if args.device in (None, r.device_id)]
+    rows = [r for r in _storage(args.data).media() if args.device in (None, r.device_id)]
     for r in rows:
         status = "signature verified" if r.signature_verified else "NOT VERIFIED"
         name = r.name.encode("unicode_escape").decode("ascii")  # device-chosen text: never raw to a terminal

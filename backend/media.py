@@ -7,23 +7,22 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
     media/<device>/<safe-name>      verified files only (hash and device signature checked)
     quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received
 
-Only verified files get a row in the SQLite table ``media`` (the database belongs to the backend
-service; its path is passed in). Memory stays flat: chunks go straight to disk, the SHA-256 is
+Only verified files get a row in the table ``media`` of the backend's database, written and read
+through :class:`backend.storage.Storage`, which owns it. Memory stays flat: chunks go straight to disk, the SHA-256 is
 computed over the contiguous prefix as it grows, reading back from disk the chunks that arrived
 out of order. The protocol decisions are in :mod:`sealmq.media_receiver`; this module does the I/O.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
 import re
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.storage import MediaRecord, Storage
 from runtime.files import atomic_write
 from sealmq import cbor
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
@@ -48,37 +47,6 @@ from sealmq.media_receiver import (
     accept_manifest,
 )
 from sealmq.topics import RecordKind, valid_device_id
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS media (
-    id INTEGER PRIMARY KEY,
-    device TEXT NOT NULL,
-    name TEXT NOT NULL,
-    stored_path TEXT NOT NULL,
-    content_type TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    signature_verified INTEGER NOT NULL,
-    created INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    transfer_id TEXT NOT NULL,
-    UNIQUE (device, transfer_id)
-)
-"""
-
-
-@dataclass(frozen=True)
-class MediaRecord:
-    device_id: str
-    name: str  # as the device named it (untrusted text: display escaped)
-    stored_path: str  # relative to data_dir
-    content_type: str
-    size: int
-    sha256: str  # hex
-    signature_verified: bool
-    created: int
-    received_at: float
-    transfer_id: str  # hex
 
 
 @dataclass(frozen=True)
@@ -132,17 +100,15 @@ class _Hashing:
 
 class MediaStore:
     def __init__(
-        self, data_dir: str | os.PathLike[str], db_path: str | os.PathLike[str], *,
+        self, data_dir: str | os.PathLike[str], storage: Storage, *,
         limits: MediaLimits | None = None, durable: bool = True,
     ) -> None:
         self.root = Path(data_dir)
-        self.db_path = Path(db_path)
+        self.storage = storage
         self.limits = limits or MediaLimits()
         self.durable = durable  # fsync data before an ack claims it (off only in tests)
         for sub in ("incoming", "media", "quarantine"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db, db:
-            db.execute(SCHEMA)
         self.table = TransferTable(self.limits)
         self._hashing: dict[tuple[str, bytes], _Hashing] = {}
         self._load()
@@ -290,13 +256,7 @@ class MediaStore:
             device_id, m.name, str(dest.relative_to(self.root)), m.content_type, m.size, m.sha256.hex(),
             True, m.created, now, tid.hex(),
         )
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db, db:
-            db.execute(
-                "INSERT OR IGNORE INTO media (device, name, stored_path, content_type, size, sha256, "
-                "signature_verified, created, received_at, transfer_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (record.device_id, record.name, record.stored_path, record.content_type, record.size,
-                 record.sha256, 1, record.created, record.received_at, record.transfer_id),
-            )
+        self.storage.add_media(record)
         self._state(device_id, tid).unlink(missing_ok=True)
         return [_reply(r.finish(None)), Received(record)]
 
@@ -316,11 +276,7 @@ class MediaStore:
         return _reply(Ack(m.transfer_id, AckStatus.COMPLETE, 0, b""))
 
     def _finished(self, device_id: str, tid: bytes) -> bool:
-        with contextlib.closing(sqlite3.connect(self.db_path)) as db:
-            row = db.execute(
-                "SELECT 1 FROM media WHERE device = ? AND transfer_id = ?", (device_id, tid.hex())
-            ).fetchone()
-        return row is not None
+        return self.storage.has_media(device_id, tid.hex())
 
     # --- hashing ------------------------------------------------------------------------------
     def _advance_hash(self, device_id: str, r: MediaReceiver, index: int | None, data: bytes) -> None:
@@ -397,14 +353,9 @@ class MediaStore:
 
 
 def list_media(db_path: str | os.PathLike[str]) -> list[MediaRecord]:
-    """Every verified file received, oldest first (for ``sealmq backend media``)."""
-    with contextlib.closing(sqlite3.connect(db_path)) as db:
-        db.execute(SCHEMA)
-        rows = db.execute(
-            "SELECT device, name, stored_path, content_type, size, sha256, signature_verified, created, "
-            "received_at, transfer_id FROM media ORDER BY received_at, id"
-        ).fetchall()
-    return [
-        MediaRecord(d, n, p, t, int(s), h, bool(v), int(c), float(ra), tid)
-        for d, n, p, t, s, h, v, c, ra, tid in rows
-    ]
+    """Every verified file received, oldest first, from the database at ``db_path``."""
+    storage = Storage(Path(db_path))
+    try:
+        return storage.media()
+    finally:
+        storage.close()

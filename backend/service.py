@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
-from backend.storage import Storage
+from backend.storage import Storage, db_path
 from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
@@ -126,8 +126,8 @@ class BackendService:
             authenticator=self._authenticator,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(settings.data_dir / "backend.sqlite3")
-        self.media = MediaStore(settings.data_dir, settings.data_dir / "backend.sqlite3", limits=settings.media_limits)
+        self.storage = Storage(db_path(settings.data_dir))
+        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
         self.audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)

@@ -1,4 +1,6 @@
-"""The backend's embedded SQLite database: devices, received records, commands.
+"""The backend's embedded SQLite database: devices, received records, commands, received media.
+
+This class owns the database: nothing else opens the file (``DB_FILE`` under the data directory).
 
 Decrypted payloads go here (and to handlers), never to logs. The database is opened in WAL
 mode so that ``sealmq backend ...`` tools can read while the service writes; the service is
@@ -46,7 +48,30 @@ CREATE TABLE IF NOT EXISTS commands (
     reply BLOB
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(status, device_id);
+
+CREATE TABLE IF NOT EXISTS media (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    stored_path TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    signature_verified INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    transfer_id TEXT NOT NULL,
+    UNIQUE (device, transfer_id)
+);
 """
+
+# The database's file name inside the backend's data directory (``--data``).
+DB_FILE = "backend.sqlite3"
+
+
+def db_path(data_dir: Path) -> Path:
+    """Where the backend keeps its database under ``data_dir``."""
+    return data_dir / DB_FILE
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,20 @@ class StoredMessage:
     seq: int
     size: int
     payload: bytes
+
+
+@dataclass(frozen=True)
+class MediaRecord:
+    device_id: str
+    name: str  # as the device named it (untrusted text: display escaped)
+    stored_path: str  # relative to data_dir
+    content_type: str
+    size: int
+    sha256: str  # hex
+    signature_verified: bool
+    created: int
+    received_at: float
+    transfer_id: str  # hex
 
 
 @dataclass(frozen=True)
@@ -173,6 +212,35 @@ class Storage:
         with self._lock:
             row = self._db.execute("SELECT COUNT(*) FROM commands WHERE status=?", (status,)).fetchone()
         return int(row[0])
+
+    # -- media (verified files; the files themselves are in backend.media's directories) -------
+    def add_media(self, r: MediaRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO media (device, name, stored_path, content_type, size, sha256, "
+                "signature_verified, created, received_at, transfer_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (r.device_id, r.name, r.stored_path, r.content_type, r.size, r.sha256, int(r.signature_verified),
+                 r.created, r.received_at, r.transfer_id),
+            )
+
+    def has_media(self, device_id: str, transfer_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM media WHERE device = ? AND transfer_id = ?", (device_id, transfer_id)
+            ).fetchone()
+        return row is not None
+
+    def media(self) -> list[MediaRecord]:
+        """Every verified file received, oldest first (``sealmq backend media``)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device, name, stored_path, content_type, size, sha256, signature_verified, created, "
+                "received_at, transfer_id FROM media ORDER BY received_at, id"
+            ).fetchall()
+        return [
+            MediaRecord(d, n, p, t, int(s), h, bool(v), int(c), float(ra), tid)
+            for d, n, p, t, s, h, v, c, ra, tid in rows
+        ]
 
     def command(self, command_id: int) -> Command | None:
         with self._lock:

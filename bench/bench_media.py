@@ -182,6 +182,7 @@ def _settings(cfg: dict[str, Any], role: str, user: str) -> Any:
 def _sealed_backend(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -> None:
     from backend.media import list_media
     from backend.service import BackendService, BackendSettings
+    from backend.storage import db_path
 
     data = Path(cfg["run_dir"]) / "backend"
     svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki", data_dir=data,
@@ -190,7 +191,7 @@ def _sealed_backend(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) ->
     ready.set()
     stop.wait(cfg["timeout"] + 60)
     svc.stop()
-    rows = [r for r in list_media(data / "backend.sqlite3") if r.sha256 == cfg["digest"]]
+    rows = [r for r in list_media(db_path(data)) if r.sha256 == cfg["digest"]]
     ok = (len(rows) == 1 and rows[0].signature_verified and rows[0].size == cfg["size"]
           and sha256_file(data / rows[0].stored_path) == cfg["digest"])
     results.put(("recv", ok, f"{len(rows)} stored, rejected={svc.counters['rejected']}"))
@@ -503,6 +504,7 @@ def _stop(proc: subprocess.Popen[bytes], hwm: Path | None) -> int:
 
 def memory_once(root: Path, users: Path, pki: Path, kind: str, size: int, timeout: float) -> MemoryRun:
     from backend.media import list_media
+    from backend.storage import db_path
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"rss-{size}-", dir=root))
     src = run_dir / "clip.mp4"
@@ -527,7 +529,7 @@ def memory_once(root: Path, users: Path, pki: Path, kind: str, size: int, timeou
         procs.append(device)
         code = reap(device, timeout + 60)
         seconds = time.monotonic() - t0
-        rows = [r for r in list_media(data / "backend.sqlite3") if r.sha256 == digest] if code == 0 else []
+        rows = [r for r in list_media(db_path(data)) if r.sha256 == digest] if code == 0 else []
         ok = code == 0 and len(rows) == 1 and rows[0].signature_verified and \
             sha256_file(data / rows[0].stored_path) == digest
         backend_kib = _stop(backend, hwm["backend"])

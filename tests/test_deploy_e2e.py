@@ -110,9 +110,9 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
                     assert any(f"sha256={hashlib.sha256(image).hexdigest()[:16]}" in ln for ln in verified)
             assert "NOT VERIFIED" not in media.stdout
 
-        from backend.storage import Storage
+        from backend.storage import Storage, db_path
 
-        store = Storage(backend_data / "backend.sqlite3")
+        store = Storage(db_path(backend_data))
         try:
             plaintexts = [m.payload for m in store.messages(None, limit=10_000)]
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from backend.media import MediaRecord, list_media
+from backend.storage import db_path
 from tests.brokers import needs_mosquitto
 from tests.e2e import Recorder, System, wait_for
 
@@ -52,7 +53,7 @@ def sha256_file(path: Path) -> str:
 
 
 def received(system: System) -> dict[str, MediaRecord]:
-    return {r.sha256: r for r in list_media(system.dep.backend_data / "backend.sqlite3")}
+    return {r.sha256: r for r in list_media(db_path(system.dep.backend_data))}
 
 
 def assert_stored(system: System, path: Path, device_id: str = "cam-1") -> MediaRecord:

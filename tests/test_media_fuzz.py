@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from backend.media import MediaStore
+from backend.storage import Storage
 from sealmq.errors import Reason, SealmqError
 from sealmq.media import (
     Ack,
@@ -103,7 +104,7 @@ def test_valid_bodies_decode() -> None:
 
 
 _tmp = tempfile.TemporaryDirectory()
-_STORE = MediaStore(Path(_tmp.name) / "data", Path(_tmp.name) / "db", limits=MediaLimits(), durable=False)
+_STORE = MediaStore(Path(_tmp.name) / "data", Storage(Path(_tmp.name) / "db"), limits=MediaLimits(), durable=False)
 _STORE.handle("cam-01", KEY.public_key(), RecordKind.MEDIA_MANIFEST, SIGNED, 1.0)
 
 

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from backend.media import MediaStore, Reply, list_media
+from backend.storage import Storage
 from device.media import Outbox
 from sealmq.topics import RecordKind
 
@@ -69,7 +70,7 @@ def test_sample_structure(name: str) -> None:
 def test_samples_travel_through_a_transfer(tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     outbox = Outbox(tmp_path / "outbox", "cam-07", key, chunk_size=1024)
-    store = MediaStore(tmp_path / "data", tmp_path / "db", durable=False)
+    store = MediaStore(tmp_path / "data", Storage(tmp_path / "db"), durable=False)
     for name in SAMPLES:
         outbox.add(IMG / name)
     now = 0.0

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from backend.media import MediaRejected, MediaStore, Received, Reply, list_media, safe_name
+from backend.storage import Storage
 from device.media import Outbox, TransferProgress
 from sealmq import cbor
 from sealmq.errors import MediaError, Reason, SealmqError
@@ -100,7 +101,7 @@ def make_file(path: Path, size: int, seed: int = 7) -> Path:
 
 
 def new_store(tmp: Path, **limits: object) -> MediaStore:
-    return MediaStore(tmp / "backend", tmp / "backend.db", limits=MediaLimits(**limits),  # type: ignore[arg-type]
+    return MediaStore(tmp / "backend", Storage(tmp / "backend.db"), limits=MediaLimits(**limits),  # type: ignore[arg-type]
                       durable=False)
 
 
@@ -120,7 +121,7 @@ def test_multi_mb_file_arrives_identical_over_a_lossy_link(tmp_path: Path) -> No
     progress: list[TransferProgress] = []
     outbox = new_outbox(tmp_path, hook=progress.append)
     # durable: fsync before every ack, as in production
-    store = MediaStore(tmp_path / "backend", tmp_path / "backend.db")
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"))
     t = outbox.add(src)
     assert t.manifest.chunk_count == 769
     link = Link(outbox, store, drop=0.1, dup=0.1, reorder=True)
@@ -465,7 +466,7 @@ def test_memory_flat_for_a_50_mb_transfer(tmp_path: Path) -> None:
     m = Manifest.create(device_id=DEV, name="big.bin", content_type="application/octet-stream", size=size,
                         sha256=h.digest(), created=1, chunk_size=chunk_size)
     signed = sign_manifest(KEY, m)
-    store = MediaStore(tmp_path / "backend", tmp_path / "db", durable=False,
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "db"), durable=False,
                        limits=MediaLimits(max_size=100 * 1024 * 1024))
     sender = MediaSender(signed, window=16)
     rng = random.Random(5)

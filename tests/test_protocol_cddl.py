@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.media import MediaRejected, MediaStore, Reply
+from backend.storage import Storage
 from device.media import Outbox
 from pki import ccs as pki_ccs
 from sealmq import bodies, cbor, oscore, record, topics
@@ -216,7 +217,7 @@ def _memory_session(cap: Capture, pki: TestPki, tmp: Path) -> None:
     # media: a lost ack (so the device resends and asks for status), then complete
     src = tmp / "photo.png"
     src.write_bytes(os.urandom(2500))
-    store = MediaStore(tmp / "backend", tmp / "backend.db", durable=False)
+    store = MediaStore(tmp / "backend", Storage(tmp / "backend.db"), durable=False)
     outbox = Outbox(tmp / "outbox", "cam-1", pki.identity("device", "cam-1").private_key, chunk_size=1024)
     outbox.add(src)
     outcomes = media_session(net, cap, cam1, outbox, store, drop_acks=1)
