@@ -2,7 +2,9 @@
 
 One MQTT connection serves every device: it subscribes with one wildcard per uplink channel,
 answers handshakes, opens sealed records, stores telemetry and command replies in SQLite,
-sends queued commands, rolls keys when due, and writes the audit log (``server_log.jsonl``).
+sends queued commands, rolls keys when due, and writes the audit log (``server_log.jsonl``). The
+adapter skeleton (link, lock, clock, random source, timer, dispatch) is
+:class:`runtime.driver.EndpointDriver`'s; this module holds the backend's hooks.
 A rejected message (garbage, replay, wrong topic, bad certificate) is audited and dropped;
 it never touches another device's session.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -32,8 +33,9 @@ from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
 from pki.verify import Role
-from runtime.audit import AuditLog, audit_protocol_event
-from runtime.mqtt import MqttLink, MqttSettings
+from runtime.audit import AuditLog
+from runtime.driver import EndpointDriver
+from runtime.mqtt import MqttSettings
 from sealmq import cbor
 from sealmq.edhoc import (
     CcsAuthenticator,
@@ -47,8 +49,6 @@ from sealmq.endpoint import (
     BackendConfig,
     BackendEndpoint,
     HandshakeCompleted,
-    Output,
-    Publish,
     Received,
 )
 from sealmq.errors import DecodeError, Reason, SealmqError
@@ -56,9 +56,6 @@ from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.backend")
-
-# audit events that are also counted
-_COUNTERS = {"message_rejected": "rejected", "key_updated": "key_updates"}
 
 
 @dataclass
@@ -97,7 +94,9 @@ class _FileWatch:
         return True
 
 
-class BackendService:
+class BackendService(EndpointDriver):
+    endpoint: BackendEndpoint
+
     def __init__(self, settings: BackendSettings, *, passphrase: bytes | None = None) -> None:
         self.settings = settings
         identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
@@ -121,7 +120,7 @@ class BackendService:
             credentials.append(pki_ccs.load_credential(settings.pki_dir, "backend", settings.name))
             if 3 not in config.methods:
                 config = replace(config, methods=(*config.methods, 3))
-        self.endpoint = BackendEndpoint(
+        endpoint = BackendEndpoint(
             credentials=credentials, trust_store=load_trust_store(settings.pki_dir), config=config,
             authenticator=self._authenticator,
         )
@@ -130,35 +129,19 @@ class BackendService:
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
-        self.audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
+        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
-        self.counters = {"received": 0, "rejected": 0, "handshakes": 0, "key_updates": 0}
-        mqtt = settings.mqtt
-        if not mqtt.client_id:
-            # the embedded broker binds client ids to users: "<username>:<anything>"
-            mqtt = replace(mqtt, client_id=f"{mqtt.username or 'backend'}:{settings.name}")
-        self.link = MqttLink(mqtt, self._on_message, self.endpoint.subscriptions,
-                             on_connect=lambda: self.audit.event("connected", host=mqtt.host, port=mqtt.port),
-                             on_disconnect=lambda: self.audit.event("disconnected"))
-
+        super().__init__(
+            endpoint, settings.mqtt, audit, role="backend", timer_name="backend-timer",
+            default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
+            poll_interval=settings.poll_interval, log=log,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, wait: float | None = 10.0) -> None:
+    def _on_start(self) -> None:
         self.audit.event("started", data_dir=str(self.settings.data_dir))
-        self.link.start(wait=wait)
-        self._timer = threading.Thread(target=self._run_timer, name="backend-timer", daemon=True)
-        self._timer.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._timer is not None:
-            self._timer.join(5)
-        self.link.stop()
-        self.audit.event("stopped")
-        self.audit.close()
+    def _on_stop(self) -> None:
         self.storage.close()
 
     def run_forever(self) -> None:
@@ -172,39 +155,28 @@ class BackendService:
     # -- commands ----------------------------------------------------------------------------
     def send_command(self, device_id: str, name: str, args: Any = None) -> int:
         """Queue a command; it is sealed and sent as soon as the device has a session."""
-        return self.storage.queue_command(device_id, name, cbor.dumps(args), time.time())
+        return self.storage.queue_command(device_id, name, cbor.dumps(args), self.clock())
 
     def key_update(self, device_id: str) -> None:
-        with self._lock:
-            self._dispatch(self.endpoint.key_update(device_id, time.time(), os.urandom))
+        self._run(lambda now: self.endpoint.key_update(device_id, now, self.random))
 
     def seal_to(self, device_id: str, kind: RecordKind, plaintext: bytes) -> None:
-        with self._lock:
-            self._dispatch(self.endpoint.seal(device_id, kind, plaintext, time.time()))
+        self._run(lambda now: self.endpoint.seal(device_id, kind, plaintext, now))
 
-    # -- I/O ---------------------------------------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        with self._lock:
-            self._dispatch(self.endpoint.handle(topic, payload, time.time(), os.urandom))
+    # -- the driver's hooks ------------------------------------------------------------------
+    def _before_tick(self) -> None:
+        self._reload_crl()
+        self._reload_registry()
 
-    def _run_timer(self) -> None:
-        while not self._stop.wait(self.settings.poll_interval):
-            try:
-                self._reload_crl()
-                self._reload_registry()
-                with self._lock:
-                    now = time.time()
-                    self._dispatch(self.endpoint.poll(now, os.urandom))
-                    self._send_pending_commands(now)
-                    if now >= self._next_revalidation:
-                        self._next_revalidation = now + self.settings.revalidate_interval
-                        self._dispatch(self.endpoint.revalidate(self.endpoint.trust_store, now))
-                    if now >= self._next_expiry:
-                        self._next_expiry = now + 5.0
-                        for device_id, tid in self.media.expire(now):
-                            self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
-            except Exception:
-                log.exception("backend timer failed")
+    def _on_tick(self, now: float) -> None:
+        self._send_pending_commands(now)
+        if now >= self._next_revalidation:
+            self._next_revalidation = now + self.settings.revalidate_interval
+            self._dispatch(self.endpoint.revalidate(self.endpoint.trust_store, now))
+        if now >= self._next_expiry:
+            self._next_expiry = now + 5.0
+            for device_id, tid in self.media.expire(now):
+                self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
 
     def _known_device_chains(self) -> list[list[bytes]]:
         """Certificates this CA issued, so a device may send its certificate by reference (x5t).
@@ -260,7 +232,7 @@ class BackendService:
             return
         with self._lock:
             self.audit.event("crl_reloaded")
-            self._dispatch(self.endpoint.revalidate(store, time.time()))
+            self._dispatch(self.endpoint.revalidate(store, self.clock()))
 
     def _send_pending_commands(self, now: float) -> None:
         for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):
@@ -270,27 +242,13 @@ class BackendService:
             self.storage.mark_command(cmd.id, "sent", now)
             self.audit.event("command_sent", device=cmd.device_id, command=cmd.name, id=cmd.id)
 
-    def _dispatch(self, outputs: list[Output]) -> None:
-        now = time.time()
-        for out in outputs:
-            if isinstance(out, Publish):
-                self.link.publish(out.topic, out.payload)
-            elif isinstance(out, Received):
-                self.counters["received"] += 1
-                self._on_received(out, now)
-            elif isinstance(out, HandshakeCompleted):
-                self.counters["handshakes"] += 1
-                cert = getattr(out.identity, "certificate", None)
-                fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest() if cert else ""
-                self.storage.record_handshake(out.device_id, now, fingerprint)
-                self.audit.event("handshake_completed", device=out.device_id, suite=out.suite,
-                                 cert_sha256=fingerprint)
-            else:
-                event = audit_protocol_event(self.audit, out)
-                if event in _COUNTERS:
-                    self.counters[_COUNTERS[event]] += 1
+    def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
+        cert = getattr(done.identity, "certificate", None)
+        fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest() if cert else ""
+        self.storage.record_handshake(done.device_id, now, fingerprint)
+        self.audit.event("handshake_completed", device=done.device_id, suite=done.suite, cert_sha256=fingerprint)
 
-    def _on_received(self, rec: Received, now: float) -> None:
+    def _on_record(self, rec: Received, now: float) -> None:
         handler = self.handlers.get(rec.kind)
         if handler is not None:
             handler(rec)

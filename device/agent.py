@@ -1,8 +1,9 @@
 """The device agent: the paho-mqtt adapter around :class:`sealmq.endpoint.DeviceEndpoint`.
 
-It owns the I/O the core refuses to do: the MQTT connection (reconnecting with backoff), the
-clock and the random source, a timer that drives handshakes, retries and key updates, the
-device's audit log (``device_log.jsonl``) and the command handlers. Everything it publishes
+The I/O the core refuses to do (the MQTT connection, the clock and the random source, the timer
+that drives handshakes, retries and key updates) is :class:`runtime.driver.EndpointDriver`'s; the
+agent adds the device's hooks: its audit log (``device_log.jsonl``), the telemetry queue, the
+command handlers and the media outbox. Everything it publishes
 after the handshake is a sealed record; it never sends plaintext and never accepts a command
 that did not open under the session it authenticated with the backend.
 """
@@ -10,12 +11,11 @@ that did not open under the session it authenticated with the backend.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from pki import keys
 from pki import layout as pki_layout
 from pki.store import load_identity, load_trust_store, read_bytes
 from pki.verify import Role
-from runtime.audit import AuditLog, audit_protocol_event
-from runtime.mqtt import MqttLink, MqttSettings
+from runtime.audit import AuditLog
+from runtime.driver import EndpointDriver
+from runtime.mqtt import MqttSettings
 from sealmq import cbor
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
@@ -36,16 +37,12 @@ from sealmq.endpoint import (
     EndpointConfig,
     HandshakeCompleted,
     Output,
-    Publish,
     Received,
 )
 from sealmq.errors import DecodeError, KeyFileError, Reason, SealmqError
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.device")
-
-# audit events that are also counted
-_COUNTERS = {"message_rejected": "rejected", "key_updated": "key_updates"}
 
 CommandHandler = Callable[[Any], Any]
 
@@ -93,11 +90,13 @@ def _credentials(
     return credential_x509, None, load_trust_store(config.pki_dir), identity.private_key
 
 
-class DeviceAgent:
+class DeviceAgent(EndpointDriver):
+    endpoint: DeviceEndpoint
+
     def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
         self.config = config
         credential, authenticator, trust_store, signing_key = _credentials(config, passphrase)
-        self.endpoint = DeviceEndpoint(
+        endpoint = DeviceEndpoint(
             device_id=config.device_id,
             credential=credential,
             trust_store=trust_store,
@@ -107,9 +106,12 @@ class DeviceAgent:
             method=config.method,
         )
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog(config.state_dir / "device_log.jsonl", component=f"device:{config.device_id}",
-                              echo=log)
-        self._lock = threading.RLock()
+        audit = AuditLog(config.state_dir / "device_log.jsonl", component=f"device:{config.device_id}", echo=log)
+        super().__init__(
+            endpoint, config.mqtt, audit, role="device", timer_name=f"device-{config.device_id}",
+            default_client_id=f"{config.mqtt.username or config.device_id}:agent",
+            poll_interval=config.poll_interval, log=log, tick_offline=False,
+        )
         self._pending: deque[tuple[RecordKind, bytes]] = deque(maxlen=config.max_pending)
         self.established = threading.Event()
         self.commands: dict[str, CommandHandler] = {
@@ -121,30 +123,8 @@ class DeviceAgent:
         self.outbox = Outbox(config.state_dir / "outbox", config.device_id, signing_key,
                              chunk_size=config.chunk_size, window=config.media_window,
                              resend_after=config.media_resend_after, on_progress=self._progress)
-        self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}
-        self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
-        settings = config.mqtt
-        if not settings.client_id:
-            # the embedded broker binds client ids to users: "<username>:<anything>"
-            settings = replace(settings, client_id=f"{settings.username or config.device_id}:agent")
-        self.link = MqttLink(settings, self._on_message, self.endpoint.subscriptions,
-                             on_connect=self._on_connect, on_disconnect=self._on_disconnect)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, wait: float | None = 10.0) -> None:
-        self.link.start(wait=wait)
-        self._timer = threading.Thread(target=self._run_timer, name=f"device-{self.config.device_id}", daemon=True)
-        self._timer.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._timer is not None:
-            self._timer.join(5)
-        self.link.stop()
-        self.audit.event("stopped")
-        self.audit.close()
-
     def wait_established(self, timeout: float) -> bool:
         return self.established.wait(timeout)
 
@@ -159,7 +139,7 @@ class DeviceAgent:
             if not self.endpoint.established:
                 self._pending.append((kind, plaintext))
                 return
-            self._dispatch(self.endpoint.seal(kind, plaintext, time.time()))
+            self._dispatch(self.endpoint.seal(kind, plaintext, self.clock()))
 
     def send_telemetry(self, values: dict[str, Any]) -> None:
         self.send(RecordKind.TELEMETRY, cbor.dumps({"t": round(time.time(), 3), "v": values}))
@@ -170,7 +150,7 @@ class DeviceAgent:
             transfer = self.outbox.add(path, content_type)
             self.audit.event("transfer_queued", transfer=transfer.transfer_id.hex(), size=transfer.manifest.size)
             if self.endpoint.established:
-                self._pump_media(time.time())
+                self._pump_media(self.clock())
             return transfer
 
     def pending_transfers(self) -> int:
@@ -198,65 +178,33 @@ class DeviceAgent:
             self._dispatch(self.endpoint.seal(kind, body, now))
 
     def key_update(self) -> None:
-        with self._lock:
-            self._dispatch(self.endpoint.key_update(time.time(), os.urandom))
+        self._run(lambda now: self.endpoint.key_update(now, self.random))
 
-    # -- I/O callbacks -----------------------------------------------------------------------
-    def _on_connect(self) -> None:
-        self.audit.event("connected", host=self.config.mqtt.host, port=self.config.mqtt.port)
+    # -- the driver's hooks ------------------------------------------------------------------
+    def _on_tick(self, now: float) -> None:
+        if self.endpoint.established:
+            self._pump_media(now)
 
-    def _on_disconnect(self) -> None:
-        self.audit.event("disconnected")
+    def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
+        self.audit.event("handshake_completed", peer=done.peer_name, suite=done.suite)
+        self.established.set()
+        self._flush_pending()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        with self._lock:
-            self._dispatch(self.endpoint.handle(topic, payload, time.time(), os.urandom))
-
-    def _run_timer(self) -> None:
-        while not self._stop.wait(self.config.poll_interval):
-            if not self.link.connected.is_set():
-                continue
-            try:
-                with self._lock:
-                    now = time.time()
-                    self._dispatch(self.endpoint.poll(now, os.urandom))
-                    if self.endpoint.established:
-                        self._pump_media(now)
-            except Exception:
-                log.exception("device timer failed")
-
-    def _dispatch(self, outputs: list[Output]) -> None:
-        for out in outputs:
-            if isinstance(out, Publish):
-                self.link.publish(out.topic, out.payload)
-                if "/hs/" not in out.topic:
-                    self.counters["sent"] += 1
-            elif isinstance(out, Received):
-                self.counters["received"] += 1
-                self._on_received(out)
-            elif isinstance(out, HandshakeCompleted):
-                self.counters["handshakes"] += 1
-                self.audit.event("handshake_completed", peer=out.peer_name, suite=out.suite)
-                self.established.set()
-                self._flush_pending()
-            else:
-                event = audit_protocol_event(self.audit, out)
-                if event in _COUNTERS:
-                    self.counters[_COUNTERS[event]] += 1
-                if event == "session_lost":
-                    self.established.clear()
+    def _on_protocol_event(self, event: str, out: Output) -> None:
+        if event == "session_lost":
+            self.established.clear()
 
     def _flush_pending(self) -> None:
-        now = time.time()
+        now = self.clock()
         while self._pending and self.endpoint.established:
             kind, plaintext = self._pending.popleft()
             self._dispatch(self.endpoint.seal(kind, plaintext, now))
 
-    def _on_received(self, rec: Received) -> None:
+    def _on_record(self, rec: Received, now: float) -> None:
         if rec.kind is RecordKind.COMMAND:
             self._run_command(rec)
         elif rec.kind in (RecordKind.MEDIA_ACK, RecordKind.MEDIA_CONTROL):
-            now = time.time()
+            now = self.clock()
             try:
                 self.outbox.handle(rec.kind, rec.plaintext, now)
             except SealmqError as err:
@@ -283,7 +231,7 @@ class DeviceAgent:
             except Exception as exc:  # a handler bug must not kill the agent
                 reply = [command_id, False, type(exc).__name__]
         self.audit.event("command_executed", command=name, id=command_id, ok=bool(reply[1]))
-        self._dispatch(self.endpoint.seal(RecordKind.REPLY, cbor.dumps(reply), time.time()))
+        self._dispatch(self.endpoint.seal(RecordKind.REPLY, cbor.dumps(reply), self.clock()))
 
 
 

@@ -1,0 +1,177 @@
+"""The I/O driver of a sans-IO endpoint: the one adapter skeleton the device agent and the backend
+service share.
+
+The protocol core (:mod:`sealmq.endpoint`) takes bytes, time and randomness in and gives outputs
+back. :class:`EndpointDriver` feeds it: it owns the MQTT link, one lock around the endpoint, the
+clock and the random source, a timer thread that polls the endpoint (handshakes, retries, key
+updates), the dispatch of its outputs (publish, count, audit) and the connect/stop audit entries.
+
+A subclass keeps only what its application does, through these hooks (all called with the lock
+held, except :meth:`_before_tick`):
+
+- ``_on_record(rec, now)``: a record opened under an authenticated session (telemetry, command,
+  reply, media); the subclass stores it, answers it or passes it on.
+- ``_on_handshake(done, now)``: a handshake completed; audit it and do what follows (store the peer,
+  flush queued records).
+- ``_on_protocol_event(event, out)``: an audited protocol event (``"session_lost"``, ...) after
+  it was written and counted.
+- ``_before_tick()`` (without the lock) and ``_on_tick(now)`` (after the endpoint's poll): the
+  periodic work of the application (media pumping, queued commands, CRL reloads).
+- ``_on_start()`` / ``_on_stop()``: before the link starts, after the audit log is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from runtime.audit import AuditLog, audit_protocol_event
+from runtime.mqtt import MqttLink, MqttSettings
+from sealmq import topics
+from sealmq.endpoint import HandshakeCompleted, Output, Publish, RandomBytes, Received
+from sealmq.errors import DecodeError
+
+# audit events that are also counted
+_COUNTERS = {"message_rejected": "rejected", "key_updated": "key_updates"}
+
+
+class Endpoint(Protocol):
+    """What the driver needs of a :mod:`sealmq.endpoint` endpoint (device or backend)."""
+
+    @property
+    def subscriptions(self) -> Sequence[str]: ...
+
+    def handle(self, topic: str, payload: bytes, now: float, random_bytes: RandomBytes) -> list[Output]: ...
+
+    def poll(self, now: float, random_bytes: RandomBytes) -> list[Output]: ...
+
+
+def _is_handshake(topic: str) -> bool:
+    try:
+        return topics.parse(topic).channel is topics.Channel.HANDSHAKE
+    except DecodeError:
+        return False
+
+
+class EndpointDriver:
+    """Runs one endpoint over one MQTT link; see the module docstring for the hooks."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        mqtt: MqttSettings,
+        audit: AuditLog,
+        *,
+        role: str,
+        timer_name: str,
+        default_client_id: str,
+        poll_interval: float,
+        log: logging.Logger,
+        tick_offline: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.audit = audit
+        self.clock: Callable[[], float] = time.time
+        self.random: RandomBytes = os.urandom
+        self._role = role
+        self._timer_name = timer_name
+        self._poll_interval = poll_interval
+        self._log = log
+        self._tick_offline = tick_offline  # False: the timer does nothing while the link is down
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}
+        if not mqtt.client_id:
+            # the embedded broker binds client ids to users: "<username>:<anything>"
+            mqtt = replace(mqtt, client_id=default_client_id)
+        self.link = MqttLink(
+            mqtt, self._on_message, endpoint.subscriptions,
+            on_connect=lambda: self.audit.event("connected", host=mqtt.host, port=mqtt.port),
+            on_disconnect=lambda: self.audit.event("disconnected"),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, wait: float | None = 10.0) -> None:
+        self._on_start()
+        self.link.start(wait=wait)
+        self._timer = threading.Thread(target=self._run_timer, name=self._timer_name, daemon=True)
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(5)
+        self.link.stop()
+        self.audit.event("stopped")
+        self.audit.close()
+        self._on_stop()
+
+    # -- driving the endpoint ----------------------------------------------------------------
+    def _run(self, step: Callable[[float], list[Output]]) -> None:
+        """Run one endpoint step at the current time, under the lock, and dispatch its outputs."""
+        with self._lock:
+            self._dispatch(step(self.clock()))
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self._run(lambda now: self.endpoint.handle(topic, payload, now, self.random))
+
+    def _run_timer(self) -> None:
+        while not self._stop.wait(self._poll_interval):
+            if not self._tick_offline and not self.link.connected.is_set():
+                continue
+            try:
+                self._before_tick()
+                with self._lock:
+                    now = self.clock()
+                    self._dispatch(self.endpoint.poll(now, self.random))
+                    self._on_tick(now)
+            except Exception:
+                self._log.exception("%s timer failed", self._role)
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        now = self.clock()
+        for out in outputs:
+            if isinstance(out, Publish):
+                self.link.publish(out.topic, out.payload)
+                if not _is_handshake(out.topic):
+                    self.counters["sent"] += 1
+            elif isinstance(out, Received):
+                self.counters["received"] += 1
+                self._on_record(out, now)
+            elif isinstance(out, HandshakeCompleted):
+                self.counters["handshakes"] += 1
+                self._on_handshake(out, now)
+            else:
+                event = audit_protocol_event(self.audit, out)
+                if event in _COUNTERS:
+                    self.counters[_COUNTERS[event]] += 1
+                if event is not None:
+                    self._on_protocol_event(event, out)
+
+    # -- hooks (the application) -------------------------------------------------------------
+    def _on_record(self, rec: Received, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
+        raise NotImplementedError
+
+    def _on_protocol_event(self, event: str, out: Output) -> None:
+        """After an audited protocol event; nothing by default."""
+
+    def _before_tick(self) -> None:
+        """Periodic work outside the lock (file reloads); nothing by default."""
+
+    def _on_tick(self, now: float) -> None:
+        """Periodic work after the endpoint's poll, under the lock; nothing by default."""
+
+    def _on_start(self) -> None:
+        """Before the link starts; nothing by default."""
+
+    def _on_stop(self) -> None:
+        """After the link stopped and the audit log closed; nothing by default."""
