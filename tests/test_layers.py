@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"sealmq": 0, "runtime": 1, "pki": 2, "broker": 2, "device": 2, "backend": 2, "app": 3}
 OUTSIDE = {"tests", "bench"}
 SIDEWAYS = {("device", "pki"), ("backend", "pki")}  # an agent and a service load their identities
-# Arrows that exist today and are being removed by the core half of issue 10 (Role moves into
-# sealmq/identity.py). Exact (file, module) pairs: nothing else may lean on them.
-KNOWN = {
-    ("sealmq/endpoint/backend.py", "pki.verify"),
-    ("sealmq/endpoint/device.py", "pki.verify"),
-}
 
 
 def imported_modules(source: str, name: str) -> list[str]:
@@ -52,7 +46,7 @@ def violations(package: str, sources: list[tuple[str, str]]) -> list[str]:
     for rel, source in sources:
         for module in imported_modules(source, rel):
             target = module.split(".")[0]
-            if target == package or (rel, module) in KNOWN:
+            if target == package:
                 continue
             if target in OUTSIDE:
                 found.append(f"{rel}: imports {module} (tests and bench are not part of the product)")
