@@ -445,13 +445,14 @@ def _start_broker_process(kind: str, users: Path, root: Path, hwm: Path, log: An
     if kind == "amqtt":
         cmd = _cli(hwm, "broker", "run", "--passwd", str(users), "--host", HOST, "--port", str(port))
     else:
-        from broker.mosquitto_config import MosquittoOptions, write_config
+        from broker.mosquitto_config import MosquittoOptions, current_user, write_config
         from broker.passwd import load_users
         from tests.brokers import MOSQUITTO
 
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed")
-        conf = write_config(root / f"mosquitto-rss-{port}", load_users(users), MosquittoOptions(host=HOST, port=port))
+        conf = write_config(root / f"mosquitto-rss-{port}", load_users(users),
+                            MosquittoOptions(host=HOST, port=port, run_as=current_user()))
         cmd = [MOSQUITTO, "-c", str(conf)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=_child_env(), cwd=REPO)
     try:

@@ -72,12 +72,12 @@ def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
         finally:
             broker.stop()
         return
-    from broker.mosquitto_config import MosquittoOptions, write_config
+    from broker.mosquitto_config import MosquittoOptions, current_user, write_config
     from broker.passwd import load_users
     from tests.brokers import MosquittoProcess
 
     conf_dir = root / f"mosquitto-{port}"
-    write_config(conf_dir, load_users(users), MosquittoOptions(host=HOST, port=port))
+    write_config(conf_dir, load_users(users), MosquittoOptions(host=HOST, port=port, run_as=current_user()))
     proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
     try:
         yield port

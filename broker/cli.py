@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -44,6 +45,9 @@ def register(subparsers: Any) -> None:
     mq.add_argument("--port", type=int, default=1883)
     mq.add_argument("--max-message-size", type=int, default=None)
     mq.add_argument("--no-persistence", action="store_true")
+    mq.add_argument("--run-as", default=os.environ.get("SEALMQ_MOSQUITTO_RUN_AS", "mosquitto"),
+                    help="unprivileged user mosquitto drops to when started as root (default: mosquitto, "
+                    "or $SEALMQ_MOSQUITTO_RUN_AS); generated as root, the files are handed to it")
     mq.set_defaults(func=cmd_mosquitto_config)
 
     ins = subparsers.add_parser("inspect", help="print what the broker sees on sealmq/# (no plaintext)")
@@ -136,6 +140,7 @@ def cmd_mosquitto_config(args: argparse.Namespace) -> int:
         port=args.port,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
         persistence=not args.no_persistence,
+        run_as=args.run_as,
     )
     conf = write_config(args.out, load_users(args.passwd), opts)
     print(f"wrote {conf}; run: mosquitto -c {conf}")

@@ -10,12 +10,18 @@ is a context manager. What is hardened, against the measured amqtt behaviour
 - CONNECTs are checked before amqtt creates or takes over a session (:mod:`broker.framing`);
 - payloads over ``max_message_size`` are dropped, other packets bounded, retain flags cleared;
 - at most ``max_connections`` sockets, counted here with try/finally (amqtt's own semaphore
-  leaks slots on refused CONNECTs and makes new clients queue instead of being refused).
+  leaks slots on refused CONNECTs and makes new clients queue instead of being refused);
+- per-user bounds, so one device login cannot exhaust the broker: connections and persistent
+  sessions per user, sockets still waiting for their CONNECT, QoS 2 messages awaiting PUBREL,
+  session expiry; ``reserved_backend_connections`` slots only a backend user can take;
+- amqtt's broadcast iterates over a live dict of subscriptions and raises (and skips
+  subscribers) when one changes meanwhile: :class:`_SnapshotSubscriptions` hands it snapshots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -27,15 +33,17 @@ from typing import Any
 from amqtt.adapters import StreamWriterAdapter
 from amqtt.broker import Broker
 
-from broker.framing import BrokerStats, FramedReader, FramingLimits
+from broker.framing import CONNACK_UNAVAILABLE, BrokerStats, ConnectInfo, FramedReader, FramingLimits
+from broker.passwd import AccountRole
 from broker.plugins import SealmqAclPlugin, SealmqAuthPlugin
-from broker.policy import BrokerPolicy
+from broker.policy import CLIENT_ID_SEPARATOR, BrokerPolicy
 from sealmq.errors import ConfigError, Reason, TransportError
 
 log = logging.getLogger("sealmq.broker")
 
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600  # as mosquitto's persistent_client_expiration in our config
 _LISTENER = "default"
 
 
@@ -47,6 +55,15 @@ class EmbeddedBrokerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     connect_timeout: float = 10.0
+    # per-user bounds (devices and monitors; the backend account is bounded only by max_connections)
+    max_connections_per_user: int = 4
+    max_sessions_per_user: int = 4  # persistent (clean_session=false) sessions
+    # of max_connections, only for backend users; None: min(32, max_connections // 10)
+    reserved_backend_connections: int | None = None
+    # sockets that have not sent an accepted CONNECT yet; None: min(64, max(1, max_connections // 10))
+    max_pending_connects: int | None = None
+    max_qos2_pending: int = 64  # per connection, QoS 2 PUBLISHes awaiting PUBREL
+    session_expiry: int = DEFAULT_SESSION_EXPIRY  # seconds a disconnected persistent session is kept
     extra_amqtt: dict[str, Any] = field(default_factory=dict)  # merged into amqtt's config (advanced)
 
     def validate(self) -> None:
@@ -58,6 +75,28 @@ class EmbeddedBrokerConfig:
             raise ConfigError(Reason.CONFIG_INVALID, "port must be in 0..65535")
         if self.connect_timeout <= 0:
             raise ConfigError(Reason.CONFIG_INVALID, "connect_timeout must be > 0")
+        bounds = (self.max_connections_per_user, self.max_sessions_per_user, self.pending_limit,
+                  self.max_qos2_pending, self.session_expiry)
+        if min(bounds) < 1 or self.backend_reserve < 0:
+            raise ConfigError(Reason.CONFIG_INVALID, "per-user bounds must be >= 1 (reserve >= 0)")
+        if self.backend_reserve + self.pending_limit >= self.max_connections:
+            raise ConfigError(Reason.CONFIG_INVALID,
+                              "reserved_backend_connections + max_pending_connects must be < max_connections")
+
+    @property
+    def backend_reserve(self) -> int:
+        r = self.reserved_backend_connections
+        return min(32, self.max_connections // 10) if r is None else r
+
+    @property
+    def pending_limit(self) -> int:
+        p = self.max_pending_connects
+        return min(64, max(1, self.max_connections // 10)) if p is None else p
+
+    @property
+    def shared_connections(self) -> int:
+        """Connections open to non-backend users: the rest is for pending sockets and the backend."""
+        return self.max_connections - self.backend_reserve - self.pending_limit
 
     def amqtt_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -72,16 +111,41 @@ class EmbeddedBrokerConfig:
                 f"{SealmqAuthPlugin.__module__}.{SealmqAuthPlugin.__name__}": {},
                 f"{SealmqAclPlugin.__module__}.{SealmqAclPlugin.__name__}": {},
             },
+            "session_expiry_interval": self.session_expiry,
         }
         cfg.update(self.extra_amqtt)
         return cfg
 
 
+class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's filter -> [(session, qos)] map, iterated over snapshots.
+
+    amqtt 0.12.1's ``_run_broadcast`` awaits inside ``for f, subs in self._subscriptions.items()``
+    (and over each ``subs`` list); a SUBSCRIBE or a disconnect meanwhile raises "dictionary
+    changed size during iteration" (the message then misses the remaining subscribers) or shifts
+    the list under the loop (a subscriber is skipped). Iterating copies fixes both.
+    """
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return [(k, list(v)) for k, v in super().items()]
+
+
+def _owner(client_id: str, username: str) -> bool:
+    return client_id == username or client_id.startswith(username + CLIENT_ID_SEPARATOR)
+
+
 class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
-    """amqtt's Broker with our framing, connection bound and policy wired into the plugins."""
+    """amqtt's Broker with our framing, connection bounds and policy wired into the plugins."""
 
     def __init__(self, config: EmbeddedBrokerConfig, policy: BrokerPolicy, stats: BrokerStats) -> None:
         super().__init__(config.amqtt_config())
+        self._subscriptions = _SnapshotSubscriptions()
+        self._config = config
+        self._per_user: collections.Counter[str] = collections.Counter()
+        self._non_backend = 0
         self.sealmq_policy = policy
         self.sealmq_stats = stats
         self._limits = FramingLimits(
@@ -89,6 +153,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             # a CONNECT may carry a will message, a SUBSCRIBE many filters: generous but bounded
             max_packet_size=config.max_message_size + 65536,
             connect_timeout=config.connect_timeout,
+            max_qos2_pending=config.max_qos2_pending,
         )
         self._max_connections = config.max_connections
         wired = 0
@@ -108,15 +173,68 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             log.warning("connection limit %d reached: refusing a client", self._max_connections)
             writer.close()
             return
+        if stats.pending_connects >= self._config.pending_limit:
+            stats.refused_limit += 1
+            log.warning("%d sockets already waiting for CONNECT: refusing a client", stats.pending_connects)
+            writer.close()
+            return
         stats.active_connections += 1
+        stats.pending_connects += 1
+        pending = True
+        user: str | None = None
         try:
             peer = writer.get_extra_info("peername")
             name = f"{peer[0]}:{peer[1]}" if peer else "?"
             framed = FramedReader(reader, writer, self._limits, self.sealmq_policy.gate, stats, peer=name)
-            await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
+            info = await framed.accept_connect()
+            stats.pending_connects -= 1
+            pending = False
+            if info is None or info.username is None:
+                return  # refused (and logged) by the gate, or closed: amqtt never sees it
+            why = self._over_user_bound(info)
+            if why:
+                stats.refused_user_limit += 1
+                log.warning("refused CONNECT from %s (user %r): %s", name, info.username, why)
+                framed.refuse(CONNACK_UNAVAILABLE)
+                return
+            user = info.username
+            self._per_user[user] += 1
+            backend = self.sealmq_policy.role(user) is AccountRole.BACKEND
+            self._non_backend += 0 if backend else 1
+            try:
+                await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
+            finally:
+                self._per_user[user] -= 1
+                if self._per_user[user] <= 0:
+                    del self._per_user[user]
+                self._non_backend -= 0 if backend else 1
         finally:
+            if pending:
+                stats.pending_connects -= 1
             stats.active_connections -= 1
             writer.close()
+
+    def _over_user_bound(self, info: ConnectInfo) -> str:
+        """Why this (authenticated) CONNECT exceeds a per-user bound; "" if it does not.
+
+        The backend account is exempt from the per-user bounds and has slots reserved, so a device
+        login cannot lock the backend out by holding every connection.
+        """
+        user = info.username or ""
+        if self.sealmq_policy.role(user) is AccountRole.BACKEND:
+            return ""
+        cfg = self._config
+        if self._per_user[user] >= cfg.max_connections_per_user:
+            return f"already {cfg.max_connections_per_user} connections"
+        shared = cfg.shared_connections
+        if self._non_backend >= shared:
+            return f"the {shared} connections open to non-backend users are taken"
+        if not info.clean_session and info.client_id not in self._sessions:
+            held = sum(1 for cid, (sess, _) in list(self._sessions.items())
+                       if _owner(cid, user) and not sess.clean_session)
+            if held >= cfg.max_sessions_per_user:
+                return f"already {cfg.max_sessions_per_user} persistent sessions"
+        return ""
 
     @property
     def bound_port(self) -> int:
@@ -190,7 +308,8 @@ class EmbeddedBroker:
             self._thread.join(timeout)
             self._thread = None
             raise TransportError(Reason.TRANSPORT_FAILED, f"embedded broker failed to start: {failure[0]}")
-        log.info("embedded broker listening on %s:%d", self.host, self.port)
+        # debug only: `sealmq broker run` prints the address itself (once)
+        log.debug("embedded broker listening on %s:%d", self.host, self.port)
         return self
 
     async def _shutdown(self) -> None:

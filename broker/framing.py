@@ -23,7 +23,6 @@ keep-alive ``wait_for`` around a read can cancel it without desynchronising the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -33,10 +32,11 @@ from amqtt.adapters import ReaderAdapter
 
 log = logging.getLogger("sealmq.broker")
 
-CONNECT, PUBLISH = 1, 3
+CONNECT, PUBLISH, PUBREL = 1, 3, 6
 CONNACK_ACCEPTED = 0
 CONNACK_BAD_PROTOCOL = 1
 CONNACK_ID_REJECTED = 2
+CONNACK_UNAVAILABLE = 3
 CONNACK_BAD_CREDENTIALS = 4
 CONNACK_NOT_AUTHORIZED = 5
 _SKIP_CHUNK = 65536
@@ -136,6 +136,8 @@ class BrokerStats:
     active_connections: int = 0
     refused_limit: int = 0  # closed at accept: too many connections
     refused_connect: int = 0  # CONNECT refused by the gate (credentials, client id, will)
+    refused_user_limit: int = 0  # CONNECT refused: the user's connection/session bound is reached
+    pending_connects: int = 0  # sockets whose CONNECT has not been accepted yet
     bad_framing: int = 0  # closed for malformed/oversized control packets or CONNECT timeout
     oversize_dropped: int = 0  # PUBLISH payloads over the limit, dropped
     retain_cleared: int = 0
@@ -149,6 +151,10 @@ class FramingLimits:
     max_message_size: int
     max_packet_size: int
     connect_timeout: float
+    # a CONNECT is judged before anyone is authenticated: keep what a stranger can make us buffer small
+    max_connect_size: int = 65536
+    # QoS 2 PUBLISHes awaiting their PUBREL on one connection: amqtt keeps each one forever otherwise
+    max_qos2_pending: int = 64
 
 
 class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
@@ -179,6 +185,39 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._topic_len: bytes | None = None
         self._skip_left = 0
         self._skip_ack: bytes | None = None
+        self._qos2_ids: set[bytes] = set()
+        self.accepted: ConnectInfo | None = None  # the CONNECT the gate accepted
+
+    async def accept_connect(self) -> ConnectInfo | None:
+        """Frame and judge the first packet (the CONNECT); None if refused or closed.
+
+        The accepted CONNECT stays buffered for amqtt, so a refused socket never reaches amqtt
+        at all (amqtt logs an ERROR for every stream that ends before a CONNECT).
+        """
+        while self.accepted is None and not self._closed:
+            await self._fill()
+        return self.accepted
+
+    def refuse(self, code: int) -> None:
+        """Answer an accepted-by-the-gate CONNECT with CONNACK ``code`` after all, and close."""
+        self._w.write(bytes([0x20, 0x02, 0x00, code]))
+        self._close()
+
+    async def _fill(self) -> None:
+        if not self._seen_connect:
+            try:
+                async with asyncio.timeout(self._limits.connect_timeout):
+                    packet = await self._next_packet()
+            except TimeoutError:
+                self._stats.bad_framing += 1
+                log.warning("closing %s: no CONNECT in %.0f s", self._peer, self._limits.connect_timeout)
+                self._close()
+                return
+        else:
+            packet = await self._next_packet()
+        if packet:
+            self._buf = self._buf[self._pos :] + packet
+            self._pos = 0
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:  # amqtt never asks for "all"; give what is buffered
@@ -186,20 +225,7 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         while len(self._buf) - self._pos < n:
             if self._closed:
                 return b""
-            if not self._seen_connect:
-                try:
-                    async with asyncio.timeout(self._limits.connect_timeout):
-                        packet = await self._next_packet()
-                except TimeoutError:
-                    self._stats.bad_framing += 1
-                    log.warning("closing %s: no CONNECT in %.0f s", self._peer, self._limits.connect_timeout)
-                    self._close()
-                    return b""
-            else:
-                packet = await self._next_packet()
-            if packet:
-                self._buf = self._buf[self._pos :] + packet
-                self._pos = 0
+            await self._fill()
         out = self._buf[self._pos : self._pos + n]
         self._pos += n
         return out
@@ -243,6 +269,8 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             return self._fail("first packet is not CONNECT")
         if ptype == PUBLISH:
             return await self._publish(remaining)
+        if ptype == CONNECT and remaining > self._limits.max_connect_size:
+            return self._fail(f"CONNECT of {remaining} bytes over the limit")
         if remaining > self._limits.max_packet_size:
             return self._fail(f"packet type {ptype} of {remaining} bytes over the limit")
         body = await r.readexactly(remaining)
@@ -251,6 +279,8 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         if ptype == CONNECT and not self._seen_connect:
             self._seen_connect = True
             return await self._connect(header, body)
+        if ptype == PUBREL:
+            self._qos2_ids.discard(body[:2])
         return header + body
 
     async def _connect(self, header: bytes, body: bytes) -> bytes:
@@ -262,11 +292,9 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         if code != CONNACK_ACCEPTED:
             self._stats.refused_connect += 1
             log.warning("refused CONNECT from %s (user %r): code %d", self._peer, info.username, code)
-            self._w.write(bytes([0x20, 0x02, 0x00, code]))
-            with contextlib.suppress(ConnectionError):
-                await self._w.drain()
-            self._close()
+            self.refuse(code)
             return b""
+        self.accepted = info
         return header + body
 
     async def _publish(self, remaining: int) -> bytes:
@@ -298,6 +326,10 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             self._skip_left = payload_len
             return await self._skip()
         rest = await r.readexactly(remaining - 2)
+        if qos == 2:
+            self._qos2_ids.add(rest[topic_len : topic_len + 2])
+            if len(self._qos2_ids) > self._limits.max_qos2_pending:
+                return self._fail(f"over {self._limits.max_qos2_pending} QoS 2 messages without PUBREL")
         first = self._hdr[0]
         if first & 0x01:
             first &= 0xFE

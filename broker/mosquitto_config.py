@@ -3,32 +3,36 @@
 ``write_config(out_dir, users)`` writes::
 
     out_dir/mosquitto.conf   from broker/mosquitto/mosquitto.conf (loopback, limits, queues)
-    out_dir/acl              device patterns (%u) + one section per backend/monitor user
+    out_dir/acl              one section per user, by role (regenerate when users change)
     out_dir/passwd           name:$7$... (the sealmq user file without the role column), 0600
     out_dir/data/            persistence
 
-Run it with ``mosquitto -c out_dir/mosquitto.conf``.
+Run it with ``mosquitto -c out_dir/mosquitto.conf``. Generated as root, the files and ``data/``
+are handed to ``run_as`` (default ``mosquitto``), the user mosquitto drops to when started as
+root; generated as anyone else they stay the generating user's (who then runs mosquitto).
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
-from dataclasses import dataclass, field
+import stat
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from broker.passwd import AccountRole, User
 from sealmq.errors import ConfigError, Reason
-from sealmq.topics import ROOT, Channel
+from sealmq.topics import ROOT, Channel, valid_device_id
 
 DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
-# mosquitto drops a PUBLISH over message_size_limit but disconnects over max_packet_size (it reads
-# the whole packet first): leave room so moderately oversized messages are dropped, not fatal.
-MAX_PACKET_SLACK = 1024 * 1024
 # Enough for a burst of thousands of messages to a slow backend; bounded by bytes, not by count.
 DEFAULT_MAX_QUEUED_MESSAGES = 1_000_000
 DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# Fixed header (5) + topic length (2) + our longest topic (sealmq/v1/<64-char id>/media/down) + packet id.
+PACKET_OVERHEAD = 128
+DEFAULT_RUN_AS = "mosquitto"  # the Debian package's (and the eclipse-mosquitto image's) system user
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class MosquittoOptions:
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     persistence: bool = True
-    run_as: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    session_expiry: str = "7d"  # persistent_client_expiration
+    run_as: str = DEFAULT_RUN_AS
 
 
 def _template(name: str) -> str:
@@ -50,7 +55,14 @@ def _template(name: str) -> str:
 def acl_sections(users: dict[str, User]) -> str:
     out: list[str] = []
     for user in sorted(users.values(), key=lambda u: u.name):
-        if user.role is AccountRole.BACKEND:
+        if user.role is AccountRole.DEVICE:
+            if not valid_device_id(user.name):
+                continue  # no rights: acl.may_publish refuses such a name on the embedded broker too
+            out.append(f"# device: its own .../up out, its own .../down in\nuser {user.name}")
+            out.append(f"topic read {ROOT}/{user.name}/+/down")
+            out += [f"topic write {ROOT}/{user.name}/{ch.value}/up" for ch in Channel]
+            out.append("")
+        elif user.role is AccountRole.BACKEND:
             out.append(f"# backend: all devices' .../up in, .../down out\nuser {user.name}")
             out.append(f"topic read {ROOT}/+/+/up")
             out += [f"topic write {ROOT}/+/{ch.value}/down" for ch in Channel]
@@ -74,8 +86,8 @@ def render(out_dir: Path, users: dict[str, User], opts: MosquittoOptions) -> dic
         "HOST": opts.host,
         "PORT": str(opts.port),
         "MAX_CONNECTIONS": str(opts.max_connections),
-        "MAX_MESSAGE_SIZE": str(opts.max_message_size),
-        "MAX_PACKET_SIZE": str(opts.max_message_size + MAX_PACKET_SLACK),
+        "MAX_PACKET_SIZE": str(opts.max_message_size + PACKET_OVERHEAD),
+        "SESSION_EXPIRY": opts.session_expiry,
         "MAX_QUEUED_MESSAGES": str(opts.max_queued_messages),
         "MAX_QUEUED_BYTES": str(opts.max_queued_bytes),
         "RUN_AS": opts.run_as,
@@ -91,12 +103,41 @@ def render(out_dir: Path, users: dict[str, User], opts: MosquittoOptions) -> dic
     return files
 
 
+def current_user() -> str:
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _owner_ids(run_as: str, out: Path) -> tuple[int, int] | None:
+    """(uid, gid) to hand the files to when generating as root; None when not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(run_as)
+    except KeyError:
+        raise ConfigError(Reason.CONFIG_INVALID, f"user {run_as!r} does not exist (mosquitto would refuse "
+                          "to start as root); create it or pass --run-as") from None
+    if entry.pw_uid != 0:
+        groups = {entry.pw_gid} | {g.gr_gid for g in grp.getgrall() if run_as in g.gr_mem}
+        for parent in out.parents:  # mosquitto, once unprivileged, must reach the directory
+            if not parent.exists():
+                continue  # created below by mkdir, world-searchable under the usual umask
+            st = parent.stat()
+            if not (st.st_mode & stat.S_IXOTH or (st.st_uid == entry.pw_uid and st.st_mode & stat.S_IXUSR)
+                    or (st.st_gid in groups and st.st_mode & stat.S_IXGRP)):
+                raise ConfigError(Reason.CONFIG_INVALID, f"{run_as!r} cannot enter {parent}: generate the "
+                                  "config elsewhere or pass --run-as")
+    return entry.pw_uid, entry.pw_gid
+
+
 def write_config(out_dir: str | Path, users: dict[str, User], opts: MosquittoOptions | None = None) -> Path:
     """Write the config directory; returns the path of mosquitto.conf."""
+    opts = opts or MosquittoOptions()
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    files = render(out, users, opts)
+    owner = _owner_ids(opts.run_as, out)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     (out / "data").mkdir(mode=0o700, exist_ok=True)
-    for name, text in render(out, users, opts or MosquittoOptions()).items():
+    for name, text in files.items():
         path = out / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -104,4 +145,7 @@ def write_config(out_dir: str | Path, users: dict[str, User], opts: MosquittoOpt
         finally:
             os.close(fd)
         os.chmod(path, 0o600)
+    if owner is not None:
+        for path in (out, out / "data", *(out / name for name in files), *(out / "data").iterdir()):
+            os.chown(path, *owner)
     return out / "mosquitto.conf"

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -250,15 +251,20 @@ def running_mosquitto(directory: Path, n_devices: int = 2, **options: Any) -> It
         pytest.skip("mosquitto binary not installed")
     passwd, backend, devices, monitor = make_users(directory, n_devices)
     port = options.pop("port", None) or free_port()
-    conf_dir = directory / "mosquitto"
-    write_config(conf_dir, load_users(passwd), MosquittoOptions(host=HOST, port=port, **options))
-    proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log").start()
-    handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc)
+    # the production default `user mosquitto`: started as root, mosquitto drops to that user, which
+    # cannot enter pytest's 0700 tmp dirs; a private dir under /tmp is reachable and removed after
+    conf_dir = Path(tempfile.mkdtemp(prefix="sealmq-mosquitto-"))
     try:
-        yield handle
+        write_config(conf_dir, load_users(passwd), MosquittoOptions(host=HOST, port=port, **options))
+        proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log").start()
+        handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc)
+        try:
+            yield handle
+        finally:
+            handle.close_clients()
+            proc.stop()
     finally:
-        handle.close_clients()
-        proc.stop()
+        shutil.rmtree(conf_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Any
 from app.bootstrap import Deployment, bootstrap
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
-from broker.mosquitto_config import MosquittoOptions, write_config
+from broker.mosquitto_config import MosquittoOptions, current_user, write_config
 from broker.passwd import load_users
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
@@ -109,7 +109,8 @@ class System:
             assert MOSQUITTO is not None
             conf_dir = self.root / "mosquitto"
             write_config(conf_dir, load_users(self.dep.users),
-                         MosquittoOptions(host=HOST, port=self.port, **self.broker_options))
+                         MosquittoOptions(host=HOST, port=self.port,
+                                          **{"run_as": current_user(), **self.broker_options}))
             self._broker = MosquittoProcess(conf_dir, self.port, self.root / "mosquitto.log").start()
         wait_listening(HOST, self.port)
 

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
+from broker.mosquitto_config import PACKET_OVERHEAD
 from tests import brokers
-from tests.brokers import BrokerHandle, Creds, raw_connect, running_amqtt
+from tests.brokers import BrokerHandle, Creds, needs_mosquitto, raw_connect, running_amqtt, running_mosquitto
+from tests.e2e import wait_for
 
 any_broker = brokers.any_broker
 amqtt_broker = brokers.amqtt_broker
@@ -94,28 +96,47 @@ def test_backend_cannot_read_down_or_write_up(any_broker: BrokerHandle) -> None:
     assert [m.payload for m in dev_got.drain(0.1)] == [b"cmd"]
 
 
-def test_oversized_message_dropped_others_flow(tmp_path, request) -> None:  # type: ignore[no-untyped-def]
-    from tests.brokers import needs_mosquitto, running_mosquitto  # noqa: F401
+def test_oversized_message_dropped_others_flow(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with running_amqtt(tmp_path, max_message_size=4096) as b:
+        a = b.devices[0].username
+        backend, got = b.connect(b.backend)
+        b.subscribe(backend, "sealmq/v1/+/+/up")
+        dev, _ = b.connect(b.devices[0])
+        topic = DEV.format(a, "media", "up")
+        for qos in (0, 1):
+            dev.publish(topic, b"a" * 100, qos=qos).wait_for_publish(5)
+            for payload in (b"B" * 4097, b"c" * 4096, b"D" * 300_000):  # over, at, far over the limit
+                info = dev.publish(topic, payload, qos=qos)
+                info.wait_for_publish(5)
+                assert info.is_published(), (qos, len(payload))  # QoS 1: PUBACK even if dropped
+            dev.publish(topic, b"e" * 10, qos=qos).wait_for_publish(5)
+        sizes = [len(m.payload) for m in got.drain(0.5)]
+        assert sizes == [100, 4096, 10] * 2, sizes
+        assert dev.is_connected()
+        assert b.broker.stats.oversize_dropped == 4
 
-    for runner in (running_amqtt, running_mosquitto):
-        with runner(tmp_path / runner.__name__, max_message_size=4096) as b:
-            a = b.devices[0].username
-            backend, got = b.connect(b.backend)
-            b.subscribe(backend, "sealmq/v1/+/+/up")
-            dev, _ = b.connect(b.devices[0])
-            topic = DEV.format(a, "media", "up")
-            for qos in (0, 1):
-                dev.publish(topic, b"a" * 100, qos=qos).wait_for_publish(5)
-                for payload in (b"B" * 4097, b"c" * 4096, b"D" * 300_000):  # over, at, far over the limit
-                    info = dev.publish(topic, payload, qos=qos)
-                    info.wait_for_publish(5)
-                    assert info.is_published(), (b.kind, qos, len(payload))  # QoS 1: PUBACK even if dropped
-                dev.publish(topic, b"e" * 10, qos=qos).wait_for_publish(5)
-            sizes = [len(m.payload) for m in got.drain(0.5)]
-            assert sizes == [100, 4096, 10] * 2, (b.kind, sizes)
-            assert dev.is_connected(), b.kind
-            if b.kind == "amqtt":
-                assert b.broker.stats.oversize_dropped == 4
+
+@needs_mosquitto
+def test_mosquitto_oversized_packet_closes_sender_never_relayed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """max_packet_size (no deprecated message_size_limit): over the limit, the sender is disconnected."""
+    with running_mosquitto(tmp_path, max_message_size=4096) as b:
+        topic = DEV.format(b.devices[0].username, "media", "up")
+        backend, got = b.connect(b.backend)
+        b.subscribe(backend, "sealmq/v1/+/+/up")
+        dev, _ = b.connect(b.devices[0])
+        dev.publish(topic, b"c" * 4096, qos=1).wait_for_publish(5)
+        assert len(got.get().payload) == 4096
+        dev.publish(topic, b"D" * 4096 + b"D" * PACKET_OVERHEAD, qos=0)
+        deadline = time.monotonic() + 5
+        while dev.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not dev.is_connected()
+        dev.disconnect()
+        dev.loop_stop()
+        dev2, _ = b.connect(b.devices[0])
+        dev2.publish(topic, b"e" * 10, qos=1).wait_for_publish(5)
+        assert [len(m.payload) for m in got.drain(0.5)] == [10]
+        assert "message_size_limit" not in b.broker.log()  # no "replace it with max_packet_size" note
 
 
 def test_refused_connects_do_not_exhaust_slots(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -141,11 +162,14 @@ def test_refused_connects_do_not_exhaust_slots(tmp_path) -> None:  # type: ignor
 
 
 def test_connection_limit_refuses_instead_of_queueing(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with running_amqtt(tmp_path, max_connections=2) as b:
+    with running_amqtt(tmp_path, max_connections=3, max_pending_connects=1) as b:
         b.connect(b.devices[0])
         b.connect(b.devices[1])
-        with socket.create_connection((b.host, b.port), timeout=5) as s:
-            assert s.recv(1) == b""  # closed at once, not parked
+        with socket.create_connection((b.host, b.port), timeout=5) as pending:  # no CONNECT yet
+            wait_for(lambda: b.broker.stats.pending_connects == 1)
+            with socket.create_connection((b.host, b.port), timeout=5) as s:
+                assert s.recv(1) == b""  # closed at once, not parked
+            assert pending.fileno() >= 0
         assert b.broker.stats.refused_limit == 1
 
 

@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.mosquitto_config import MosquittoOptions, render
+from broker.mosquitto_config import PACKET_OVERHEAD, MosquittoOptions, render
 from broker.passwd import load_users
 from tests import brokers
 from tests.brokers import BrokerHandle, needs_mosquitto, running_mosquitto
@@ -84,9 +84,13 @@ def test_restart_same_port_keeps_queued_messages(tmp_path) -> None:  # type: ign
 def test_rendered_config_is_hardened(tmp_path, mosquitto: BrokerHandle) -> None:  # type: ignore[no-untyped-def]
     files = render(tmp_path, load_users(mosquitto.passwd), MosquittoOptions(port=1883))
     conf = files["mosquitto.conf"]
-    for line in ("allow_anonymous false", "listener 1883 127.0.0.1", "message_size_limit 262144",
-                 "max_queued_messages 1000000", "retain_available false"):
+    for line in ("allow_anonymous false", "listener 1883 127.0.0.1", f"max_packet_size {262144 + PACKET_OVERHEAD}",
+                 "max_queued_messages 1000000", "retain_available false", "use_username_as_clientid true",
+                 "user mosquitto", "persistent_client_expiration 7d"):
         assert line in conf.splitlines(), line
+    assert "message_size_limit" not in conf  # deprecated: mosquitto 2 prints a note to replace it
+    assert "pattern" not in files["acl"]  # a pattern applies to every user, whatever their role
+    assert "user dev0\ntopic read sealmq/v1/dev0/+/down\ntopic write sealmq/v1/dev0/hs/up" in files["acl"]
     assert "{{" not in conf
     assert "{{" not in files["acl"]
     assert "user backend\ntopic read sealmq/v1/+/+/up" in files["acl"]

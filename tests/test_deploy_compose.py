@@ -12,6 +12,7 @@ variable or argument in the compose file fails the test.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -173,6 +174,8 @@ class Deployment:
         env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         env["PYTHONPATH"] = str(REPO)
         env["HOME"] = str(self.root)
+        # in the image the pki service is uid 10001, not root: mosquitto then ignores `user` (no chown)
+        env["SEALMQ_MOSQUITTO_RUN_AS"] = pwd.getpwuid(os.getuid()).pw_name
         for key, value in (self.services[service].get("environment") or {}).items():
             env[key] = self.map_token(service, str(value), host=key.endswith("_HOST"))
         return env
