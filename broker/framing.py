@@ -12,7 +12,10 @@ only whole, bounded packets:
 - a PUBLISH whose payload exceeds ``max_message_size`` is read off the socket in 64 KiB pieces
   and dropped (never buffered), acknowledged for QoS 1 so the sender does not retry it, and
   logged with its topic and size (never its payload); QoS 2 oversize closes the connection;
-- any other packet larger than ``max_packet_size`` closes the connection;
+- any other packet larger than ``max_packet_size`` closes the connection, a CONNECT larger than
+  ``max_connect_size`` (it arrives before authentication) too;
+- more than ``max_qos2_pending`` QoS 2 PUBLISHes without their PUBREL close the connection
+  (amqtt keeps each one in the session forever);
 - the retain flag is cleared: sealmq does not use retained messages, and amqtt re-sends retained
   messages of *every* active subscription to each connecting client, whatever its ACL.
 
