@@ -4,6 +4,7 @@ the real backend service and real device agents, all with a real PKI made by the
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from app.bootstrap import Deployment, bootstrap
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, current_user, write_config
-from broker.passwd import load_users
+from broker.passwd import Role, add_user, load_users
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
 from runtime.audit import read_audit
@@ -26,6 +27,7 @@ from sealmq.endpoint import BackendConfig, EndpointConfig
 from tests.brokers import MOSQUITTO, MosquittoProcess, free_port, wait_listening
 
 HOST = "127.0.0.1"
+SUB_MONITOR = "monitor-sub"
 FAST = {"reconnect_min_delay": 1, "reconnect_max_delay": 2}
 
 
@@ -69,8 +71,8 @@ class MosquittoSub:
         self.out = system.root / f"mosquitto_sub-{id(self)}.txt"
         self._f = open(self.out, "wb")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [exe, "-h", HOST, "-p", str(system.port), "-u", "monitor", "-P", system.dep.password("monitor", "monitor"),
-             "-i", f"monitor:sub{id(self)}", "-t", "sealmq/#", "-v", "-F", "%t %x", "-q", "1"],
+            [exe, "-h", HOST, "-p", str(system.port), "-u", SUB_MONITOR, "-P", system.sub_password,
+             "-i", f"{SUB_MONITOR}:sub{id(self)}", "-t", "sealmq/#", "-v", "-F", "%t %x", "-q", "1"],
             stdout=self._f, stderr=subprocess.STDOUT,
         )
         time.sleep(0.5)
@@ -92,6 +94,10 @@ class System:
         self.root = root
         self.kind = broker
         self.dep: Deployment = bootstrap(root, device_ids, iterations=1000)[0]
+        # a second monitor login for mosquitto_sub: mosquitto binds the client id to the user name,
+        # so two connections of one user would keep replacing each other
+        self.sub_password = secrets.token_urlsafe(12)
+        add_user(self.dep.users, SUB_MONITOR, self.sub_password, Role.MONITOR, iterations=1000)
         self.broker_options = broker_options
         self.port = free_port()
         self._broker: Any = None
