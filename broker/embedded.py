@@ -64,6 +64,10 @@ class EmbeddedBrokerConfig:
     max_pending_connects: int | None = None
     max_qos2_pending: int = 64  # per connection, QoS 2 PUBLISHes awaiting PUBREL
     session_expiry: int = DEFAULT_SESSION_EXPIRY  # seconds a disconnected persistent session is kept
+    # messages queued for one disconnected persistent session; beyond it they are dropped (logged).
+    # The backend's bound is mosquitto's in our config: generous, because its messages must not be lost.
+    max_offline_queue: int = 1000
+    max_offline_queue_backend: int = 1_000_000
     extra_amqtt: dict[str, Any] = field(default_factory=dict)  # merged into amqtt's config (advanced)
 
     def validate(self) -> None:
@@ -76,7 +80,7 @@ class EmbeddedBrokerConfig:
         if self.connect_timeout <= 0:
             raise ConfigError(Reason.CONFIG_INVALID, "connect_timeout must be > 0")
         bounds = (self.max_connections_per_user, self.max_sessions_per_user, self.pending_limit,
-                  self.max_qos2_pending, self.session_expiry)
+                  self.max_qos2_pending, self.session_expiry, self.max_offline_queue, self.max_offline_queue_backend)
         if min(bounds) < 1 or self.backend_reserve < 0:
             raise ConfigError(Reason.CONFIG_INVALID, "per-user bounds must be >= 1 (reserve >= 0)")
         if self.backend_reserve + self.pending_limit >= self.max_connections:
@@ -198,6 +202,9 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 framed.refuse(CONNACK_UNAVAILABLE)
                 return
             user = info.username
+            resumed = None if info.clean_session else self._sessions.get(info.client_id)
+            if resumed is not None:
+                framed.seed_qos2(resumed[0].inflight_in.keys())
             self._per_user[user] += 1
             backend = self.sealmq_policy.role(user) is AccountRole.BACKEND
             self._non_backend += 0 if backend else 1
@@ -213,6 +220,18 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 stats.pending_connects -= 1
             stats.active_connections -= 1
             writer.close()
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Any) -> None:
+        """Queue for a disconnected persistent session, up to its bound (amqtt's queue is unbounded)."""
+        backend = self.sealmq_policy.role(target_session.username) is Role.BACKEND
+        limit = self._config.max_offline_queue_backend if backend else self._config.max_offline_queue
+        if target_session.retained_messages.qsize() >= limit:
+            self.sealmq_stats.offline_dropped += 1
+            if self.sealmq_stats.offline_dropped % 1000 == 1:  # the first, then every 1000th
+                log.warning("offline session %r holds %d messages: dropping (%d dropped so far)",
+                            target_session.client_id, limit, self.sealmq_stats.offline_dropped)
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     def _over_user_bound(self, info: ConnectInfo) -> str:
         """Why this (authenticated) CONNECT exceeds a per-user bound; "" if it does not.

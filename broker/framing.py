@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from amqtt.adapters import ReaderAdapter
@@ -141,6 +141,7 @@ class BrokerStats:
     refused_connect: int = 0  # CONNECT refused by the gate (credentials, client id, will)
     refused_user_limit: int = 0  # CONNECT refused: the user's connection/session bound is reached
     pending_connects: int = 0  # sockets whose CONNECT has not been accepted yet
+    offline_dropped: int = 0  # messages not queued for a disconnected session: its queue was full
     bad_framing: int = 0  # closed for malformed/oversized control packets or CONNECT timeout
     oversize_dropped: int = 0  # PUBLISH payloads over the limit, dropped
     retain_cleared: int = 0
@@ -200,6 +201,10 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         while self.accepted is None and not self._closed:
             await self._fill()
         return self.accepted
+
+    def seed_qos2(self, packet_ids: Iterable[int]) -> None:
+        """QoS 2 messages the resumed session still holds without PUBREL count against the bound."""
+        self._qos2_ids.update(pid.to_bytes(2, "big") for pid in packet_ids)
 
     def refuse(self, code: int) -> None:
         """Answer an accepted-by-the-gate CONNECT with CONNACK ``code`` after all, and close."""

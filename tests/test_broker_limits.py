@@ -35,13 +35,15 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _raw_session(b: BrokerHandle, creds: Creds, client_id: str) -> socket.socket:
+def _raw_session(b: BrokerHandle, creds: Creds, client_id: str, clean: bool = True) -> socket.socket:
     """A raw MQTT 3.1.1 session (CONNECT accepted) for packets paho would not send."""
-    body = _field(b"MQTT") + bytes([4, 0xC2]) + (30).to_bytes(2, "big") + _field(client_id.encode())
+    flags = 0xC2 if clean else 0xC0
+    body = _field(b"MQTT") + bytes([4, flags]) + (30).to_bytes(2, "big") + _field(client_id.encode())
     body += _field(creds.username.encode()) + _field(creds.password.encode())
     s = socket.create_connection((b.host, b.port), timeout=5)
     s.sendall(b"\x10" + _varint(len(body)) + body)
-    assert s.recv(4) == b"\x20\x02\x00\x00"
+    connack = s.recv(4)
+    assert connack[:2] == b"\x20\x02" and connack[3] == 0, connack  # accepted (session present or not)
     return s
 
 
@@ -133,6 +135,52 @@ def test_qos2_without_pubrel_bounded(tmp_path: Path) -> None:
                 s.sendall(b"\x34" + _varint(len(body)) + body)
             assert _closed_by_broker(s)
         assert b.broker.stats.bad_framing == 1
+
+
+def _qos2(s: socket.socket, pid: int) -> None:
+    body = _field(UP.format("dev0").encode()) + pid.to_bytes(2, "big") + b"x" * 1000
+    s.sendall(b"\x34" + _varint(len(body)) + body)
+
+
+def test_qos2_without_pubrel_bounded_across_reconnects(tmp_path: Path) -> None:
+    with running_amqtt(tmp_path, max_qos2_pending=5) as b:
+        with _raw_session(b, b.devices[0], "dev0:raw", clean=False) as s:
+            for pid in (1, 2, 3):
+                _qos2(s, pid)
+            s.settimeout(1)
+            assert not _closed_by_broker(s)  # 3 PUBRECs, still open
+        session = b.broker._broker._sessions["dev0:raw"][0]
+        assert _wait(lambda: session.transitions.state == "disconnected")
+        with _raw_session(b, b.devices[0], "dev0:raw", clean=False) as s:
+            for pid in (4, 5, 6):  # 3 held by the session + 3 > 5
+                _qos2(s, pid)
+            assert _closed_by_broker(s)
+        assert len(session.inflight_in) <= 5
+
+
+def test_offline_queue_bounded_for_devices_not_for_backend(tmp_path: Path) -> None:
+    with running_amqtt(tmp_path, max_offline_queue=5) as b:
+        dev = b.devices[0]
+        c, _ = b.connect(dev, client_id="dev0:parked", clean_session=False)
+        b.subscribe(c, "sealmq/v1/dev0/+/down")
+        c.disconnect()
+        c.loop_stop()
+        be, _ = b.connect(b.backend, client_id="backend:parked", clean_session=False)
+        b.subscribe(be, "sealmq/v1/+/+/up")
+        be.disconnect()
+        be.loop_stop()
+        time.sleep(0.3)
+        pub_be, _ = b.connect(b.backend, client_id="backend:pub")
+        pub_dev, _ = b.connect(b.devices[1])
+        for i in range(12):
+            pub_be.publish("sealmq/v1/dev0/data/down", str(i).encode(), qos=1).wait_for_publish(5)
+            pub_dev.publish(UP.format("dev1"), str(i).encode(), qos=1).wait_for_publish(5)
+        time.sleep(0.3)
+        _, dev_got = b.connect(dev, client_id="dev0:parked", clean_session=False)
+        _, be_got = b.connect(b.backend, client_id="backend:parked", clean_session=False)
+        assert sorted(int(m.payload) for m in dev_got.drain(1.0)) == list(range(5))
+        assert sorted(int(m.payload) for m in be_got.drain(0.1)) == list(range(12))
+        assert b.broker.stats.offline_dropped == 7
 
 
 def test_unauthenticated_large_connect_closed_at_once(tmp_path: Path) -> None:
