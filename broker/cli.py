@@ -13,7 +13,11 @@ from typing import Any
 
 from sealmq.errors import ConfigError, Reason
 
-_RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout"}
+# per-user bounds of the embedded broker (docs/broker.md, "Per-user bounds"): integers
+_BOUND_KEYS = {"max_connections_per_user", "max_sessions_per_user", "reserved_backend_connections",
+               "max_pending_connects", "max_qos2_pending", "session_expiry", "max_offline_queue",
+               "max_offline_queue_backend"}
+_RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout", *_BOUND_KEYS}
 
 
 def register(subparsers: Any) -> None:
@@ -81,6 +85,9 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         unknown = set(values) - _RUN_KEYS
         if unknown:
             raise ConfigError(Reason.CONFIG_INVALID, f"unknown keys in {args.config}: {sorted(unknown)}")
+        for key in _BOUND_KEYS & set(values):
+            if type(values[key]) is not int:
+                raise ConfigError(Reason.CONFIG_INVALID, f"{key} in {args.config} must be an integer")
     for key in ("host", "port", "passwd", "max_message_size", "max_connections"):
         value = getattr(args, key, None)
         if value is not None:

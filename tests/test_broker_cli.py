@@ -13,10 +13,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from app.cli import main
 from broker.inspect import run_inspect
 from broker.passwd import load_users, verify_password
 from sealmq import cbor
+from sealmq.errors import ConfigError
 from tests.brokers import running_amqtt, wait_listening
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +81,7 @@ def test_run_foreground_until_sigterm(tmp_path) -> None:  # type: ignore[no-unty
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert "shutting down" in proc.stdout.read()  # type: ignore[union-attr]
+        assert "listening on" not in proc.stderr.read()  # type: ignore[union-attr]  # said once, on stdout
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -128,3 +132,21 @@ def test_inspect_refused_for_a_device(tmp_path, capsys) -> None:  # type: ignore
         assert "not_authorized" in capsys.readouterr().err
         args[5:7] = ["--password", "wrong"]
         assert main(args) == 2
+
+
+def test_run_config_takes_per_user_bounds_as_integers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    from broker.cli import load_run_config
+    from broker.embedded import EmbeddedBrokerConfig
+
+    config = tmp_path / "broker.toml"
+    config.write_text('passwd = "u"\nmax_connections_per_user = 2\nmax_offline_queue = 10\n')
+    values = load_run_config(argparse.Namespace(config=config))
+    EmbeddedBrokerConfig(**values).validate()
+    assert values["max_connections_per_user"] == 2
+    config.write_text('passwd = "u"\nmax_connections_per_user = "2"\n')
+    with pytest.raises(ConfigError):
+        load_run_config(argparse.Namespace(config=config))
+    with pytest.raises(ConfigError):  # no room left for devices
+        EmbeddedBrokerConfig(passwd="u", max_connections=10, reserved_backend_connections=9).validate()
