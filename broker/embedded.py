@@ -223,7 +223,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Any) -> None:
         """Queue for a disconnected persistent session, up to its bound (amqtt's queue is unbounded)."""
-        backend = self.sealmq_policy.role(target_session.username) is Role.BACKEND
+        backend = self.sealmq_policy.role(target_session.username) is AccountRole.BACKEND
         limit = self._config.max_offline_queue_backend if backend else self._config.max_offline_queue
         if target_session.retained_messages.qsize() >= limit:
             self.sealmq_stats.offline_dropped += 1

@@ -18,7 +18,7 @@ from app.bootstrap import Deployment, bootstrap
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, current_user, write_config
-from broker.passwd import Role, add_user, load_users
+from broker.passwd import AccountRole, add_user, load_users
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
 from runtime.audit import read_audit
@@ -97,7 +97,7 @@ class System:
         # a second monitor login for mosquitto_sub: mosquitto binds the client id to the user name,
         # so two connections of one user would keep replacing each other
         self.sub_password = secrets.token_urlsafe(12)
-        add_user(self.dep.users, SUB_MONITOR, self.sub_password, Role.MONITOR, iterations=1000)
+        add_user(self.dep.users, SUB_MONITOR, self.sub_password, AccountRole.MONITOR, iterations=1000)
         self.broker_options = broker_options
         self.port = free_port()
         self._broker: Any = None
