@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from broker.passwd import AccountRole, User
+from runtime.files import atomic_write
 from sealmq.errors import ConfigError, Reason
 from sealmq.topics import ROOT, Channel, valid_device_id
 
@@ -138,13 +139,7 @@ def write_config(out_dir: str | Path, users: dict[str, User], opts: MosquittoOpt
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     (out / "data").mkdir(mode=0o700, exist_ok=True)
     for name, text in files.items():
-        path = out / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text.encode("utf-8"))
-        finally:
-            os.close(fd)
-        os.chmod(path, 0o600)
+        atomic_write(out / name, text.encode("utf-8"), mode=0o600)
     if owner is not None:
         for path in (out, out / "data", *(out / name for name in files), *(out / "data").iterdir()):
             os.chown(path, *owner)
