@@ -44,6 +44,7 @@ RUN chmod 0755 /usr/local/bin/sealmq-bootstrap /usr/local/bin/sealmq-healthcheck
 USER 10001:10001
 WORKDIR /home/sealmq
 EXPOSE 1883
+EXPOSE 8080
 # Default check: an MQTT broker at $SEALMQ_MQTT_HOST:$SEALMQ_MQTT_PORT (127.0.0.1:1883 = this container)
 # answers a CONNECT. docker-compose.yml gives the backend its own check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 CMD ["sealmq-healthcheck"]

@@ -11,6 +11,8 @@ Layout under ``DIR``::
     broker/users             broker user file (name:role:hash), 0600
     broker/monitor.password  password of the read-only "monitor" user (inspect, mosquitto_sub)
     backend/                 the backend's data (SQLite, audit log, media)
+    backend/console.auth     salted hash of the operator console's password (the backend keeps only this)
+    console.password         the operator console's password, 0600 (console: issue 13)
     devices/<id>/            each device's state (audit log, media outbox)
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.console.auth import make_hash  # console (issue 13)
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
 from runtime.files import atomic_write
@@ -43,6 +46,14 @@ class Deployment:
     @property
     def backend_data(self) -> Path:
         return self.root / "backend"
+
+    @property
+    def console_password_file(self) -> Path:  # console (issue 13)
+        return self.root / "console.password"
+
+    @property
+    def console_auth(self) -> Path:  # console (issue 13)
+        return self.backend_data / "console.auth"
 
     def device_state(self, device_id: str) -> Path:
         return self.root / "devices" / device_id
@@ -107,4 +118,16 @@ def bootstrap(
         if _ensure_user(dep, AccountRole.DEVICE, device_id, iterations, existing):
             created.append(f"broker user {device_id}")
     dep.backend_data.mkdir(parents=True, exist_ok=True)
+    if _ensure_console_password(dep):  # console (issue 13)
+        created.append("console password")
     return dep, created
+
+
+def _ensure_console_password(dep: Deployment) -> bool:
+    """The operator's console password (0600) and, for the backend, only its salted hash."""
+    if dep.console_password_file.exists() and dep.console_auth.exists():
+        return False
+    password = generate_password()
+    _write_secret(dep.console_password_file, password)
+    _write_secret(dep.console_auth, make_hash(password))
+    return True

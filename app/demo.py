@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from app.bootstrap import Deployment, bootstrap
+from backend.console.demo import serve_demo, start_demo_console  # console (issue 13)
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
@@ -35,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.add_argument("--port", type=int, default=1883, help="broker port (0 = any free port)")
     demo.add_argument("--images", type=Path, default=None, help="folder of images to send (default: img/)")
     demo.add_argument("--verbose", action="store_true")
+    demo.add_argument("--console", default="127.0.0.1:8080", metavar="HOST:PORT",  # console (issue 13)
+                      help="serve the operator console here ('off' for none; a busy port: any free port)")
+    demo.add_argument("--serve", action="store_true",  # console (issue 13)
+                      help="after the summary, keep the devices sending (for the console) until Ctrl-C")
     demo.set_defaults(func=run_demo)
 
     boot = sub.add_parser("bootstrap", help="create (if missing) CA, identities and broker users in a directory")
@@ -101,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> int:
     monitor = _Monitor(dep, broker.port)
     backend = None
     sim = None
+    console = None  # console (issue 13)
     try:
         monitor.link.start()
         backend = BackendService(BackendSettings(
@@ -109,6 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
         ))
         backend.start()
         say(f"[3/5] backend connected; data in {dep.backend_data.resolve()}")
+        console = start_demo_console(backend, dep, broker.port, args.console, say)  # console (issue 13)
         sim = Simulator(dep.pki, dep.root / "devices", ids, MqttSettings(port=broker.port),
                         password_for=lambda d: dep.password("device", d))
         took = sim.start(timeout=30)
@@ -165,8 +172,12 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{dep.root / 'devices' / '<id>' / 'device_log.jsonl'}")
         say(f"      stored data: sealmq backend messages --data {dep.backend_data}")
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
+        if args.serve and console is not None:  # console (issue 13)
+            serve_demo(sim.agents, step, say)
         return 0 if not leaked and stored > 0 else 1
     finally:
+        if console is not None:  # console (issue 13)
+            console.stop()
         if sim is not None:
             sim.stop()
         if backend is not None:

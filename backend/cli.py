@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from backend.console.cli import add_console_arguments, start_console  # console (issue 13)
 from backend.storage import Storage, db_path
 from runtime.config import add_mqtt_arguments, mqtt_settings
 from sealmq import cbor
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help="data directory")
     run.add_argument("--name", default="backend", help="backend identity name")
     add_mqtt_arguments(run, default_username="backend")
+    add_console_arguments(run)  # console (issue 13)
     run.set_defaults(func=_run)
 
     devices = bsub.add_parser("devices", help="list devices that completed a handshake")
@@ -54,7 +56,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = mqtt_settings(args, password_file=layout.backend_dir(args.pki, args.name) / "mqtt.password")
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name))
-    service.run_forever()
+    console = start_console(service, args, settings)  # console (issue 13)
+    try:
+        service.run_forever()
+    finally:
+        if console is not None:  # console (issue 13)
+            console.stop()
     return 0
 
 

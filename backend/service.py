@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
+from backend.observer import ServiceObserver, notify  # console (issue 13)
 from backend.storage import Storage, db_path
 from pki import ccs as pki_ccs
 from pki import layout
@@ -49,6 +50,8 @@ from sealmq.endpoint import (
     BackendConfig,
     BackendEndpoint,
     HandshakeCompleted,
+    Output,  # console (issue 13)
+    Publish,  # console (issue 13)
     Received,
 )
 from sealmq.errors import DecodeError, Reason, SealmqError
@@ -131,6 +134,7 @@ class BackendService(EndpointDriver):
         self._next_revalidation = time.time() + settings.revalidate_interval
         audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
+        self.observers: list[ServiceObserver] = []  # console (issue 13): backend.observer.attach
         super().__init__(
             endpoint, settings.mqtt, audit, role="backend", timer_name="backend-timer",
             default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
@@ -162,6 +166,19 @@ class BackendService(EndpointDriver):
 
     def seal_to(self, device_id: str, kind: RecordKind, plaintext: bytes) -> None:
         self._run(lambda now: self.endpoint.seal(device_id, kind, plaintext, now))
+
+    # -- observers: the console's feed and the metrics (issue 13) ----------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            outputs = self.endpoint.handle(topic, payload, self.clock(), self.random)
+            self._dispatch(outputs)
+            notify(self.observers, "on_message", topic, payload, outputs, self.clock())
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        super()._dispatch(outputs)
+        for out in outputs:
+            if isinstance(out, Publish):
+                notify(self.observers, "on_publish", out.topic, out.payload, self.clock())
 
     # -- the driver's hooks ------------------------------------------------------------------
     def _before_tick(self) -> None:

@@ -174,6 +174,15 @@ class Storage:
             rows = self._db.execute(query, (*params, limit)).fetchall()
         return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in rows]
 
+    def recent_messages(self, device_id: str, kind: str, limit: int = 200) -> list[StoredMessage]:
+        """The newest ``limit`` messages of one device and kind, oldest first (the console's charts)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, device_id, received_at, kind, epoch, seq, size, payload FROM messages"
+                " WHERE device_id=? AND kind=? ORDER BY id DESC LIMIT ?", (device_id, kind, limit)
+            ).fetchall()
+        return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in reversed(rows)]
+
     def count_messages(self, device_id: str | None = None) -> int:
         with self._lock:
             if device_id is None:

@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ class AuditLog:
         self._echo = echo
         self._handler: logging.Handler | None = None
         self.counts: dict[str, int] = {}
+        # called with each entry after it is written (the backend console and metrics); must not raise
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._handler = logging.handlers.RotatingFileHandler(
@@ -63,6 +66,11 @@ class AuditLog:
                 record = logging.LogRecord("sealmq.audit", logging.INFO, "", 0, line, None, None)
                 self._handler.emit(record)
                 self._handler.flush()
+        for listener in list(self.listeners):
+            try:
+                listener(entry)
+            except Exception:
+                logging.getLogger("sealmq.audit").exception("audit listener failed")
         if self._echo is not None:
             level = logging.WARNING if event.endswith(("rejected", "failed")) else logging.INFO
             self._echo.log(level, "%s %s", event, " ".join(f"{k}={v}" for k, v in entry.items()

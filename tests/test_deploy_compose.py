@@ -148,6 +148,8 @@ class Deployment:
             return "127.0.0.1"
         if token == "0.0.0.0":
             return "127.0.0.1"
+        if token.startswith("0.0.0.0:"):  # HOST:PORT (the console): loopback, any free port
+            return "127.0.0.1:0"
         if token == CONTAINER_PORT:
             return str(self.port)
         places = {**image_copies(), **self.mounts(service)}

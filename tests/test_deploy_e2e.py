@@ -9,12 +9,14 @@ walk-through's own command (docs/docker.md): ``mosquitto_sub ... -t 'sealmq/#' -
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.test_deploy_compose import MOSQUITTO_OVERRIDE, Deployment, load_compose, startup_order
@@ -109,6 +111,18 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
                 for image in images:  # arrived intact
                     assert any(f"sha256={hashlib.sha256(image).hexdigest()[:16]}" in ln for ln in verified)
             assert "NOT VERIFIED" not in media.stdout
+
+        # the console answers on the port the backend printed, with the operator's password only
+        console = re.search(r"console: (http://127\.0\.0\.1:\d+/)", dep.log("backend"))
+        assert console is not None, dep.log("backend")
+        password = (dep.mounts("pki")["/pki"] / "console.password").read_text().strip()
+        with httpx.Client(base_url=console.group(1), timeout=10) as http:
+            assert http.get("/metrics").status_code == 401
+            metrics = http.get("/metrics", headers={"Authorization": f"Bearer {password}"})
+            assert metrics.status_code == 200
+            assert re.search(r'^sealmq_backend_records_opened_total\{kind="telemetry"\} [1-9]', metrics.text, re.M)
+            devices = http.get("/api/devices", headers={"Authorization": f"Bearer {password}"}).json()
+            assert {d["id"] for d in devices["devices"]} >= {"dev-001", "dev-002"}
 
         from backend.storage import Storage, db_path
 

@@ -209,10 +209,13 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
     assert first.returncode == 0, first.stdout + first.stderr
     mounts = dep.mounts("pki")
     backend, devices, broker = mounts["/publish/backend"], mounts["/publish/devices"], mounts["/broker"]
-    # each service gets its own identity, the trust anchor and the CRL, and nothing else
+    # each service gets its own identity, the trust anchor and the CRL, and nothing else; the backend also
+    # gets the console password's hash (never the password) and the read-only monitor's broker password
     assert sorted(_digests(backend)) == [
         "backend/backend/cert.pem", "backend/backend/chain.pem", "backend/backend/key.pem",
-        "backend/backend/mqtt.password", "ca/ca.crt", "ca/crl.pem"]
+        "backend/backend/mqtt.password", "ca/ca.crt", "ca/crl.pem", "console.auth", "monitor.password"]
+    console_password = (mounts["/pki"] / "console.password").read_text().strip()
+    assert console_password not in (backend / "console.auth").read_text()
     assert sorted({p.split("/")[1] for p in _digests(devices) if p.startswith("devices/")}) == ["dev-001", "dev-002"]
     for published in (backend, devices, broker):
         for path in published.rglob("*"):

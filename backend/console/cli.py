@@ -1,0 +1,41 @@
+"""The console's options of ``sealmq backend run`` (``--http`` and friends), and starting it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from runtime.config import read_secret_file
+from runtime.mqtt import MqttSettings
+
+
+def add_console_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("operator console")
+    group.add_argument("--http", default=os.environ.get("SEALMQ_HTTP"), metavar="HOST:PORT",
+                       help="serve the console and /metrics here (e.g. 127.0.0.1:8080); off when not given")
+    group.add_argument("--console-auth", type=Path, default=None,
+                       help="the console password's salted hash (default: DATA/console.auth, from sealmq bootstrap)")
+    group.add_argument("--monitor-password-file", type=Path, default=os.environ.get("SEALMQ_MONITOR_PASSWORD_FILE"),
+                       help="password of the broker's read-only monitor account, for the broker view")
+    group.add_argument("--https-cert", type=Path, default=None, help="serve the console over TLS: certificate")
+    group.add_argument("--https-key", type=Path, default=None, help="... and its key")
+
+
+def start_console(service: Any, args: argparse.Namespace, mqtt: MqttSettings) -> Any:
+    """Start the console beside ``service`` when ``--http`` was given; returns it (or None)."""
+    if not args.http:
+        return None
+    from backend.console.server import Console, ConsoleSettings, parse_http
+
+    host, port = parse_http(args.http)
+    monitor = None
+    if args.monitor_password_file is not None:
+        monitor = replace(mqtt, username="monitor", password=read_secret_file(Path(args.monitor_password_file)),
+                          client_id="")
+    console = Console(service, ConsoleSettings(host=host, port=port, auth_file=args.console_auth, monitor=monitor,
+                                               tls_cert=args.https_cert, tls_key=args.https_key)).start()
+    print(f"console: {console.url}", flush=True)
+    return console

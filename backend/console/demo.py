@@ -1,0 +1,50 @@
+"""The console's part of ``sealmq demo``: start it beside the demo's backend, keep traffic going."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from runtime.mqtt import MqttSettings
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say: Callable[[str], object]) -> Any:
+    """The console on ``where`` (HOST:PORT, or 'off'), with the broker view as the monitor account."""
+    if where == "off":
+        return None
+    from backend.console.server import Console, ConsoleSettings, parse_http
+
+    host, port = parse_http(where)
+    if port and not _port_free(host, port):
+        say(f"      console port {port} is busy; using a free port instead")
+        port = 0
+    monitor = MqttSettings(port=broker_port, username="monitor", password=dep.password("monitor", "monitor"),
+                           client_id="monitor:console", clean_session=True)
+    console = Console(backend, ConsoleSettings(host=host, port=port, auth_file=dep.console_auth,
+                                               monitor=monitor)).start()
+    say(f"      console: {console.url}  (password: {dep.console_password_file.resolve()}; "
+        f"metrics: {console.url}metrics)")
+    return console
+
+
+def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0) -> None:
+    """Telemetry from every device until Ctrl-C, so that the console has something live to show."""
+    from device.simulator import telemetry_for
+
+    say("      the demo keeps running for the console; Ctrl-C to stop")
+    while True:
+        for agent in agents:
+            agent.send_telemetry(telemetry_for(agent.config.device_id, step))
+        step += 1
+        time.sleep(interval)
