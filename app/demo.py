@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 from app.bootstrap import Deployment, bootstrap
-from backend.console.demo import serve_demo, start_demo_console  # console (issue 13)
+from app.demo_console import port_free, serve_demo, start_demo_console  # console (issue 13)
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
@@ -63,15 +62,6 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 class _Monitor:
     """A read-only wildcard subscriber: records exactly what the broker relays."""
 
@@ -98,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
     dep, created = bootstrap(args.dir, ids)
     say(f"[1/5] deployment in {dep.root.resolve()}: " + (f"created {len(created)} items" if created else "reused"))
     port = args.port
-    if port and not _port_free(port):
+    if port and not port_free("127.0.0.1", port):  # console (issue 13): one port check for both
         say(f"      port {port} is busy; using a free port instead")
         port = 0
     broker = EmbeddedBroker(EmbeddedBrokerConfig(passwd=dep.users, port=port)).start()

@@ -51,7 +51,6 @@ from sealmq.endpoint import (
     BackendEndpoint,
     HandshakeCompleted,
     Output,  # console (issue 13)
-    Publish,  # console (issue 13)
     Received,
 )
 from sealmq.errors import DecodeError, Reason, SealmqError
@@ -168,17 +167,11 @@ class BackendService(EndpointDriver):
         self._run(lambda now: self.endpoint.seal(device_id, kind, plaintext, now))
 
     # -- observers: the console's feed and the metrics (issue 13) ----------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        with self._lock:
-            outputs = self.endpoint.handle(topic, payload, self.clock(), self.random)
-            self._dispatch(outputs)
-            notify(self.observers, "on_message", topic, payload, outputs, self.clock())
+    def _after_message(self, topic: str, payload: bytes, outputs: list[Output], now: float) -> None:
+        notify(self.observers, "on_message", topic, payload, outputs, now)
 
-    def _dispatch(self, outputs: list[Output]) -> None:
-        super()._dispatch(outputs)
-        for out in outputs:
-            if isinstance(out, Publish):
-                notify(self.observers, "on_publish", out.topic, out.payload, self.clock())
+    def _on_published(self, topic: str, payload: bytes, now: float) -> None:
+        notify(self.observers, "on_publish", topic, payload, now)
 
     # -- the driver's hooks ------------------------------------------------------------------
     def _before_tick(self) -> None:

@@ -18,6 +18,9 @@ held, except :meth:`_before_tick`):
 - ``_before_tick()`` (without the lock) and ``_on_tick(now)`` (after the endpoint's poll): the
   periodic work of the application (media pumping, queued commands, CRL reloads).
 - ``_on_start()`` / ``_on_stop()``: before the link starts, after the audit log is closed.
+- ``_after_message(topic, payload, outputs, now)``: an incoming message and every output the endpoint
+  made of it, after they were dispatched; ``_on_published(topic, payload, now)``: a message just
+  published. For observers (the backend's console and metrics); nothing by default.
 """
 
 from __future__ import annotations
@@ -119,7 +122,11 @@ class EndpointDriver:
             self._dispatch(step(self.clock()))
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self._run(lambda now: self.endpoint.handle(topic, payload, now, self.random))
+        with self._lock:
+            now = self.clock()
+            outputs = self.endpoint.handle(topic, payload, now, self.random)
+            self._dispatch(outputs)
+            self._after_message(topic, payload, outputs, self.clock())
 
     def _run_timer(self) -> None:
         while not self._stop.wait(self._poll_interval):
@@ -139,6 +146,7 @@ class EndpointDriver:
         for out in outputs:
             if isinstance(out, Publish):
                 self.link.publish(out.topic, out.payload)
+                self._on_published(out.topic, out.payload, now)
                 if not _is_handshake(out.topic):
                     self.counters["sent"] += 1
             elif isinstance(out, Received):
@@ -172,6 +180,12 @@ class EndpointDriver:
 
     def _on_start(self) -> None:
         """Before the link starts; nothing by default."""
+
+    def _after_message(self, topic: str, payload: bytes, outputs: list[Output], now: float) -> None:
+        """After an incoming message was handled and its outputs dispatched; nothing by default."""
+
+    def _on_published(self, topic: str, payload: bytes, now: float) -> None:
+        """After a message was published; nothing by default."""
 
     def _on_stop(self) -> None:
         """After the link stopped and the audit log closed; nothing by default."""

@@ -165,6 +165,12 @@ def test_broker_view_is_what_the_monitor_sees_beside_what_the_backend_opened(con
     recorder = Recorder(system)
     try:
         agent = next(a for k, a in system.agents.items() if k.startswith("dev-002/"))
+
+        def recorder_sees_data() -> bool:  # the recorder's SUBACK may come after its CONNACK
+            agent.send_telemetry({"warm_up": 1})
+            return wait_for(lambda: any(t.endswith("dev-002/data/up") for t, _ in recorder.snapshot()), 1)
+
+        assert wait_for(recorder_sees_data, 10)
         agent.send_telemetry({"temperature_c": 7.25})
 
         def opened() -> list[dict]:  # type: ignore[type-arg]
@@ -234,10 +240,12 @@ def test_bootstrap_writes_the_console_password_and_only_a_hash_for_the_backend(t
     for path in (dep.console_password_file, dep.console_auth):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     pw_hash = load_hash(dep.console_auth)
-    assert password not in pw_hash and pw_hash.startswith("$7$")
+    assert password not in pw_hash and pw_hash.startswith("scrypt$16384$8$1$")
     auth = ConsoleAuth(pw_hash)
     assert auth.check_password(password) and auth.check_password(password)  # second time from the cache
     assert not auth.check_password(password + "x") and not auth.check_password("")
+    for broken in ("", "scrypt$3$8$1$AAAA$AAAA", "scrypt$16384$8$1$!!$AAAA", pw_hash.rsplit("$", 1)[0] + "$AAAA"):
+        assert not ConsoleAuth(broken).check_password(password)
     _, again = bootstrap(tmp_path / "d", [], iterations=1000)
     assert "console password" not in again and dep.console_password_file.read_text().strip() == password
 
@@ -257,7 +265,7 @@ def test_the_console_starts_with_the_audit_log_tail(tmp_path: Path) -> None:
 
 def test_sessions_expire() -> None:
     now = [1000.0]
-    auth = ConsoleAuth("$7$1000$AAAA$AAAA", clock=lambda: now[0])
+    auth = ConsoleAuth("scrypt$16384$8$1$AAAA$AAAA", clock=lambda: now[0])
     token = auth.new_session()
     assert auth.check_session(token) and not auth.check_session(token + "x") and not auth.check_session(None)
     now[0] += 13 * 3600

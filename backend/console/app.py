@@ -107,7 +107,7 @@ def create_app(ctx: ConsoleContext) -> Starlette:
             return Response("too large", status_code=413)
         form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
         password = (form.get("password") or [""])[0]
-        # PBKDF2 runs off the event loop: a login must not stall the live streams
+        # scrypt runs off the event loop: a login must not stall the live streams
         if not await asyncio.to_thread(ctx.auth.check_password, password):
             await asyncio.sleep(0.5)  # slows guessing further
             return RedirectResponse("/login?failed=1", status_code=303)

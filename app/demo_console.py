@@ -7,10 +7,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from backend.console.server import Console, ConsoleSettings, parse_http
+from device.simulator import telemetry_for
 from runtime.mqtt import MqttSettings
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Whether ``host:port`` can be bound now (the demo's broker and console fall back to any port)."""
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -23,10 +26,8 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
     """The console on ``where`` (HOST:PORT, or 'off'), with the broker view as the monitor account."""
     if where == "off":
         return None
-    from backend.console.server import Console, ConsoleSettings, parse_http
-
     host, port = parse_http(where)
-    if port and not _port_free(host, port):
+    if port and not port_free(host, port):
         say(f"      console port {port} is busy; using a free port instead")
         port = 0
     monitor = MqttSettings(port=broker_port, username="monitor", password=dep.password("monitor", "monitor"),
@@ -40,8 +41,6 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
 
 def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0) -> None:
     """Telemetry from every device until Ctrl-C, so that the console has something live to show."""
-    from device.simulator import telemetry_for
-
     say("      the demo keeps running for the console; Ctrl-C to stop")
     while True:
         for agent in agents:
