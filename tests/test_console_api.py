@@ -202,6 +202,17 @@ def test_server_sent_events_carry_live_telemetry(console: ConsoleUnderTest) -> N
         assert event is not None and event["device"] == "dev-001" and event["values"] == {"temperature_c": 99.5}
 
 
+def test_signing_out_ends_the_live_stream(console: ConsoleUnderTest) -> None:
+    with console.client(authenticated=False) as c:
+        assert c.post("/login", data={"password": console.password}).status_code == 303
+        with c.stream("GET", "/api/events") as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: hello"
+            with httpx.Client(base_url=console.base, cookies=dict(c.cookies)) as other_tab:
+                assert other_tab.post("/logout").status_code == 303
+            assert all(not line.startswith("event: ") for line in lines)  # the stream ends, nothing more
+
+
 def test_metrics_move(console: ConsoleUnderTest) -> None:
     def value(text: str, name: str) -> float:
         m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)

@@ -132,9 +132,7 @@ def create_app(ctx: ConsoleContext) -> Starlette:
     async def telemetry(request: Request) -> Response:
         device = request.query_params.get("device")
         if device is None:
-            with ctx.feed._lock:
-                latest = dict(ctx.feed.latest)
-            return JSONResponse({"latest": latest})
+            return JSONResponse({"latest": ctx.feed.latest_values()})
         if not valid_device_id(device):
             return JSONResponse({"error": "bad device id"}, status_code=400)
         limit = _int(request.query_params.get("limit"), 200, 1, 2000)
@@ -189,7 +187,8 @@ def create_app(ctx: ConsoleContext) -> Starlette:
             nonlocal cursor
             yield f"event: hello\ndata: {json.dumps({'cursor': cursor})}\n\n"
             idle = 0.0
-            while not await request.is_disconnected():
+            # a session that ends (sign-out, expiry) ends its streams too
+            while not await request.is_disconnected() and authenticated(request, ctx.auth):
                 cursor, new = ctx.feed.events_since(cursor)
                 for seq, kind, data in new:
                     yield f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data, default=str)}\n\n"

@@ -218,6 +218,10 @@ class ConsoleFeed:
         with self._lock:
             return [dict(e) for e in list(self.broker)[-limit:]]
 
+    def latest_values(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self.latest)
+
     def device_stats(self) -> dict[str, DeviceStats]:
         with self._lock:
             return {k: DeviceStats(**vars(v)) for k, v in self.stats.items()}
