@@ -115,7 +115,7 @@ class Console:
                               f"console cannot listen on {self.settings.host}:{self.settings.port}: {exc}") from None
         sock.listen(64)
         self._socket = sock
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", server_header=False,
                                 timeout_graceful_shutdown=2, ssl_certfile=self.settings.tls_cert,
                                 ssl_keyfile=self.settings.tls_key)
         self._server = uvicorn.Server(config)
