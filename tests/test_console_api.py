@@ -231,6 +231,9 @@ def test_metrics_move(console: ConsoleUnderTest) -> None:
     assert wait_for(lambda: value(_get(console, "/metrics").text, opened) == value(before.text, opened) + 1)
     agent.key_update()
     assert wait_for(lambda: value(_get(console, "/metrics").text, "sealmq_backend_key_updates_total") >= 1)
+    agent.send_telemetry({"x": 2})  # under the new keys
+    assert wait_for(lambda: {d["id"]: d for d in _get(console, "/api/devices").json()["devices"]}["dev-001"]["epoch"]
+                    == 1)
 
 
 def test_a_revoked_device_is_shown_as_revoked(tmp_path: Path) -> None:
