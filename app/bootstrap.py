@@ -10,6 +10,8 @@ Layout under ``DIR``::
     pki/                     the PKI (docs/pki.md); devices/<id>/mqtt.password, backend/<name>/mqtt.password
     broker/users             broker user file (name:role:hash), 0600
     broker/monitor.password  password of the read-only "monitor" user (inspect, mosquitto_sub)
+    broker/console-monitor.password  the console's own read-only monitor user (its broker view); its own
+                             login because Mosquitto allows one connection per user (console: issue 13)
     backend/                 the backend's data (SQLite, audit log, media)
     backend/console.auth     salted hash of the operator console's password (the backend keeps only this)
     console.password         the operator console's password, 0600 (console: issue 13)
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.console.auth import make_hash  # console (issue 13)
+from backend.console.auth import CONSOLE_MONITOR, make_hash  # console (issue 13)
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
 from runtime.files import atomic_write
@@ -59,8 +61,8 @@ class Deployment:
         return self.root / "devices" / device_id
 
     def password_file(self, role: str, name: str) -> Path:
-        if role == "monitor":
-            return self.monitor_password_file
+        if role == "monitor":  # broker/<name>.password: "monitor", and the console's CONSOLE_MONITOR
+            return self.monitor_password_file.with_name(f"{name}.password")
         d = layout.device_dir(self.pki, name) if role == "device" else layout.backend_dir(self.pki, name)
         return d / "mqtt.password"
 
@@ -114,6 +116,8 @@ def bootstrap(
         created.append(f"broker user {backend_name}")
     if _ensure_user(dep, AccountRole.MONITOR, "monitor", iterations, existing):
         created.append("broker user monitor")
+    if _ensure_user(dep, AccountRole.MONITOR, CONSOLE_MONITOR, iterations, existing):  # console (issue 13)
+        created.append(f"broker user {CONSOLE_MONITOR}")
     for device_id in device_ids:
         if _ensure_user(dep, AccountRole.DEVICE, device_id, iterations, existing):
             created.append(f"broker user {device_id}")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from backend.console.auth import CONSOLE_MONITOR
 from backend.console.server import Console, ConsoleSettings, parse_http
 from device.simulator import telemetry_for
 from runtime.mqtt import MqttSettings
@@ -30,8 +31,8 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
     if port and not port_free(host, port):
         say(f"      console port {port} is busy; using a free port instead")
         port = 0
-    monitor = MqttSettings(port=broker_port, username="monitor", password=dep.password("monitor", "monitor"),
-                           client_id="monitor:console", clean_session=True)
+    monitor = MqttSettings(port=broker_port, username=CONSOLE_MONITOR,
+                           password=dep.password("monitor", CONSOLE_MONITOR), clean_session=True)
     console = Console(backend, ConsoleSettings(host=host, port=port, auth_file=dep.console_auth,
                                                monitor=monitor)).start()
     say(f"      console: {console.url}  (password: {dep.console_password_file.resolve()}; "

@@ -8,8 +8,8 @@
 #    container holds the CA key or another party's private key:
 #      $SEALMQ_PUBLISH_BACKEND  ca/ca.crt, ca/crl.pem, backend/backend/{key,cert,chain}.pem + mqtt.password,
 #                               console.auth (the console password's salted hash; the password itself
-#                               stays in $SEALMQ_DEPLOY_DIR/console.password) and monitor.password (the
-#                               read-only broker account of the console's broker view)
+#                               stays in $SEALMQ_DEPLOY_DIR/console.password) and console-monitor.password
+#                               (the read-only broker user of the console's broker view)
 #      $SEALMQ_PUBLISH_DEVICES  ca/ca.crt, ca/crl.pem, devices/<id>/{key,cert,chain}.pem + mqtt.password
 #      $SEALMQ_BROKER_DIR       users (salted hashes only) and mosquitto/ (generated Mosquitto config)
 #    A file is copied only when missing or different: a re-run after `sealmq pki revoke` or
@@ -57,7 +57,7 @@ for dst in "$to_backend" "$to_devices"; do
 done
 publish_identity "$pki/backend/$backend_name" "$to_backend/backend/$backend_name"
 publish "$deploy/backend/console.auth" "$to_backend/console.auth"
-publish "$deploy/broker/monitor.password" "$to_backend/monitor.password"
+publish "$deploy/broker/console-monitor.password" "$to_backend/console-monitor.password"
 for dir in "$pki"/devices/*/; do
   [ -f "$dir/cert.pem" ] || continue
   id="$(basename "$dir")"

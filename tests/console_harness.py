@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from backend.console.auth import CONSOLE_MONITOR
 from backend.console.server import Console, ConsoleSettings
 from tests.e2e import System
 
@@ -17,7 +18,7 @@ class ConsoleUnderTest:
     def __init__(self, system: System) -> None:
         self.system = system
         backend = system.backend or system.start_backend()
-        monitor = system.mqtt("monitor", "monitor", client_id="monitor:console-test", clean_session=True)
+        monitor = system.mqtt("monitor", CONSOLE_MONITOR, clean_session=True)
         self.console = Console(backend, ConsoleSettings(host="127.0.0.1", port=0, auth_file=system.dep.console_auth,
                                                         monitor=monitor)).start()
         self.password = system.dep.console_password_file.read_text().strip()

@@ -123,6 +123,9 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
             assert re.search(r'^sealmq_backend_records_opened_total\{kind="telemetry"\} [1-9]', metrics.text, re.M)
             devices = http.get("/api/devices", headers={"Authorization": f"Bearer {password}"}).json()
             assert {d["id"] for d in devices["devices"]} >= {"dev-001", "dev-002"}
+            # its broker view logged in as its own monitor user, beside the walk-through's mosquitto_sub
+            broker_view = http.get("/api/broker", headers={"Authorization": f"Bearer {password}"}).json()
+            assert broker_view["broker_view"] == "" and broker_view["broker"], broker_view
 
         from backend.storage import Storage, db_path
 

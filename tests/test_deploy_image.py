@@ -210,10 +210,10 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
     mounts = dep.mounts("pki")
     backend, devices, broker = mounts["/publish/backend"], mounts["/publish/devices"], mounts["/broker"]
     # each service gets its own identity, the trust anchor and the CRL, and nothing else; the backend also
-    # gets the console password's hash (never the password) and the read-only monitor's broker password
+    # gets the console password's hash (never the password) and its broker view's read-only login
     assert sorted(_digests(backend)) == [
         "backend/backend/cert.pem", "backend/backend/chain.pem", "backend/backend/key.pem",
-        "backend/backend/mqtt.password", "ca/ca.crt", "ca/crl.pem", "console.auth", "monitor.password"]
+        "backend/backend/mqtt.password", "ca/ca.crt", "ca/crl.pem", "console-monitor.password", "console.auth"]
     console_password = (mounts["/pki"] / "console.password").read_text().strip()
     assert console_password not in (backend / "console.auth").read_text()
     assert sorted({p.split("/")[1] for p in _digests(devices) if p.startswith("devices/")}) == ["dev-001", "dev-002"]
@@ -224,7 +224,8 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
                 assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
     users = (broker / "users").read_text()
     assert sorted(line.split(":")[:2] for line in users.splitlines() if not line.startswith("#")) == [
-        ["backend", "backend"], ["dev-001", "device"], ["dev-002", "device"], ["monitor", "monitor"]]
+        ["backend", "backend"], ["console-monitor", "monitor"], ["dev-001", "device"], ["dev-002", "device"],
+        ["monitor", "monitor"]]
     assert all(":$7$" in line for line in users.splitlines() if not line.startswith("#"))  # hashes only
     assert "0.0.0.0" not in (broker / "mosquitto" / "mosquitto.conf").read_text()  # mapped to loopback here
     assert f"listener {dep.port} 127.0.0.1" in (broker / "mosquitto" / "mosquitto.conf").read_text()

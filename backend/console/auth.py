@@ -24,6 +24,9 @@ from sealmq.errors import ConfigError, Reason
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _PREFIX = "scrypt$"
 COOKIE = "sealmq_console"
+# the broker user (role monitor, read-only) of the console's broker view: its own login, so that it never
+# takes over the operator's `monitor` connection (Mosquitto allows one connection per user)
+CONSOLE_MONITOR = "console-monitor"
 SESSION_SECONDS = 12 * 3600
 
 

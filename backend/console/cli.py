@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from backend.console.auth import CONSOLE_MONITOR
 from runtime.config import read_secret_file
 from runtime.mqtt import MqttSettings
 
@@ -18,8 +19,10 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
                        help="serve the console and /metrics here (e.g. 127.0.0.1:8080); off when not given")
     group.add_argument("--console-auth", type=Path, default=None,
                        help="the console password's salted hash (default: DATA/console.auth, from sealmq bootstrap)")
+    group.add_argument("--monitor-username", default=CONSOLE_MONITOR,
+                       help=f"the broker view's read-only broker user (default {CONSOLE_MONITOR})")
     group.add_argument("--monitor-password-file", type=Path, default=os.environ.get("SEALMQ_MONITOR_PASSWORD_FILE"),
-                       help="password of the broker's read-only monitor account, for the broker view")
+                       help="its password file (DIR/broker/console-monitor.password); no broker view without it")
     group.add_argument("--https-cert", type=Path, default=None, help="serve the console over TLS: certificate")
     group.add_argument("--https-key", type=Path, default=None, help="... and its key")
 
@@ -33,8 +36,8 @@ def start_console(service: Any, args: argparse.Namespace, mqtt: MqttSettings) ->
     host, port = parse_http(args.http)
     monitor = None
     if args.monitor_password_file is not None:
-        monitor = replace(mqtt, username="monitor", password=read_secret_file(Path(args.monitor_password_file)),
-                          client_id="")
+        monitor = replace(mqtt, username=args.monitor_username,
+                          password=read_secret_file(Path(args.monitor_password_file)), client_id="")
     console = Console(service, ConsoleSettings(host=host, port=port, auth_file=args.console_auth, monitor=monitor,
                                                tls_cert=args.https_cert, tls_key=args.https_key)).start()
     print(f"console: {console.url}", flush=True)
