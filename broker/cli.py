@@ -18,6 +18,10 @@ _BOUND_KEYS = {"max_connections_per_user", "max_sessions_per_user", "reserved_ba
                "max_pending_connects", "max_qos2_pending", "session_expiry", "max_offline_queue",
                "max_offline_queue_backend"}
 _RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout", *_BOUND_KEYS}
+# TOML gives any type: a string port or a list host must be a config error, not a TypeError later
+_RUN_TYPES: dict[str, tuple[type, ...]] = {"passwd": (str,), "host": (str,), "port": (int,),
+                                           "max_message_size": (int,), "max_connections": (int,),
+                                           "connect_timeout": (int, float)}
 
 
 def register(subparsers: Any) -> None:
@@ -88,6 +92,10 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         for key in _BOUND_KEYS & set(values):
             if type(values[key]) is not int:
                 raise ConfigError(Reason.CONFIG_INVALID, f"{key} in {args.config} must be an integer")
+        wrong = sorted(k for k, v in values.items()
+                       if k in _RUN_TYPES and (isinstance(v, bool) or not isinstance(v, _RUN_TYPES[k])))
+        if wrong:
+            raise ConfigError(Reason.CONFIG_INVALID, f"keys of the wrong type in {args.config}: {wrong}")
     for key in ("host", "port", "passwd", "max_message_size", "max_connections"):
         value = getattr(args, key, None)
         if value is not None:

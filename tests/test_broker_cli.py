@@ -95,6 +95,16 @@ def test_run_refuses_bad_config(tmp_path, capsys) -> None:  # type: ignore[no-un
     assert "unknown keys" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line", ['port = "1883"', "port = [1]", "max_message_size = {}", "host = 1",
+                                  "connect_timeout = true", 'passwd = ["users"]'])
+def test_run_refuses_wrongly_typed_config(tmp_path, capsys, line) -> None:  # type: ignore[no-untyped-def]
+    # found by the fuzz target "config" (fuzz/corpus/config/regression-*): a TypeError escaped before
+    config = tmp_path / "broker.toml"
+    config.write_text(line + "\n" if line.startswith("passwd") else f'passwd = "users"\n{line}\n')
+    assert main(["broker", "run", "--config", str(config)]) == 2
+    assert "wrong type" in capsys.readouterr().err
+
+
 def test_inspect_prints_what_the_broker_sees(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with running_amqtt(tmp_path) as b:
         out = io.StringIO()
