@@ -67,7 +67,8 @@ def hash_password(password: str, *, iterations: int = DEFAULT_ITERATIONS, salt: 
 def _parse_hash(pw_hash: str) -> tuple[int, bytes, bytes]:
     parts = pw_hash.split("$")
     # "$7$it$salt$hash".split("$") == ["", "7", "it", "salt", "hash"]
-    if len(parts) != 5 or parts[0] != "" or parts[1] != "7" or not parts[2].isdigit():
+    # isascii: str.isdigit() also accepts "²" (which int() refuses) and other scripts' digits
+    if len(parts) != 5 or parts[0] != "" or parts[1] != "7" or not (parts[2].isascii() and parts[2].isdigit()):
         raise ConfigError(Reason.CONFIG_INVALID, "password hash is not in $7$ (sha512-pbkdf2) format")
     try:
         salt = base64.b64decode(parts[3], validate=True)

@@ -57,7 +57,9 @@ def test_hash_is_salted() -> None:
     assert hash_password("pw", iterations=1000) != hash_password("pw", iterations=1000)
 
 
-BAD_HASHES = ["", "$6$abc$def", "$7$x$AAAA$AAAA", "$7$1000$!!$AAAA", "$7$1000$AAECAwQFBgcICQoL$AAAA"]
+BAD_HASHES = ["", "$6$abc$def", "$7$x$AAAA$AAAA", "$7$1000$!!$AAAA", "$7$1000$AAECAwQFBgcICQoL$AAAA",
+              # found with the fuzz harness "config": str.isdigit() accepts "²", int() then raised ValueError
+              "$7$²$AAAA$" + "A" * 86 + "=="]
 
 
 @pytest.mark.parametrize("bad", BAD_HASHES)
@@ -82,7 +84,8 @@ def test_user_file_add_replace_remove_and_mode(tmp_path) -> None:  # type: ignor
 
 @pytest.mark.parametrize(
     "line",
-    ["nocolons", "dev:admin:" + OUR_HASH, "Bad/Name:device:" + OUR_HASH, "dev:device:$7$10$AAAA$" + "A" * 88,
+    ["nocolons", "dev:device:$7$²$AAAA$" + "A" * 86 + "==", "dev:device:$7$١٠٠٠$AAAA$" + "A" * 86 + "==",
+     "dev:admin:" + OUR_HASH, "Bad/Name:device:" + OUR_HASH, "dev:device:$7$10$AAAA$" + "A" * 88,
      "dev:device:" + MOSQUITTO_HASH],  # 101 iterations: below our floor
 )
 def test_user_file_rejects_bad_lines(line: str) -> None:
