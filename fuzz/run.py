@@ -47,6 +47,7 @@ class Result:
     coverage: int = 0
     features: int = 0
     corpus: int = 0
+    fuzz_rate: int = 0  # libFuzzer's own average exec/s (without start-up)
     crashes: list[str] = field(default_factory=list)  # artifact paths or descriptions
 
     @property
@@ -115,6 +116,8 @@ def parse_log(text: str, result: Result) -> None:
     if progress:
         cov, ft, corp = progress[-1]
         result.coverage, result.features, result.corpus = int(cov), int(ft), int(corp)
+    if "average_exec_per_sec" in stats:
+        result.fuzz_rate = int(stats["average_exec_per_sec"])
     if "number_of_executed_units" in stats:
         result.inputs += int(stats["number_of_executed_units"])
     else:
@@ -194,11 +197,12 @@ def merge(name: str, *, tmp: Path) -> tuple[int, int]:
 
 
 def table(results: list[Result]) -> str:
-    head = f"{'target':<18} {'inputs':>10} {'seconds':>8} {'exec/s':>8} {'cov':>6} {'ft':>6} {'corpus':>6} crashes"
+    head = (f"{'target':<18} {'inputs':>10} {'seconds':>8} {'exec/s':>8} {'lf exec/s':>9} {'cov':>6} {'ft':>6} "
+            f"{'corpus':>6} crashes")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.name:<18} {r.inputs:>10,} {r.seconds:>8.1f} {r.rate:>8,.0f} {r.coverage:>6} "
-                     f"{r.features:>6} {r.corpus:>6} {len(r.crashes)}")
+        lines.append(f"{r.name:<18} {r.inputs:>10,} {r.seconds:>8.1f} {r.rate:>8,.0f} {r.fuzz_rate:>9,} "
+                     f"{r.coverage:>6} {r.features:>6} {r.corpus:>6} {len(r.crashes)}")
     total_in = sum(r.inputs for r in results)
     lines.append(f"{'total':<18} {total_in:>10,} {sum(r.seconds for r in results):>8.1f}")
     for r in results:

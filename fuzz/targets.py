@@ -19,11 +19,15 @@ import base64
 import contextlib
 import hashlib
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker import passwd
@@ -487,21 +491,27 @@ def media_ack_seeds() -> list[bytes]:
 
 class MediaStoreHarness:
     """One opened media record to the backend's store: byte 0 % 4 = manifest, chunk, control or another
-    kind. The store holds the corpus transfer open; it is made afresh every 4096 inputs."""
+    kind; with bit 2 set on a manifest, the rest is the manifest *payload* and the harness signs it with
+    the device's real key (an authenticated device sending odd manifests). The store holds the corpus
+    transfer open; it is made afresh every 4096 inputs."""
 
     KINDS = (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL, RecordKind.TELEMETRY)
 
     def __init__(self) -> None:
-        self.public = world.pki().device_key.public_key()
+        self.key = world.pki().device_key
+        self.public = self.key.public_key()
         self.count = 0
         self.now = 0.0
+        self.dir: Path | None = None
         self._fresh()
 
     def _fresh(self) -> None:
         from backend.media import MediaStore
 
-        d = world.fresh_dir("store")
-        self.store = MediaStore(d / "data", d / "db.sqlite3", durable=False)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = world.fresh_dir("store")
+        self.store = MediaStore(self.dir / "data", self.dir / "db.sqlite3", durable=False)
         self.store.handle(world.DEVICE, self.public, RecordKind.MEDIA_MANIFEST, world.media_manifest()[1], self.now)
 
     def __call__(self, data: bytes) -> None:
@@ -510,9 +520,20 @@ class MediaStoreHarness:
         self.now += 0.01
         if self.count % 4096 == 0:
             self._fresh()
-        out = self.store.handle(world.DEVICE, self.public, self.KINDS[sel % 4], body, self.now)
+        kind = self.KINDS[sel % 4]
+        if kind is RecordKind.MEDIA_MANIFEST and sel & 4:
+            body = sign_payload(self.key, body)
+        out = self.store.handle(world.DEVICE, self.public, kind, body, self.now)
         for o in out:
             getattr(o, "body", b"")
+
+
+def sign_payload(key: Any, payload: bytes) -> bytes:
+    """COSE_Sign1 (ES256, as sealmq.media signs manifests) over any payload."""
+    protected = cbor.dumps({1: -7})
+    tbs = cbor.dumps(["Signature1", protected, b"", payload])
+    r, s = decode_dss_signature(key.sign(tbs, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
+    return cbor.dumps([protected, {}, payload, r.to_bytes(32, "big") + s.to_bytes(32, "big")])
 
 
 def media_store_seeds() -> list[bytes]:
@@ -520,7 +541,8 @@ def media_store_seeds() -> list[bytes]:
     from sealmq.media import Control, ControlOp
 
     tid = world.media_manifest()[0].transfer_id
-    return [b"\x00" + signed, *(b"\x01" + c for c in media_chunk_seeds()),
+    payload = world.media_manifest()[0].to_cbor()
+    return [b"\x00" + signed, b"\x04" + payload, *(b"\x01" + c for c in media_chunk_seeds()),
             b"\x02" + Control(ControlOp.STATUS, tid).encode(), b"\x02" + Control(ControlOp.ABORT, tid).encode()]
 
 
