@@ -525,11 +525,14 @@ class MediaStoreHarness:
 
     def _fresh(self) -> None:
         from backend.media import MediaStore
+        from backend.storage import Storage
 
         if self.dir is not None:
+            self.storage.close()
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = world.fresh_dir("store")
-        self.store = MediaStore(self.dir / "data", self.dir / "db.sqlite3", durable=False)
+        self.storage = Storage(self.dir / "db.sqlite3")
+        self.store = MediaStore(self.dir / "data", self.storage, durable=False)
         self.store.handle(world.DEVICE, self.public, RecordKind.MEDIA_MANIFEST, world.media_manifest()[1], self.now)
 
     def __call__(self, data: bytes) -> None:

@@ -6,7 +6,7 @@
     sealmq                               the sans-IO protocol core
 
 A package imports only packages below it, plus the sideways arrows listed in ``SIDEWAYS``.
-``tests`` and ``bench`` stand outside the building: they may import anything, and no layered
+``tests``, ``bench`` and ``fuzz`` stand outside the building: they may import anything, and no layered
 package imports them. Checked on every module's AST, so a function-level import or an
 ``importlib.import_module("...")`` with a literal name cannot hide.
 """
@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER = {"sealmq": 0, "runtime": 1, "pki": 2, "broker": 2, "device": 2, "backend": 2, "app": 3}
-OUTSIDE = {"tests", "bench"}
+OUTSIDE = {"tests", "bench", "fuzz"}
 SIDEWAYS = {("device", "pki"), ("backend", "pki")}  # an agent and a service load their identities
 
 
