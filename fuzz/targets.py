@@ -521,6 +521,7 @@ class MediaStoreHarness:
         self.count = 0
         self.now = 0.0
         self.dir: Path | None = None
+        self.storage: Any = None
         self._fresh()
 
     def _fresh(self) -> None:
