@@ -117,12 +117,13 @@ class SessionConfig:
 # --- internal state ----------------------------------------------------------------------------
 
 class _Epoch:
-    __slots__ = ("created", "ctx", "drop_at", "failed", "new_records", "next_seq", "number",
+    __slots__ = ("codec", "created", "ctx", "drop_at", "failed", "new_records", "next_seq", "number",
                  "peer_switched", "window")
 
     def __init__(self, number: int, ctx: SecurityContext, window_size: int, now: float) -> None:
         self.number = number
         self.ctx = ctx
+        self.codec = record.EpochCodec(ctx, number)
         self.window = ReplayWindow(window_size)
         self.next_seq = 0
         self.failed = 0
@@ -143,7 +144,17 @@ def _digest(data: bytes | bytearray) -> str:
 
 
 class Session:
-    """The sealed channel between one device and the backend. See the module docstring."""
+    """The sealed channel between one device and the backend. See the module docstring.
+
+    Records go through :class:`sealmq.record.EpochCodec` (the fast path). ``_fast = False`` makes
+    a session use the reference functions of :mod:`sealmq.record` instead: tests run both side by
+    side and require identical bytes, events, rejections and state.
+    """
+
+    __slots__ = ("_app_aead", "_buffer", "_c_i", "_c_r", "_closed", "_current", "_epochs", "_fast", "_hash",
+                 "_ku", "_prk_out", "_random_bytes", "_recv_dir", "_recv_kinds", "_recv_topics",
+                 "_seal_limit", "_send_dir", "_send_topics", "config", "device_id", "is_initiator",
+                 "recipient_id", "sender_id")
 
     def __init__(self, *, prk_out: bytes, c_i: bytes, c_r: bytes, is_initiator: bool, device_id: str,
                  now: float, random_bytes: RandomBytes | None = None, hash_name: str = kdf.HASH_SHA256,
@@ -164,8 +175,20 @@ class Session:
         self._epochs: dict[int, _Epoch] = {0: _Epoch(0, ctx, self.config.replay_window, now)}
         self._current = 0
         self._ku = KeyUpdate(is_initiator=is_initiator, nonce_length=self.config.key_update_nonce_length)
-        self._buffer: list[tuple[str, Record]] = []
+        self._buffer: list[tuple[str, record.RecordFields, bytes]] = []
         self._closed = False
+        self._fast = True
+        # What the hot paths look up instead of validating again: the topic of each kind this side
+        # may seal, the channel of each kind it may receive, and its two receive topics.
+        self._send_topics: dict[int, str] = {
+            kind: topics.kind_topic(self.device_id, kind, self._send_dir)
+            for kind, dirs in KIND_DIRECTIONS.items()
+            if self._send_dir in dirs and kind is not RecordKind.KEY_UPDATE}
+        self._recv_kinds: dict[int, Channel] = {
+            kind: topics.KIND_CHANNEL[kind] for kind, dirs in KIND_DIRECTIONS.items() if self._recv_dir in dirs}
+        self._recv_topics: dict[str, Channel] = {
+            topics.topic(self.device_id, ch, self._recv_dir): ch for ch in (Channel.DATA, Channel.MEDIA)}
+        self._seal_limit = min(self.config.max_records_per_key, limits.MAX_PIV + 1)
 
     @classmethod
     def from_edhoc(cls, *, prk_out: bytes, c_i: bytes, c_r: bytes, is_initiator: bool, device_id: str,
@@ -220,6 +243,23 @@ class Session:
 
     def seal(self, kind: RecordKind, plaintext: bytes, now: float) -> tuple[str, bytes]:
         """Seal an application record under the current epoch; return ``(topic, record)``."""
+        topic = self._send_topics.get(kind)
+        if topic is None or self._closed or not self._fast:
+            return self._seal_checked(kind, plaintext)
+        # the common case: a kind this side may send, an open session (same checks, same order)
+        if type(plaintext) is not bytes:
+            plaintext = bytes(plaintext)
+        if len(plaintext) > limits.MAX_PLAINTEXT:
+            raise LocalProtocolError(Reason.TOO_LARGE, f"plaintext longer than {limits.MAX_PLAINTEXT}")
+        ep = self._epochs[self._current]
+        seq = ep.next_seq
+        if seq >= self._seal_limit:
+            self._check_can_send(ep)
+        data = ep.codec.seal(kind, topic, seq, plaintext)
+        ep.next_seq = seq + 1
+        return topic, data
+
+    def _seal_checked(self, kind: RecordKind, plaintext: bytes) -> tuple[str, bytes]:
         self._check_open()
         try:
             kind = RecordKind(kind)
@@ -242,8 +282,11 @@ class Session:
     def _seal_under(self, ep: _Epoch, kind: RecordKind, plaintext: bytes) -> tuple[str, bytes]:
         self._check_can_send(ep)
         topic = self.topic_for(kind)
-        data = record.seal(ep.ctx, kind=kind, epoch=ep.number, piv=ep.next_seq, topic=topic,
-                           plaintext=plaintext)
+        if self._fast:
+            data = ep.codec.seal(kind, topic, ep.next_seq, plaintext)
+        else:
+            data = record.seal(ep.ctx, kind=kind, epoch=ep.number, piv=ep.next_seq, topic=topic,
+                               plaintext=plaintext)
         ep.next_seq += 1
         return topic, data
 
@@ -328,18 +371,23 @@ class Session:
         that already parsed ``topic`` passes ``parsed`` (``topics.parse(topic)``) to spare a parse.
         """
         self._check_open()
-        rec, ep = self._classify(topic, data, now, parsed)
+        channel = self._recv_topics.get(topic) if self._fast else None
+        fields = record.decode_fast(data) if channel is not None else None
+        if channel is None or fields is None:
+            fields, ep = self._classify(topic, data, now, parsed)
+        else:
+            ep = self._check_record(channel, fields, now)
         if ep is None:
-            self._buffer.append((topic, rec))
+            self._buffer.append((topic, fields, bytes(data)))
             return []
-        return self._accept(topic, rec, ep, now, random_bytes or self._random_bytes)
+        return self._accept(topic, fields, ep, now, random_bytes or self._random_bytes)
 
     def _check_open(self) -> None:
         if self._closed:
             raise SessionError(Reason.KEY_LIMIT_REACHED, "session closed: run a new handshake")
 
     def _classify(self, topic: str, data: bytes, now: float,
-                  parsed: ParsedTopic | None) -> tuple[Record, _Epoch | None]:
+                  parsed: ParsedTopic | None) -> tuple[record.RecordFields, _Epoch | None]:
         """Every check that needs no key; changes nothing. ``None`` epoch means: buffer it."""
         if parsed is None:
             try:
@@ -350,29 +398,36 @@ class Session:
                 or parsed.channel is Channel.HANDSHAKE):
             raise RecordError(Reason.WRONG_TOPIC, "record on a topic this session does not receive")
         rec = record.decode(data)
-        return rec, self._check_record(topic, parsed.channel, rec, now)
+        fields = (int(rec.kind), rec.kid, rec.epoch, rec.piv, rec.ciphertext)
+        return fields, self._check_record(parsed.channel, fields, now)
 
-    def _check_record(self, topic: str, channel: Channel, rec: Record, now: float) -> _Epoch | None:
-        if topics.KIND_CHANNEL[rec.kind] is not channel or self._recv_dir not in KIND_DIRECTIONS[rec.kind]:
-            raise RecordError(Reason.WRONG_TOPIC, f"{rec.kind.name} not expected on this topic")
-        if not hmac.compare_digest(rec.kid, self.recipient_id):
+    def _check_record(self, channel: Channel, fields: record.RecordFields, now: float) -> _Epoch | None:
+        kind, kid, epoch, piv, _ = fields
+        if self._recv_kinds.get(kind) is not channel:
+            raise RecordError(Reason.WRONG_TOPIC, f"{record.KINDS[kind].name} not expected on this topic")
+        if not hmac.compare_digest(kid, self.recipient_id):
             raise RecordError(Reason.UNKNOWN_SESSION, "kid is not this session's peer")
-        ep = self._epochs.get(rec.epoch)
+        ep = self._epochs.get(epoch)
         if ep is None:
-            if self._ku.pending is not None and rec.epoch == self._ku.pending.target:
+            if self._ku.pending is not None and epoch == self._ku.pending.target:
                 if len(self._buffer) >= self.config.max_buffered:
                     raise RecordError(Reason.TOO_LARGE, "too many records waiting for new keys")
                 return None
             raise RecordError(Reason.UNKNOWN_EPOCH, "no keys for this epoch")
         if ep.drop_at is not None and now >= ep.drop_at:
             raise RecordError(Reason.UNKNOWN_EPOCH, "epoch past its grace window")
-        ep.window.check(rec.piv)
+        ep.window.check(piv)
         return ep
 
-    def _accept(self, topic: str, rec: Record, ep: _Epoch, now: float,
+    def _accept(self, topic: str, fields: record.RecordFields, ep: _Epoch, now: float,
                 rng: RandomBytes | None) -> list[SessionEvent]:
+        kind_value, kid, epoch, piv, ciphertext = fields
+        kind = record.KINDS[kind_value]
         try:
-            plaintext = record.open_(ep.ctx, rec, topic)
+            if self._fast:
+                plaintext = ep.codec.open(kind, topic, piv, ciphertext)
+            else:
+                plaintext = record.open_(ep.ctx, Record(kind, kid, epoch, piv, ciphertext), topic)
         except DecryptError:
             ep.failed += 1
             if ep.failed >= self.config.max_failed_decryptions:
@@ -380,16 +435,18 @@ class Session:
                 raise SessionError(Reason.KEY_LIMIT_REACHED, "too many failed decryptions") from None
             raise
         plan = None
-        if rec.kind is RecordKind.KEY_UPDATE:
+        if kind is RecordKind.KEY_UPDATE:
             plan = self._ku.plan(plaintext, record_epoch=ep.number, current=self._current,
                                  check_can_send=lambda: self._check_can_send(ep), rng=rng)
         # From here on the record is accepted: nothing below raises.
-        ep.window.mark(rec.piv)
+        ep.window.mark(piv)
+        if plan is None and len(self._epochs) == 1:
+            return [Received(self.device_id, kind, plaintext, ep.number, piv)]  # the common case
         events: list[SessionEvent] = []
         if ep.number == self._current:
             events.extend(self._note_new_epoch_record(now))
         if plan is None:
-            events.append(Received(self.device_id, rec.kind, plaintext, ep.number, rec.piv))
+            events.append(Received(self.device_id, kind, plaintext, ep.number, piv))
         else:
             events.extend(self._apply(plan, ep, now, rng))
         return events
@@ -448,18 +505,18 @@ class Session:
     def _drain_buffer(self, now: float, rng: RandomBytes | None) -> list[SessionEvent]:
         events: list[SessionEvent] = []
         waiting, self._buffer = self._buffer, []
-        for topic, rec in waiting:
+        for topic, fields, data in waiting:
             try:
                 channel = topics.parse(topic).channel
-                ep = self._check_record(topic, channel, rec, now)
+                ep = self._check_record(channel, fields, now)
                 if ep is None:  # cannot happen once keys exist, but never loop
                     raise RecordError(Reason.UNKNOWN_EPOCH, "no keys for this epoch")
-                events.extend(self._accept(topic, rec, ep, now, rng))
+                events.extend(self._accept(topic, fields, ep, now, rng))
             except SessionError:
                 raise
             except SealmqError as exc:
                 events.append(Rejected(self.device_id, topic, Stage.RECORD, exc.reason, "buffered record",
-                                       len(rec.encode())))
+                                       len(data)))
         return events
 
     def _derive_ctx(self) -> SecurityContext:
@@ -473,4 +530,4 @@ class Session:
         epochs = tuple(ep.state() + ((ep.failed,) if include_failed else ())
                        for _, ep in sorted(self._epochs.items()))
         return (self._current, epochs, *self._ku.state(),
-                tuple((t, r.encode()) for t, r in self._buffer), _digest(self._prk_out), self._closed)
+                tuple((t, data) for t, _, data in self._buffer), _digest(self._prk_out), self._closed)

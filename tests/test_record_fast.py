@@ -1,0 +1,315 @@
+"""The record fast path (sealmq.record.EpochCodec, decode_fast, Session's hot paths) against the
+reference implementation: identical bytes, identical rejections, identical session state.
+
+The reference is ``record.seal``/``record.open_``/``record.decode`` and a Session with
+``_fast = False``; the golden vectors and RFC 8613's vectors also go through the fast path here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sealmq import limits, oscore, record
+from sealmq.errors import SealmqError
+from sealmq.session import Session, SessionConfig
+from sealmq.topics import RecordKind
+from tests.test_oscore import REQUESTS, VEC, _opt
+from tests.test_record import CASES, STORED, contexts, h
+from tests.test_session import C_I, C_R, DOWN_KINDS, PRK_OUT, UP_KINDS, rng
+
+TOPICS = ["sealmq/v1/dev-1/data/up", "sealmq/v1/dev-1/media/up", "sealmq/v1/dev-1/data/down",
+          "sealmq/v1/dev-1/media/down", "sealmq/v1/dev-2/data/up", "x", "", "sealmq/v1/dev-1/data/up/"]
+
+
+def outcome(fn: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """("ok", value) or ("error", (exception type, reason)): what must match between the paths."""
+    try:
+        return "ok", fn(*args, **kwargs)
+    except SealmqError as exc:
+        return "error", (type(exc), exc.reason)
+
+
+def reference_fields(data: bytes) -> tuple[str, Any]:
+    def dec() -> record.RecordFields:
+        rec = record.decode(data)
+        return (int(rec.kind), rec.kid, rec.epoch, rec.piv, rec.ciphertext)
+    return outcome(dec)
+
+
+def check_decode(data: bytes) -> None:
+    ref = reference_fields(data)
+    fast = record.decode_fast(data)
+    if fast is not None:
+        assert ref == ("ok", fast)
+    assert outcome(record.decode_fields, data) == ref
+
+
+# --- golden and RFC vectors through the fast path -------------------------------------------------
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_golden_vectors_through_the_codec(index: int) -> None:
+    case, out = STORED[index]["input"], STORED[index]["output"]
+    device, backend = contexts()
+    sender, receiver = (device, backend) if case["is_initiator"] else (backend, device)
+    kind = RecordKind(case["kind"])
+    sealed = record.EpochCodec(sender, case["epoch"]).seal(kind, case["topic"], case["piv"],
+                                                          h(case["plaintext"]))
+    assert sealed.hex() == out["record"]
+    fields = record.decode_fast(sealed)
+    assert fields is not None
+    assert fields == (case["kind"], h(out["kid"]), case["epoch"], case["piv"], fields[4])
+    opened = record.EpochCodec(receiver, case["epoch"]).open(kind, case["topic"], case["piv"], fields[4])
+    assert opened == h(case["plaintext"])
+    template = record.AadTemplate(10, h(out["kid"]), record.options(case["epoch"], kind, case["topic"]))
+    assert template.aad(case["piv"]).hex() == out["aad"]
+    assert (record.nonce_base(sender.common_iv, sender.sender_id) ^ case["piv"]).to_bytes(13, "big").hex() \
+        == out["nonce"]
+
+
+@pytest.mark.parametrize(("name", "kd_section", "kd_side"), REQUESTS)
+def test_rfc8613_nonce_and_aad_through_the_templates(name: str, kd_section: str, kd_side: str) -> None:
+    v, kd = VEC[name], VEC[kd_section][kd_side]
+    client = oscore.SecurityContext.derive(
+        master_secret=h(kd["Master Secret"]), master_salt=_opt(kd, "Master Salt") or b"",
+        sender_id=h(kd["Sender ID"]), recipient_id=h(kd["Recipient ID"]), id_context=_opt(kd, "ID Context"))
+    seq = int(v["Sender Sequence Number"])
+    assert (record.nonce_base(client.common_iv, client.sender_id) ^ seq).to_bytes(13, "big") == h(v["nonce"])
+    assert record.AadTemplate(10, h(v["kid"]), b"").aad(seq) == h(v["AAD"])
+
+
+def test_rfc8613_key_derivation_nonces_through_nonce_base() -> None:
+    section = VEC["C.1 Test Vector 1: Key Derivation with Master Salt"]
+    for side in ("C.1.1 Client", "C.1.2 Server"):
+        v = section[side]
+        base = record.nonce_base(h(v["Common IV"]), h(v["Sender ID"]))
+        assert base.to_bytes(13, "big") == h(v["sender nonce"])
+
+
+# --- decoding: the hand-written parser never disagrees with the reference -------------------------
+
+@given(st.binary(max_size=120))
+def test_decode_arbitrary_bytes(data: bytes) -> None:
+    check_decode(data)
+
+
+def _mutate(buf: bytearray, ops: list[tuple[str, int, int]]) -> bytes:
+    for op, pos, byte in ops:
+        if not buf:
+            break
+        i = pos % len(buf)
+        if op == "flip":
+            buf[i] ^= 1 << (byte % 8)
+        elif op == "set":
+            buf[i] = byte
+        elif op == "insert":
+            buf.insert(i, byte)
+        elif op == "delete":
+            del buf[i]
+        else:
+            del buf[i:]
+    return bytes(buf)
+
+
+MUTATIONS = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
+                               st.integers(0, 10**6), st.integers(0, 255)), min_size=0, max_size=4)
+
+
+@given(st.sampled_from([v["output"]["record"] for v in STORED]), MUTATIONS)
+def test_decode_mutated_golden_records(record_hex: str, ops: list[tuple[str, int, int]]) -> None:
+    check_decode(_mutate(bytearray(h(record_hex)), ops))
+
+
+HEADS = st.one_of(st.integers(0, 30), st.integers(0, 2**64 - 1),
+                  st.sampled_from([23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40 - 1, 2**40]))
+
+
+@given(st.integers(0, 30), st.binary(max_size=10), HEADS, HEADS, st.integers(0, 300),
+       st.sampled_from(["short", "long1", "long2", "long4", "long8", "none"]), MUTATIONS)
+def test_decode_structured_records(kind: int, kid: bytes, epoch: int, piv: int, ct_len: int, form: str,
+                                   ops: list[tuple[str, int, int]]) -> None:
+    """Valid and almost-valid records, including non-shortest heads, through both decoders."""
+    def head(major: int, value: int) -> bytes:
+        mt = major << 5
+        if form == "long1" and value < 256:
+            return bytes([mt | 24, value])
+        if form == "long2" and value < 65536:
+            return bytes([mt | 25]) + value.to_bytes(2, "big")
+        if form == "long4" and value < 2**32:
+            return bytes([mt | 26]) + value.to_bytes(4, "big")
+        if form == "long8":
+            return bytes([mt | 27]) + value.to_bytes(8, "big")
+        shortest = record._uint_head(value)
+        return bytes([mt | shortest[0]]) + shortest[1:]
+
+    ct = bytes(range(256))[:ct_len % 256] * (1 + ct_len // 256)
+    data = (b"\x85" + head(0, kind) + head(2, len(kid)) + kid + head(0, epoch) + head(0, piv)
+            + head(2, len(ct)) + ct)
+    check_decode(_mutate(bytearray(data), ops))
+
+
+def test_decode_large_ciphertexts_agree() -> None:
+    for size in (limits.TAG_LENGTH, 255, 256, 65535, 65536, limits.MAX_PLAINTEXT + limits.TAG_LENGTH,
+                 limits.MAX_PLAINTEXT + limits.TAG_LENGTH + 1):
+        data = b"\x85\x06\x41\x18\x00\x00" + record._bstr_head(size) + b"c" * size
+        check_decode(data)
+        check_decode(bytearray(data))  # not bytes: always the reference
+    assert record.decode_fast(b"\x85\x06\x41\x18\x00\x00" + record._bstr_head(65536) + b"c" * 65536) is not None
+
+
+# --- sealing and opening: same bytes, same plaintext, same errors ---------------------------------
+
+KINDS = st.sampled_from(list(RecordKind))
+EPOCHS = st.one_of(st.integers(0, 5), st.sampled_from([2**32 - 1, 2**32, -1]))
+PIVS = st.one_of(st.integers(0, 70_000), st.sampled_from([2**32, 2**40 - 1, 2**40, -1]))
+
+
+def codec_seal(ctx: oscore.SecurityContext, kind: RecordKind, epoch: int, piv: int, topic: str,
+               plaintext: bytes) -> bytes:
+    return record.EpochCodec(ctx, epoch).seal(kind, topic, piv, plaintext)
+
+
+@given(KINDS, EPOCHS, PIVS, st.sampled_from(TOPICS) | st.text(max_size=30), st.binary(max_size=80),
+       st.booleans())
+def test_seal_identical(kind: RecordKind, epoch: int, piv: int, topic: str, plaintext: bytes,
+                        initiator: bool) -> None:
+    device, backend = contexts()
+    ctx = device if initiator else backend
+    ref = outcome(record.seal, ctx, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
+    assert outcome(codec_seal, ctx, kind, epoch, piv, topic, plaintext) == ref
+
+
+def test_seal_too_large_identical() -> None:
+    device, _ = contexts()
+    for size in (limits.MAX_PLAINTEXT, limits.MAX_PLAINTEXT + 1):
+        ref = outcome(record.seal, device, kind=RecordKind.MEDIA_CHUNK, epoch=0, piv=3, topic=TOPICS[1],
+                      plaintext=b"p" * size)
+        assert outcome(codec_seal, device, RecordKind.MEDIA_CHUNK, 0, 3, TOPICS[1], b"p" * size) == ref
+
+
+@settings(max_examples=300)
+@given(KINDS, st.integers(0, 4), st.integers(0, 2**40 - 1), st.sampled_from(TOPICS[:4]), st.binary(max_size=40),
+       st.data())
+def test_open_identical_for_moved_and_mutated_records(kind: RecordKind, epoch: int, piv: int, topic: str,
+                                                      plaintext: bytes, data: st.DataObject) -> None:
+    device, backend = contexts()
+    sealed = record.seal(device, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
+    rec = record.decode(sealed)
+    # move it: another kind, epoch, piv or topic, or damage the ciphertext
+    o_kind = data.draw(st.sampled_from([kind, *RecordKind]))
+    o_epoch = data.draw(st.sampled_from([epoch, epoch + 1, 0]))
+    o_piv = data.draw(st.sampled_from([piv, piv + 1, piv ^ 1, 0, 2**40 - 1]))
+    o_topic = data.draw(st.sampled_from([topic, *TOPICS]))
+    ct = bytearray(rec.ciphertext)
+    if data.draw(st.booleans()):
+        bit = data.draw(st.integers(0, len(ct) * 8 - 1))
+        ct[bit // 8] ^= 1 << (bit % 8)
+    moved = record.Record(o_kind, rec.kid, o_epoch, o_piv, bytes(ct))
+    ref = outcome(record.open_, backend, moved, o_topic)
+    fast = outcome(record.EpochCodec(backend, o_epoch).open, o_kind, o_topic, o_piv, bytes(ct))
+    assert fast == ref
+    if (o_kind, o_epoch, o_piv, o_topic, bytes(ct)) == (kind, epoch, piv, topic, rec.ciphertext):
+        assert ref == ("ok", plaintext)
+
+
+def test_aad_cache_is_bounded() -> None:
+    device, backend = contexts()
+    codec = record.EpochCodec(device, 0)
+    for i in range(100):
+        topic = f"sealmq/v1/dev-{i}/data/up"
+        assert codec.seal(RecordKind.TELEMETRY, topic, i, b"x") == record.seal(
+            device, kind=RecordKind.TELEMETRY, epoch=0, piv=i, topic=topic, plaintext=b"x")
+    assert len(codec._send) <= record._AAD_CACHE_SIZE
+
+
+# --- whole sessions: a fast and a reference session, fed the same, stay identical ----------------
+
+def session_pairs(config: SessionConfig | None = None) -> tuple[list[Session], list[Session]]:
+    """([fast device, reference device], [fast backend, reference backend])."""
+    devices, backends = [], []
+    for fast in (True, False):
+        d = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=True, device_id="dev-1",
+                               now=0.0, random_bytes=rng(b"device"), config=config)
+        b = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=False, device_id="dev-1",
+                               now=0.0, random_bytes=rng(b"backend"), config=config)
+        d._fast = b._fast = fast
+        devices.append(d)
+        backends.append(b)
+    return devices, backends
+
+
+def same(sessions: list[Session], method: str, *args: Any) -> tuple[str, Any]:
+    results = [outcome(getattr(s, method), *args) for s in sessions]
+    assert results[0] == results[1], (method, results)
+    assert sessions[0]._state(include_failed=True) == sessions[1]._state(include_failed=True)
+    return results[0]
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("up"), st.sampled_from([*UP_KINDS, *DOWN_KINDS, RecordKind.KEY_UPDATE, 0, 99]),
+              st.binary(max_size=20)),
+    st.tuples(st.just("down"), st.sampled_from([*DOWN_KINDS, *UP_KINDS]), st.binary(max_size=20)),
+    st.tuples(st.just("deliver_up"), st.integers(0, 10**6), MUTATIONS),
+    st.tuples(st.just("deliver_down"), st.integers(0, 10**6), MUTATIONS),
+    st.tuples(st.just("retopic_up"), st.integers(0, 10**6), st.sampled_from(TOPICS)),
+    st.tuples(st.just("key_update"), st.sampled_from(["device", "backend"]), st.binary(min_size=8, max_size=8)),
+    st.tuples(st.just("poll"), st.sampled_from(["device", "backend"]), st.floats(0, 100)),
+), max_size=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS, st.booleans())
+def test_fast_and_reference_sessions_behave_identically(ops: list[tuple[Any, ...]], small: bool) -> None:
+    config = SessionConfig(max_records_per_key=6, key_update_after_records=6, max_failed_decryptions=3,
+                           replay_window=4, max_buffered=2) if small else None
+    devices, backends = session_pairs(config)
+    up: list[tuple[str, bytes]] = []
+    down: list[tuple[str, bytes]] = []
+    now = 0.0
+    for op in ops:
+        name = op[0]
+        if name in ("up", "down"):
+            senders, wire = (devices, up) if name == "up" else (backends, down)
+            status, value = same(senders, "seal", op[1], op[2], now)
+            if status == "ok":
+                wire.append(value)
+        elif name in ("deliver_up", "deliver_down"):
+            wire, receivers = (up, backends) if name == "deliver_up" else (down, devices)
+            if wire:
+                topic, data = wire[op[1] % len(wire)]
+                same(receivers, "open", topic, _mutate(bytearray(data), op[2]), now)
+        elif name == "retopic_up":
+            if up:
+                same(backends, "open", op[2], up[op[1] % len(up)][1], now)
+        elif name == "key_update":
+            senders, wire = (devices, up) if op[1] == "device" else (backends, down)
+            status, value = same(senders, "start_key_update", op[2], now)
+            if status == "ok":
+                wire.append(value)
+        else:
+            now += op[2]
+            status, value = same(devices if op[1] == "device" else backends, "poll", now)
+            if status == "ok":
+                for event in value:
+                    if hasattr(event, "payload"):
+                        (up if op[1] == "device" else down).append((event.topic, event.payload))
+
+
+def test_reference_session_flag_really_switches_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The comparison above is not vacuous: a reference session never touches the codec."""
+    devices, backends = session_pairs()
+
+    def boom(*_: Any) -> bytes:
+        raise AssertionError("codec used")
+
+    monkeypatch.setattr(record.EpochCodec, "seal", boom)
+    monkeypatch.setattr(record.EpochCodec, "open", boom)
+    topic, data = devices[1].seal(RecordKind.TELEMETRY, b"t", 0.0)
+    assert backends[1].open(topic, data, 0.0)
+    with pytest.raises(AssertionError):
+        devices[0].seal(RecordKind.TELEMETRY, b"t", 0.0)
+    with pytest.raises(AssertionError):
+        backends[0].open(topic, data, 0.0)
