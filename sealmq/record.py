@@ -313,6 +313,8 @@ class EpochCodec:
 
     def open(self, kind: RecordKind, topic: str, piv: int, ciphertext: bytes) -> bytes:
         """Same result as :func:`open_` for a record whose kid is the context's Recipient ID."""
+        if not 0 <= piv <= limits.MAX_PIV:
+            raise LocalProtocolError(Reason.SEQUENCE_EXHAUSTED, "sequence number outside 0..2**40-1")
         pieces = self._recv.get((kind, topic)) or self._pieces(self._recv, self.ctx.recipient_id, kind, topic)
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         aad = pieces.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + pieces.suffix
