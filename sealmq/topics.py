@@ -16,6 +16,7 @@ For MQTT 5 shared subscriptions (several backend instances) the backend subscrib
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -98,7 +99,17 @@ class ParsedTopic:
 
 def parse(topic_name: str) -> ParsedTopic:
     """Parse a concrete topic; raise DecodeError(WRONG_TOPIC) for anything outside the scheme."""
-    parts = topic_name.split("/") if isinstance(topic_name, str) else []
+    if not isinstance(topic_name, str):
+        raise DecodeError(Reason.WRONG_TOPIC, "topic outside the sealmq/v1 scheme")
+    return _parse(topic_name)
+
+
+# Every record's topic is parsed on arrival; a device has a handful of topics, so the parse (a
+# regex and two enum lookups) is cached. Refused topics raise and are never cached; the bound keeps
+# a flood of distinct valid topics from growing memory.
+@functools.lru_cache(maxsize=16384)
+def _parse(topic_name: str) -> ParsedTopic:
+    parts = topic_name.split("/")
     if len(parts) != 5 or parts[0] != PREFIX or parts[1] != VERSION:
         raise DecodeError(Reason.WRONG_TOPIC, "topic outside the sealmq/v1 scheme")
     device_id, channel, direction = parts[2], parts[3], parts[4]
