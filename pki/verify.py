@@ -15,8 +15,10 @@ PEM or DER, the identity URI scheme, and the key-type policy.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +40,7 @@ MIN_RSA_BITS = 2048
 ALLOWED_CURVES = ("secp256r1", "secp384r1")
 MAX_CHAIN_CERTS = 8
 MAX_INPUT_BYTES = 1 << 20  # a chain or CRL larger than this is garbage, not a certificate
+VERIFIED_CACHE_SIZE = 4096  # validated chains remembered per trust store (one per device, typically)
 
 # Parsing of X.509 in cryptography is lazy: a certificate that loads can still raise when a
 # field is touched. Everything below converts these into our errors.
@@ -67,6 +70,15 @@ class VerifiedPeer:
     @property
     def credential(self) -> str:
         return f"x509 serial {self.certificate.serial_number:x}"
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A cached validation: the peer, valid while ``not_before <= now < not_after``."""
+
+    peer: VerifiedPeer
+    not_before: datetime
+    not_after: datetime
 
 
 # --- identity ------------------------------------------------------------------------------
@@ -292,6 +304,13 @@ class TrustStore:
             self._store = verification.Store(list(self._anchors))
         except PARSE_ERRORS:
             raise CertificateError(Reason.MALFORMED, "anchor not usable") from None
+        # Chains that validated, by (DER of each certificate, role), with the time window in which
+        # the same validation gives the same answer. The store is immutable (a CRL reload builds a
+        # new one), so its anchors and CRLs are the cache's version: nothing else can change the
+        # answer. Only successes are remembered; a refused chain is validated in full every time.
+        # Each OrderedDict operation is atomic under the GIL; a race between two of them (another
+        # thread evicting the key in between) only costs a full validation (see _remember).
+        self._verified: OrderedDict[tuple[tuple[bytes, ...], Role], _Verified] = OrderedDict()
 
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
@@ -325,16 +344,39 @@ class TrustStore:
             raise CertificateError(Reason.MALFORMED, "chain must be a non-empty sequence, leaf first")
         if len(chain) > MAX_CHAIN_CERTS:
             raise CertificateError(Reason.MALFORMED, "chain too long")
+        key: tuple[tuple[bytes, ...], Role] | None = None
+        ders = tuple(c for c in chain if type(c) is bytes)
+        if len(ders) == len(chain):
+            key = (ders, role)
+            hit = self._verified.get(key)
+            if hit is not None and hit.not_before <= when < hit.not_after:
+                with contextlib.suppress(KeyError):  # evicted by another thread meanwhile: still valid
+                    self._verified.move_to_end(key)
+                if expected_name is not None and hit.peer.name != expected_name:
+                    raise CertificateError(Reason.IDENTITY_MISMATCH, "certificate names another peer")
+                return hit.peer
         certs = [load_certificate(c) for c in chain]
         try:
-            return self._verify(certs, role, when, expected_name)
+            peer, window = self._verify(certs, role, when, expected_name)
         except PARSE_ERRORS:
             # Lazily parsed fields deep in an extension; garbage, not a crash.
             raise CertificateError(Reason.MALFORMED, "unparsable certificate") from None
+        if key is not None:
+            self._remember(key, _Verified(peer, *window))
+        return peer
+
+    def _remember(self, key: tuple[tuple[bytes, ...], Role], entry: _Verified) -> None:
+        try:
+            self._verified[key] = entry
+            self._verified.move_to_end(key)
+            while len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)  # the least recently validated
+        except KeyError:  # another thread evicted it meanwhile: not remembered, still correct
+            pass
 
     def _verify(
         self, certs: list[x509.Certificate], role: Role, now: datetime, expected_name: str | None
-    ) -> VerifiedPeer:
+    ) -> tuple[VerifiedPeer, tuple[datetime, datetime]]:
         leaf = certs[0]
         # Cheap, precise checks on the leaf first, so the reason says what is wrong with it.
         peer_role, name = identity_of(leaf)
@@ -347,9 +389,14 @@ class TrustStore:
         _check_leaf_profile(leaf, role)
         _cert_key_description(leaf)
         path = self._build_path(leaf, certs[1:], now)
-        self._check_revocation(path, now)
+        crls = self._check_revocation(path, now)
         self._library_check(leaf, path, now)
-        return VerifiedPeer(role=role, name=name, certificate=leaf, public_key=leaf.public_key())
+        # The same answer holds from now on while every certificate on the path and every CRL used
+        # is current, and until a CRL not yet valid becomes valid (it could then be the freshest).
+        ends = [c.not_valid_after_utc for c in path] + [c.next_update_utc for c in crls if c.next_update_utc]
+        ends += [c.last_update_utc for c in self._crls if c.last_update_utc > now]
+        window = (now, min(ends))
+        return VerifiedPeer(role=role, name=name, certificate=leaf, public_key=leaf.public_key()), window
 
     def _build_path(
         self, leaf: x509.Certificate, presented: list[x509.Certificate], now: datetime
@@ -386,15 +433,21 @@ class TrustStore:
                 return cand
         return None
 
-    def _check_revocation(self, path: list[x509.Certificate], now: datetime) -> None:
+    def _check_revocation(
+        self, path: list[x509.Certificate], now: datetime
+    ) -> list[x509.CertificateRevocationList]:
+        """Raise if anything on the path is revoked; return the CRLs the answer rests on."""
         if not self._crls:
-            return
+            return []
+        used = []
         for cert, issuer in itertools.pairwise(path):
             crl = self._fresh_crl(issuer, now)
             entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
             if entry is not None:
                 what = "certificate" if cert is path[0] else "intermediate CA"
                 raise CertificateError(Reason.REVOKED, f"{what} serial {cert.serial_number:x} revoked")
+            used.append(crl)
+        return used
 
     def _fresh_crl(self, issuer: x509.Certificate, now: datetime) -> x509.CertificateRevocationList:
         pub = issuer.public_key()

@@ -325,3 +325,83 @@ def test_rotation_overlap_two_anchors(two_level: Path, other_ca: Path) -> None:
     new = chain(other_ca, Role.DEVICE, "dev-ec")
     assert ts.verify(old, role=Role.DEVICE, now=now()).certificate == old[0]
     assert ts.verify(new, role=Role.DEVICE, now=now()).certificate == new[0]
+
+
+# --- the cache of validated chains ------------------------------------------------------------------
+
+def _count_full_validations(ts: TrustStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    real = ts._verify
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "_verify", counting)
+    return calls
+
+
+def test_validated_chain_is_cached_per_store_role_and_time(two_level: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ts = store.load_trust_store(two_level)
+    calls = _count_full_validations(ts, monkeypatch)
+    ders = [der(c) for c in chain(two_level, Role.DEVICE, "dev-ec")]
+    t = now()
+    first = ts.verify(ders, role=Role.DEVICE, now=t)
+    again = ts.verify(ders, role=Role.DEVICE, now=t + timedelta(hours=1), expected_name="dev-ec")
+    assert again is first and calls[0] == 1
+    # the name is still checked on a hit; the role is part of the key
+    expect(Reason.IDENTITY_MISMATCH, ts, ders, Role.DEVICE, at=t, name="dev-other")
+    expect(Reason.WRONG_ROLE, ts, ders, Role.BACKEND, at=t)
+    assert calls[0] == 2  # the backend attempt validated (and failed) in full
+    # outside the window: before the first validation, or after the leaf expired -> full validation
+    ts.verify(ders, role=Role.DEVICE, now=t - timedelta(minutes=5))
+    assert calls[0] == 3
+    leaf = chain(two_level, Role.DEVICE, "dev-ec")[0]
+    expect(Reason.EXPIRED, ts, ders, Role.DEVICE, at=leaf.not_valid_after_utc + timedelta(seconds=1))
+    # Certificate objects (not DER) are never cached
+    ts.verify(chain(two_level, Role.DEVICE, "dev-ec"), role=Role.DEVICE, now=t)
+    assert calls[0] == 5
+
+
+def test_refused_chains_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pki = tmp_path / "pki"
+    store.init_ca(pki)
+    d = store.enroll(pki, Role.DEVICE, "victim")
+    ders = [der(c) for c in store.load_identity(d).chain]
+    store.revoke(pki, cert_path=d / layout.CERT)
+    ts = store.load_trust_store(pki)
+    calls = _count_full_validations(ts, monkeypatch)
+    for _ in range(2):
+        expect(Reason.REVOKED, ts, ders, Role.DEVICE)
+    assert calls[0] == 2
+
+
+def test_revocation_applies_through_a_reloaded_store(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    store.init_ca(pki)
+    d = store.enroll(pki, Role.DEVICE, "victim")
+    ders = [der(c) for c in store.load_identity(d).chain]
+    before = store.load_trust_store(pki)
+    assert before.verify(ders, role=Role.DEVICE, now=now()).name == "victim"
+    store.revoke(pki, cert_path=d / layout.CERT)
+    expect(Reason.REVOKED, store.load_trust_store(pki), ders, Role.DEVICE)  # a reload is a new cache
+
+
+def test_a_crl_becoming_valid_ends_the_cached_answer(tmp_path: Path) -> None:
+    """Two CRLs of one issuer: the newer (revoking the leaf) starts later. Once it is valid it is
+    the freshest, so a cached acceptance must not outlive its lastUpdate."""
+    pki = tmp_path / "pki"
+    store.init_ca(pki)
+    d = store.enroll(pki, Role.DEVICE, "victim")
+    leaf_chain = store.load_identity(d).chain
+    ders = [der(c) for c in leaf_chain]
+    ca = store.load_ca(pki)
+    t = now()
+    old = issue.make_crl(ca.issuer, ca.issuer_key, [], t - timedelta(days=1), number=50)
+    later = t + timedelta(days=2)
+    new = issue.make_crl(ca.issuer, ca.issuer_key, [issue.Revocation(leaf_chain[0].serial_number, later)],
+                         later, number=51)
+    ts = TrustStore([ca.root], [], [old, new])
+    assert ts.verify(ders, role=Role.DEVICE, now=t).name == "victim"
+    assert ts.verify(ders, role=Role.DEVICE, now=t + timedelta(hours=1)).name == "victim"
+    expect(Reason.REVOKED, ts, ders, Role.DEVICE, at=later + timedelta(hours=1))

@@ -221,7 +221,7 @@ def test_open_identical_for_moved_and_mutated_records(kind: RecordKind, epoch: i
 
 
 def test_aad_cache_is_bounded() -> None:
-    device, backend = contexts()
+    device, _ = contexts()
     codec = record.EpochCodec(device, 0)
     for i in range(100):
         topic = f"sealmq/v1/dev-{i}/data/up"
