@@ -40,6 +40,7 @@ from runtime.mqtt import MqttSettings
 from sealmq import cbor
 from sealmq.edhoc import (
     CcsAuthenticator,
+    KnownChains,
     LocalCredential,
     MixedAuthenticator,
     PeerAuthenticator,
@@ -112,7 +113,7 @@ class BackendService(EndpointDriver):
         # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too when the
         # backend has a CCS of its own: `sealmq pki ccs issue --pki DIR backend`.
         self._issued = _FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
-        self._issued_chains: list[list[bytes]] = []
+        self._issued_chains = KnownChains()
         self._registry_path = layout.ccs_registry(settings.pki_dir)
         self._registry = _FileWatch(self._registry_path, seen=True)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
@@ -188,7 +189,7 @@ class BackendService(EndpointDriver):
             for device_id, tid in self.media.expire(now):
                 self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
 
-    def _known_device_chains(self) -> list[list[bytes]]:
+    def _known_device_chains(self) -> KnownChains:
         """Certificates this CA issued, so a device may send its certificate by reference (x5t).
 
         Re-read when ``ca/issued/`` changes (a newly enrolled device). A certificate found here is
@@ -202,7 +203,7 @@ class BackendService(EndpointDriver):
                     chains.append([x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)])
                 except (OSError, ValueError):
                     continue
-            self._issued_chains = chains
+            self._issued_chains = KnownChains(chains)  # indexed once, not hashed per handshake
         return self._issued_chains
 
     def _authenticator(self, now: float) -> PeerAuthenticator:

@@ -256,3 +256,21 @@ def test_certificate_is_parsed_only_from_der(pki: PkiFixture) -> None:
     with pytest.raises(LocalProtocolError):
         X509Credential(other, chain)
     assert isinstance(x509.load_der_x509_certificate(chain[0]), x509.Certificate)
+
+
+def test_known_chains_index_finds_by_x5t_of_either_algorithm() -> None:
+    from sealmq.edhoc import KnownChains, X509Authenticator
+    from sealmq.edhoc.wire import X5T_SHA256, X5T_SHA256_64, IdCred, x5t_hash
+
+    chains = [[b"leaf-a", b"ca"], [b"leaf-b"], [b"leaf-a", b"other"], []]
+    known = KnownChains(chains)
+    assert len(known) == 3  # the empty chain is dropped
+    for alg in (X5T_SHA256_64, X5T_SHA256):
+        assert known.find(alg, x5t_hash(alg, b"leaf-b")) == [b"leaf-b"]
+        assert known.find(alg, x5t_hash(alg, b"leaf-a")) == [b"leaf-a", b"ca"]  # the first one, as before
+        assert known.find(alg, x5t_hash(alg, b"leaf-c")) is None
+    auth = X509Authenticator(None, Role.DEVICE, None, known_chains=known)  # type: ignore[arg-type]
+    assert auth.resolve(IdCred.x5t(b"leaf-b", X5T_SHA256_64)) == [b"leaf-b"]
+    with pytest.raises(EdhocError) as info:
+        auth.resolve(IdCred.x5t(b"leaf-c", X5T_SHA256_64))
+    assert info.value.reason is Reason.UNKNOWN_CREDENTIAL

@@ -20,6 +20,7 @@ from sealmq.edhoc.ccs import (
 from sealmq.edhoc.credentials import (
     AuthenticatedPeer,
     AuthKind,
+    KnownChains,
     LocalCredential,
     PeerAuthenticator,
     StaticDhKey,
@@ -64,6 +65,7 @@ __all__ = [
     "ErrorMessage",
     "IdCred",
     "Initiator",
+    "KnownChains",
     "LocalCredential",
     "Message1Info",
     "Message2Info",

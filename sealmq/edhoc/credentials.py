@@ -15,7 +15,6 @@ re-raised by the handshake as :class:`~sealmq.errors.EdhocError` with the *same*
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -147,6 +146,32 @@ class TrustStoreLike(Protocol):
     def verify(self, chain: Sequence[bytes], *, role: Role, now: datetime) -> PeerIdentity: ...
 
 
+class KnownChains:
+    """Chains a peer may name by ``x5t`` (each leaf first), indexed by thumbprint.
+
+    Build it once per set of chains (e.g. when the CA's issued certificates change) and pass it to
+    every :class:`X509Authenticator`: a lookup is then one hash-table probe instead of hashing every
+    known certificate in every handshake. Thumbprints are public (hashes of certificates), so the
+    lookup need not be constant-time; what it finds is still validated in full.
+    """
+
+    def __init__(self, chains: Sequence[Sequence[bytes]] = ()) -> None:
+        self.chains = [list(c) for c in chains if c]
+        self._by_alg: dict[int, dict[bytes, list[bytes]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.chains)
+
+    def find(self, alg: int, thumbprint: bytes) -> list[bytes] | None:
+        index = self._by_alg.get(alg)
+        if index is None:
+            index = {}
+            for chain in self.chains:
+                index.setdefault(x5t_hash(alg, chain[0]), chain)  # the first of equal leaves wins
+            self._by_alg[alg] = index
+        return index.get(thumbprint)
+
+
 class X509Authenticator:
     """Resolves ``x5chain``/``x5t`` and validates the chain with the operator's trust store.
 
@@ -160,12 +185,12 @@ class X509Authenticator:
         trust_store: TrustStoreLike,
         role: Role,
         now: datetime,
-        known_chains: Sequence[Sequence[bytes]] = (),
+        known_chains: Sequence[Sequence[bytes]] | KnownChains = (),
     ) -> None:
         self.trust_store = trust_store
         self.role = role
         self.now = now
-        self.known_chains = [list(c) for c in known_chains if c]
+        self.known = known_chains if isinstance(known_chains, KnownChains) else KnownChains(known_chains)
 
     def resolve(self, id_cred: IdCred) -> list[bytes]:
         chain = id_cred.get_x5chain()
@@ -176,9 +201,9 @@ class X509Authenticator:
         x5t = id_cred.get_x5t()
         if x5t is not None:
             alg, thumb = x5t
-            for known in self.known_chains:
-                if hmac.compare_digest(x5t_hash(alg, known[0]), thumb):
-                    return known
+            known = self.known.find(alg, thumb)
+            if known is not None:
+                return known
             raise EdhocError(Reason.UNKNOWN_CREDENTIAL, "x5t matches no known certificate")
         raise EdhocError(Reason.UNKNOWN_CREDENTIAL, "ID_CRED_x is neither x5chain nor x5t")
 
