@@ -6,7 +6,8 @@ run X.509 and CCS handshakes, suite negotiation, a refused message_3, a tampered
 "no session" notice, key updates both ways and media transfers (Outbox and MediaStore, with a lost
 ack and a rejected manifest). End to end, the real device agent and backend service over the
 embedded broker exchange telemetry, commands, replies, key updates and a file. Spies on
-``record.seal``/``oscore.aad`` and EDHOC's debug transcript expose the plaintexts, AADs and
+the record sealing (``record.seal``, ``record.EpochCodec.seal``), the records' AEAD
+(``SecurityContext.encrypt``/``decrypt``) and EDHOC's debug transcript expose the plaintexts, AADs and
 PLAINTEXT_2/3 of the same runs. Mutated messages must be refused (so these tests can fail), and
 whatever the code's own decoders accept, the docs must accept too.
 """
@@ -102,17 +103,27 @@ class Capture:
 def spying() -> Iterator[Capture]:
     """While active, every record sealed, AAD built and EDHOC object made in this process is kept."""
     cap = Capture()
-    real_seal, real_aad = record.seal, oscore.aad
+    real_seal, real_codec_seal = record.seal, record.EpochCodec.seal
+    real_encrypt, real_decrypt = oscore.SecurityContext.encrypt, oscore.SecurityContext.decrypt
     real_initiator, real_responder = device_endpoint.Initiator, backend_endpoint.Responder
 
     def seal(ctx: Any, *, kind: RecordKind, epoch: int, piv: int, topic: str, plaintext: bytes) -> bytes:
         cap.sealed.append((RecordKind(kind), bytes(plaintext)))
         return real_seal(ctx, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
 
-    def aad(*args: Any, **kwargs: Any) -> bytes:
-        out = real_aad(*args, **kwargs)
-        cap.aads.append(out)
-        return out
+    # Sessions seal through the fast path (record.EpochCodec); both paths hand the record's AAD
+    # to the context's AEAD, which is where the AADs are taken.
+    def codec_seal(self: Any, kind: RecordKind, topic: str, piv: int, plaintext: bytes) -> bytes:
+        cap.sealed.append((RecordKind(kind), bytes(plaintext)))
+        return real_codec_seal(self, kind, topic, piv, plaintext)
+
+    def encrypt(self: Any, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        cap.aads.append(aad)
+        return real_encrypt(self, nonce, plaintext, aad)
+
+    def decrypt(self: Any, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        cap.aads.append(aad)
+        return real_decrypt(self, nonce, ciphertext, aad)
 
     def debug(cls: Callable[..., Any]) -> Callable[..., Any]:
         def make_one(*args: Any, **kwargs: Any) -> Any:
@@ -123,7 +134,9 @@ def spying() -> Iterator[Capture]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(record, "seal", seal)
-        mp.setattr(oscore, "aad", aad)
+        mp.setattr(record.EpochCodec, "seal", codec_seal)
+        mp.setattr(oscore.SecurityContext, "encrypt", encrypt)
+        mp.setattr(oscore.SecurityContext, "decrypt", decrypt)
         mp.setattr(device_endpoint, "Initiator", debug(real_initiator))
         mp.setattr(backend_endpoint, "Responder", debug(real_responder))
         yield cap
