@@ -58,11 +58,26 @@ def _free_port() -> int:
 
 # --- broker lifecycle ----------------------------------------------------------------------------
 
+# CPU seconds the running broker has used so far (set by running_broker): the mosquitto child's
+# utime + stime, or, for the embedded amqtt, this process's CPU time (it does little else then).
+_broker_cpu: list[Any] = [lambda: 0.0]
+
+
+def broker_cpu() -> float:
+    return float(_broker_cpu[0]())
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
     """Start ``kind`` ("amqtt" or "mosquitto") on a free 127.0.0.1 port; yield the port; stop it."""
     port = _free_port()
     if kind == "amqtt":
+        _broker_cpu[0] = time.process_time
         from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 
         # start() returns once the listener is bound (a probe connection would only add log noise)
@@ -79,6 +94,7 @@ def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
     conf_dir = root / f"mosquitto-{port}"
     write_config(conf_dir, load_users(users), MosquittoOptions(host=HOST, port=port, run_as=current_user()))
     proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
+    _broker_cpu[0] = lambda: _proc_cpu(proc.proc.pid)
     try:
         yield port
     finally:
@@ -275,25 +291,37 @@ def _backend_service(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -
                                          data_dir=Path(cfg["root"]) / f"backend-hs-{cfg['port']}",
                                          mqtt=settings, endpoint=endpoint, poll_interval=0.1))
     svc.start()
+    cpu0 = time.process_time()
     ready.set()
     stop.wait(cfg["timeout"] + 30)
-    results.put(("backend", svc.counters["handshakes"]))
+    results.put(("backend", svc.counters["handshakes"], time.process_time() - cpu0))
     svc.stop()
 
 
-def _simulator(cfg: dict[str, Any], results: Any) -> None:
+def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results: Any) -> None:
     from app.bootstrap import Deployment
     from device.simulator import Simulator
     from runtime.mqtt import MqttSettings
 
     dep = Deployment(Path(cfg["root"]))
-    ids = cfg["device_ids"]
     sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['port']}", ids,
                     MqttSettings(host=HOST, port=cfg["port"], clean_session=True),
                     password_for=lambda d: dep.password("device", d))
     try:
-        seconds = sim.start(timeout=cfg["timeout"])
-        results.put(("sim", seconds, sim.established()))
+        ready.set()
+        go.wait(cfg["timeout"])
+        # Every device starts connecting at once; then: when was the last one connected, and
+        # when did the last one hold a session (one monotonic clock for all processes).
+        cpu0 = time.process_time()
+        for agent in sim.agents:
+            agent.start(wait=None)
+        deadline = time.monotonic() + cfg["timeout"]
+        for agent in sim.agents:
+            agent.link.wait_connected(max(0.0, deadline - time.monotonic()))
+        connected = time.monotonic()
+        for agent in sim.agents:
+            agent.wait_established(max(0.0, deadline - time.monotonic()))
+        results.put(("sim", connected, time.monotonic(), sim.established(), time.process_time() - cpu0))
     finally:
         sim.stop()
 
@@ -351,54 +379,88 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
     return rate, count, wire
 
 
-def handshakes_once(ctx: Any, root: Path, port: int, device_ids: list[str], timeout: float) -> tuple[float, int, int]:
-    cfg = {"root": str(root), "port": port, "devices": len(device_ids), "device_ids": device_ids,
-           "timeout": timeout}
+@dataclass
+class Storm:
+    broker: str
+    devices: int
+    procs: int
+    connected: float  # seconds from "go" until the last device was connected
+    seconds: float  # ... until the last device held a session
+    established: int
+    handshakes: int
+    backend_cpu: float  # CPU seconds the backend service used during the storm
+    sim_cpu: float  # CPU seconds of the simulator processes
+    broker_cpu: float  # CPU seconds of the broker
+
+
+def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list[str], timeout: float,
+                    procs: int = 1) -> Storm:
+    """All devices, spread over ``procs`` simulator processes, connect and handshake at once."""
+    cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout}
     results = ctx.Queue()
-    ready, stop = ctx.Event(), ctx.Event()
+    ready, stop, go = ctx.Event(), ctx.Event(), ctx.Event()
     backend = ctx.Process(target=_backend_service, args=(cfg, ready, stop, results))
     backend.start()
-    sim = None
+    sims: list[Any] = []
     try:
         if not ready.wait(60):
             raise RuntimeError("backend service did not start")
-        sim = ctx.Process(target=_simulator, args=(cfg, results))
-        sim.start()
-        _, seconds, established = _collect(results, 1, timeout + 120)[0]
+        for i in range(procs):
+            sim_ready = ctx.Event()
+            sim = ctx.Process(target=_simulator, args=(cfg, device_ids[i::procs], sim_ready, go, results))
+            sim.start()
+            sims.append(sim)
+            if not sim_ready.wait(timeout + 120):
+                raise RuntimeError("simulator did not start")
+        cpu0 = broker_cpu()
+        t0 = time.monotonic()
+        go.set()
+        got = _collect(results, procs, timeout + 120)
         stop.set()
-        _, handshakes = _collect(results, 1, 60)[0]
+        _, handshakes, backend_cpu = _collect(results, 1, 60)[0]
+        used = broker_cpu() - cpu0
     finally:
         stop.set()
-        for p in (sim, backend):
-            if p is not None:
-                p.join(60)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
-    return seconds, established, handshakes
+        go.set()
+        for p in (*sims, backend):
+            p.join(60)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return Storm(kind, len(device_ids), procs, max(g[1] for g in got) - t0, max(g[2] for g in got) - t0,
+                 sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used)
+
+
+def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int]]:
+    """(devices, simulator processes) per storm: one process (all paho threads in one GIL) vs four."""
+    if devices is not None:
+        return [(devices, 1), (devices, 4)] if devices >= 8 else [(devices, 1)]
+    return [(5, 1), (6, 2)] if quick else [(100, 1), (100, 4), (1000, 4)]
 
 
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
-        devices: int | None = None, brokers: tuple[str, ...] = ("amqtt", "mosquitto")) -> str:
+        devices: int | None = None, brokers: tuple[str, ...] = ("amqtt", "mosquitto"),
+        throughput: bool = True, storm: bool = True) -> str:
     from app.bootstrap import bootstrap
 
     n = messages or (200 if quick else 10_000)
     reps = repeats or (1 if quick else 3)
-    n_dev = devices or (5 if quick else 100)
+    cases = storm_cases(quick, devices) if storm else []
+    n_dev = max((c[0] for c in cases), default=0)
     timeout = 30.0 if quick else 300.0
     kinds = [b for b in brokers if b != "mosquitto" or mosquitto_available()]
     ctx = mp.get_context("spawn")
-    sim_ids = [f"sim-{i:03d}" for i in range(n_dev)]
+    sim_ids = [f"sim-{i:04d}" for i in range(n_dev)]
+    storms: list[Storm] = []
+    rows: list[Throughput] = []
     with tempfile.TemporaryDirectory(prefix="sealmq-bench-broker-") as tmp:
         root = Path(tmp)
         # Production PBKDF2 strength for broker users unless --quick (then the floor, 1,000).
         dep, _ = bootstrap(root, [DEVICE, *sim_ids], iterations=1_000 if quick else 10_000)
-        rows: list[Throughput] = []
-        hs_rows: list[list[object]] = []
         for kind in kinds:
             with running_broker(kind, dep.users, root) as port:
                 by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in MODES}
-                for rep in range(reps):
+                for rep in range(reps if throughput else 0):
                     # Interleaved, and in a rotating order, so that drift in the machine's load
                     # (shared with other work) does not favour one path.
                     for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
@@ -407,25 +469,39 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                         row.rates.append(rate)
                         row.received.append(count)
                         row.wire = wire
-                rows.extend(by_mode.values())
-                seconds, established, handshakes = handshakes_once(ctx, root, port, sim_ids, timeout)
-                hs_rows.append([kind, n_dev, established, handshakes, fmt(seconds, 2),
-                                fmt(seconds / max(1, established) * 1e3, 1)])
-    plain = {r.broker: median(r.rates) for r in rows if r.mode == "plaintext"}
-    t_rows = []
-    for r in rows:
-        rate = median(r.rates)
-        lost = "all" if all(c == r.sent for c in r.received) else "/".join(str(c) for c in r.received)
-        t_rows.append([r.broker, r.mode, r.wire if r.wire > 0 else "as sealed", fmt(rate), fmt(rate * PAYLOAD / 1e6, 2),
-                       f"{rate / plain[r.broker]:.2f}x" if plain.get(r.broker) else "-",
-                       " / ".join(fmt(x) for x in r.rates), lost])
-    throughput = table(["broker", "path", "MQTT payload (B)", "msg/s (median)", "MB/s of 256 B payloads",
-                        "vs plaintext", "each run (msg/s)", "delivered"], t_rows)
-    hs = table(["broker", "devices", "established", "backend handshakes", "seconds until all established",
-                "ms per device"], hs_rows)
-    return (f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
-            f"median of {reps} runs\n\n{throughput}\n\n"
-            f"### {n_dev} simulated devices connecting and handshaking at once\n\n{hs}\n")
+                if throughput:
+                    rows.extend(by_mode.values())
+                for n_storm, procs in cases:
+                    storms.append(handshakes_once(ctx, kind, root, port, sim_ids[:n_storm], timeout, procs))
+    out = []
+    if throughput:
+        plain = {r.broker: median(r.rates) for r in rows if r.mode == "plaintext"}
+        t_rows = []
+        for r in rows:
+            rate = median(r.rates)
+            lost = "all" if all(c == r.sent for c in r.received) else "/".join(str(c) for c in r.received)
+            t_rows.append([r.broker, r.mode, r.wire if r.wire > 0 else "as sealed", fmt(rate),
+                           fmt(rate * PAYLOAD / 1e6, 2),
+                           f"{rate / plain[r.broker]:.2f}x" if plain.get(r.broker) else "-",
+                           " / ".join(fmt(x) for x in r.rates), lost])
+        throughput_table = table(["broker", "path", "MQTT payload (B)", "msg/s (median)",
+                                  "MB/s of 256 B payloads", "vs plaintext", "each run (msg/s)", "delivered"],
+                                 t_rows)
+        out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
+                   f"median of {reps} runs\n\n{throughput_table}\n")
+    if storms:
+        hs = table(["broker", "devices", "simulator processes", "established", "backend handshakes",
+                    "s until all connected", "s until all established", "ms per device",
+                    "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)"],
+                   [[st.broker, st.devices, st.procs, st.established, st.handshakes, fmt(st.connected, 2),
+                     fmt(st.seconds, 2), fmt(st.seconds / max(1, st.established) * 1e3, 1),
+                     fmt(st.backend_cpu, 2), fmt(st.broker_cpu, 2), fmt(st.sim_cpu, 2)] for st in storms])
+        out.append("### Handshake storm: simulated devices connecting and handshaking at once\n\n"
+                   "Each device is a real `DeviceAgent` (own key, certificate, broker user with PBKDF2 "
+                   "login, paho connection); all start at once. CPU columns: seconds of CPU each party "
+                   "used during the storm (2 cores: wall time cannot go below their sum / 2).\n\n"
+                   f"{hs}\n")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -435,9 +511,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--devices", type=int)
     ap.add_argument("--broker", choices=["amqtt", "mosquitto"], action="append")
+    ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
+    ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
     args = ap.parse_args(argv)
     print(run(quick=args.quick, messages=args.messages, repeats=args.repeats, devices=args.devices,
-              brokers=tuple(args.broker or ("amqtt", "mosquitto"))))
+              brokers=tuple(args.broker or ("amqtt", "mosquitto")), throughput=not args.storm_only,
+              storm=not args.throughput_only))
 
 
 if __name__ == "__main__":
