@@ -12,10 +12,10 @@ import argparse
 import sys
 import time
 
-from bench import bench_media, bench_method3, broker, handshake, records
+from bench import bench_media, bench_method3, broker, handshake, memory, records
 from bench.stats import machine
 
-PARTS = ("handshake", "method3", "records", "broker", "media")
+PARTS = ("handshake", "method3", "records", "memory", "broker", "media")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, help="messages per broker throughput run")
     ap.add_argument("--devices", type=int, help="simulated devices for the handshake storm")
     ap.add_argument("--broker-repeats", type=int, help="runs per broker/path (default 3)")
+    ap.add_argument("--sessions", type=int, help="established sessions for the memory part (default 10,000)")
     args = ap.parse_args(argv)
     parts = args.only or list(PARTS)
     started = time.monotonic()
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     if "records" in parts:
         print(records.run(quick=args.quick))
+        sys.stdout.flush()
+    if "memory" in parts:
+        print(memory.run(quick=args.quick, sessions=args.sessions))
         sys.stdout.flush()
     if "broker" in parts:
         print(broker.run(quick=args.quick, messages=args.messages, devices=args.devices,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import broker, handshake, records, run
+from bench import broker, handshake, memory, records, run
 from bench.stats import percentile, table
 
 
@@ -57,9 +57,16 @@ def test_broker_bench_quick_amqtt() -> None:
     assert len(rows) == len(broker.MODES) + 1
     # every throughput run delivered every message
     assert all(re.search(r"\| all \|$", r) for r in rows[: len(broker.MODES)])
-    # all 3 simulated devices established a session
-    assert rows[-1].split("|")[3].strip() == "3"
+    # all 3 simulated devices established a session, and the backend counted 3 handshakes
+    storm = [c.strip() for c in rows[-1].split("|")]
+    assert storm[2:6] == ["3", "1", "3", "3"]
 
 
 def test_run_entry_point_parses() -> None:
-    assert run.PARTS == ("handshake", "method3", "records", "broker", "media")
+    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media")
+
+
+def test_memory_bench_quick() -> None:
+    out = memory.run(sessions=3)
+    assert "3 sessions held" in out
+    assert "| tracemalloc (Python heap) |" in out and "| RSS (everything, incl. OpenSSL) |" in out
