@@ -94,7 +94,9 @@ def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
     conf_dir = root / f"mosquitto-{port}"
     write_config(conf_dir, load_users(users), MosquittoOptions(host=HOST, port=port, run_as=current_user()))
     proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
-    _broker_cpu[0] = lambda: _proc_cpu(proc.proc.pid)
+    popen = proc.proc
+    if popen is not None:
+        _broker_cpu[0] = lambda: _proc_cpu(popen.pid)
     try:
         yield port
     finally:
