@@ -32,7 +32,9 @@ from sealmq.media import (
     parse_signed_manifest,
 )
 
-DEFAULT_WINDOW = 16
+# 32 chunks of 63 KiB (2 MiB) in flight; the backend acks every 16 (DEFAULT_ACK_EVERY), so the
+# next half window is already on its way while the backend syncs and acks the previous one.
+DEFAULT_WINDOW = 32
 DEFAULT_RESEND_AFTER = 5.0
 
 # The backend forgot the transfer (expired or lost): offer the manifest again at once.
@@ -131,6 +133,7 @@ class MediaSender:
         for i in timed_out:
             del self._in_flight[i]
             self._push_retry(i)
+        sent = 0
         while len(self._in_flight) < self.window:
             index = self._next_to_send()
             if index is None:
@@ -138,11 +141,15 @@ class MediaSender:
             offset, length = self.manifest.chunk_range(index)
             self._in_flight[index] = now
             actions.append(SendChunk(index, offset, length))
-        # Ask for an ack when chunks went unanswered (the ack may be what was lost), or when
-        # everything is acked but the backend has not yet said "complete".
+            sent += 1
+        # Ask for an ack when chunks went unanswered (the ack may be what was lost), when this
+        # poll filled the window (acknowledgement by window: the backend acks what it has synced,
+        # whatever its own ack interval, so a window smaller than that never waits for a
+        # timeout), or when everything is acked but the backend has not yet said "complete".
         quiet = not self._in_flight and self.acked.complete()
-        if timed_out or (quiet and (self._status_sent_at is None
-                                    or now >= self._status_sent_at + self.resend_after)):
+        window_full = sent > 0 and len(self._in_flight) >= self.window
+        if timed_out or window_full or (quiet and (self._status_sent_at is None
+                                                   or now >= self._status_sent_at + self.resend_after)):
             self._status_sent_at = now
             actions.append(SendControl(Control(ControlOp.STATUS, self.transfer_id).encode()))
         return actions

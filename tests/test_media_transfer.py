@@ -21,6 +21,7 @@ from sealmq import cbor
 from sealmq.errors import MediaError, Reason, SealmqError
 from sealmq.media import (
     AckStatus,
+    Bitmap,
     Control,
     ControlOp,
     Manifest,
@@ -446,6 +447,78 @@ def test_sender_window_timeouts_and_reoffer() -> None:
         s.handle_ack(Ack(os.urandom(16), AckStatus.COMPLETE, 0, b""), 13.0)
     with pytest.raises(SealmqError):
         s.chunk_body(0, b"short")
+
+
+def test_sender_asks_for_an_ack_when_its_window_fills() -> None:
+    """Acknowledgement by window: a full window ends with a status request, so a window smaller
+    than the backend's ack interval gets its ack at once instead of after resend_after."""
+    data = os.urandom(CHUNK * 40)
+    m, signed = signed_for(data)
+    s = MediaSender(signed, window=4, resend_after=5.0)
+    s.poll(0.0)
+    from sealmq.media import Ack
+    s.handle_ack(Ack(m.transfer_id, AckStatus.IN_PROGRESS, 0, b""), 0.0)
+    first = s.poll(0.0)
+    assert [type(a) for a in first] == [SendChunk] * 4 + [SendControl]
+    assert s.poll(0.1) == []  # nothing new to say until an ack or the timeout
+    s.handle_ack(Ack(m.transfer_id, AckStatus.IN_PROGRESS, 2, b""), 0.2)
+    assert [type(a) for a in s.poll(0.2)] == [SendChunk] * 2 + [SendControl]
+    # A window larger than the file never fills: no request
+    roomy = MediaSender(signed, window=64, resend_after=5.0)
+    roomy.poll(0.0)
+    roomy.handle_ack(Ack(m.transfer_id, AckStatus.IN_PROGRESS, 0, b""), 0.0)
+    assert [type(a) for a in roomy.poll(0.0)] == [SendChunk] * 40
+
+
+def test_small_window_completes_without_timeouts(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(CHUNK * 50 + 7))
+    outbox = Outbox(tmp_path / "ob", DEV, KEY, chunk_size=CHUNK, window=3, resend_after=5.0)  # type: ignore[arg-type]
+    store = new_store(tmp_path)  # acks every 16 chunks on its own: more than the window
+    outbox.add(src)
+    link = Link(outbox, store)
+    start = link.now
+    link.run()
+    assert link.now == start, "a timeout was needed to make progress"
+    assert (tmp_path / "backend" / list_media(tmp_path / "backend.db")[0].stored_path).read_bytes() \
+        == src.read_bytes()
+
+
+def test_each_ack_claims_only_synced_chunks_and_syncs_once_per_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durable store: every ack's bitmap names only chunks written before a data sync, and an ack
+    that adds nothing (a status request right after an ack) does not sync again."""
+    data = os.urandom(CHUNK * 40)
+    m, signed = signed_for(data)
+    store = MediaStore(tmp_path / "backend", tmp_path / "backend.db", durable=True)
+    written: list[int] = []
+    synced: list[int] = []  # how many chunks were written at each data sync
+    real_pwrite, real_sync = os.pwrite, os.fdatasync
+
+    def pwrite(fd: int, buf: bytes, offset: int) -> int:
+        written.append(offset // CHUNK)
+        return real_pwrite(fd, buf, offset)
+
+    def fdatasync(fd: int) -> None:
+        synced.append(len(written))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, signed, 1.0)
+    acks = []
+    for i in range(20):
+        body = encode_chunk(m.transfer_id, i, data[i * CHUNK:(i + 1) * CHUNK])
+        acks += [decode_ack(out.body) for out in store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, body, 1.0)
+                 if isinstance(out, Reply)]
+    assert len(acks) == 1 and synced[-1] == 16  # one ack for 16 chunks, after one sync of all 16
+    claimed = Bitmap.from_ack(m.chunk_count, acks[0].base, acks[0].bits)
+    assert all(i in claimed for i in range(16)) and 16 not in claimed
+    syncs = len(synced)
+    status = Control(ControlOp.STATUS, m.transfer_id).encode()
+    store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1.0)
+    store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1.0)
+    assert len(synced) == syncs + 1 and synced[-1] == 20  # chunks 16..19 synced once, then nothing
 
 
 # --- memory ---------------------------------------------------------------------------------
