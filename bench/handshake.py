@@ -17,6 +17,7 @@ Run alone: ``python3 -m bench.handshake [--quick] [--runs N]``.
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 import socket
 import ssl
@@ -35,12 +36,14 @@ from pki.store import load_identity, load_trust_store
 from pki.verify import TrustStore
 from sealmq.edhoc import (
     Initiator,
+    KnownChains,
     LocalCredential,
     PeerAuthenticator,
     Responder,
     X509Authenticator,
     X509Credential,
 )
+from sealmq.edhoc.wire import X5T_SHA256_64, x5t_hash
 from sealmq.identity import Role
 
 # Sizes the EDHOC authors publish for method 0 (signatures), X.509 by reference (x5t), P-256,
@@ -60,6 +63,7 @@ class Case:
     device: str  # enrolled device name (its key type fixes the signature algorithm)
     backend: str
     by_reference: bool  # True: x5t both ways; False: x5chain both ways
+    cold: bool = False  # True: both trust stores forget validated chains before every handshake
 
 
 KEY_TYPES = {"bench-p256": "p256", "bench-ed": "ed25519", "bench-rsa": "rsa2048"}
@@ -68,6 +72,8 @@ BACKENDS = {"backend": "p256", "backend-ed": "ed25519", "backend-rsa": "rsa2048"
 CASES = [
     Case("suite 2 (P-256, ES256), x5t", 2, "bench-p256", "backend", True),
     Case("suite 2 (P-256, ES256), x5chain", 2, "bench-p256", "backend", False),
+    Case("suite 2 (P-256, ES256), x5t, chain cache cold", 2, "bench-p256", "backend", True, cold=True),
+    Case("suite 2 (P-256, ES256), x5chain, chain cache cold", 2, "bench-p256", "backend", False, cold=True),
     Case("suite 0 (X25519, Ed25519), x5t", 0, "bench-ed", "backend-ed", True),
     Case("suite 0 (X25519, Ed25519), x5chain", 0, "bench-ed", "backend-ed", False),
     Case("suite -24 (P-256, RSA-2048 PS256), x5t", -24, "bench-rsa", "backend-rsa", True),
@@ -86,6 +92,7 @@ class BenchPki:
         for name, kt in KEY_TYPES.items():
             store.enroll(path, "device", name, key_type=kt)
         self.trust_store: TrustStore = load_trust_store(path)
+        self.cold_store: TrustStore = load_trust_store(path)  # cleared before each "cold" handshake
         self.now = datetime.now(UTC)
 
     def identity_dir(self, role: str, name: str) -> Path:
@@ -145,9 +152,11 @@ def edhoc_runner(pki: BenchPki, case: Case) -> Callable[[], EdhocSample]:
     """A closure running one full handshake of ``case``; credentials are loaded once, outside."""
     dev = pki.credential("device", case.device, case.by_reference)
     be = pki.credential("backend", case.backend, case.by_reference)
-    ts, now = pki.trust_store, pki.now
+    ts, now = (pki.cold_store if case.cold else pki.trust_store), pki.now
 
     def once() -> EdhocSample:
+        if case.cold:
+            ts.clear_cache()  # a device's first handshake (or the first after a CRL reload)
         return timed_handshake(
             dev, X509Authenticator(ts, Role.BACKEND, now, [be.chain_der]),
             be, X509Authenticator(ts, Role.DEVICE, now, [dev.chain_der]),
@@ -276,8 +285,26 @@ def component_costs(pki: BenchPki, runs: int) -> list[list[object]]:
     sig = key.sign(msg, ec.ECDSA(hashes.SHA256()))
     peer = ec.generate_private_key(ec.SECP256R1()).public_key()
 
+    cold = pki.cold_store
+
     def chain() -> None:
+        cold.clear_cache()
+        cold.verify(dev.chain_der, role=Role.DEVICE, now=now)
+
+    def chain_cached() -> None:
         ts.verify(dev.chain_der, role=Role.DEVICE, now=now)
+
+    # x5t in the backend service: the device's certificate among every certificate the CA issued.
+    fleet = [[os.urandom(480)] for _ in range(9_999)] + [list(dev.chain_der)]
+    thumb = x5t_hash(X5T_SHA256_64, dev.chain_der[0])
+    index = KnownChains(fleet)
+    index.find(X5T_SHA256_64, thumb)  # built once, when ca/issued changes
+
+    def x5t_scan() -> None:  # what every handshake did before KnownChains
+        next(c for c in fleet if hmac.compare_digest(x5t_hash(X5T_SHA256_64, c[0]), thumb))
+
+    def x5t_index() -> None:
+        index.find(X5T_SHA256_64, thumb)
 
     def sign() -> None:
         key.sign(msg, ec.ECDSA(hashes.SHA256()))
@@ -290,7 +317,10 @@ def component_costs(pki: BenchPki, runs: int) -> list[list[object]]:
 
     rows: list[list[object]] = []
     for label, fn, times in (
-        ("TrustStore.verify (chain + role/name + CRL), once per side", chain, 1),
+        ("TrustStore.verify (chain + role/name + CRL), once per side, first time", chain, 1),
+        ("TrustStore.verify, the same chain again (cached)", chain_cached, 1),
+        ("x5t lookup among 10,000 issued certificates: hash each (before)", x5t_scan, 1),
+        ("x5t lookup among 10,000 issued certificates: KnownChains index", x5t_index, 1),
         ("ECDSA P-256 sign, once per side", sign, 1),
         ("ECDSA P-256 verify, once per side", verify, 1),
         ("P-256 ephemeral keygen + ECDH, once per side", ecdh, 1),
@@ -361,7 +391,7 @@ def run(runs: int = 200, warmup: int = 5, *, two_level: bool = False) -> str:
     )
     size_rows: list[list[object]] = []
     for case in CASES:
-        if case.suite == 2:
+        if case.suite == 2 and not case.cold:
             m = sizes[case.label]
             size_rows.append([f"EDHOC {case.label} (measured)", *m, sum(m[:3]), sum(m)])
     size_rows.append(["EDHOC signature, x5t, P-256 (published)", *PUBLISHED_EDHOC_X5T, "-",

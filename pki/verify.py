@@ -312,6 +312,10 @@ class TrustStore:
         # thread evicting the key in between) only costs a full validation (see _remember).
         self._verified: OrderedDict[tuple[tuple[bytes, ...], Role], _Verified] = OrderedDict()
 
+    def clear_cache(self) -> None:
+        """Forget every validated chain (the next verify of each validates in full)."""
+        self._verified.clear()
+
     @property
     def anchors(self) -> tuple[x509.Certificate, ...]:
         return self._anchors
