@@ -3,13 +3,13 @@
 Throughput. The same random file, through the same broker in the same run, twice per repeat:
 
 * ``sealed``: the product path. ``DeviceAgent.send_file`` in one process (hash the file, sign the
-  manifest, seal 32 KiB chunks, 16 in flight, resend on timeout) and ``BackendService`` in another
-  (open each record, pwrite the chunk, fsync + ack every 8 chunks, verify hash and signature at
+  manifest, seal 63 KiB chunks, 32 in flight, resend on timeout) and ``BackendService`` in another
+  (open each record, pwrite the chunk, fsync + ack every 16 chunks, verify hash and signature at
   the end, store the file, record it in SQLite). Timed in the device process from ``send_file``
   until the backend's "complete and verified" ack arrives.
 * ``plaintext``: the fair unsealed baseline. A paho publisher (the same ``runtime.mqtt.MqttLink``,
   QoS 1, same users and topics) hashes the file, offers a tiny plaintext manifest, then sends the
-  raw file in the same 32 KiB chunks with the same window (16) and ack scheme (one ack per 8
+  raw file in the same 63 KiB chunks with the same window (32) and ack scheme (one ack per 16
   chunks, after an fsync); a paho subscriber pwrites each chunk, hashes incrementally, and acks
   "complete" once the SHA-256 matches. No resends: a lost message fails the run instead.
 
@@ -51,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.stats import fmt, median, table
+from sealmq.media import DEFAULT_CHUNK_SIZE
+from sealmq.media_receiver import DEFAULT_ACK_EVERY
+from sealmq.media_sender import DEFAULT_WINDOW
 
 HOST = "127.0.0.1"
 DEVICE = "bench-cam"
@@ -59,9 +62,9 @@ MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
 
 # The product's defaults, so that the baseline moves data exactly the way the device agent does.
-CHUNK = 32 * 1024  # device.agent.DeviceConfig.chunk_size
-WINDOW = 16  # DeviceConfig.media_window
-ACK_EVERY = 8  # sealmq.media_receiver.DEFAULT_ACK_EVERY
+CHUNK = DEFAULT_CHUNK_SIZE  # device.agent.DeviceConfig.chunk_size (63 KiB)
+WINDOW = DEFAULT_WINDOW  # DeviceConfig.media_window (32)
+ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (16)
 
 MODES = ("plaintext", "sealed")
 

@@ -40,6 +40,8 @@ from sealmq.endpoint import (
     Received,
 )
 from sealmq.errors import DecodeError, KeyFileError, Reason, SealmqError
+from sealmq.media import DEFAULT_CHUNK_SIZE
+from sealmq.media_sender import DEFAULT_WINDOW
 from sealmq.topics import RecordKind
 
 log = logging.getLogger("sealmq.device")
@@ -58,8 +60,8 @@ class DeviceConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     poll_interval: float = 0.2
     max_pending: int = 1000  # telemetry sealed only once a session exists; queued until then
-    chunk_size: int = 32 * 1024  # media chunk size (sealed record < broker's max message size)
-    media_window: int = 16  # media chunks in flight per transfer
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # media chunk size (sealed record < broker's max message size)
+    media_window: int = DEFAULT_WINDOW  # media chunks in flight per transfer
     media_resend_after: float = 5.0
     method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
 
@@ -125,6 +127,10 @@ class DeviceAgent(EndpointDriver):
                              resend_after=config.media_resend_after, on_progress=self._progress)
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def _on_connected(self) -> None:
+        # start the handshake now rather than at the next timer tick (up to poll_interval later)
+        self._run(lambda now: self.endpoint.poll(now, self.random))
+
     def wait_established(self, timeout: float) -> bool:
         return self.established.wait(timeout)
 

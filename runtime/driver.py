@@ -95,7 +95,7 @@ class EndpointDriver:
             mqtt = replace(mqtt, client_id=default_client_id)
         self.link = MqttLink(
             mqtt, self._on_message, endpoint.subscriptions,
-            on_connect=lambda: self.audit.event("connected", host=mqtt.host, port=mqtt.port),
+            on_connect=lambda: self._connected(mqtt),
             on_disconnect=lambda: self.audit.event("disconnected"),
         )
 
@@ -114,6 +114,10 @@ class EndpointDriver:
         self.audit.event("stopped")
         self.audit.close()
         self._on_stop()
+
+    def _connected(self, mqtt: MqttSettings) -> None:
+        self.audit.event("connected", host=mqtt.host, port=mqtt.port)
+        self._on_connected()
 
     # -- driving the endpoint ----------------------------------------------------------------
     def _run(self, step: Callable[[float], list[Output]]) -> None:
@@ -186,6 +190,9 @@ class EndpointDriver:
 
     def _on_published(self, topic: str, payload: bytes, now: float) -> None:
         """After a message was published; nothing by default."""
+
+    def _on_connected(self) -> None:
+        """On the MQTT thread, once connected and subscribed; nothing by default."""
 
     def _on_stop(self) -> None:
         """After the link stopped and the audit log closed; nothing by default."""
