@@ -27,7 +27,7 @@ def _chunks(data: bytes, size: int) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
 
 
-def test_plain_receiver_acks_every_8_hashes_and_tolerates_reorder_and_duplicates(tmp_path: Path) -> None:
+def test_plain_receiver_acks_like_the_product_hashes_and_tolerates_reorder_and_duplicates(tmp_path: Path) -> None:
     chunk = 1000
     data = os.urandom(20 * chunk + 123)  # 21 chunks, the last one short
     parts = _chunks(data, chunk)
@@ -40,7 +40,8 @@ def test_plain_receiver_acks_every_8_hashes_and_tolerates_reorder_and_duplicates
         if n == 3:
             assert rx.handle(bench_media.plain_chunk(i, parts[i])) is None  # a QoS 1 duplicate
     acks = [r for r in replies if r is not None]
-    assert acks == [b"A" + (8).to_bytes(8, "big"), b"A" + (16).to_bytes(8, "big"), b"D\x01"]
+    every = bench_media.ACK_EVERY
+    assert acks == [b"A" + k.to_bytes(8, "big") for k in range(every, 21, every)] + [b"D\x01"]
     assert (tmp_path / "out.bin").read_bytes() == data
 
 

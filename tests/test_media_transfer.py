@@ -490,7 +490,7 @@ def test_each_ack_claims_only_synced_chunks_and_syncs_once_per_batch(
     that adds nothing (a status request right after an ack) does not sync again."""
     data = os.urandom(CHUNK * 40)
     m, signed = signed_for(data)
-    store = MediaStore(tmp_path / "backend", tmp_path / "backend.db", durable=True)
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"), durable=True)
     written: list[int] = []
     synced: list[int] = []  # how many chunks were written at each data sync
     real_pwrite, real_sync = os.pwrite, os.fdatasync
