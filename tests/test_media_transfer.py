@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from backend.media import MediaRejected, MediaStore, Received, Reply, list_media, safe_name
 from backend.storage import Storage
-from device.media import Outbox, TransferProgress
+from device.media import PERSIST_EVERY_ACKS, Outbox, TransferProgress
 from sealmq import cbor
 from sealmq.errors import MediaError, Reason, SealmqError
 from sealmq.media import (
@@ -179,7 +179,8 @@ def test_resume_after_restart(tmp_path: Path, restart: str) -> None:
     if restart in ("device", "both"):
         outbox = new_outbox(tmp_path)
         assert [x.transfer_id for x in outbox.transfers] == [t.transfer_id]
-        assert outbox.transfers[0].sender.acked.count > n // 2 - 16  # persisted progress
+        # persisted progress (written every PERSIST_EVERY_ACKS acks of 16 chunks)
+        assert outbox.transfers[0].sender.acked.count > n // 2 - 16 * PERSIST_EVERY_ACKS
     if restart in ("backend", "both"):
         store = new_store(tmp_path)
         [(dev, manifest, got)] = store.open_transfers()
