@@ -329,8 +329,13 @@ class MediaStore:
                 os.fdatasync(fd)  # the data (and the size set at creation); no timestamps needed
             finally:
                 os.close(fd)
+        # The bitmap is written atomically but not synced: the guarantee (an acknowledged chunk is
+        # on disk) is the data sync above. After a crash a state file that is older (or unreadable,
+        # then dropped) only makes the backend ask for chunks again, which the device still holds
+        # (it deletes a file's transfer only on the final "complete" ack, sent after the file is
+        # synced, moved and recorded). Syncing it too cost two more syncs per ack (file, directory).
         state = cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()})
-        atomic_write(self._state(device_id, r.transfer_id), state, mode=0o600, durable=self.durable)
+        atomic_write(self._state(device_id, r.transfer_id), state, mode=0o600, durable=False)
         self._persisted[key] = r.received.count
 
     def _discard(self, device_id: str, tid: bytes) -> None:

@@ -47,8 +47,8 @@ _READ_BLOCK = 1 << 20
 # The acknowledged bitmap in the outbox state only seeds progress after a restart (the backend's
 # next ack is authoritative), so it is written every few acks or seconds, not at every ack: each
 # write is a durable atomic replace (two syncs) that would hold the sending thread up.
-PERSIST_EVERY_ACKS = 4
-PERSIST_EVERY_SECONDS = 1.0
+PERSIST_EVERY_ACKS = 16
+PERSIST_EVERY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class OutgoingTransfer:
     path: Path
     sender: MediaSender
     acks_unsaved: int = 0  # acks since the state was last written
-    saved_at: float | None = None  # when it was (None: not since this process started)
+    saved_at: float | None = None  # when the first of them came (None: none since the last write)
 
     @property
     def transfer_id(self) -> bytes:
@@ -174,10 +174,11 @@ class Outbox:
                 self._finish(t, ev.reason)
         if t.transfer_id in self._transfers:
             t.acks_unsaved += 1
-            if (t.acks_unsaved >= PERSIST_EVERY_ACKS or t.saved_at is None
-                    or now - t.saved_at >= PERSIST_EVERY_SECONDS):
+            if t.saved_at is None:
+                t.saved_at = now
+            if t.acks_unsaved >= PERSIST_EVERY_ACKS or now - t.saved_at >= PERSIST_EVERY_SECONDS:
                 self._persist(t)
-                t.acks_unsaved, t.saved_at = 0, now
+                t.acks_unsaved, t.saved_at = 0, None
             self._report(t)
         return events
 

@@ -13,6 +13,7 @@ layer's replay window removing duplicates).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
@@ -92,6 +93,11 @@ class MqttLink:
             self._refused = str(rc)
             log.warning("broker refused the connection: %s", rc)
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # TCP (an SSLSocket is one too); not a WebSocket wrapper
+            # Small packets (PUBACKs, media acks) must not wait for Nagle's algorithm: with it, a
+            # windowed transfer stalls about 40 ms per ack (measured: media 3-4x slower).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=self._qos)
         self.connected.set()

@@ -32,10 +32,10 @@ from sealmq.media import (
 DEFAULT_MAX_SIZE = 1 << 30  # 1 GiB
 DEFAULT_MAX_TRANSFERS = 4
 DEFAULT_IDLE_TIMEOUT = 600.0
-# One ack, hence one fsync, per 16 new chunks (about 1 MiB at the default chunk size): half the
-# sender's default window, so the sender never waits for an ack with nothing in flight. A sender
-# with a window below this still progresses: its window fills, then the 16th chunk brings the ack.
-DEFAULT_ACK_EVERY = 16
+# One ack, hence one data sync, per 32 new chunks (about 2 MiB at the default chunk size): half
+# the sender's default window, so the sender never waits for an ack with nothing in flight. A
+# sender with a smaller window asks for an ack when its window is full (MediaSender.poll).
+DEFAULT_ACK_EVERY = 32
 
 
 @dataclass(frozen=True)

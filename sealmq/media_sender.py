@@ -32,9 +32,9 @@ from sealmq.media import (
     parse_signed_manifest,
 )
 
-# 32 chunks of 63 KiB (2 MiB) in flight; the backend acks every 16 (DEFAULT_ACK_EVERY), so the
+# 64 chunks of 63 KiB (4 MiB) in flight; the backend acks every 32 (DEFAULT_ACK_EVERY), so the
 # next half window is already on its way while the backend syncs and acks the previous one.
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = 64
 DEFAULT_RESEND_AFTER = 5.0
 
 # The backend forgot the transfer (expired or lost): offer the manifest again at once.
