@@ -4,6 +4,8 @@ Three rows per plaintext size, same plaintext, same AAD bytes:
 
 * ``Session.seal`` / ``Session.open``: the whole sealmq record path (topic, CBOR record, OSCORE
   nonce and AAD with the topic binding, AES-CCM-16-64-128, replay window, key-usage counters);
+* the same with the reference record path (``Session._fast = False``: ``record.seal``/``open_``/
+  ``decode``, what every record went through before the fast path of :class:`record.EpochCodec`);
 * ``DeviceEndpoint.seal`` / ``BackendEndpoint.handle``: the same plus the endpoints' MQTT
   framing and dispatch (what the device agent and backend service call per message), on a session
   made by a real in-memory EDHOC handshake;
@@ -45,14 +47,18 @@ DEVICE = "bench-dev"
 C_I, C_R = b"\x0e", b"\x27"
 
 
-def session_pair(now: float = 1_700_000_000.0) -> tuple[Session, Session]:
-    """A device and a backend session over the same (random) PRK_out, as after EDHOC."""
+def session_pair(now: float = 1_700_000_000.0, *, fast: bool = True) -> tuple[Session, Session]:
+    """A device and a backend session over the same (random) PRK_out, as after EDHOC.
+
+    ``fast=False``: both use the reference record path (what every record went through before
+    the fast path), for the before/after row."""
     prk_out = os.urandom(32)
     config = SessionConfig(auto_key_update=False)
     device = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=True, device_id=DEVICE,
                                 now=now, config=config)
     backend = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=False, device_id=DEVICE,
                                  now=now, config=config)
+    device._fast = backend._fast = fast
     return device, backend
 
 
@@ -68,12 +74,12 @@ def _per_op(fn: Callable[[], None], ops: int) -> float:
     return (time.thread_time() - t0) / ops * 1e6
 
 
-def bench_session(size: int, ops: int, repeats: int) -> Result:
+def bench_session(size: int, ops: int, repeats: int, *, fast: bool = True) -> Result:
     plaintext = os.urandom(size)
     now = 1_700_000_000.0
     out = Result([], [])
     for _ in range(repeats):
-        device, backend = session_pair(now)
+        device, backend = session_pair(now, fast=fast)
         sealed: list[tuple[str, bytes]] = []
 
         def seal_all(device: Session = device, sealed: list[tuple[str, bytes]] = sealed) -> None:
@@ -86,7 +92,7 @@ def bench_session(size: int, ops: int, repeats: int) -> Result:
 
         out.seal_us.append(_per_op(seal_all, ops))
         # check outside the timed region that what we time really opens
-        check_dev, check_be = session_pair(now)
+        check_dev, check_be = session_pair(now, fast=fast)
         events = check_be.open(*check_dev.seal(RecordKind.TELEMETRY, plaintext, now), now)
         if not (len(events) == 1 and isinstance(events[0], Received) and events[0].plaintext == plaintext):
             raise AssertionError("session round trip failed")
@@ -194,10 +200,12 @@ def run(*, quick: bool = False, repeats: int = 9) -> str:
                 ops = ops_for(size, quick)
                 add((size, "endpoint"), bench_endpoint(device, backend, size, ops, 1))
                 add((size, "session"), bench_session(size, ops, 1))
+                add((size, "reference"), bench_session(size, ops, 1, fast=False))
                 add((size, "ccm"), bench_raw(size, ops, 1, gcm=False))
                 add((size, "gcm"), bench_raw(size, ops, 1, gcm=True))
     for size in SIZES:
-        ep, sess = results[(size, "endpoint")], results[(size, "session")]
+        ep, sess, ref = results[(size, "endpoint")], results[(size, "session")], results[(size, "reference")]
+        r_seal, r_open = median(ref.seal_us), median(ref.open_us)
         ccm, gcm = results[(size, "ccm")], results[(size, "gcm")]
         s_seal, s_open = median(sess.seal_us), median(sess.open_us)
         c_seal, c_open = median(ccm.seal_us), median(ccm.open_us)
@@ -207,6 +215,8 @@ def run(*, quick: bool = False, repeats: int = 9) -> str:
                      f"{(e_seal + e_open) / (c_seal + c_open):.2f}x"])
         rows.append(["", "Session.seal / open (sealmq record)", fmt(s_seal), fmt(s_open),
                      f"{(s_seal + s_open) / (c_seal + c_open):.2f}x"])
+        rows.append(["", "Session.seal / open, reference record path (before)", fmt(r_seal), fmt(r_open),
+                     f"{(r_seal + r_open) / (c_seal + c_open):.2f}x"])
         rows.append(["", "raw AES-128-CCM-8 encrypt / decrypt", fmt(c_seal), fmt(c_open), "1.00x"])
         rows.append(["", "raw AES-128-GCM encrypt / decrypt", fmt(g_seal), fmt(g_open),
                      f"{(g_seal + g_open) / (c_seal + c_open):.2f}x"])

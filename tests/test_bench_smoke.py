@@ -46,7 +46,8 @@ def test_edhoc_runner_agrees_and_tls_handshakes(tmp_path: Path) -> None:
 
 def test_records_bench_quick() -> None:
     out = records.run(quick=True)
-    assert out.count("Session.seal / open") == len(records.SIZES)
+    assert out.count("Session.seal / open (sealmq record)") == len(records.SIZES)
+    assert out.count("reference record path (before)") == len(records.SIZES)
     assert "65,000 B" in out
 
 
