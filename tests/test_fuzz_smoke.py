@@ -69,6 +69,7 @@ def test_liveness_oracle_notices_a_session_that_stopped_opening(monkeypatch: pyt
         raise DecryptError()
 
     monkeypatch.setattr("sealmq.record.open_", broken)
+    monkeypatch.setattr("sealmq.record.EpochCodec.open", broken)  # the sessions' fast path
     with pytest.raises(InvariantViolated):
         harness._live()
 
