@@ -15,6 +15,7 @@ import pytest
 
 from backend.media import MediaRecord, list_media
 from backend.storage import db_path
+from sealmq.media_receiver import DEFAULT_ACK_EVERY
 from tests.brokers import needs_mosquitto
 from tests.e2e import Recorder, System, wait_for
 
@@ -116,7 +117,8 @@ def test_backend_restart_mid_transfer(system: System, tmp_path: Path) -> None:
     agent = system.agent("cam-1")
     f = random_file(tmp_path / "clip.bin", 12 * 1024 * 1024)
     agent.send_file(f)
-    assert wait_for(lambda: any(n > 20 for _, _, n in backend.media.open_transfers()), 30)
+    # past the first ack: the backend writes its bitmap at every ack (DEFAULT_ACK_EVERY chunks)
+    assert wait_for(lambda: any(n > DEFAULT_ACK_EVERY for _, _, n in backend.media.open_transfers()), 30)
     system.stop_backend()
     backend = system.start_backend()
     assert any(n > 0 for _, _, n in backend.media.open_transfers())  # resumes from persisted state
