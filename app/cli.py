@@ -16,6 +16,7 @@ import broker.cli
 import device.cli
 import pki.cli
 from app import demo
+from runtime import exits
 from sealmq import __version__
 from sealmq.errors import SealmqError
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sealmq",
         description="End-to-end sealed messaging between IoT devices and a backend over MQTT.",
+        epilog="exit codes: 0 done; 1 ran but did not finish what was asked; 2 usage or configuration error; "
+               "3 broker unreachable (--connect-timeout); 4 broker refused the credentials; 130 interrupted",
     )
     parser.add_argument("--version", action="version", version=f"sealmq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -46,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = func(args)
     except SealmqError as exc:
         print(f"sealmq: error: {exc}", file=sys.stderr)
-        return 2
+        return exits.code_for(exc)
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED
     return int(result or 0)
 
 

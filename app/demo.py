@@ -29,12 +29,14 @@ MARKER = "demo-plaintext-marker"
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo = sub.add_parser("demo", help="run broker, backend and simulated devices end to end (one command)")
-    demo.add_argument("--dir", type=Path, default=Path("sealmq-demo"), help="deployment directory (kept)")
-    demo.add_argument("--devices", type=int, default=3)
-    demo.add_argument("--duration", type=float, default=12.0, help="seconds of traffic")
-    demo.add_argument("--port", type=int, default=1883, help="broker port (0 = any free port)")
+    demo.add_argument("--dir", type=Path, default=Path("sealmq-demo"),
+                      help="deployment directory, kept and reused by the next run (default: %(default)s)")
+    demo.add_argument("--devices", type=int, default=3, help="simulated devices (default: %(default)s)")
+    demo.add_argument("--duration", type=float, default=12.0, help="seconds of traffic (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=1883,
+                      help="broker port; 0 or a busy port = any free port (default: %(default)s)")
     demo.add_argument("--images", type=Path, default=None, help="folder of images to send (default: img/)")
-    demo.add_argument("--verbose", action="store_true")
+    demo.add_argument("--verbose", action="store_true", help="log every connection, handshake and transfer")
     demo.add_argument("--console", default="127.0.0.1:8080", metavar="HOST:PORT",  # console (issue 13)
                       help="serve the operator console here ('off' for none; a busy port: any free port)")
     demo.add_argument("--serve", action="store_true",  # console (issue 13)
@@ -42,10 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     demo.set_defaults(func=run_demo)
 
     boot = sub.add_parser("bootstrap", help="create (if missing) CA, identities and broker users in a directory")
-    boot.add_argument("--dir", type=Path, required=True)
-    boot.add_argument("--devices", type=int, default=0, help="ensure devices dev-001..dev-N")
+    boot.add_argument("--dir", type=Path, required=True,
+                      help="deployment directory: pki/, broker/users, broker/monitor.password, backend/")
+    boot.add_argument("--devices", type=int, default=0, help="ensure devices dev-001..dev-N (default: none)")
     boot.add_argument("--ids", nargs="*", default=[], help="ensure these device ids")
-    boot.add_argument("--key-type", default="p256", choices=["p256", "ed25519", "rsa2048", "rsa3072"])
+    boot.add_argument("--key-type", default="p256", choices=["p256", "ed25519", "rsa2048", "rsa3072"],
+                      help="key type of new device identities (default: %(default)s)")
     boot.set_defaults(func=run_bootstrap)
 
 
@@ -104,7 +108,12 @@ def run_demo(args: argparse.Namespace) -> int:
             mqtt=MqttSettings(port=broker.port, username="backend", password=dep.password("backend", "backend")),
         ))
         backend.start()
-        say(f"[3/5] backend connected; data in {dep.backend_data.resolve()}")
+        # the deployment may be reused: the figures below are this run's, totals are said apart
+        before_stored = backend.storage.count_messages()
+        before_replied = backend.storage.count_commands("replied")
+        before_media = len(backend.storage.media())
+        say(f"[3/5] backend connected; data in {dep.backend_data.resolve()}"
+            + (f" (kept from earlier runs: {before_stored} records, {before_media} files)" if before_stored else ""))
         console = start_demo_console(backend, dep, broker.port, args.console, say)  # console (issue 13)
         sim = Simulator(dep.pki, dep.root / "devices", ids, MqttSettings(port=broker.port),
                         password_for=lambda d: dep.password("device", d))
@@ -137,14 +146,16 @@ def run_demo(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         time.sleep(1.5)  # let the last records land
         unfinished = sum(0 if a.wait_transfers(30) else a.pending_transfers() for a in sim.agents)
-        stored = backend.storage.count_messages()
+        total_stored = backend.storage.count_messages()
+        stored = total_stored - before_stored
         sent = sum(a.counters["sent"] for a in sim.agents)
-        say(f"[5/5] traffic for {args.duration:.0f} s:")
-        say(f"      telemetry records sent {step * len(ids)}, stored by the backend {stored}")
-        replied = backend.storage.count_commands("replied")
+        say(f"[5/5] this run, {args.duration:.0f} s of traffic:")
+        say(f"      telemetry records sent {step * len(ids)}, stored by the backend {stored}"
+            + (f" ({total_stored} stored in all, earlier runs included)" if before_stored else ""))
+        replied = backend.storage.count_commands("replied") - before_replied
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
-        media = backend.storage.media()
+        media = backend.storage.media()[before_media:]
         verified = sum(1 for m in media if m.signature_verified)
         say(f"      media files received {len(media)} ({verified} with the device signature verified), "
             f"unfinished transfers {unfinished}; list them: sealmq backend media --data {dep.backend_data}")

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 from backend.console.cli import add_console_arguments, start_console  # console (issue 13)
 from backend.storage import Storage, db_path
-from runtime.config import add_mqtt_arguments, mqtt_settings
+from runtime import exits
+from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
+
+_DATA_HELP = "backend data directory (default: %(default)s; the README's walk-through uses deploy/backend)"
+_STATES = ("queued", "sent", "replied", "expired", "failed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,33 +25,51 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     run = bsub.add_parser("run", help="run the backend service (foreground; SIGINT/SIGTERM to stop)")
     run.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/, backend/<name>/)")
-    run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help="data directory")
-    run.add_argument("--name", default="backend", help="backend identity name")
-    add_mqtt_arguments(run, default_username="backend")
+    run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    run.add_argument("--name", default="backend", help="backend identity name (default: %(default)s)")
+    add_mqtt_arguments(run, default_username="backend", connect_timeout=None)
     add_console_arguments(run)  # console (issue 13)
     run.set_defaults(func=_run)
 
     devices = bsub.add_parser("devices", help="list devices that completed a handshake")
-    devices.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
+    devices.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
     devices.set_defaults(func=_devices)
 
-    messages = bsub.add_parser("messages", help="list stored telemetry")
-    messages.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
-    messages.add_argument("--device", default=None)
-    messages.add_argument("--limit", type=int, default=20)
+    messages = bsub.add_parser("messages", help="list stored telemetry (the newest --limit rows)")
+    messages.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    messages.add_argument("--device", default=None, help="only this device")
+    messages.add_argument("--limit", type=int, default=20, help="show the newest N rows (default: %(default)s)")
     messages.set_defaults(func=_messages)
 
     media = bsub.add_parser("media", help="list received media files with their verification status")
-    media.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
-    media.add_argument("--device", default=None)
+    media.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    media.add_argument("--device", default=None, help="only this device")
     media.set_defaults(func=_media)
 
-    command = bsub.add_parser("command", help="queue a sealed command for a device")
-    command.add_argument("--data", type=Path, default=Path("sealmq-data/backend"))
-    command.add_argument("device")
-    command.add_argument("name")
-    command.add_argument("--args", default="null", help="JSON arguments")
+    command = bsub.add_parser(
+        "command", help="queue a sealed command for a device and show its state",
+        description="Queue a command for an enrolled device. The running backend seals and sends it when the "
+                    "device has a session; the reply is stored (see `sealmq backend commands`). A device "
+                    "that is neither enrolled in --pki nor known to the backend is refused (exit code 2).",
+    )
+    command.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    command.add_argument("--pki", type=Path, default=None,
+                         help="PKI directory: devices enrolled there are accepted even before their first "
+                              "handshake (without it, only devices that completed one)")
+    command.add_argument("device", help="device id")
+    command.add_argument("name", help="command name (the device agent knows: status, ping)")
+    command.add_argument("--args", default="null", help="JSON arguments (default: %(default)s)")
+    command.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                         help="wait this long for the reply and print it; exit code 1 if none came "
+                              "(default: 0, do not wait)")
     command.set_defaults(func=_command)
+
+    commands = bsub.add_parser("commands", help="list commands with their state and reply")
+    commands.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    commands.add_argument("--device", default=None, help="only this device")
+    commands.add_argument("--state", choices=_STATES, default=None, help="only commands in this state")
+    commands.add_argument("--limit", type=int, default=20, help="show the newest N commands (default: %(default)s)")
+    commands.set_defaults(func=_commands)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -58,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name))
     console = start_console(service, args, settings)  # console (issue 13)
     try:
-        service.run_forever()
+        service.run_forever(connect_timeout=connect_limit(args))
     finally:
         if console is not None:  # console (issue 13)
             console.stop()
@@ -70,28 +93,38 @@ def _storage(data: Path) -> Storage:
 
 
 def _devices(args: argparse.Namespace) -> int:
+    if not db_path(args.data).exists():
+        return _no_data(args.data)
     for device_id, first, last, handshakes in _storage(args.data).devices():
         print(f"{device_id:24} handshakes={handshakes:<4} first={_ts(first)} last={_ts(last)}")
     return 0
 
 
 def _messages(args: argparse.Namespace) -> int:
+    if not db_path(args.data).exists():
+        return _no_data(args.data)
     store = _storage(args.data)
-    rows = store.messages(args.device, limit=10**9)[-args.limit:]
+    rows = store.messages(args.device, limit=10**9)[-args.limit:] if args.limit > 0 else []
     for m in rows:
         try:
             shown = json.dumps(cbor.loads(m.payload), default=str)
         except Exception:
             shown = f"<{m.size} bytes>"
         print(f"{_ts(m.received_at)} {m.device_id:20} {m.kind:10} epoch={m.epoch} seq={m.seq:<6} {shown}")
-    print(f"({store.count_messages(args.device)} stored)")
+    total = store.count_messages(args.device)
+    more = "; --limit N shows more" if total > len(rows) else ""
+    print(f"(the newest {len(rows)} of {total} stored{more})")
     return 0
+
+
+def _no_data(data: Path) -> int:
+    print(f"sealmq: error: no backend data in {data} (is it the --data of `sealmq backend run`?)", file=sys.stderr)
+    return exits.USAGE
 
 
 def _media(args: argparse.Namespace) -> int:
     if not db_path(args.data).exists():
-        print(f"no backend data in {args.data}")
-        return 2
+        return _no_data(args.data)
     rows = [r for r in _storage(args.data).media() if args.device in (None, r.device_id)]
     for r in rows:
         status = "signature verified" if r.signature_verified else "NOT VERIFIED"
@@ -102,10 +135,89 @@ def _media(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enrolled(pki: Path, device_id: str) -> str | None:
+    """Why ``device_id`` may (None) or may not receive commands, according to the PKI's records.
+
+    The CA's index (``ca/index.json``: every certificate it issued) and the CCS registry decide,
+    not the files under ``devices/``: a device that made its own key has no key there.
+    """
+    from pki import ccs, layout
+    from pki.store import read_index
+
+    entries = [e for e in read_index(pki)["certificates"] if e.get("role") == "device" and e.get("name") == device_id]
+    if layout.ccs_registry(pki).exists():
+        entries += [{"revoked_at": "x" if e.get("revoked") else None}
+                    for e in ccs.read_registry(pki) if e.get("role") == "device" and e.get("name") == device_id]
+    if not entries:
+        return f"{device_id} is not enrolled in {pki}"
+    if all(e.get("revoked_at") for e in entries):
+        return f"every credential of {device_id} in {pki} is revoked"
+    return None
+
+
 def _command(args: argparse.Namespace) -> int:
-    command_id = _storage(args.data).queue_command(args.device, args.name, cbor.dumps(json.loads(args.args)),
-                                                   time.time())
-    print(f"queued command {command_id} for {args.device}")
+    try:
+        command_args = cbor.dumps(json.loads(args.args))
+    except (ValueError, TypeError) as exc:
+        print(f"sealmq: error: --args is not JSON: {exc}", file=sys.stderr)
+        return exits.USAGE
+    if not db_path(args.data).exists() and args.pki is None:
+        return _no_data(args.data)
+    store = _storage(args.data)
+    seen = {d[0]: d for d in store.devices()}
+    refusal = None if args.device in seen else (
+        _enrolled(args.pki, args.device) if args.pki is not None
+        else f"{args.device} never completed a handshake with this backend (give --pki DIR to accept a device "
+             "enrolled there that has not connected yet)"
+    )
+    if refusal is not None:
+        print(f"sealmq: error: unknown device: {refusal}; command not queued", file=sys.stderr)
+        return exits.USAGE
+    command_id = store.queue_command(args.device, args.name, command_args, time.time())
+    where = f"last seen {_ts(seen[args.device][2])}" if args.device in seen else "enrolled, no handshake yet"
+    print(f"command {command_id} ({args.name}) for {args.device}: queued ({where}); the running backend "
+          f"sends it when {args.device} has a session", flush=True)
+    if args.wait <= 0:
+        print(f"see its state and reply: sealmq backend commands --data {args.data} --device {args.device}")
+        return exits.OK
+    deadline = time.monotonic() + args.wait
+    state = "queued"
+    while True:
+        row = store.commands(command_id=command_id)[0]
+        if row.state != state:
+            state = row.state
+            print(f"command {command_id}: {state}", flush=True)
+        if state in ("replied", "expired", "failed") or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if state != "replied":
+        print(f"sealmq: no reply to command {command_id} within {args.wait:g} s (state: {state})", file=sys.stderr)
+        return exits.INCOMPLETE
+    print(_describe_reply(row.reply))
+    return exits.OK
+
+
+def _describe_reply(reply: bytes | None) -> str:
+    """A stored reply ``[id, ok, result]`` as one line: ``ok {...}`` or ``error <text>``."""
+    if reply is None:
+        return "-"
+    try:
+        body = cbor.loads(reply)
+        ok, result = bool(body[1]), body[2]
+        return ("ok " if ok else "error ") + json.dumps(result, default=str)
+    except Exception:
+        return f"<{len(reply)} bytes, not a reply>"
+
+
+def _commands(args: argparse.Namespace) -> int:
+    if not db_path(args.data).exists():
+        return _no_data(args.data)
+    everything = _storage(args.data).commands(device_id=args.device, state=args.state)
+    rows = everything[-args.limit:] if args.limit > 0 else []
+    for c in rows:
+        print(f"{c.id:>6} {_ts(c.created_at)} {c.device_id:16} {c.name:12} {c.state:8} {_describe_reply(c.reply)}")
+    more = "; --limit N shows more" if len(everything) > len(rows) else ""
+    print(f"(the newest {len(rows)} of {len(everything)} commands{more})")
     return 0
 
 

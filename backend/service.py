@@ -148,13 +148,21 @@ class BackendService(EndpointDriver):
     def _on_stop(self) -> None:
         self.storage.close()
 
-    def run_forever(self) -> None:
+    def run_forever(self, connect_timeout: float | None = None) -> None:
+        """Serve until SIGINT/SIGTERM; raise :class:`TransportError` if the broker refuses the
+        backend's credentials, or cannot be reached within ``connect_timeout`` (None: retry forever)."""
         done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         self.start(wait=None)
-        done.wait()
-        self.stop()
+        try:
+            if self.link.wait_connected(connect_timeout, raise_on_timeout=True, stop=done):
+                log.info("serving devices; Ctrl-C to stop")
+            while not done.wait(0.2):
+                if self.link.error is not None:
+                    raise self.link.error
+        finally:
+            self.stop()
 
     # -- commands ----------------------------------------------------------------------------
     def send_command(self, device_id: str, name: str, args: Any = None) -> int:

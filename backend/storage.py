@@ -259,3 +259,45 @@ class Storage:
         if r is None:
             return None
         return Command(int(r[0]), r[1], r[2], bytes(r[3]), r[4], bytes(r[5]) if r[5] is not None else None)
+
+
+    def commands(self, device_id: str | None = None, state: str | None = None,
+                 command_id: int | None = None) -> list[CommandRow]:
+        """Commands, oldest first, optionally of one device, in one state (as shown), or one id."""
+        query = "SELECT id, device_id, name, status, created_at, sent_at, replied_at, reply FROM commands WHERE 1=1"
+        params: list[object] = []
+        if device_id is not None:
+            query += " AND device_id=?"
+            params.append(device_id)
+        if state is not None:
+            query += " AND status=?"
+            params.append(_STATUS_OF_STATE.get(state, state))
+        if command_id is not None:
+            query += " AND id=?"
+            params.append(command_id)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY id", params).fetchall()
+        return [
+            CommandRow(int(r[0]), r[1], r[2], _STATE_OF_STATUS.get(r[3], r[3]), float(r[4]), r[5], r[6],
+                       bytes(r[7]) if r[7] is not None else None)
+            for r in rows
+        ]
+
+
+# -- the operator's view of commands (``sealmq backend command`` / ``commands``) -------------------
+@dataclass(frozen=True)
+class CommandRow:
+    id: int
+    device_id: str
+    name: str
+    state: str  # queued | sent | replied | expired | failed (the database's 'pending' is shown as queued)
+    created_at: float
+    sent_at: float | None
+    replied_at: float | None
+    reply: bytes | None
+
+
+# The stored status values and the state an operator sees for each.
+_STATE_OF_STATUS = {"pending": "queued"}
+_STATUS_OF_STATE = {v: k for k, v in _STATE_OF_STATUS.items()}
+

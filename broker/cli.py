@@ -39,7 +39,8 @@ def register(subparsers: Any) -> None:
 
     pw = sub.add_parser("passwd", help="add, replace or delete a broker user")
     pw.add_argument("--file", type=Path, required=True, help="user file (created 0600 if missing)")
-    pw.add_argument("--role", choices=["device", "backend", "monitor"], default="device")
+    pw.add_argument("--role", choices=["device", "backend", "monitor"], default="device",
+                    help="what the user may publish and subscribe to (default: %(default)s)")
     pw.add_argument("--password-file", type=Path, help="read the password from this file (first line)")
     pw.add_argument("--delete", action="store_true", help="remove the user")
     pw.add_argument("--iterations", type=int, default=None, help="PBKDF2 iterations (default 10000)")
@@ -49,23 +50,24 @@ def register(subparsers: Any) -> None:
     mq = sub.add_parser("mosquitto-config", help="write a runnable Mosquitto config directory")
     mq.add_argument("--out", type=Path, required=True, help="directory to write")
     mq.add_argument("--passwd", "--users", dest="passwd", type=Path, required=True, help="sealmq user file")
-    mq.add_argument("--host", default="127.0.0.1")
-    mq.add_argument("--port", type=int, default=1883)
-    mq.add_argument("--max-message-size", type=int, default=None)
-    mq.add_argument("--no-persistence", action="store_true")
+    mq.add_argument("--host", default="127.0.0.1", help="address mosquitto binds (default: %(default)s)")
+    mq.add_argument("--port", type=int, default=1883, help="port (default: %(default)s)")
+    mq.add_argument("--max-message-size", type=int, default=None, help="largest payload, bytes (default 262144)")
+    mq.add_argument("--no-persistence", action="store_true", help="do not keep sessions and queues on disk")
     mq.add_argument("--run-as", default=os.environ.get("SEALMQ_MOSQUITTO_RUN_AS", "mosquitto"),
                     help="unprivileged user mosquitto drops to when started as root (default: mosquitto, "
                     "or $SEALMQ_MOSQUITTO_RUN_AS); generated as root, the files are handed to it")
     mq.set_defaults(func=cmd_mosquitto_config)
 
     ins = subparsers.add_parser("inspect", help="print what the broker sees on sealmq/# (no plaintext)")
-    ins.add_argument("--host", default="127.0.0.1")
-    ins.add_argument("--port", type=int, default=1883)
-    ins.add_argument("--username", help="a monitor user")
-    ins.add_argument("--password", help="its password (or use --password-file)")
-    ins.add_argument("--password-file", type=Path)
-    ins.add_argument("--count", type=int, help="exit after this many messages")
-    ins.add_argument("--timeout", type=float, help="exit after this many quiet seconds")
+    ins.add_argument("--host", default="127.0.0.1", help="broker address (default: %(default)s)")
+    ins.add_argument("--port", type=int, default=1883, help="broker port (default: %(default)s)")
+    ins.add_argument("--username", help="a monitor user (bootstrap creates 'monitor')")
+    ins.add_argument("--password", help="its password (visible in the process list: prefer --password-file)")
+    ins.add_argument("--password-file", type=Path,
+                     help="file holding the password (first line), e.g. DIR/broker/monitor.password")
+    ins.add_argument("--count", type=int, help="exit after this many messages (default: run until Ctrl-C)")
+    ins.add_argument("--timeout", type=float, help="exit after this many quiet seconds (default: no limit)")
     ins.set_defaults(func=cmd_inspect)
 
 

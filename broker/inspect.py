@@ -39,7 +39,7 @@ def run_inspect(
 
     def on_connect(c: mqtt.Client, u: object, flags: object, rc: ReasonCode, props: object) -> None:
         if rc.is_failure:
-            msgs.put(TransportError(Reason.NOT_AUTHORIZED, f"broker refused the connection: {rc}"))
+            msgs.put(TransportError(Reason.NOT_AUTHORIZED, f"the broker at {host}:{port} refused user {username!r}: {rc}"))
         else:
             c.subscribe(INSPECT_FILTER, qos=1)
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.config import add_mqtt_arguments, mqtt_settings
+from runtime import exits
+from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq.endpoint import EndpointConfig
 
 
@@ -25,32 +26,57 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--id", required=True, help="device id")
     run.add_argument("--state", type=Path, default=None, help="state dir (audit log, media outbox)")
     run.add_argument("--interval", type=float, default=5.0, help="seconds between telemetry records")
-    run.add_argument("--count", type=int, default=0, help="stop after this many records (0 = forever)")
+    run.add_argument("--count", type=int, default=0,
+                     help="stop after this many records (default 0 = forever); with a count, "
+                          "--connect-timeout defaults to 30 s")
     run.add_argument("--by-reference", action="store_true", help="send the certificate as x5t, not x5chain")
     run.add_argument("--method", type=int, choices=[0, 3], default=0,
                      help="EDHOC method: 0 = X.509 signatures (default), 3 = static DH with a CCS (pki ccs issue)")
-    add_mqtt_arguments(run)
+    add_mqtt_arguments(run, connect_timeout=None)
     run.set_defaults(func=_run)
 
     send = dsub.add_parser("send", help="send files (images, video): signed, sealed, chunked, resumable")
-    send.add_argument("--pki", type=Path, required=True)
+    send.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/ca.crt, devices/<id>/...)")
     send.add_argument("--id", required=True, help="device id")
-    send.add_argument("--state", type=Path, default=None, help="state dir (outbox survives restarts)")
+    send.add_argument("--state", type=Path, default=None,
+                      help="state dir, where the outbox survives restarts (default: sealmq-data/devices/<id>)")
     send.add_argument("--type", default=None, help="content type (default: guessed from the name)")
-    send.add_argument("--timeout", type=float, default=3600.0)
-    send.add_argument("files", nargs="+", type=Path)
+    send.add_argument("--session-timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="give up (exit code 1) without a session with the backend after this long "
+                           "(default: %(default)s)")
+    send.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                      help="give up waiting for the transfers after this long; they resume on the next run "
+                           "(default: %(default)s)")
+    send.add_argument("files", nargs="+", type=Path, help="files to send")
     add_mqtt_arguments(send)
     send.set_defaults(func=_send)
 
     sim = dsub.add_parser("simulate", help="simulate N enrolled devices publishing telemetry (and images)")
-    sim.add_argument("--pki", type=Path, required=True)
+    sim.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/ca.crt, devices/<id>/...)")
     sim.add_argument("--ids", nargs="*", default=None, help="device ids (default: every enrolled device)")
-    sim.add_argument("--state", type=Path, default=Path("sealmq-data/devices"))
-    sim.add_argument("--duration", type=float, default=30.0)
-    sim.add_argument("--interval", type=float, default=1.0)
+    sim.add_argument("--state", type=Path, default=Path("sealmq-data/devices"),
+                     help="state root, one folder per device (default: %(default)s)")
+    sim.add_argument("--duration", type=float, default=30.0,
+                     help="seconds the simulation runs, connecting and handshakes included; it ends then "
+                          "whatever happens, except that it waits up to --media-timeout for transfers "
+                          "(default: %(default)s)")
+    sim.add_argument("--interval", type=float, default=1.0,
+                     help="seconds between two telemetry records of a device (default: %(default)s)")
     sim.add_argument("--images", type=Path, default=None, help="folder of images/videos each device sends")
-    add_mqtt_arguments(sim)
+    sim.add_argument("--media-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="after --duration, wait this long at most for unfinished transfers (default: %(default)s)")
+    add_mqtt_arguments(sim, connect_timeout=None)
     sim.set_defaults(func=_simulate)
+
+
+def _cli_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("sealmq.mqtt").setLevel(logging.INFO)  # "connecting to ...", retries, refusals
+
+
+def _on_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -58,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     from device.simulator import telemetry_for
     from pki import layout
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _cli_logging(logging.INFO)
     identity_dir = layout.device_dir(args.pki, args.id)
     settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password")
     agent = DeviceAgent(DeviceConfig(
@@ -70,13 +96,18 @@ def _run(args: argparse.Namespace) -> int:
         endpoint=EndpointConfig(by_reference=args.by_reference),
         method=args.method,
     ))
+    limit = connect_limit(args)
+    if limit is None and args.count and args.connect_timeout is None:
+        limit = 30.0  # a bounded run must end even when the broker is down
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    _on_signals(stop)
     agent.start(wait=None)
     sent = 0
     try:
+        agent.link.wait_connected(limit, raise_on_timeout=True, stop=stop)
         while not stop.is_set() and (args.count == 0 or sent < args.count):
+            if agent.link.error is not None:
+                raise agent.link.error
             if agent.established.is_set():
                 agent.send_telemetry(telemetry_for(args.id, sent))
                 sent += 1
@@ -90,14 +121,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _progress_printer(stream: Any) -> Callable[[Any], None]:
+    """A progress bar redrawn in place on a terminal; elsewhere one line per state and per 25%."""
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    last: dict[bytes, tuple[str, int]] = {}
+
     def show(p: Any) -> None:
         total = max(p.total_bytes, 1)
+        percent = 100 * p.acked_bytes / total
+        final = p.state in ("done", "rejected", "aborted")
+        name = p.name.encode("unicode_escape").decode("ascii")[:40]
+        if not tty:
+            step = (p.state, int(percent // 25))
+            if last.get(p.transfer_id) == step and not final:
+                return
+            last[p.transfer_id] = step
+            stream.write(f"{name} {percent:5.1f}% {p.state}\n")
+            stream.flush()
+            return
         width = 30
         filled = int(width * p.acked_bytes / total)
         bar = "#" * filled + "-" * (width - filled)
-        end = "\n" if p.state in ("done", "rejected", "aborted") else ""
-        name = p.name.encode("unicode_escape").decode("ascii")[:40]
-        stream.write(f"\r{name:40} [{bar}] {100 * p.acked_bytes / total:5.1f}% {p.state}{end}")
+        end = "\n" if final else ""
+        stream.write(f"\r{name:40} [{bar}] {percent:5.1f}% {p.state}{end}")
         stream.flush()
 
     return show
@@ -107,11 +152,11 @@ def _send(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent, DeviceConfig
     from pki import layout
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    _cli_logging(logging.WARNING)
     for f in args.files:
         if not f.is_file():
             print(f"sealmq: error: not a file: {f}", file=sys.stderr)
-            return 2
+            return exits.USAGE
     identity_dir = layout.device_dir(args.pki, args.id)
     settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password")
     agent = DeviceAgent(DeviceConfig(
@@ -119,41 +164,69 @@ def _send(args: argparse.Namespace) -> int:
         state_dir=args.state or Path("sealmq-data") / "devices" / args.id, mqtt=settings,
     ))
     agent.on_progress = _progress_printer(sys.stdout)
-    agent.start()
+    stop = threading.Event()
+    _on_signals(stop)
+    agent.start(wait=None)
     try:
-        if not agent.wait_established(30):
-            print("sealmq: error: no session with the backend", file=sys.stderr)
-            return 1
+        agent.link.wait_connected(connect_limit(args), raise_on_timeout=True, stop=stop)
+        if not _wait(agent.established.is_set, args.session_timeout, agent, stop):
+            if not stop.is_set():
+                print(f"sealmq: error: connected, but no session with the backend after {args.session_timeout:g} s"
+                      " (is `sealmq backend run` running?)", file=sys.stderr)
+            return exits.INCOMPLETE
         for f in args.files:
             agent.send_file(f, args.type)
-        done = agent.wait_transfers(args.timeout)
+        done = _wait(lambda: agent.pending_transfers() == 0, args.timeout, agent, stop)
     finally:
         agent.stop()
     if not done:
         print(f"{agent.pending_transfers()} transfers not finished (they resume on the next run)")
-        return 1
-    return 0
+        return exits.INCOMPLETE
+    return exits.OK
+
+
+def _wait(condition: Callable[[], bool], timeout: float, agent: Any, stop: threading.Event) -> bool:
+    """Wait for ``condition``; False on timeout or stop; raise if the broker refused the agent."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if agent.link.error is not None:
+            raise agent.link.error
+        if stop.is_set() or time.monotonic() >= deadline:
+            return False
+        stop.wait(0.05)
+    return True
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from device.simulator import Simulator
     from pki import layout
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    _cli_logging(logging.WARNING)
     ids = args.ids or layout.enrolled_devices(args.pki)
     if not ids:
-        print("no enrolled devices: run `sealmq pki enroll --pki DIR device NAME` first")
-        return 2
+        print(f"sealmq: error: no enrolled devices in {args.pki}: run `sealmq bootstrap` or "
+              "`sealmq pki enroll` first", file=sys.stderr)
+        return exits.USAGE
     settings = mqtt_settings(args)
 
     def password_for(device_id: str) -> str | None:
         path = layout.device_dir(args.pki, device_id) / "mqtt.password"
         return path.read_text().strip() if path.exists() else settings.password
 
+    stop = threading.Event()
+    _on_signals(stop)
+    end = time.monotonic() + args.duration
     sim = Simulator(args.pki, args.state, ids, settings, password_for=password_for)
-    took = sim.start()
-    print(f"{sim.established()}/{len(ids)} devices completed their handshakes in {took:.2f} s")
+    print(f"{len(ids)} devices connecting to {settings.host}:{settings.port} ...", flush=True)
+    unfinished = 0
+    complete = False
     try:
+        limit = connect_limit(args)
+        took = sim.start(timeout=args.duration if limit is None else min(limit, args.duration), stop=stop)
+        established = sim.established()
+        print(f"{established}/{len(ids)} devices completed their handshakes in {took:.2f} s", flush=True)
+        if established < len(ids) and not stop.is_set():
+            print("  (the others keep trying: is `sealmq backend run` running?)", flush=True)
         if args.images is not None:
             from device.simulator import media_files
 
@@ -161,12 +234,17 @@ def _simulate(args: argparse.Namespace) -> int:
             for agent in sim.agents:
                 for f in files:
                     agent.send_file(f)
-            print(f"each device queued {len(files)} files from {args.images}")
-        sent = sim.run(args.duration, args.interval)
+            print(f"each device queued {len(files)} files from {args.images}", flush=True)
+        sent = sim.run(max(0.0, end - time.monotonic()), args.interval, stop=stop)
+        sim.raise_refusal()
         if args.images is not None:
-            pending = sum(0 if a.wait_transfers(60) else a.pending_transfers() for a in sim.agents)
-            print(f"media transfers {'all complete' if pending == 0 else f'{pending} unfinished'}")
+            deadline = time.monotonic() + args.media_timeout
+            while time.monotonic() < deadline and not stop.is_set() and any(a.pending_transfers() for a in sim.agents):
+                stop.wait(0.1)
+            unfinished = sum(a.pending_transfers() for a in sim.agents)
+            print(f"media transfers {'all complete' if unfinished == 0 else f'{unfinished} unfinished'}")
+        complete = sim.established() == len(ids) and unfinished == 0
     finally:
         sim.stop()
     print(f"{sent} telemetry records sent")
-    return 0
+    return exits.OK if complete else exits.INCOMPLETE

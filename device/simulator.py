@@ -74,26 +74,51 @@ class Simulator:
                 config = config_hook(config)
             self.agents.append(DeviceAgent(config))
 
-    def start(self, timeout: float = 60.0) -> float:
-        """Connect every device and wait for every handshake; returns the seconds it took."""
+    def start(self, timeout: float = 60.0, stop: threading.Event | None = None) -> float:
+        """Connect every device and wait for every handshake, ``timeout`` seconds at most.
+
+        Returns the seconds it took (some devices may still lack a session: see
+        :meth:`established`). Raises :class:`~sealmq.errors.TransportError` at once if the broker
+        refuses a device's credentials, or at the timeout if no device could reach the broker.
+        """
         t0 = time.monotonic()
         for agent in self.agents:
-            agent.start(wait=timeout)
+            agent.start(wait=None)  # connects in the background: a down broker must not block the others
         deadline = t0 + timeout
-        for agent in self.agents:
-            agent.wait_established(max(0.0, deadline - time.monotonic()))
+        while not all(a.established.is_set() for a in self.agents):
+            self.raise_refusal()
+            if time.monotonic() >= deadline or (stop is not None and stop.is_set()):
+                break
+            time.sleep(0.05)
+        if not any(a.link.ever_connected for a in self.agents) and not (stop is not None and stop.is_set()):
+            self.agents[0].link.wait_connected(0, raise_on_timeout=True)
         return time.monotonic() - t0
 
+    def raise_refusal(self) -> None:
+        """Raise the broker's refusal of a device's credentials, if there was one."""
+        for agent in self.agents:
+            if agent.link.error is not None:
+                raise agent.link.error
+
     def run(self, duration: float, interval: float, stop: threading.Event | None = None) -> int:
-        """Every device sends telemetry every ``interval`` seconds for ``duration`` seconds."""
+        """Every device sends telemetry every ``interval`` seconds for ``duration`` seconds.
+
+        Returns the number of records handed to devices that had a session (the others' are queued).
+        """
         step = 0
+        sent = 0
         end = time.monotonic() + duration
         while time.monotonic() < end and not (stop and stop.is_set()):
             for agent in self.agents:
+                if agent.established.is_set():
+                    sent += 1
                 agent.send_telemetry(telemetry_for(agent.config.device_id, step))
             step += 1
-            time.sleep(interval)
-        return step * len(self.agents)
+            if stop is not None:
+                stop.wait(min(interval, max(0.0, end - time.monotonic())))
+            else:
+                time.sleep(min(interval, max(0.0, end - time.monotonic())))
+        return sent
 
     def stop(self) -> None:
         for agent in self.agents:

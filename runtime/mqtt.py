@@ -4,6 +4,12 @@ It only moves bytes: connect (MQTT 3.1.1, which both amqtt and mosquitto speak),
 exponential backoff, re-subscribe after every (re)connect, publish, and hand every received
 message to one callback. No protocol logic lives here.
 
+What an operator sees: every failed connection attempt is logged (WARNING, with the next delay), a
+lost connection is logged as lost, a requested stop is not. A broker that refuses the credentials is
+not a transient fault: the link stops retrying at once and keeps the refusal in :attr:`MqttLink.error`
+(a :class:`~sealmq.errors.TransportError` with ``Reason.NOT_AUTHORIZED``), which
+:func:`MqttLink.wait_connected` and the commands (``runtime.connect``) raise.
+
 paho runs callbacks on its network thread, and acknowledges a QoS 1 message when
 ``on_message`` returns: the callback given here therefore processes the message before
 returning, so an acknowledged message has been handled (at-least-once, with the record
@@ -16,6 +22,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +73,11 @@ class MqttLink:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self.connected = threading.Event()
-        self._refused: str | None = None
+        self.error: TransportError | None = None  # set once, when the broker refused the credentials
+        self._stopping = False
+        self._attempts = 0  # failed attempts since the last successful connect
+        self.ever_connected = False
+        self._started = time.monotonic()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -84,15 +95,26 @@ class MqttLink:
         client.max_inflight_messages_set(64)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         self.client = client
 
     # -- paho callbacks (network thread) -------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
+        where = f"{self.settings.host}:{self.settings.port}"
         if getattr(rc, "is_failure", False):
-            self._refused = str(rc)
-            log.warning("broker refused the connection: %s", rc)
+            # Wrong user name or password, or not authorised: retrying cannot fix it.
+            self.error = TransportError(
+                Reason.NOT_AUTHORIZED,
+                f"the broker at {where} refused user {self.settings.username!r}: {rc}",
+            )
+            log.error("%s; not retrying", self.error.detail)
+            client.disconnect()  # ends paho's reconnect loop
             return
+        if self._attempts:
+            log.warning("connected to %s after %d failed attempts", where, self._attempts)
+        self._attempts = 0
+        self.ever_connected = True
         sock = client.socket()
         if isinstance(sock, socket.socket):  # TCP (an SSLSocket is one too); not a WebSocket wrapper
             # Small packets (PUBACKs, media acks) must not wait for Nagle's algorithm: with it, a
@@ -107,10 +129,21 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
-            log.info("disconnected from broker (%s); reconnecting", rc)
-            if self._on_disconnect_cb:
-                self._on_disconnect_cb()
+        if not was:
+            return
+        where = f"{self.settings.host}:{self.settings.port}"
+        if self._stopping:
+            log.info("disconnected from %s", where)
+        else:
+            log.warning("connection to %s lost (%s); reconnecting", where, rc)
+        if self._on_disconnect_cb:
+            self._on_disconnect_cb()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self._attempts += 1
+        # paho waits reconnect_min_delay, doubling up to reconnect_max_delay, between attempts
+        log.warning("cannot reach the broker at %s:%d (attempt %d); retrying, at most every %d s",
+                    self.settings.host, self.settings.port, self._attempts, self.settings.reconnect_max_delay)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         try:
@@ -119,25 +152,58 @@ class MqttLink:
             log.exception("message handler failed on %s", message.topic)
 
     # -- API -------------------------------------------------------------------------------------
+    @property
+    def attempts(self) -> int:
+        """Failed connection attempts since the last successful connect."""
+        return self._attempts
+
     def start(self, wait: float | None = 10.0) -> None:
-        """Connect in the background (paho keeps reconnecting with backoff)."""
+        """Connect in the background (paho keeps reconnecting with backoff).
+
+        With ``wait``, block until connected; raise :class:`TransportError` if the broker refused the
+        credentials (``NOT_AUTHORIZED``) or could not be reached in time (``TRANSPORT_FAILED``).
+        """
+        log.info("connecting to %s:%d as %s ...", self.settings.host, self.settings.port,
+                 self.settings.username or "(anonymous)")
+        self._started = time.monotonic()
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
         self.client.loop_start()
-        if wait is not None and not self.wait_connected(wait):
-            self.stop()
-            why = self._refused or "no answer"
+        if wait is not None:
+            try:
+                self.wait_connected(wait, raise_on_timeout=True)
+            except TransportError:
+                self.stop()
+                raise
+
+    def wait_connected(self, timeout: float | None, *, raise_on_timeout: bool = False,
+                       stop: threading.Event | None = None) -> bool:
+        """Wait until connected (True), ``timeout`` seconds (None: no limit) or ``stop`` (False).
+
+        Raises the refusal if the broker refused the credentials, and with ``raise_on_timeout`` a
+        ``TRANSPORT_FAILED`` error when the time is up.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.error is None and not (stop is not None and stop.is_set()):
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0 or self.connected.wait(left):
+                break
+        if self.error is not None:
+            raise self.error
+        if self.connected.is_set():
+            return True
+        if raise_on_timeout and not (stop is not None and stop.is_set()):
             raise TransportError(
                 Reason.TRANSPORT_FAILED,
-                f"cannot connect to {self.settings.host}:{self.settings.port} ({why})",
+                f"cannot reach the broker at {self.settings.host}:{self.settings.port} "
+                f"({self._attempts} failed attempts in {time.monotonic() - self._started:.0f} s)",
             )
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self.connected.wait(timeout)
+        return False
 
     def publish(self, topic: str, payload: bytes, qos: int | None = None) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=self._qos if qos is None else qos)
 
     def stop(self) -> None:
+        self._stopping = True
         try:
             self.client.disconnect()
         finally:
