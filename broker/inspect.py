@@ -39,7 +39,8 @@ def run_inspect(
 
     def on_connect(c: mqtt.Client, u: object, flags: object, rc: ReasonCode, props: object) -> None:
         if rc.is_failure:
-            msgs.put(TransportError(Reason.NOT_AUTHORIZED, f"the broker at {host}:{port} refused user {username!r}: {rc}"))
+            refused = f"the broker at {host}:{port} refused user {username!r}: {rc}"
+            msgs.put(TransportError(Reason.NOT_AUTHORIZED, refused))
         else:
             c.subscribe(INSPECT_FILTER, qos=1)
 

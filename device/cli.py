@@ -16,6 +16,9 @@ from runtime import exits
 from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq.endpoint import EndpointConfig
 
+# `device run --count N` without --connect-timeout gives up on an unreachable broker after this long
+COUNTED_RUN_CONNECT_TIMEOUT = 30.0
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser("device", help="run a device agent or the device simulator")
@@ -98,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     ))
     limit = connect_limit(args)
     if limit is None and args.count and args.connect_timeout is None:
-        limit = 30.0  # a bounded run must end even when the broker is down
+        limit = COUNTED_RUN_CONNECT_TIMEOUT  # a bounded run must end even when the broker is down
     stop = threading.Event()
     _on_signals(stop)
     agent.start(wait=None)

@@ -1,0 +1,267 @@
+"""What an operator sees from the real ``sealmq`` command: connection progress, exit codes, commands.
+
+Every test runs the command line as a child process (``python -m app.cli``) against a real
+embedded broker and real certificates made by ``sealmq bootstrap``'s code, and checks the exit code
+of ``runtime/exits.py`` and the message. Nothing here asserts a duration: a bounded command is only
+required to end (the ``subprocess`` timeout is a guard against a hang, not a measurement).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import device.cli
+from app.bootstrap import Deployment, bootstrap
+from app.cli import main
+from backend.service import BackendService, BackendSettings
+from backend.storage import Storage, db_path
+from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
+from device.cli import _progress_printer
+from runtime import exits
+from runtime.mqtt import MqttSettings
+from tests.brokers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+GUARD = 90  # seconds: a command that has not ended by then hangs (the bug this file is about)
+
+
+def sealmq(*args: str, env: dict[str, str] | None = None, timeout: float = GUARD) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], check=False, cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass
+class Site:
+    dep: Deployment
+    port: int
+
+    @property
+    def pki(self) -> str:
+        return str(self.dep.pki)
+
+    @property
+    def data(self) -> str:
+        return str(self.dep.backend_data)
+
+    def state(self, device_id: str) -> str:
+        return str(self.dep.device_state(device_id))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """dev-001..dev-003 enrolled; dev-003's broker password is wrong; an embedded broker runs."""
+    dep, _ = bootstrap(tmp_path_factory.mktemp("deploy"), ["dev-001", "dev-002", "dev-003"], iterations=1000)
+    (dep.password_file("device", "dev-003")).write_text("not-the-password\n")
+    broker = EmbeddedBroker(EmbeddedBrokerConfig(passwd=dep.users, port=0)).start()
+    try:
+        yield Site(dep, broker.port)
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def backend(site: Site) -> Iterator[BackendService]:
+    service = BackendService(BackendSettings(
+        pki_dir=site.dep.pki, data_dir=site.dep.backend_data, poll_interval=0.1,
+        mqtt=MqttSettings(port=site.port, username="backend", password=site.dep.password("backend", "backend")),
+    ))
+    service.start()
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return bool(condition())
+
+
+# -- the broker is down ---------------------------------------------------------------------------
+def test_device_run_with_broker_down_says_so_and_ends_at_connect_timeout(site: Site) -> None:
+    port = str(free_port())
+    r = sealmq("device", "run", "--pki", site.pki, "--id", "dev-001", "--state", site.state("dev-001"),
+               "--port", port, "--count", "1", "--connect-timeout", "2")
+    assert r.returncode == exits.UNREACHABLE, r.stderr
+    assert f"connecting to 127.0.0.1:{port} as dev-001" in r.stderr
+    assert f"cannot reach the broker at 127.0.0.1:{port} (attempt 1)" in r.stderr
+    assert "sealmq: error: transport_failed: cannot reach the broker" in r.stderr
+
+
+def test_device_run_count_bounds_the_wait_for_a_broker_by_default(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`device run --count 1` with the broker down used to run forever: a count implies a limit
+    (30 s; shortened here, in process, so that the test does not idle for it)."""
+    monkeypatch.setattr(device.cli, "COUNTED_RUN_CONNECT_TIMEOUT", 1.5)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["device", "run", "--pki", site.pki, "--id", "dev-001", "--state", site.state("dev-001"),
+                     "--port", str(free_port()), "--count", "1"])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert code == exits.UNREACHABLE
+    assert "cannot reach the broker" in capsys.readouterr().err
+
+
+def test_simulate_with_broker_down_ends_at_its_duration(site: Site) -> None:
+    port = str(free_port())
+    r = sealmq("device", "simulate", "--pki", site.pki, "--ids", "dev-001", "dev-002", "--state",
+               str(site.dep.root / "devices"), "--duration", "2", "--port", port)
+    assert r.returncode == exits.UNREACHABLE, r.stdout + r.stderr
+    assert f"2 devices connecting to 127.0.0.1:{port}" in r.stdout
+    assert "(attempt 1)" in r.stderr
+    assert "cannot reach the broker" in r.stderr
+
+
+def test_backend_run_with_broker_down_retries_visibly_until_stopped(site: Site, tmp_path: Path) -> None:
+    port = str(free_port())
+    r = sealmq("backend", "run", "--pki", site.pki, "--data", str(tmp_path / "b1"), "--port", port,
+               "--connect-timeout", "2")
+    assert r.returncode == exits.UNREACHABLE, r.stderr
+    assert f"connecting to 127.0.0.1:{port} as backend" in r.stderr
+    # without --connect-timeout it keeps retrying, and says so, until it is told to stop
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "backend", "run", "--pki", site.pki, "--data", str(tmp_path / "b2"),
+         "--port", port], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "(attempt 2)" in line:
+                break
+        assert any("(attempt 1)" in line for line in lines), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=GUARD)
+    assert proc.returncode == exits.OK, rest
+    assert "reconnecting" not in rest
+
+
+# -- a wrong password ---------------------------------------------------------------------------
+WRONG = {"SEALMQ_MQTT_PASSWORD": "not-the-password"}
+
+
+@pytest.mark.parametrize("command", ["device run", "device send", "device simulate", "backend run", "inspect"])
+def test_a_refused_password_ends_every_command_with_code_4(site: Site, command: str, tmp_path: Path) -> None:
+    args = {
+        "device run": ["device", "run", "--pki", site.pki, "--id", "dev-001", "--state", str(tmp_path), "--count", "1"],
+        "device send": ["device", "send", "--pki", site.pki, "--id", "dev-001", "--state", str(tmp_path),
+                        str(ROOT / "img" / "checker.png")],
+        # simulate reads each device's own mqtt.password: dev-003's is wrong
+        "device simulate": ["device", "simulate", "--pki", site.pki, "--ids", "dev-003", "--state", str(tmp_path),
+                            "--duration", "60"],
+        "backend run": ["backend", "run", "--pki", site.pki, "--data", str(tmp_path)],
+        "inspect": ["inspect", "--username", "monitor", "--password", "not-the-password", "--count", "1"],
+    }[command]
+    r = sealmq(*args, "--port", str(site.port), env=WRONG)
+    assert r.returncode == exits.NOT_AUTHORIZED, r.stdout + r.stderr
+    user = {"backend run": "backend", "inspect": "monitor", "device simulate": "dev-003"}.get(command, "dev-001")
+    assert f"sealmq: error: not_authorized: the broker at 127.0.0.1:{site.port} refused user '{user}'" in r.stderr
+    assert "(attempt" not in r.stderr  # no retry
+
+
+# -- commands -----------------------------------------------------------------------------------
+def test_a_command_for_an_unknown_device_is_refused(site: Site, backend: BackendService) -> None:
+    for extra in ([], ["--pki", site.pki]):
+        r = sealmq("backend", "command", "--data", site.data, *extra, "dev-042", "status")
+        assert r.returncode == exits.USAGE, r.stdout + r.stderr
+        assert "sealmq: error: unknown device: " in r.stderr
+        assert "command not queued" in r.stderr
+    assert backend.storage.commands(device_id="dev-042") == []
+
+
+def test_a_command_for_an_offline_device_stays_queued_then_is_answered(site: Site, backend: BackendService) -> None:
+    r = sealmq("backend", "command", "--data", site.data, "--pki", site.pki, "dev-002", "status")
+    assert r.returncode == exits.OK, r.stderr
+    assert "command " in r.stdout and "for dev-002: queued (enrolled, no handshake yet)" in r.stdout
+    command_id = int(r.stdout.split()[1])
+    ticks = backend.counters  # the backend keeps polling; the device has no session: nothing is sent
+    time.sleep(0.5)
+    listed = sealmq("backend", "commands", "--data", site.data, "--device", "dev-002")
+    assert listed.returncode == exits.OK
+    assert f"{command_id:>6} " in listed.stdout and " queued " in listed.stdout, listed.stdout
+    assert ticks["sent"] == 0
+    # the device comes online: the command is sent, answered, and the reply is shown
+    run = sealmq("device", "run", "--pki", site.pki, "--id", "dev-002", "--state", site.state("dev-002"),
+                 "--port", str(site.port), "--count", "2", "--interval", "0.5")
+    assert run.returncode == exits.OK, run.stderr
+    assert "reconnecting" not in run.stderr  # a clean stop is not a lost connection
+    assert "disconnected from 127.0.0.1" in run.stderr
+    assert wait_for(lambda: backend.storage.commands(command_id=command_id)[0].state == "replied")
+    listed = sealmq("backend", "commands", "--data", site.data, "--state", "replied")
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(f"{command_id:>6} "))
+    assert "dev-002" in line and " replied " in line and " ok {" in line and '"device": "dev-002"' in line
+    assert "of " in listed.stdout.splitlines()[-1]
+
+
+def test_command_wait_reports_no_reply_with_code_1(site: Site, backend: BackendService) -> None:
+    r = sealmq("backend", "command", "--data", site.data, "--pki", site.pki, "dev-001", "ping", "--wait", "1")
+    assert r.returncode == exits.INCOMPLETE, r.stdout + r.stderr
+    assert "no reply to command" in r.stderr and "(state: queued)" in r.stderr
+
+
+def test_messages_says_how_many_rows_it_shows(site: Site) -> None:
+    store = Storage(db_path(site.dep.backend_data))
+    try:
+        for i in range(3):
+            store.store_message("dev-001", time.time(), "telemetry", 0, 100 + i, b"\xa0")
+    finally:
+        store.close()
+    r = sealmq("backend", "messages", "--data", site.data, "--device", "dev-001", "--limit", "2")
+    assert r.returncode == exits.OK, r.stderr
+    assert r.stdout.splitlines()[-1].startswith("(the newest 2 of ")
+    assert "--limit N shows more" in r.stdout
+
+
+def test_send_prints_whole_lines_when_not_a_terminal(site: Site, backend: BackendService) -> None:
+    r = sealmq("device", "send", "--pki", site.pki, "--id", "dev-001", "--state", site.state("dev-001"),
+               "--port", str(site.port), str(ROOT / "img" / "checker.png"))
+    assert r.returncode == exits.OK, r.stdout + r.stderr
+    assert "\r" not in r.stdout
+    assert r.stdout.splitlines()[-1].endswith("100.0% done")
+
+
+# -- the progress bar ---------------------------------------------------------------------------
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _progress(acked: int, state: str = "sending") -> SimpleNamespace:
+    return SimpleNamespace(transfer_id=b"t", name="clip.mp4", total_bytes=1000, acked_bytes=acked, state=state)
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere() -> None:
+    steps = [_progress(a) for a in range(0, 1000, 50)] + [_progress(1000, "done")]
+    tty, pipe = _Tty(), io.StringIO()
+    for out in (tty, pipe):
+        show = _progress_printer(out)
+        for p in steps:
+            show(p)
+    assert tty.getvalue().count("\r") == len(steps)
+    assert "\r" not in pipe.getvalue()
+    lines = pipe.getvalue().splitlines()
+    assert lines[0] == "clip.mp4   0.0% sending"
+    assert lines[-1] == "clip.mp4 100.0% done"
+    assert len(lines) == 5  # 0, 25, 50, 75 % and done: not one per acknowledgement
