@@ -20,7 +20,7 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip install --no-cache-dir -r requirements.lock
 
-# The same install as the README: `pip install .`, constrained by the lock.
+# The same install as scripts/setup (`pip install .`, not editable), constrained by the lock.
 COPY pyproject.toml README.md ./
 COPY sealmq/ sealmq/
 COPY pki/ pki/

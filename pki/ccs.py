@@ -282,8 +282,8 @@ def register_cli(sub: Any) -> None:
 
     sp = csub.add_parser("issue", help="new static DH key (0600) + CCS for an identity, registered")
     sp.set_defaults(func=_cmd_issue)
-    sp.add_argument("--pki", required=True, type=Path)
-    sp.add_argument("role", choices=roles)
+    sp.add_argument("--pki", required=True, type=Path, help="the PKI directory")
+    sp.add_argument("role", choices=roles, help="device or backend")
     sp.add_argument("name", nargs="?", help="device id, or backend name (default 'backend')")
     sp.add_argument("--days", type=int, default=issue.DEFAULT_LEAF_DAYS,
                     help="validity; 0 = minimal CCS without iat/exp (lakers devices)")
@@ -291,16 +291,16 @@ def register_cli(sub: Any) -> None:
 
     sp = csub.add_parser("register", help="register a CCS made elsewhere (sub = urn:sealmq:<role>:<name>)")
     sp.set_defaults(func=_cmd_register)
-    sp.add_argument("--pki", required=True, type=Path)
+    sp.add_argument("--pki", required=True, type=Path, help="the PKI directory")
     sp.add_argument("ccs", type=Path, help="the CCS file (CBOR)")
 
     sp = csub.add_parser("list", help="the registered CCS credentials")
     sp.set_defaults(func=_cmd_list)
-    sp.add_argument("--pki", required=True, type=Path)
+    sp.add_argument("--pki", required=True, type=Path, help="the PKI directory")
 
     sp = csub.add_parser("revoke", help="revoke a registered CCS by kid, or all of an identity's")
     sp.set_defaults(func=_cmd_revoke)
-    sp.add_argument("--pki", required=True, type=Path)
-    sp.add_argument("role", nargs="?", choices=roles)
-    sp.add_argument("name", nargs="?")
-    sp.add_argument("--kid", help="hex")
+    sp.add_argument("--pki", required=True, type=Path, help="the PKI directory")
+    sp.add_argument("role", nargs="?", choices=roles, help="device or backend (with NAME)")
+    sp.add_argument("name", nargs="?", help="device id or backend name: revoke all its CCS")
+    sp.add_argument("--kid", help="revoke only this kid (hex)")

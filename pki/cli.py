@@ -150,29 +150,30 @@ def register(subparsers: Any) -> None:
 
     sp = cmd("init", _cmd_init, "create the CA (root, optionally an issuing CA) in DIR/ca")
     pki_arg(sp)
-    sp.add_argument("--key-type", default="p256", choices=[str(k) for k in keys.CA_KEY_TYPES])
+    sp.add_argument("--key-type", default="p256", choices=[str(k) for k in keys.CA_KEY_TYPES],
+                    help="CA key type (default: %(default)s)")
     pass_arg(sp, "the CA keys (encrypts them)")
     sp.add_argument("--two-level", action="store_true", help="offline root -> issuing CA -> leaves")
     sp.add_argument("--force", action="store_true", help="replace an existing CA")
 
     sp = cmd("keygen", _cmd_keygen, "owner side: create a private key OUT/key.pem (0600)")
-    sp.add_argument("--out", required=True, type=Path)
-    sp.add_argument("--key-type", default="p256", choices=leaf_types)
+    sp.add_argument("--out", required=True, type=Path, help="directory for key.pem (created)")
+    sp.add_argument("--key-type", default="p256", choices=leaf_types, help="key type (default: %(default)s)")
     pass_arg(sp, "the new key (encrypts it)")
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace an existing key")
 
     sp = cmd("csr", _cmd_csr, "owner side: a CSR for KEY naming the role and identity")
-    sp.add_argument("--key", required=True, type=Path)
-    sp.add_argument("--role", required=True, choices=ROLES)
+    sp.add_argument("--key", required=True, type=Path, help="the owner's key.pem (sealmq pki keygen)")
+    sp.add_argument("--role", required=True, choices=ROLES, help="the role the certificate will carry")
     sp.add_argument("--name", required=True, help="device id or backend name")
-    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("--out", required=True, type=Path, help="CSR file to write (PEM)")
     pass_arg(sp, "the key")
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace an existing file")
 
     sp = cmd("sign", _cmd_sign, "CA side: validate a CSR and issue its certificate (+ chain.pem)")
     pki_arg(sp)
-    sp.add_argument("--csr", required=True, type=Path)
-    sp.add_argument("--role", required=True, choices=ROLES)
+    sp.add_argument("--csr", required=True, type=Path, help="the CSR (sealmq pki csr)")
+    sp.add_argument("--role", required=True, choices=ROLES, help="refuse unless the CSR asks for this role")
     sp.add_argument("--name", help="refuse unless the CSR names this identity")
     sp.add_argument(
         "--days",
@@ -180,31 +181,35 @@ def register(subparsers: Any) -> None:
         default=None,
         help=f"validity (default {issue.DEFAULT_LEAF_DAYS}, max {issue.MAX_LEAF_DAYS})",
     )
-    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("--out", required=True, type=Path, help="certificate file to write (PEM)")
     sp.add_argument("--chain-out", type=Path, help="default: chain.pem next to --out")
     pass_arg(sp, "the CA key")
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace existing files")
 
     sp = cmd("enroll", _cmd_enroll, "development: key + CSR + certificate into the standard layout")
     pki_arg(sp)
-    sp.add_argument("role", choices=ROLES)
+    sp.add_argument("role", choices=ROLES, help="device or backend")
     sp.add_argument("name", nargs="?", help="device id, or backend name (default 'backend')")
-    sp.add_argument("--key-type", default="p256", choices=leaf_types)
-    sp.add_argument("--days", type=int, default=None)
+    sp.add_argument("--key-type", default="p256", choices=leaf_types, help="key type (default: %(default)s)")
+    sp.add_argument("--days", type=int, default=None,
+                    help=f"validity (default {issue.DEFAULT_LEAF_DAYS}, max {issue.MAX_LEAF_DAYS})")
     pass_arg(sp, "the CA key")
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace an existing identity")
 
     sp = cmd("revoke", _cmd_revoke, "revoke an issued certificate and re-issue the CRL")
     pki_arg(sp)
     sp.add_argument("cert", nargs="?", type=Path, help="the certificate file")
     sp.add_argument("--serial", help="decimal, 0x-hex or colon hex")
-    sp.add_argument("--reason", default="unspecified", choices=list(issue.REVOCATION_REASONS))
-    sp.add_argument("--crl-days", type=int, default=issue.DEFAULT_CRL_DAYS)
+    sp.add_argument("--reason", default="unspecified", choices=list(issue.REVOCATION_REASONS),
+                    help="CRL reason code (default: %(default)s)")
+    sp.add_argument("--crl-days", type=int, default=issue.DEFAULT_CRL_DAYS,
+                    help="days until the new CRL's nextUpdate (default: %(default)s)")
     pass_arg(sp, "the CA key")
 
     sp = cmd("crl", _cmd_crl, "re-issue ca/crl.pem (before its nextUpdate)")
     pki_arg(sp)
-    sp.add_argument("--days", type=int, default=issue.DEFAULT_CRL_DAYS)
+    sp.add_argument("--days", type=int, default=issue.DEFAULT_CRL_DAYS,
+                    help="days until nextUpdate (default: %(default)s)")
     pass_arg(sp, "the CA key")
 
     sp = cmd("verify", _cmd_verify, "full path validation of a certificate (chain) against DIR")
@@ -214,6 +219,6 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--id", help="the identity it must name")
 
     sp = cmd("show", _cmd_show, "a readable summary of a certificate (or each of a chain)")
-    sp.add_argument("cert", type=Path)
+    sp.add_argument("cert", type=Path, help="certificate or chain file (PEM)")
 
     ccs.register_cli(sub)  # sealmq pki ccs issue|register|list|revoke (EDHOC method 3)

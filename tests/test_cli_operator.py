@@ -8,6 +8,7 @@ required to end (the ``subprocess`` timeout is a guard against a hang, not a mea
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import signal
@@ -23,7 +24,7 @@ import pytest
 
 import device.cli
 from app.bootstrap import Deployment, bootstrap
-from app.cli import main
+from app.cli import build_parser, main
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage, db_path
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
@@ -265,3 +266,22 @@ def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere() -> None
     assert lines[0] == "clip.mp4   0.0% sending"
     assert lines[-1] == "clip.mp4 100.0% done"
     assert len(lines) == 5  # 0, 25, 50, 75 % and done: not one per acknowledgement
+
+
+# -- help texts ---------------------------------------------------------------------------------
+def _parsers(parser: argparse.ArgumentParser, path: str = "sealmq") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{path} {name}")
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    missing = [
+        f"{path} {'/'.join(a.option_strings) or a.dest}"
+        for path, parser in _parsers(build_parser())
+        for a in parser._actions
+        if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+    ]
+    assert missing == []
