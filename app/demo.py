@@ -155,9 +155,12 @@ def run_demo(args: argparse.Namespace) -> int:
         replied = backend.storage.count_commands("replied") - before_replied
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
-        media = backend.storage.media()[before_media:]
+        all_media = backend.storage.media()
+        media = all_media[before_media:]
         verified = sum(1 for m in media if m.signature_verified)
-        say(f"      media files received {len(media)} ({verified} with the device signature verified), "
+        # a file an earlier run already delivered is acknowledged, not stored twice
+        earlier = f", {len(all_media)} stored in all, earlier runs included" if before_media else ""
+        say(f"      media files received {len(media)} ({verified} with the device signature verified{earlier}), "
             f"unfinished transfers {unfinished}; list them: sealmq backend media --data {dep.backend_data}")
         with monitor._lock:
             seen = list(monitor.messages)

@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _cli_logging(level: int) -> None:
+    # failed connection attempts (WARNING) and a refused password (ERROR) always show
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("sealmq.mqtt").setLevel(logging.INFO)  # "connecting to ...", retries, refusals
 
 
 def _on_signals(stop: threading.Event) -> None:
@@ -169,6 +169,7 @@ def _send(args: argparse.Namespace) -> int:
     agent.on_progress = _progress_printer(sys.stdout)
     stop = threading.Event()
     _on_signals(stop)
+    print(f"{args.id} connecting to {settings.host}:{settings.port} ...", file=sys.stderr, flush=True)
     agent.start(wait=None)
     try:
         agent.link.wait_connected(connect_limit(args), raise_on_timeout=True, stop=stop)

@@ -207,8 +207,8 @@ def test_a_command_for_an_offline_device_stays_queued_then_is_answered(site: Sit
     run = sealmq("device", "run", "--pki", site.pki, "--id", "dev-002", "--state", site.state("dev-002"),
                  "--port", str(site.port), "--count", "2", "--interval", "0.5")
     assert run.returncode == exits.OK, run.stderr
-    assert "reconnecting" not in run.stderr  # a clean stop is not a lost connection
     assert "disconnected from 127.0.0.1" in run.stderr
+    assert "reconnecting" not in run.stderr  # a clean stop is not a lost connection
     assert wait_for(lambda: backend.storage.commands(command_id=command_id)[0].state == "replied")
     listed = sealmq("backend", "commands", "--data", site.data, "--state", "replied")
     line = next(x for x in listed.stdout.splitlines() if x.startswith(f"{command_id:>6} "))
@@ -285,3 +285,22 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
         if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
     ]
     assert missing == []
+
+
+# -- the demo -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_demo_reports_its_own_figures(tmp_path: Path) -> None:
+    args = ("demo", "--dir", str(tmp_path / "demo"), "--duration", "2", "--port", "0")
+    first = sealmq(*args)
+    assert first.returncode == exits.OK, first.stdout + first.stderr
+    assert "created" in first.stdout.splitlines()[0]
+    second = sealmq(*args)
+    assert second.returncode == exits.OK, second.stdout + second.stderr
+    out = second.stdout
+    assert ": reused" in out.splitlines()[0]
+    assert "kept from earlier runs:" in out
+    sent = int(out.split("telemetry records sent ")[1].split(",")[0])
+    stored = int(out.split("stored by the backend ")[1].split(" ")[0])
+    in_all = int(out.split("stored by the backend ")[1].split("(")[1].split(" ")[0])
+    assert 0 < stored <= sent  # this run's records, not the deployment's total
+    assert in_all > stored

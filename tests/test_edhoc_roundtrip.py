@@ -1,10 +1,9 @@
 """EDHOC round trips between our two roles with real certificates from ``pki.issue`` and the real
 ``pki.verify.TrustStore``: suites 2 and -24 (RSA-PSS) by x5chain and x5t, plus the other suites
-we implement, EAD pass-through, cipher-suite negotiation and per-side CPU cost."""
+we implement, EAD pass-through and cipher-suite negotiation."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -217,35 +216,22 @@ def test_generate_ephemeral_is_valid_and_uniform_range() -> None:
     assert generate_ephemeral(2, lambda n: next(draws)) == b"\x01" * 32
 
 
-def test_cpu_cost_per_side(pki: PkiFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a benchmark: records the per-side CPU time of a suite-2 x5t handshake (see report)."""
-    n = 20
-    pairs = [make_pair(pki, "p256", [2], by_reference=True, seed=s) for s in range(n)]
-    t_ini = t_res = 0.0
-    for ini, res in pairs:
-        t0 = time.process_time()
-        m1 = ini.create_message_1()
-        t1 = time.process_time()
-        res.process_message_1(m1)
-        m2 = res.create_message_2()
-        t2 = time.process_time()
-        ini.process_message_2(m2)
-        m3 = ini.create_message_3()
-        t3 = time.process_time()
-        res.process_message_3(m3)
-        m4 = res.create_message_4()
-        t4 = time.process_time()
-        ini.process_message_4(m4)
-        t5 = time.process_time()
-        t_ini += (t1 - t0) + (t3 - t2) + (t5 - t4)
-        t_res += (t2 - t1) + (t4 - t3)
-    with capsys.disabled():
-        print(
-            f"\nEDHOC suite 2 x5t, CPU per handshake incl. X.509 path validation: "
-            f"initiator {t_ini / n * 1000:.2f} ms, responder {t_res / n * 1000:.2f} ms"
-        )
-    assert t_ini / n < 0.05
-    assert t_res / n < 0.05
+def test_x5t_handshakes_with_many_seeds_agree(pki: PkiFixture) -> None:
+    """Suite 2, x5t, 20 key seeds: every handshake completes and both sides derive the same PRK_out.
+
+    The per-side CPU cost is measured by ``bench/handshake.py`` (docs/benchmarks.md, "Handshake CPU
+    per side"), not here: a test neither prints figures between pytest's dots nor asserts a timing.
+    """
+    outs = set()
+    for seed in range(20):
+        ini, res = make_pair(pki, "p256", [2], by_reference=True, seed=seed)
+        res.process_message_1(ini.create_message_1())
+        ini.process_message_2(res.create_message_2())
+        res.process_message_3(ini.create_message_3())
+        ini.process_message_4(res.create_message_4())
+        assert ini.result().prk_out == res.result().prk_out
+        outs.add(ini.result().prk_out)
+    assert len(outs) == 20  # fresh ephemeral keys: no two sessions share a key
 
 
 def test_certificate_is_parsed_only_from_der(pki: PkiFixture) -> None:
