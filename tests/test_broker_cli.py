@@ -18,6 +18,7 @@ import pytest
 from app.cli import main
 from broker.inspect import run_inspect
 from broker.passwd import load_users, verify_password
+from runtime import exits
 from sealmq import cbor
 from sealmq.errors import ConfigError
 from tests.brokers import running_amqtt, wait_listening
@@ -138,10 +139,10 @@ def test_inspect_refused_for_a_device(tmp_path, capsys) -> None:  # type: ignore
         d = b.devices[0]
         args = ["inspect", "--port", str(b.port), "--username", d.username, "--password", d.password]
         args += ["--timeout", "5"]
-        assert main(args) == 2
+        assert main(args) == exits.NOT_AUTHORIZED  # a device may not subscribe to sealmq/#
         assert "not_authorized" in capsys.readouterr().err
         args[5:7] = ["--password", "wrong"]
-        assert main(args) == 2
+        assert main(args) == exits.NOT_AUTHORIZED
 
 
 def test_run_config_takes_per_user_bounds_as_integers(tmp_path) -> None:  # type: ignore[no-untyped-def]
