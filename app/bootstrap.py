@@ -15,6 +15,7 @@ Layout under ``DIR``::
     backend/                 the backend's data (SQLite, audit log, media)
     backend/console.auth     salted hash of the operator console's password (the backend keeps only this)
     console.password         the operator console's password, 0600 (console: issue 13)
+    sealmq.toml              these paths, for SEALMQ_CONFIG (app/config.py)
     devices/<id>/            each device's state (audit log, media outbox)
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app import config
 from backend.console.auth import CONSOLE_MONITOR, make_hash  # console (issue 13)
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
@@ -124,6 +126,8 @@ def bootstrap(
     dep.backend_data.mkdir(parents=True, exist_ok=True)
     if _ensure_console_password(dep):  # console (issue 13)
         created.append("console password")
+    if config.write(dep.root) is not None:
+        created.append(config.FILE_NAME)
     return dep, created
 
 

@@ -8,14 +8,16 @@ static: a part that fails to import fails the command loudly, it is never skippe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import backend.cli
 import broker.cli
 import device.cli
 import pki.cli
-from app import demo
+from app import config, demo
 from runtime import exits
 from sealmq import __version__
 from sealmq.errors import SealmqError
@@ -29,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sealmq",
         description="End-to-end sealed messaging between IoT devices and a backend over MQTT.",
         epilog="exit codes: 0 done; 1 ran but did not finish what was asked; 2 usage or configuration error; "
-               "3 broker unreachable (--connect-timeout); 4 broker refused the credentials; 130 interrupted",
+               "3 broker unreachable (--connect-timeout); 4 broker refused the credentials; 130 interrupted. "
+               f"With ${config.ENV}=DIR/sealmq.toml (written by `sealmq bootstrap`), commands take their paths "
+               "(--pki, --data, --state, --passwd) from it; flags win.",
     )
     parser.add_argument("--version", action="version", version=f"sealmq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -40,11 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    paths = None
+    try:
+        if os.environ.get(config.ENV):
+            paths = config.load(Path(os.environ[config.ENV]))
+            config.apply(parser, paths)
+    except SealmqError as exc:
+        print(f"sealmq: error: {exc}", file=sys.stderr)
+        return exits.code_for(exc)
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
-        return 2
+        return exits.USAGE
+    if paths is not None:
+        config.complete(args, paths)
     try:
         result = func(args)
     except SealmqError as exc:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from app import config
 from app.bootstrap import Deployment, bootstrap
 from app.demo_console import port_free, serve_demo, start_demo_console  # console (issue 13)
 from backend.service import BackendService, BackendSettings
@@ -63,6 +64,7 @@ def run_bootstrap(args: argparse.Namespace) -> int:
     for what in created:
         print(f"created {what}")
     print(f"deployment ready in {dep.root} ({len(dep.devices())} devices)")
+    print(f"to use its paths without flags: export {config.ENV}={(dep.root / config.FILE_NAME).resolve()}")
     return 0
 
 

@@ -118,6 +118,9 @@ def _messages(args: argparse.Namespace) -> int:
 
 
 def _no_data(data: Path) -> int:
+    if data.is_dir():  # bootstrap made it; the backend has not run yet
+        print(f"nothing stored in {data} yet: `sealmq backend run --data {data}` has not run")
+        return exits.OK
     print(f"sealmq: error: no backend data in {data} (is it the --data of `sealmq backend run`?)", file=sys.stderr)
     return exits.USAGE
 
@@ -161,7 +164,7 @@ def _command(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         print(f"sealmq: error: --args is not JSON: {exc}", file=sys.stderr)
         return exits.USAGE
-    if not db_path(args.data).exists() and args.pki is None:
+    if not args.data.is_dir():  # a mistyped --data must not start a database no backend reads
         return _no_data(args.data)
     store = _storage(args.data)
     seen = {d[0]: d for d in store.devices()}

@@ -27,8 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run = dsub.add_parser("run", help="run one device from its key and certificate")
     run.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/ca.crt, devices/<id>/...)")
     run.add_argument("--id", required=True, help="device id")
-    run.add_argument("--state", type=Path, default=None, help="state dir (audit log, media outbox)")
-    run.add_argument("--interval", type=float, default=5.0, help="seconds between telemetry records")
+    run.add_argument("--state", type=Path, default=None,
+                     help="state dir: audit log, media outbox (default: sealmq-data/devices/<id>, or "
+                          "<devices>/<id> from $SEALMQ_CONFIG)")
+    run.add_argument("--interval", type=float, default=5.0,
+                     help="seconds between telemetry records (default: %(default)s)")
     run.add_argument("--count", type=int, default=0,
                      help="stop after this many records (default 0 = forever); with a count, "
                           "--connect-timeout defaults to 30 s")
@@ -42,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     send.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/ca.crt, devices/<id>/...)")
     send.add_argument("--id", required=True, help="device id")
     send.add_argument("--state", type=Path, default=None,
-                      help="state dir, where the outbox survives restarts (default: sealmq-data/devices/<id>)")
+                      help="state dir, where the outbox survives restarts (default: sealmq-data/devices/<id>, "
+                           "or <devices>/<id> from $SEALMQ_CONFIG)")
     send.add_argument("--type", default=None, help="content type (default: guessed from the name)")
     send.add_argument("--session-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up (exit code 1) without a session with the backend after this long "

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 import device.cli
+from app import config as app_config
 from app.bootstrap import Deployment, bootstrap
 from app.cli import build_parser, main
 from backend.service import BackendService, BackendSettings
@@ -304,3 +305,45 @@ def test_a_second_demo_reports_its_own_figures(tmp_path: Path) -> None:
     in_all = int(out.split("stored by the backend ")[1].split("(")[1].split(" ")[0])
     assert 0 < stored <= sent  # this run's records, not the deployment's total
     assert in_all > stored
+
+
+# -- sealmq.toml (SEALMQ_CONFIG) ----------------------------------------------------------------
+def test_bootstrap_writes_sealmq_toml_whose_paths_become_the_defaults(tmp_path: Path) -> None:
+    dep, created = bootstrap(tmp_path / "deploy", ["dev-001"], iterations=1000)
+    assert "sealmq.toml" in created
+    paths = app_config.load(dep.root / "sealmq.toml")
+    assert (paths.pki, paths.data, paths.users) == (dep.pki, dep.backend_data, dep.users)
+
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = build_parser()
+        app_config.apply(parser, paths)
+        args = parser.parse_args(argv)
+        app_config.complete(args, paths)
+        return args
+
+    assert parse("device", "simulate").state == dep.root / "devices"
+    run = parse("device", "run", "--id", "dev-001")
+    assert (run.pki, run.state) == (dep.pki, dep.device_state("dev-001"))
+    assert parse("backend", "run").data == dep.backend_data
+    assert parse("broker", "run").passwd == dep.users
+    seen = parse("inspect")
+    assert (seen.username, seen.password_file) == ("monitor", dep.monitor_password_file)
+    # a flag wins over the file
+    assert parse("backend", "messages", "--data", "elsewhere").data == Path("elsewhere")
+    assert parse("device", "run", "--id", "dev-001", "--state", "s").state == Path("s")
+    # bootstrap keeps an existing file (the operator may have edited it)
+    assert "sealmq.toml" not in bootstrap(dep.root, ["dev-001"], iterations=1000)[1]
+
+
+def test_commands_take_their_paths_from_sealmq_config(tmp_path: Path) -> None:
+    dep, _ = bootstrap(tmp_path / "deploy", ["dev-001"], iterations=1000)
+    env = {"SEALMQ_CONFIG": str(dep.root / "sealmq.toml")}
+    r = sealmq("backend", "command", "dev-001", "status", env=env)
+    assert r.returncode == exits.OK, r.stderr
+    assert "for dev-001: queued (enrolled, no handshake yet)" in r.stdout  # --pki came from the file
+    listed = sealmq("backend", "commands", env=env)
+    assert " dev-001 " in listed.stdout and " queued " in listed.stdout
+    (tmp_path / "bad.toml").write_text('[deployment]\npki = 3\n')
+    bad = sealmq("backend", "commands", env={"SEALMQ_CONFIG": str(tmp_path / "bad.toml")})
+    assert bad.returncode == exits.USAGE
+    assert "pki must be a non-empty string" in bad.stderr
