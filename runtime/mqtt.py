@@ -4,11 +4,12 @@ It only moves bytes: connect (MQTT 3.1.1, which both amqtt and mosquitto speak),
 exponential backoff, re-subscribe after every (re)connect, publish, and hand every received
 message to one callback. No protocol logic lives here.
 
-What an operator sees: every failed connection attempt is logged (WARNING, with the next delay), a
-lost connection is logged as lost, a requested stop is not. A broker that refuses the credentials is
-not a transient fault: the link stops retrying at once and keeps the refusal in :attr:`MqttLink.error`
-(a :class:`~sealmq.errors.TransportError` with ``Reason.NOT_AUTHORIZED``), which
-:func:`MqttLink.wait_connected` and the commands (``runtime.connect``) raise.
+What an operator sees: ``connecting to HOST:PORT as USER ...`` (INFO), every failed attempt
+(WARNING, numbered), a lost connection as lost; a requested stop is not reported as a loss. A broker
+that refuses the credentials (or the client id) is not a transient fault: the link stops retrying at
+once and keeps the refusal in :attr:`MqttLink.error` (a :class:`~sealmq.errors.TransportError` with
+``Reason.NOT_AUTHORIZED``), which :meth:`MqttLink.wait_connected` raises and the commands turn into
+exit code 4 (``runtime/exits.py``). "Server unavailable" is retried like an unreachable broker.
 
 paho runs callbacks on its network thread, and acknowledges a QoS 1 message when
 ``on_message`` returns: the callback given here therefore processes the message before
@@ -35,6 +36,10 @@ from sealmq.errors import Reason, TransportError
 log = logging.getLogger("sealmq.mqtt")
 
 MessageHandler = Callable[[str, bytes], None]
+
+# CONNACK refusals worth retrying, as paho reports them (MQTT 5 reason codes; a 3.1.1 code 3 is 136):
+# Server unavailable, Server busy. Any other refusal (credentials, client id, protocol) is final.
+_TRANSIENT_REFUSALS = frozenset({136, 137})
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,12 @@ class MqttLink:
     # -- paho callbacks (network thread) -------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
         where = f"{self.settings.host}:{self.settings.port}"
+        if getattr(rc, "is_failure", False) and getattr(rc, "value", None) in _TRANSIENT_REFUSALS:
+            self._attempts += 1
+            log.warning("the broker at %s is unavailable (%s, attempt %d); retrying", where, rc, self._attempts)
+            return
         if getattr(rc, "is_failure", False):
-            # Wrong user name or password, or not authorised: retrying cannot fix it.
+            # Wrong user name or password, client id or protocol refused: retrying cannot fix it.
             self.error = TransportError(
                 Reason.NOT_AUTHORIZED,
                 f"the broker at {where} refused user {self.settings.username!r}: {rc}",
@@ -152,11 +161,6 @@ class MqttLink:
             log.exception("message handler failed on %s", message.topic)
 
     # -- API -------------------------------------------------------------------------------------
-    @property
-    def attempts(self) -> int:
-        """Failed connection attempts since the last successful connect."""
-        return self._attempts
-
     def start(self, wait: float | None = 10.0) -> None:
         """Connect in the background (paho keeps reconnecting with backoff).
 

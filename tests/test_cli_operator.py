@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from backend.storage import Storage, db_path
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from device.cli import _progress_printer
 from runtime import exits
-from runtime.mqtt import MqttSettings
+from runtime.mqtt import MqttLink, MqttSettings
 from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,3 +348,25 @@ def test_commands_take_their_paths_from_sealmq_config(tmp_path: Path) -> None:
     bad = sealmq("backend", "commands", env={"SEALMQ_CONFIG": str(tmp_path / "bad.toml")})
     assert bad.returncode == exits.USAGE
     assert "pki must be a non-empty string" in bad.stderr
+
+
+# -- a refusal that is not about the credentials is retried -----------------------------------------
+def test_server_unavailable_is_retried_not_final(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    """The embedded broker answers "server unavailable" to a login over its per-user bound: transient."""
+    password = site.dep.password("device", "dev-001")
+    with EmbeddedBroker(EmbeddedBrokerConfig(passwd=site.dep.users, port=0, max_connections_per_user=1)) as broker:
+        holder = MqttLink(MqttSettings(port=broker.port, username="dev-001", password=password,
+                                       client_id="dev-001:holder"), lambda t, p: None)
+        holder.start()
+        link = MqttLink(MqttSettings(port=broker.port, username="dev-001", password=password,
+                                     client_id="dev-001:agent", reconnect_max_delay=1), lambda t, p: None)
+        with caplog.at_level(logging.WARNING, logger="sealmq.mqtt"):
+            link.start(wait=None)
+            try:
+                assert wait_for(lambda: "is unavailable" in caplog.text)
+                assert link.error is None
+                holder.stop()  # the slot frees: the retry gets in
+                assert link.wait_connected(30)
+            finally:
+                link.stop()
+                holder.stop()
