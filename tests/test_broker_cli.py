@@ -137,11 +137,11 @@ def test_inspect_prints_what_the_broker_sees(tmp_path) -> None:  # type: ignore[
 def test_inspect_refused_for_a_device(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     with running_amqtt(tmp_path) as b:
         d = b.devices[0]
-        args = ["inspect", "--port", str(b.port), "--username", d.username, "--password", d.password]
+        args = ["inspect", "--port", str(b.port), "--username", d.username, f"--password={d.password}"]
         args += ["--timeout", "5"]
         assert main(args) == exits.NOT_AUTHORIZED  # a device may not subscribe to sealmq/#
         assert "not_authorized" in capsys.readouterr().err
-        args[5:7] = ["--password", "wrong"]
+        args[5] = "--password=wrong"
         assert main(args) == exits.NOT_AUTHORIZED
 
 
