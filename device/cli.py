@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--count", type=int, default=0,
                      help="stop after this many records (default 0 = forever); with a count, "
                           "--connect-timeout defaults to 30 s")
+    run.add_argument("--session-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="with --count: give up (exit code 1) without a session with the backend after this "
+                          "long (default: %(default)s)")
     run.add_argument("--by-reference", action="store_true", help="send the certificate as x5t, not x5chain")
     run.add_argument("--method", type=int, choices=[0, 3], default=0,
                      help="EDHOC method: 0 = X.509 signatures (default), 3 = static DH with a CCS (pki ccs issue)")
@@ -110,21 +113,24 @@ def _run(args: argparse.Namespace) -> int:
     _on_signals(stop)
     agent.start(wait=None)
     sent = 0
+    code = exits.OK
     try:
         agent.link.wait_connected(limit, raise_on_timeout=True, stop=stop)
-        while not stop.is_set() and (args.count == 0 or sent < args.count):
+        if args.count and not _wait_session(agent, args.session_timeout, stop) and not stop.is_set():
+            code = exits.INCOMPLETE
+        while not stop.is_set() and code == exits.OK and (args.count == 0 or sent < args.count):
             if agent.link.error is not None:
                 raise agent.link.error
             if agent.established.is_set():
                 agent.send_telemetry(telemetry_for(args.id, sent))
                 sent += 1
             stop.wait(args.interval if agent.established.is_set() else 0.2)
-        if args.count:
+        if args.count and sent:
             time.sleep(1.0)  # let the last records leave
     finally:
         agent.stop()
     print(f"device {args.id}: {sent} telemetry records sent, counters {agent.counters}")
-    return 0
+    return code
 
 
 def _progress_printer(stream: Any) -> Callable[[Any], None]:
@@ -177,10 +183,7 @@ def _send(args: argparse.Namespace) -> int:
     agent.start(wait=None)
     try:
         agent.link.wait_connected(connect_limit(args), raise_on_timeout=True, stop=stop)
-        if not _wait(agent.established.is_set, args.session_timeout, agent, stop):
-            if not stop.is_set():
-                print(f"sealmq: error: connected, but no session with the backend after {args.session_timeout:g} s"
-                      " (is `sealmq backend run` running?)", file=sys.stderr)
+        if not _wait_session(agent, args.session_timeout, stop):
             return exits.INCOMPLETE
         for f in args.files:
             agent.send_file(f, args.type)
@@ -191,6 +194,16 @@ def _send(args: argparse.Namespace) -> int:
         print(f"{agent.pending_transfers()} transfers not finished (they resume on the next run)")
         return exits.INCOMPLETE
     return exits.OK
+
+
+def _wait_session(agent: Any, timeout: float, stop: threading.Event) -> bool:
+    """Wait for a session with the backend; say why not if none came (unless told to stop)."""
+    if _wait(agent.established.is_set, timeout, agent, stop):
+        return True
+    if not stop.is_set():
+        print(f"sealmq: error: connected, but no session with the backend after {timeout:g} s"
+              " (is `sealmq backend run` running?)", file=sys.stderr)
+    return False
 
 
 def _wait(condition: Callable[[], bool], timeout: float, agent: Any, stop: threading.Event) -> bool:

@@ -370,3 +370,12 @@ def test_server_unavailable_is_retried_not_final(site: Site, caplog: pytest.LogC
             finally:
                 link.stop()
                 holder.stop()
+
+
+def test_a_counted_run_without_a_backend_ends_with_code_1(site: Site, tmp_path: Path) -> None:
+    """The broker is up but no backend answers: `device run --count` says so instead of waiting forever."""
+    r = sealmq("device", "run", "--pki", site.pki, "--id", "dev-001", "--state", str(tmp_path), "--port",
+               str(site.port), "--count", "1", "--session-timeout", "2")
+    assert r.returncode == exits.INCOMPLETE, r.stderr
+    assert "connected, but no session with the backend after 2 s" in r.stderr
+    assert "0 telemetry records sent" in r.stdout
