@@ -292,7 +292,7 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
 # -- the demo -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_second_demo_reports_its_own_figures(tmp_path: Path) -> None:
-    args = ("demo", "--dir", str(tmp_path / "demo"), "--duration", "2", "--port", "0")
+    args = ("demo", "--dir", str(tmp_path / "demo"), "--duration", "2", "--port", "0", "--console", "off")
     first = sealmq(*args)
     assert first.returncode == exits.OK, first.stdout + first.stderr
     assert "created" in first.stdout.splitlines()[0]
