@@ -12,9 +12,11 @@ import argparse
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,10 +32,12 @@ from app.cli import build_parser, main
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage, db_path
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
+from broker.mosquitto_config import MosquittoOptions, write_config
+from broker.passwd import load_users
 from device.cli import _progress_printer
 from runtime import exits
 from runtime.mqtt import MqttLink, MqttSettings
-from tests.brokers import free_port
+from tests.brokers import MOSQUITTO, MosquittoProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 90  # seconds: a command that has not ended by then hangs (the bug this file is about)
@@ -379,3 +383,26 @@ def test_a_counted_run_without_a_backend_ends_with_code_1(site: Site, tmp_path: 
     assert r.returncode == exits.INCOMPLETE, r.stderr
     assert "connected, but no session with the backend after 2 s" in r.stderr
     assert "0 telemetry records sent" in r.stdout
+
+
+@pytest.mark.mosquitto
+def test_a_refused_password_ends_device_run_on_mosquitto_too(site: Site, tmp_path: Path) -> None:
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto binary not installed")
+    port = free_port()
+    conf_dir = Path(tempfile.mkdtemp(prefix="sealmq-mosquitto-"))  # reachable by `user mosquitto`
+    try:
+        write_config(conf_dir, load_users(site.dep.users), MosquittoOptions(host="127.0.0.1", port=port))
+        proc = MosquittoProcess(conf_dir, port, tmp_path / "mosquitto.log").start()
+        try:
+            args = ("device", "run", "--pki", site.pki, "--id", "dev-001", "--state", str(tmp_path),
+                    "--count", "1", "--port", str(port), "--session-timeout", "1")
+            r = sealmq(*args, env=WRONG)
+            control = sealmq(*args)  # the right password gets in (and finds no backend there)
+        finally:
+            proc.stop()
+    finally:
+        shutil.rmtree(conf_dir, ignore_errors=True)
+    assert r.returncode == exits.NOT_AUTHORIZED, r.stderr
+    assert f"the broker at 127.0.0.1:{port} refused user 'dev-001'" in r.stderr
+    assert control.returncode == exits.INCOMPLETE, control.stderr
