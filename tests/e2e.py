@@ -49,6 +49,7 @@ class Recorder:
         settings = system.mqtt("monitor", "monitor", client_id=f"monitor:rec{id(self)}", clean_session=True)
         self.link = MqttLink(settings, self._on, [topic_filter])
         self.link.start()
+        system.closers.append(self.stop)  # a test that forgets it must not leave a link retrying forever
 
     def _on(self, topic: str, payload: bytes) -> None:
         with self._lock:
