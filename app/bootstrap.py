@@ -21,6 +21,7 @@ Layout under ``DIR``::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from backend.console.auth import CONSOLE_MONITOR, make_hash  # console (issue 13
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
 from runtime.files import atomic_write
+from sealmq.errors import ConfigError, Reason
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,18 @@ def _ensure_user(dep: Deployment, role: AccountRole, name: str, iterations: int,
     return True
 
 
+# Key types that sign the same suites: a backend needs one of each group its devices use.
+_SAME_SUITES = {"rsa2048": "rsa", "rsa3072": "rsa"}
+
+
+def backend_key_types_for(device_key_type: str) -> tuple[str, ...]:
+    """The backend's key types by default: P-256 (suite 2, and the CCS suites), plus the device
+    key type when it signs other suites (Ed25519: suite 0; RSA: -24), so the devices can run."""
+    if _SAME_SUITES.get(device_key_type, device_key_type) == "p256":
+        return ("p256",)
+    return ("p256", device_key_type)
+
+
 def bootstrap(
     root: Path,
     device_ids: list[str],
@@ -98,16 +112,31 @@ def bootstrap(
     key_type: str = "p256",
     iterations: int = DEFAULT_ITERATIONS,
     backend_name: str = "backend",
+    backend_key_types: Sequence[str] | None = None,
 ) -> tuple[Deployment, list[str]]:
-    """Create whatever is missing; returns the deployment and a list of what was created."""
+    """Create whatever is missing; returns the deployment and a list of what was created.
+
+    ``backend_key_types``: the first is the backend's main certificate, each further one an extra
+    certificate (``backend/<name>/extra/<type>``); default :func:`backend_key_types_for` the
+    devices' ``key_type``. One per group of suites: rsa2048 and rsa3072 both sign suite -24.
+    """
+    kinds = backend_key_types or backend_key_types_for(key_type)
+    groups = [_SAME_SUITES.get(k, k) for k in kinds]
+    if not kinds or len(set(groups)) != len(groups):
+        raise ConfigError(Reason.CONFIG_INVALID, "backend key types: at least one, one per suite group")
     dep = Deployment(root)
     created: list[str] = []
     if not layout.anchor(dep.pki).exists():
         store.init_ca(dep.pki)
         created.append("CA")
-    if not (layout.backend_dir(dep.pki, backend_name) / "cert.pem").exists():
-        store.enroll(dep.pki, "backend", backend_name)
+    backend = layout.backend_dir(dep.pki, backend_name)
+    if not (backend / layout.CERT).exists():
+        store.enroll(dep.pki, "backend", backend_name, kinds[0], force=backend.exists())
         created.append(f"backend identity {backend_name}")
+    for extra in kinds[1:]:
+        if not (layout.extra_dir(backend, extra) / layout.CERT).exists():
+            store.enroll(dep.pki, "backend", backend_name, extra, extra=True)
+            created.append(f"backend identity {backend_name} ({extra})")
     for device_id in device_ids:
         if not (layout.device_dir(dep.pki, device_id) / "cert.pem").exists():
             store.enroll(dep.pki, "device", device_id, key_type=key_type)

@@ -49,9 +49,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       help="deployment directory: pki/, broker/users, broker/monitor.password, backend/")
     boot.add_argument("--devices", type=int, default=0, help="ensure devices dev-001..dev-N (default: none)")
     boot.add_argument("--ids", nargs="*", default=[], help="ensure these device ids")
-    boot.add_argument("--key-type", default="p256", choices=["p256", "ed25519", "rsa2048", "rsa3072"],
+    boot.add_argument("--key-type", default="p256", choices=list(_KEY_TYPES),
                       help="key type of new device identities (default: %(default)s)")
+    boot.add_argument("--backend-key-types", type=_key_types, default=None, metavar="T[,T...]",
+                      help="the backend's certificates, the first its main one (default: p256, plus the devices' "
+                           "key type if it signs other suites: ed25519 for suite 0, rsa* for -24)")
     boot.set_defaults(func=run_bootstrap)
+
+
+_KEY_TYPES = ("p256", "ed25519", "rsa2048", "rsa3072")
+
+
+def _key_types(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in _KEY_TYPES]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"key types from {', '.join(_KEY_TYPES)}, comma-separated")
+    return kinds
 
 
 def device_ids(n: int) -> list[str]:
@@ -60,7 +74,7 @@ def device_ids(n: int) -> list[str]:
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     ids = [*device_ids(args.devices), *args.ids]
-    dep, created = bootstrap(args.dir, ids, key_type=args.key_type)
+    dep, created = bootstrap(args.dir, ids, key_type=args.key_type, backend_key_types=args.backend_key_types)
     for what in created:
         print(f"created {what}")
     print(f"deployment ready in {dep.root} ({len(dep.devices())} devices)")

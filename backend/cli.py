@@ -14,6 +14,8 @@ from backend.storage import Storage, db_path
 from runtime import exits
 from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
+from sealmq.bodies import decode_telemetry
+from sealmq.errors import DecodeError
 
 _DATA_HELP = "backend data directory (default: %(default)s; the README's walk-through uses deploy/backend)"
 _STATES = ("queued", "sent", "replied", "expired", "failed")
@@ -107,9 +109,10 @@ def _messages(args: argparse.Namespace) -> int:
     rows = store.messages(args.device, limit=10**9)[-args.limit:] if args.limit > 0 else []
     for m in rows:
         try:
-            shown = json.dumps(cbor.loads(m.payload), default=str)
-        except Exception:
-            shown = f"<{m.size} bytes>"
+            body = decode_telemetry(m.payload)
+            shown = json.dumps({"t": body.time, "v": body.values}, default=str)
+        except DecodeError:  # stored before bodies were validated
+            shown = f"<{m.size} bytes, not a telemetry body>"
         print(f"{_ts(m.received_at)} {m.device_id:20} {m.kind:10} epoch={m.epoch} seq={m.seq:<6} {shown}")
     total = store.count_messages(args.device)
     more = "; --limit N shows more" if total > len(rows) else ""

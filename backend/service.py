@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +33,13 @@ from backend.storage import Storage, db_path
 from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
-from pki.verify import Role
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.mqtt import MqttSettings
 from sealmq import cbor
+from sealmq.bodies import Command, decode_reply, decode_telemetry
 from sealmq.edhoc import (
+    AuthKind,
     CcsAuthenticator,
     KnownChains,
     LocalCredential,
@@ -46,6 +47,7 @@ from sealmq.edhoc import (
     PeerAuthenticator,
     X509Authenticator,
     X509Credential,
+    suites_for,
 )
 from sealmq.endpoint import (
     BackendConfig,
@@ -54,7 +56,8 @@ from sealmq.endpoint import (
     Output,  # console (issue 13)
     Received,
 )
-from sealmq.errors import DecodeError, Reason, SealmqError
+from sealmq.errors import ConfigError, DecodeError, Reason, SealmqError
+from sealmq.identity import CredentialKind, Role
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
 
@@ -97,32 +100,54 @@ class _FileWatch:
         return True
 
 
+def _certificate_credentials(
+    identity_dir: Path, suites: Sequence[int], passphrase: bytes | None
+) -> list[LocalCredential]:
+    """The backend's certificates: its main one, then one per extra key type (``extra/<type>/``).
+
+    Each must serve a suite no other serves (the responder picks the credential by the suite the
+    device selected); a certificate that serves nothing, or another backend's, is a start error.
+    """
+    credentials: list[LocalCredential] = []
+    served: set[int] = set()
+    name = None
+    for d in [identity_dir, *layout.extra_dirs(identity_dir)]:
+        identity = load_identity(d, passphrase)
+        if identity.role is not Role.BACKEND or name not in (None, identity.name):
+            raise ConfigError(Reason.CONFIG_INVALID, f"{d} is not a certificate of this backend")
+        name = identity.name
+        credential = X509Credential(
+            private_key=identity.private_key,
+            chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
+            by_reference=False,
+        )
+        fits = set(suites_for(credential, suites))
+        if not fits or fits & served:
+            raise ConfigError(Reason.CONFIG_INVALID, f"{d}: its key serves no suite of {list(suites)} "
+                                                     "that another certificate does not already serve")
+        served |= fits
+        credentials.append(credential)
+    return credentials
+
+
 class BackendService(EndpointDriver):
     endpoint: BackendEndpoint
 
     def __init__(self, settings: BackendSettings, *, passphrase: bytes | None = None) -> None:
         self.settings = settings
         identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
-        identity = load_identity(identity_dir, passphrase)
-        credentials: list[LocalCredential] = [X509Credential(
-            private_key=identity.private_key,
-            chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
-            by_reference=False,
-        )]
+        config = settings.endpoint
+        credentials = _certificate_credentials(identity_dir, config.suites, passphrase)
         self._crl = _FileWatch(layout.crl(settings.pki_dir), seen=True)
-        # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too when the
-        # backend has a CCS of its own: `sealmq pki ccs issue --pki DIR backend`.
         self._issued = _FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
         self._issued_chains = KnownChains()
         self._registry_path = layout.ccs_registry(settings.pki_dir)
         self._registry = _FileWatch(self._registry_path, seen=True)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
-        config = settings.endpoint
-        ccs_key = identity_dir / layout.CCS_KEY
-        if ccs_key.exists() and self.registry is not None:
-            credentials.append(pki_ccs.load_credential(settings.pki_dir, "backend", settings.name))
-            if 3 not in config.methods:
-                config = replace(config, methods=(*config.methods, 3))
+        # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too as soon as
+        # the backend has a CCS of its own (`sealmq pki ccs issue --pki DIR backend`): looked for
+        # at start and at every tick, so issuing one needs no restart.
+        self._own_ccs = _FileWatch(identity_dir / layout.CCS_CRED, seen=False)
         endpoint = BackendEndpoint(
             credentials=credentials, trust_store=load_trust_store(settings.pki_dir), config=config,
             authenticator=self._authenticator,
@@ -140,6 +165,7 @@ class BackendService(EndpointDriver):
             default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
             poll_interval=settings.poll_interval, log=log,
         )
+        self._load_own_ccs()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_start(self) -> None:
@@ -166,7 +192,11 @@ class BackendService(EndpointDriver):
 
     # -- commands ----------------------------------------------------------------------------
     def send_command(self, device_id: str, name: str, args: Any = None) -> int:
-        """Queue a command; it is sealed and sent as soon as the device has a session."""
+        """Queue a command; it is sealed and sent as soon as the device has a session.
+
+        A command the device would refuse (name too long, arguments not plain CBOR data) raises
+        :class:`~sealmq.errors.LocalProtocolError` here, before anything is queued."""
+        Command(0, name, args).encode()
         return self.storage.queue_command(device_id, name, cbor.dumps(args), self.clock())
 
     def key_update(self, device_id: str) -> None:
@@ -186,6 +216,24 @@ class BackendService(EndpointDriver):
     def _before_tick(self) -> None:
         self._reload_crl()
         self._reload_registry()
+        self._load_own_ccs()
+
+    def _load_own_ccs(self) -> None:
+        """Load (or replace) the backend's own CCS when ``ccs.cbor`` appears or changes, and serve
+        method 3 from then on."""
+        if not self._own_ccs.changed() or not self._own_ccs.path.exists():
+            return
+        try:
+            credential = pki_ccs.load_credential(self.settings.pki_dir, "backend", self.settings.name)
+        except SealmqError as err:
+            self.audit.event("ccs_load_failed", reason=err.reason, detail=err.detail)
+            return
+        with self._lock:
+            others = [c for c in self.endpoint.credentials if c.kind is not AuthKind.STATIC_DH]
+            self.endpoint.credentials = [*others, credential]
+            if 3 not in self.endpoint.config.methods:
+                self.endpoint.config = replace(self.endpoint.config, methods=(*self.endpoint.config.methods, 3))
+            self.audit.event("ccs_credential_loaded", kid=credential.ccs.kid.hex())
 
     def _on_tick(self, now: float) -> None:
         self._send_pending_commands(now)
@@ -234,10 +282,9 @@ class BackendService(EndpointDriver):
             self.audit.event("ccs_registry_reloaded")
             # a revoked or removed CCS ends its live session now, not at the next handshake
             for device_id, est in list(self.endpoint.sessions.items()):
-                kid = getattr(est.peer, "kid", None)
-                if kid is None:
+                if est.peer.kind is not CredentialKind.CCS:
                     continue
-                entry = registry.by_kid(kid)
+                entry = registry.by_kid(est.peer.credential_ref)
                 if entry is None or entry.revoked:
                     self._dispatch(self.endpoint.close_session(device_id, Reason.REVOKED))
 
@@ -255,15 +302,21 @@ class BackendService(EndpointDriver):
 
     def _send_pending_commands(self, now: float) -> None:
         for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):
-            args = cbor.loads(cmd.args)
-            self._dispatch(self.endpoint.seal(cmd.device_id, RecordKind.COMMAND,
-                                              cbor.dumps([cmd.id, cmd.name, args]), now))
+            try:
+                body = Command(cmd.id, cmd.name, cbor.loads(cmd.args)).encode()
+            except SealmqError as err:
+                # queued by hand (`backend command`) and unsendable: fail it once, not every tick
+                self.storage.mark_command(cmd.id, "failed", now)
+                self.audit.event("command_failed", device=cmd.device_id, id=cmd.id, reason=err.reason)
+                continue
+            self._dispatch(self.endpoint.seal(cmd.device_id, RecordKind.COMMAND, body, now))
             self.storage.mark_command(cmd.id, "sent", now)
             self.audit.event("command_sent", device=cmd.device_id, command=cmd.name, id=cmd.id)
 
     def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
-        cert = getattr(done.identity, "certificate", None)
-        fingerprint = hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest() if cert else ""
+        peer = done.identity
+        # the fingerprint names the certificate; a CCS device has none (its kid is in the registry)
+        fingerprint = hashlib.sha256(peer.credential_ref).hexdigest() if peer.kind is CredentialKind.X509 else ""
         self.storage.record_handshake(done.device_id, now, fingerprint)
         self.audit.event("handshake_completed", device=done.device_id, suite=done.suite, cert_sha256=fingerprint)
 
@@ -275,23 +328,32 @@ class BackendService(EndpointDriver):
         if rec.kind in (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL):
             self._on_media(rec, now)
         elif rec.kind is RecordKind.TELEMETRY:
+            try:
+                decode_telemetry(rec.plaintext)  # only a valid body is stored
+            except DecodeError as err:
+                self._reject(rec, "telemetry", err.reason, err.detail)
+                return
             self.storage.store_message(rec.device_id, now, rec.kind.name.lower(), rec.epoch, rec.seq, rec.plaintext)
         elif rec.kind is RecordKind.REPLY:
             try:
-                body = cbor.as_list(cbor.loads(rec.plaintext), "reply", length=3)
-                command_id = cbor.as_uint(body[0], "command id")
+                reply = decode_reply(rec.plaintext)  # an id SQLite cannot hold is refused here
             except DecodeError as err:
-                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason=err.reason)
+                self._reject(rec, "reply", err.reason, err.detail)
                 return
-            cmd = self.storage.command(command_id)
+            cmd = self.storage.command(reply.id)
             if cmd is None or cmd.device_id != rec.device_id:
-                self.audit.event("message_rejected", device=rec.device_id, stage="reply", reason=Reason.UNKNOWN_COMMAND)
+                self._reject(rec, "reply", Reason.UNKNOWN_COMMAND)
                 return
-            self.storage.mark_command(command_id, "replied", now, rec.plaintext)
-            self.audit.event("command_replied", device=rec.device_id, id=command_id, ok=bool(body[1]))
+            self.storage.mark_command(reply.id, "replied", now, rec.plaintext)
+            self.audit.event("command_replied", device=rec.device_id, id=reply.id, ok=reply.ok)
         else:
-            self.audit.event("message_rejected", device=rec.device_id, stage="dispatch",
-                             reason="unexpected_kind", kind=rec.kind.name)
+            self._reject(rec, "dispatch", Reason.UNEXPECTED_KIND, rec.kind.name)
+
+    def _reject(self, rec: Received, stage: str, reason: Reason, detail: str = "") -> None:
+        """An authenticated record whose body this backend refuses: audited and counted, not stored."""
+        self.counters["rejected"] += 1
+        self.audit.event("message_rejected", device=rec.device_id, stage=stage, reason=reason, detail=detail,
+                         kind=rec.kind.name.lower(), size=len(rec.plaintext))
 
     def _on_media(self, rec: Received, now: float) -> None:
         public_key = self.endpoint.peer_public_key(rec.device_id)

@@ -26,11 +26,10 @@ from pki import ccs as pki_ccs
 from pki import keys
 from pki import layout as pki_layout
 from pki.store import load_identity, load_trust_store, read_bytes
-from pki.verify import Role
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.mqtt import MqttSettings
-from sealmq import cbor
+from sealmq.bodies import Reply, Telemetry, decode_command
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
     DeviceEndpoint,
@@ -40,6 +39,7 @@ from sealmq.endpoint import (
     Received,
 )
 from sealmq.errors import DecodeError, KeyFileError, Reason, SealmqError
+from sealmq.identity import Role
 from sealmq.media import DEFAULT_CHUNK_SIZE
 from sealmq.media_sender import DEFAULT_WINDOW
 from sealmq.topics import RecordKind
@@ -148,7 +148,7 @@ class DeviceAgent(EndpointDriver):
             self._dispatch(self.endpoint.seal(kind, plaintext, self.clock()))
 
     def send_telemetry(self, values: dict[str, Any]) -> None:
-        self.send(RecordKind.TELEMETRY, cbor.dumps({"t": round(time.time(), 3), "v": values}))
+        self.send(RecordKind.TELEMETRY, Telemetry.at(self.clock(), values).encode())
 
     def send_file(self, path: Path, content_type: str | None = None) -> OutgoingTransfer:
         """Queue a file: signed manifest + sealed chunks, resumable (state persists in the outbox)."""
@@ -222,24 +222,22 @@ class DeviceAgent(EndpointDriver):
 
     def _run_command(self, rec: Received) -> None:
         try:
-            body = cbor.as_list(cbor.loads(rec.plaintext), "command", length=3)
-            command_id = cbor.as_uint(body[0], "command id")
-            name = cbor.as_text(body[1], "command name", max_len=64)
+            command = decode_command(rec.plaintext)
         except DecodeError as err:
             self.audit.event("command_rejected", reason=err.reason, detail=err.detail)
             return
-        handler = self.commands.get(name)
+        handler = self.commands.get(command.name)
         if handler is None:
-            reply = [command_id, False, f"unknown command {name}"]
+            reply = Reply.unknown_command(command.id, command.name)
         else:
             try:
-                reply = [command_id, True, handler(body[2])]
+                reply = Reply.success(command.id, handler(command.args))
             except Exception as exc:  # a handler bug must not kill the agent
-                reply = [command_id, False, type(exc).__name__]
-        self.audit.event("command_executed", command=name, id=command_id, ok=bool(reply[1]))
-        self._dispatch(self.endpoint.seal(RecordKind.REPLY, cbor.dumps(reply), self.clock()))
-
-
-
-
-
+                reply = Reply.failure(command.id, type(exc).__name__)
+        try:
+            body = reply.encode()
+        except SealmqError:  # the handler's result is not plain CBOR data: say so, do not crash
+            reply = Reply.failure(command.id, "unencodable result")
+            body = reply.encode()
+        self.audit.event("command_executed", command=command.name, id=command.id, ok=reply.ok)
+        self._dispatch(self.endpoint.seal(RecordKind.REPLY, body, self.clock()))

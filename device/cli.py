@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--by-reference", action="store_true", help="send the certificate as x5t, not x5chain")
     run.add_argument("--method", type=int, choices=[0, 3], default=0,
                      help="EDHOC method: 0 = X.509 signatures (default), 3 = static DH with a CCS (pki ccs issue)")
+    run.add_argument("--suites", type=_suites, default=(), metavar="S[,S...]",
+                     help="EDHOC cipher suites in preference order (default: those the credential fits: "
+                          "2 for P-256, 0 for Ed25519, -24 for RSA, 2,-24 for a CCS)")
     add_mqtt_arguments(run, connect_timeout=None)
     run.set_defaults(func=_run)
 
@@ -89,6 +92,13 @@ def _on_signals(stop: threading.Event) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
 
+def _suites(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("comma-separated suite numbers, e.g. 0 or 2,-24") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent, DeviceConfig
     from device.simulator import telemetry_for
@@ -103,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         pki_dir=args.pki,
         state_dir=args.state or Path("sealmq-data") / "devices" / args.id,
         mqtt=settings,
-        endpoint=EndpointConfig(by_reference=args.by_reference),
+        endpoint=EndpointConfig(suites=args.suites, by_reference=args.by_reference),
         method=args.method,
     ))
     limit = connect_limit(args)

@@ -83,6 +83,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         passphrase=_passphrase(args),
         days=args.days,
         force=args.force,
+        extra=args.extra,
     )
     print(f"enrolled {args.role} {name} in {d}")
     return 0
@@ -194,7 +195,10 @@ def register(subparsers: Any) -> None:
     sp.add_argument("--days", type=int, default=None,
                     help=f"validity (default {issue.DEFAULT_LEAF_DAYS}, max {issue.MAX_LEAF_DAYS})")
     pass_arg(sp, "the CA key")
-    sp.add_argument("--force", action="store_true", help="replace an existing identity")
+    sp.add_argument("--extra", action="store_true",
+                    help="backend only: another certificate of another key type, in backend/<name>/extra/<key-type>")
+    sp.add_argument("--force", action="store_true",
+                    help="rotate: a new key and certificate; other files in the directory are kept")
 
     sp = cmd("revoke", _cmd_revoke, "revoke an issued certificate and re-issue the CRL")
     pki_arg(sp)

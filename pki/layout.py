@@ -9,6 +9,8 @@
     DIR/ca/issued/<serial-hex>.crt, DIR/ca/index.json   what was issued
     DIR/devices/<id>/key.pem (0600), csr.pem, cert.pem, chain.pem
     DIR/backend/<name>/key.pem (0600), csr.pem, cert.pem, chain.pem   (default name "backend")
+    DIR/backend/<name>/extra/<key-type>/key.pem, ...   more certificates of the backend, one per
+                                                   signature key type (suite 0 needs Ed25519, -24 RSA)
     DIR/devices/<id>/ccs_key.pem (0600), ccs.cbor   a CCS static-DH credential (EDHOC method 3)
     DIR/backend/<name>/ccs_key.pem (0600), ccs.cbor
     DIR/ccs/registry.json                          registered CCS credentials (kid -> role, name, CCS)
@@ -101,6 +103,24 @@ def device_dir(pki_dir: Path | str, device_id: str) -> Path:
 
 def backend_dir(pki_dir: Path | str, name: str = DEFAULT_BACKEND) -> Path:
     return identity_dir(pki_dir, Role.BACKEND, name)
+
+
+EXTRA = "extra"
+
+
+def extra_dir(identity: Path | str, key_type: str) -> Path:
+    """``<identity>/extra/<key-type>``: another certificate of the same backend, of another key type."""
+    if not valid_name(key_type):
+        raise PkiError(Reason.POLICY_VIOLATION, "invalid key type name")
+    return Path(identity) / EXTRA / key_type
+
+
+def extra_dirs(identity: Path | str) -> list[Path]:
+    """The extra identities under ``<identity>/extra/`` that hold a key, sorted by key type."""
+    root = Path(identity) / EXTRA
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / KEY).exists())
 
 
 def enrolled_devices(pki_dir: Path | str) -> list[str]:

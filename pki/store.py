@@ -321,16 +321,28 @@ def enroll(
     days: int | None = None,
     now: datetime | None = None,
     force: bool = False,
+    extra: bool = False,
 ) -> Path:
-    """Development convenience: key, CSR and certificate into ``DIR/devices/<id>`` (or backend)."""
+    """Development convenience: key, CSR and certificate into ``DIR/devices/<id>`` (or backend).
+
+    ``extra`` (backend only) enrolls another certificate of the backend, for another key type, in
+    ``DIR/backend/<name>/extra/<key-type>``: a backend serves the suites its credentials fit.
+    ``force`` replaces the key, CSR and certificate and keeps everything else in the directory
+    (the broker password, a CCS credential, extra certificates): it rotates the certificate.
+    """
     pki = Path(pki_dir)
     role = Role(role)
     final = layout.identity_dir(pki, role, name)
     kt = keys.parse_key_type(str(key_type), keys.LEAF_KEY_TYPES)
+    if extra:
+        if role is not Role.BACKEND:
+            raise PkiError(Reason.POLICY_VIOLATION, "only a backend holds extra certificates")
+        final = layout.extra_dir(final, kt.value)
     if final.exists() and not force:
         raise PkiError(Reason.ALREADY_EXISTS, f"{final} exists (use --force to replace it)")
     key = keys.generate(kt)
     csr_pem = issue.make_csr(key, role, name).public_bytes(serialization.Encoding.PEM)
+    replaced = (layout.KEY, layout.CSR, layout.CERT, layout.CHAIN)
     with _new_dir(final, force=force) as tmp:
         os.chmod(tmp, 0o700)
         issued = sign_csr(pki, csr_pem, role, days=days, passphrase=passphrase, now=now, expected_name=name)
@@ -338,7 +350,21 @@ def enroll(
         write_atomic(tmp / layout.CSR, csr_pem)
         write_atomic(tmp / layout.CERT, issued.cert_pem())
         write_atomic(tmp / layout.CHAIN, issued.chain_pem())
+        if final.exists():
+            _keep_the_rest(final, tmp, skip=replaced)
     return final
+
+
+def _keep_the_rest(old: Path, new: Path, *, skip: tuple[str, ...]) -> None:
+    """Hard-link what ``old`` holds besides ``skip`` into ``new`` (same file system, no copy of a
+    secret; modes kept), so that the directory swap replaces only the files it regenerates."""
+    for entry in old.iterdir():
+        if entry.name in skip:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=os.link)
+        else:
+            os.link(entry, new / entry.name, follow_symlinks=False)
 
 
 # --- revocation ----------------------------------------------------------------------------

@@ -26,12 +26,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sealmq.errors import CertificateError, PkiError, Reason
-from sealmq.identity import Role as Role  # noqa: PLC0414 - re-exported for device/agent.py, backend/service.py
+from sealmq.identity import CredentialKind, Role
 
 URI_PREFIX = "urn:sealmq:"
 # Names end up in topics, SAN URIs and directory names: the device-id alphabet for both roles.
@@ -70,6 +71,14 @@ class VerifiedPeer:
     @property
     def credential(self) -> str:
         return f"x509 serial {self.certificate.serial_number:x}"
+
+    @property
+    def kind(self) -> CredentialKind:
+        return CredentialKind.X509
+
+    @property
+    def credential_ref(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
 
 
 @dataclass(frozen=True)

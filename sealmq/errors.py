@@ -75,6 +75,7 @@ class Reason(StrEnum):
     # --- application messages (telemetry, command, reply bodies) ------------------------------
     BAD_BODY = "bad_body"  # well-formed CBOR, but not the body its record kind requires
     UNKNOWN_COMMAND = "unknown_command"  # a reply names no command sent to that device
+    UNEXPECTED_KIND = "unexpected_kind"  # an authenticated record of a kind this side has no use for
     # --- transport / broker -----------------------------------------------------------------
     NOT_AUTHORIZED = "not_authorized"
     TRANSPORT_FAILED = "transport_failed"

@@ -13,6 +13,13 @@ from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 
+class CredentialKind(StrEnum):
+    """How a peer proved who it is: an X.509 certificate chain, or a registered CCS (method 3)."""
+
+    X509 = "x509"
+    CCS = "ccs"
+
+
 class Role(StrEnum):
     """The two parties of the protocol: the EDHOC initiator (device) and responder (backend)."""
 
@@ -40,4 +47,15 @@ class PeerIdentity(Protocol):
     @property
     def credential(self) -> str:
         """A short, non-secret description of the credential for audit logs (e.g. "ccs kid 0a1b")."""
+        ...
+
+    @property
+    def kind(self) -> CredentialKind:
+        """Which kind of credential authenticated the peer."""
+        ...
+
+    @property
+    def credential_ref(self) -> bytes:
+        """What names the credential where it is checked again: the leaf certificate (DER) for
+        X.509, which a trust store re-validates; the kid for a CCS, which the registry holds."""
         ...

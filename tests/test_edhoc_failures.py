@@ -10,7 +10,6 @@ import pytest
 from cryptography import x509
 
 from pki import issue
-from pki.verify import Role
 from sealmq import cbor
 from sealmq.edhoc import (
     Initiator,
@@ -23,6 +22,7 @@ from sealmq.edhoc import (
 )
 from sealmq.edhoc.handshake import _INITIATOR_TABLE, _RESPONDER_TABLE, Input
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError
+from sealmq.identity import Role
 from tests.edhoc_helpers import PkiFixture, counter_random, h, make_pki, p256_key, run_handshake, trace1_pair
 
 

@@ -10,7 +10,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from pki.verify import Role
 from sealmq import cbor
 from sealmq.edhoc import (
     AuthenticatedPeer,
@@ -24,6 +23,7 @@ from sealmq.edhoc import (
     generate_ephemeral,
 )
 from sealmq.errors import EdhocError, LocalProtocolError, Reason
+from sealmq.identity import Role
 from tests.edhoc_helpers import PkiFixture, counter_random, make_pki, p256_key, rsa_key, run_handshake
 
 

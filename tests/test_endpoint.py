@@ -287,8 +287,8 @@ def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) 
     (at most 7 bytes with AES-CCM-16-64-128) with an error the initiator can read."""
     from datetime import UTC, datetime
 
-    from pki.verify import Role
     from sealmq.edhoc import Initiator, X509Authenticator, decode_error_message, is_error_message
+    from sealmq.identity import Role
 
     _, backend, _ = make(pki, [])
     ini = Initiator(pki.credential("device", "cam-1"),

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from pki import ccs as pki_ccs
-from pki.verify import Role
 from sealmq import cbor, oscore, topics
 from sealmq.edhoc import CcsAuthenticator, CcsCredential, CcsIdentity
 from sealmq.edhoc.wire import encode_identifier
 from sealmq.endpoint import BackendConfig, BackendEndpoint, HandshakeCompleted, Output, Publish, Received
 from sealmq.events import KeyUpdateDone
+from sealmq.identity import Role
 from sealmq.session import Session
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.brokers import BrokerHandle, running_amqtt

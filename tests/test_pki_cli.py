@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from app.cli import main
 from pki import issue, keys, layout, store
-from pki.verify import Role
+from sealmq.identity import Role
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 PASS = b"correct horse battery staple\n"

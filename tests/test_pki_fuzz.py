@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from pki import issue, keys
 from pki.verify import (
-    Role,
     TrustStore,
     load_certificate,
     load_certificates_pem,
@@ -20,6 +19,7 @@ from pki.verify import (
     load_crls_pem,
 )
 from sealmq.errors import CertificateError, CsrError, KeyFileError, PkiError
+from sealmq.identity import Role
 
 NOW = datetime.now(UTC)
 DER = serialization.Encoding.DER

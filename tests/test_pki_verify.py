@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from pki import issue, keys, layout, store
-from pki.verify import Role, TrustStore, identity_of, load_certificates_pem, load_crls_pem
+from pki.verify import TrustStore, identity_of, load_certificates_pem, load_crls_pem
 from sealmq.errors import CertificateError, Reason
+from sealmq.identity import Role
 
 
 def now() -> datetime:

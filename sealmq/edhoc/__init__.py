@@ -27,6 +27,7 @@ from sealmq.edhoc.credentials import (
     TrustStoreLike,
     X509Authenticator,
     X509Credential,
+    suites_for,
 )
 from sealmq.edhoc.handshake import (
     EdhocResult,
@@ -37,8 +38,9 @@ from sealmq.edhoc.handshake import (
     Responder,
     State,
     connection_id,
+    responder_suites,
 )
-from sealmq.edhoc.suites import DEFAULT_SUITES, SUITES, Suite, generate_ephemeral, get_suite
+from sealmq.edhoc.suites import DEFAULT_SUITES, PREFERRED_SUITES, SUITES, Suite, generate_ephemeral, get_suite
 from sealmq.edhoc.wire import (
     EadItem,
     ErrorMessage,
@@ -51,6 +53,7 @@ from sealmq.edhoc.wire import (
 
 __all__ = [
     "DEFAULT_SUITES",
+    "PREFERRED_SUITES",
     "SUITES",
     "AuthKind",
     "AuthenticatedPeer",
@@ -88,4 +91,6 @@ __all__ = [
     "generate_ephemeral",
     "get_suite",
     "is_error_message",
+    "responder_suites",
+    "suites_for",
 ]

@@ -32,7 +32,7 @@ from sealmq.edhoc.credentials import AuthenticatedPeer, AuthKind, PeerAuthentica
 from sealmq.edhoc.suites import CURVE_P256, Suite, exchange
 from sealmq.edhoc.wire import IdCred
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError
-from sealmq.identity import Role
+from sealmq.identity import CredentialKind, Role
 
 # CWT claim keys (RFC 8392) and the confirmation method (RFC 8747).
 CLAIM_ISS, CLAIM_SUB, CLAIM_EXP, CLAIM_NBF, CLAIM_IAT, CLAIM_CNF = 1, 2, 4, 5, 6, 8
@@ -258,6 +258,14 @@ class CcsIdentity:
     @property
     def credential(self) -> str:
         return f"ccs kid {self.kid.hex()}"
+
+    @property
+    def kind(self) -> CredentialKind:
+        return CredentialKind.CCS
+
+    @property
+    def credential_ref(self) -> bytes:
+        return self.kid
 
 
 @dataclass(frozen=True)

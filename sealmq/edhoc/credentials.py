@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from sealmq import cbor
-from sealmq.edhoc.suites import Suite, exchange
+from sealmq.edhoc.suites import PREFERRED_SUITES, Suite, exchange, get_suite
 from sealmq.edhoc.wire import X5T_SHA256_64, IdCred, x5t_hash
 from sealmq.errors import CertificateError, EdhocError, LocalProtocolError, Reason
 from sealmq.identity import PeerIdentity, Role
@@ -73,6 +73,12 @@ class LocalCredential(Protocol):
     def static_dh(self, suite: Suite, peer_public: bytes) -> bytes:
         """ECDH of the static private key with a peer's wire-format ephemeral key."""
         ...
+
+
+def suites_for(credential: LocalCredential, candidates: Sequence[int] = PREFERRED_SUITES) -> tuple[int, ...]:
+    """The suites of ``candidates`` (kept in their order) that ``credential`` can authenticate
+    under: e.g. (0,) for an Ed25519 key, (-24,) for RSA, (2, -24) for a P-256 CCS."""
+    return tuple(s for s in candidates if credential.supports(get_suite(s)))
 
 
 @dataclass(frozen=True)

@@ -379,6 +379,20 @@ def connection_id(value: bytes | int) -> bytes:
     return raw
 
 
+def _responder_credential(credentials: Sequence[LocalCredential], suite: Suite, method: int) -> LocalCredential | None:
+    want = AuthKind.SIGNATURE if responder_signs(method) else AuthKind.STATIC_DH
+    for cred in credentials:
+        if cred.kind is want and cred.supports(suite):
+            return cred
+    return None
+
+
+def responder_suites(credentials: Sequence[LocalCredential], suites: Sequence[int], method: int) -> list[int]:
+    """The suites of ``suites`` (kept in order) a responder holding ``credentials`` serves for
+    ``method``: those some credential of the method's kind fits (its SUITES_R)."""
+    return [s for s in suites if _responder_credential(credentials, get_suite(s), method) is not None]
+
+
 def _check_method(method: int) -> None:
     if method not in METHODS:
         raise LocalProtocolError(Reason.UNSUPPORTED_METHOD, f"method {method} does not exist")
@@ -622,14 +636,10 @@ class Responder(_Party):
 
     def supported_suites(self, method: int) -> list[int]:
         """SUITES_R for ``method``: our suites (in preference order) that some credential fits."""
-        return [s for s in self.suites if self._credential_for(get_suite(s), method) is not None]
+        return responder_suites(self.credentials, self.suites, method)
 
     def _credential_for(self, suite: Suite, method: int) -> LocalCredential | None:
-        want = AuthKind.SIGNATURE if responder_signs(method) else AuthKind.STATIC_DH
-        for cred in self.credentials:
-            if cred.kind is want and cred.supports(suite):
-                return cred
-        return None
+        return _responder_credential(self.credentials, suite, method)
 
     # --- message_1 -----------------------------------------------------------------------
 

@@ -208,6 +208,12 @@ SUITES: dict[int, Suite] = {
 
 DEFAULT_SUITES: tuple[int, ...] = (2,)
 
+# What the endpoints use unless configured otherwise, in preference order: the suites whose
+# application AEAD the record layer implements (AES-CCM-16-64-128) and whose signature keys the
+# PKI issues (2: P-256, 0: Ed25519, -24: RSA). The backend serves those its credentials fit; a
+# device offers those its own credential fits (``credentials.suites_for``).
+PREFERRED_SUITES: tuple[int, ...] = (2, 0, -24)
+
 
 def get_suite(ident: int) -> Suite:
     try:

@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sealmq import cbor, topics
-from sealmq.edhoc import LocalCredential, Responder, X509Authenticator, encode_error_message, is_error_message
+from sealmq.edhoc import (
+    PREFERRED_SUITES,
+    LocalCredential,
+    Responder,
+    X509Authenticator,
+    encode_error_message,
+    is_error_message,
+    responder_suites,
+)
 from sealmq.endpoint.events import (
     AuthenticatorFactory,
     HandshakeCompleted,
@@ -23,7 +31,7 @@ from sealmq.endpoint.events import (
 )
 from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
-from sealmq.identity import PeerIdentity, Role
+from sealmq.identity import CredentialKind, PeerIdentity, Role
 from sealmq.oscore import AES_CCM_16_64_128
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import Channel, Direction, ParsedTopic, RecordKind
@@ -47,7 +55,7 @@ class _Established:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    suites: tuple[int, ...] = (2, 0, -24)
+    suites: tuple[int, ...] = PREFERRED_SUITES  # served: those some credential fits (Responder)
     methods: tuple[int, ...] = (0,)
     max_half_open: int = 1024  # handshakes in progress, all devices together
     half_open_ttl: float = 15.0
@@ -68,7 +76,10 @@ class BackendEndpoint:
         config: BackendConfig | None = None,
         authenticator: AuthenticatorFactory | None = None,
     ) -> None:
-        self.credentials = credentials
+        # one per signature key type (and a CCS for method 3): the responder picks by suite
+        self.credentials: list[LocalCredential] = (
+            list(credentials) if isinstance(credentials, Sequence) else [credentials]
+        )
         self.authenticator = authenticator
         self.trust_store = trust_store
         self.config = config or BackendConfig()
@@ -81,6 +92,11 @@ class BackendEndpoint:
             topics.subscription(Channel.DATA, Direction.UP),
             topics.subscription(Channel.MEDIA, Direction.UP),
         ]
+
+    def served_suites(self) -> dict[int, list[int]]:
+        """The suites this backend serves, by method: those of ``config.suites`` some credential
+        fits (a P-256 certificate alone serves only suite 2 for method 0)."""
+        return {m: responder_suites(self.credentials, self.config.suites, m) for m in sorted(self.config.methods)}
 
     def peer(self, device_id: str) -> PeerIdentity | None:
         est = self.sessions.get(device_id)
@@ -261,11 +277,11 @@ class BackendEndpoint:
         self.trust_store = trust_store
         out: list[Output] = []
         for device_id, est in list(self.sessions.items()):
-            cert = getattr(est.peer, "certificate", None)
-            if cert is None:
-                continue  # not an X.509 peer (e.g. a CCS credential): checked at its next handshake
+            if est.peer.kind is not CredentialKind.X509:
+                continue  # a CCS is checked against the registry (the adapter's reload), not a CA
             try:
-                trust_store.verify([cert], role=Role.DEVICE, now=to_datetime(now), expected_name=device_id)
+                trust_store.verify([est.peer.credential_ref], role=Role.DEVICE, now=to_datetime(now),
+                                   expected_name=device_id)
             except SealmqError as err:
                 del self.sessions[device_id]
                 out.append(SessionLost(device_id, err.reason))

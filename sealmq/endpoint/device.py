@@ -16,6 +16,7 @@ from sealmq.edhoc import (
     decode_error_message,
     encode_error_message,
     is_error_message,
+    suites_for,
 )
 from sealmq.endpoint.events import (
     AuthenticatorFactory,
@@ -38,7 +39,9 @@ from sealmq.topics import Channel, Direction, RecordKind
 
 @dataclass(frozen=True)
 class EndpointConfig:
-    suites: tuple[int, ...] = (2,)
+    # Cipher suites in preference order; empty: those of PREFERRED_SUITES the credential fits
+    # (2 for P-256, 0 for Ed25519, -24 for RSA, 2 and -24 for a CCS).
+    suites: tuple[int, ...] = ()
     handshake_timeout: float = 10.0
     retry_min: float = 1.0
     retry_max: float = 60.0
@@ -79,6 +82,14 @@ class DeviceEndpoint:
         self.method = method
         self.backend_name = backend_name
         self.config = config or EndpointConfig()
+        # A credential that fits none of the suites can never handshake: say so now, not at
+        # every attempt (an Ed25519 device offering only suite 2 used to spin on this).
+        if not suites_for(credential, self.suites):
+            raise LocalProtocolError(
+                Reason.UNSUPPORTED_ALGORITHM,
+                f"the credential fits none of the suites {list(self.config.suites)}" if self.config.suites
+                else "the credential fits no suite sealmq implements for sessions",
+            )
         self.state = DeviceState.IDLE
         self.session: Session | None = None
         self.peer: PeerIdentity | None = None
@@ -92,6 +103,12 @@ class DeviceEndpoint:
             topics.topic(device_id, Channel.DATA, Direction.DOWN),
             topics.topic(device_id, Channel.MEDIA, Direction.DOWN),
         ]
+
+    @property
+    def suites(self) -> tuple[int, ...]:
+        """The suites this device offers, in preference order: as configured, else those its
+        credential fits."""
+        return self.config.suites or suites_for(self.credential)
 
     @property
     def established(self) -> bool:
@@ -108,7 +125,7 @@ class DeviceEndpoint:
             self.credential,
             authenticator,
             c_i=c_i_value,
-            suites=self.config.suites,
+            suites=self.suites,
             method=self.method,
             random_bytes=random_bytes,
         )
