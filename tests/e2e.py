@@ -91,10 +91,12 @@ class MosquittoSub:
 
 
 class System:
-    def __init__(self, root: Path, device_ids: list[str], broker: str = "amqtt", **broker_options: Any) -> None:
+    def __init__(self, root: Path, device_ids: list[str], broker: str = "amqtt", *, key_type: str = "p256",
+                 backend_key_types: tuple[str, ...] | None = None, **broker_options: Any) -> None:
         self.root = root
         self.kind = broker
-        self.dep: Deployment = bootstrap(root, device_ids, iterations=1000)[0]
+        self.dep: Deployment = bootstrap(root, device_ids, iterations=1000, key_type=key_type,
+                                         backend_key_types=backend_key_types)[0]
         # a second monitor login for mosquitto_sub: mosquitto binds the client id to the user name,
         # so two connections of one user would keep replacing each other
         self.sub_password = secrets.token_urlsafe(12)

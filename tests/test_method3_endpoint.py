@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki import ccs as pki_ccs
 from sealmq.edhoc import (
@@ -29,7 +30,7 @@ from sealmq.endpoint import (
     Received,
 )
 from sealmq.errors import Reason
-from sealmq.identity import PeerIdentity, Role
+from sealmq.identity import CredentialKind, PeerIdentity, Role
 from sealmq.topics import RecordKind
 from tests.pki_fixtures import TestPki, make_pki
 from tests.test_endpoint import Net, completed, rejected
@@ -134,6 +135,11 @@ def test_both_kinds_of_peer_are_a_peer_identity(pki: TestPki) -> None:
     assert type(peers["cam-1", "cam-1"]).__name__ == "VerifiedPeer"
     assert peers["cam-1", "cam-1"].credential.startswith("x509 serial ")
     assert peers["tiny-1", "tiny-1"].credential == f"ccs kid {backend.peer('tiny-1').kid.hex()}"
+    # what the adapters need of a peer, without looking for attributes of one kind
+    assert peers["cam-1", "cam-1"].kind is CredentialKind.X509
+    assert peers["cam-1", "cam-1"].credential_ref == peers["cam-1", "cam-1"].certificate.public_bytes(Encoding.DER)
+    assert peers["tiny-1", "tiny-1"].kind is CredentialKind.CCS
+    assert peers["tiny-1", "tiny-1"].credential_ref == backend.peer("tiny-1").kid
     assert backend.peer_public_key("tiny-1") == peers["tiny-1", "tiny-1"].public_key
 
 
