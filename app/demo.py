@@ -23,6 +23,7 @@ from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
 from device.simulator import Simulator, media_files, telemetry_for
+from pki import keys
 from runtime.mqtt import MqttLink, MqttSettings
 
 MARKER = "demo-plaintext-marker"
@@ -57,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     boot.set_defaults(func=run_bootstrap)
 
 
-_KEY_TYPES = ("p256", "ed25519", "rsa2048", "rsa3072")
+_KEY_TYPES = tuple(str(k) for k in keys.LEAF_KEY_TYPES)
 
 
 def _key_types(text: str) -> tuple[str, ...]:
