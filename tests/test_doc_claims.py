@@ -213,6 +213,15 @@ def test_prose_agrees_with_the_tables() -> None:
     assert "no tags, no `undefined`, no other simple value" in prose
 
 
+def test_frames_use_only_the_simple_values_the_rules_allow() -> None:
+    # the rule names the frames: their prefixes `true` and `null` are plain CBOR the decoder accepts
+    from sealmq.endpoint.framing import NULL_PREFIX, TRUE_PREFIX
+
+    assert cbor.loads(TRUE_PREFIX) is True and cbor.loads(NULL_PREFIX) is None
+    text = " ".join((DOCS / "protocol.md").read_text(encoding="utf-8").split())
+    assert "(the handshake frames and command arguments use them)" in text
+
+
 # -- the encoding rules as stated in prose ----------------------------------------------------
 
 @pytest.mark.parametrize(("hex_", "ok"), [
