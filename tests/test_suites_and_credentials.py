@@ -64,6 +64,14 @@ def test_a_device_whose_key_fits_no_configured_suite_fails_at_construction(pki: 
     assert _device(pki, "ed-1", suites=(2, 0)).suites == (2, 0)  # explicit order kept when one fits
 
 
+def test_a_device_whose_credential_does_not_fit_its_method_fails_at_construction(pki: TestPki) -> None:
+    for method in (3, 7):  # static DH with a signature key; no such method
+        with pytest.raises(LocalProtocolError) as info:
+            DeviceEndpoint(device_id="p-1", credential=pki.credential("device", "p-1"),
+                           trust_store=pki.trust_store(), method=method)
+        assert info.value.reason is Reason.UNSUPPORTED_METHOD
+
+
 def test_a_ccs_device_offers_the_p256_suites(pki: TestPki, tmp_path: Path) -> None:
     own = make_pki(tmp_path / "pki", [])
     pki_ccs.issue_ccs(own.path, "device", "tiny-1")

@@ -38,6 +38,7 @@ from sealmq.edhoc.handshake import (
     Responder,
     State,
     connection_id,
+    initiator_signs,
     responder_suites,
 )
 from sealmq.edhoc.suites import DEFAULT_SUITES, PREFERRED_SUITES, SUITES, Suite, generate_ephemeral, get_suite
@@ -90,6 +91,7 @@ __all__ = [
     "encode_error_message",
     "generate_ephemeral",
     "get_suite",
+    "initiator_signs",
     "is_error_message",
     "responder_suites",
     "suites_for",

@@ -8,6 +8,7 @@ from typing import Any
 
 from sealmq import cbor, topics
 from sealmq.edhoc import (
+    AuthKind,
     EdhocResult,
     Initiator,
     LocalCredential,
@@ -15,9 +16,11 @@ from sealmq.edhoc import (
     X509Authenticator,
     decode_error_message,
     encode_error_message,
+    initiator_signs,
     is_error_message,
     suites_for,
 )
+from sealmq.edhoc.handshake import METHODS
 from sealmq.endpoint.events import (
     AuthenticatorFactory,
     HandshakeCompleted,
@@ -82,8 +85,12 @@ class DeviceEndpoint:
         self.method = method
         self.backend_name = backend_name
         self.config = config or EndpointConfig()
-        # A credential that fits none of the suites can never handshake: say so now, not at
-        # every attempt (an Ed25519 device offering only suite 2 used to spin on this).
+        # A credential that fits none of the suites, or not the method, can never handshake: say
+        # so now, not at every attempt (an Ed25519 device offering only suite 2 used to spin on this).
+        if method not in METHODS or credential.kind is not (
+            AuthKind.SIGNATURE if initiator_signs(method) else AuthKind.STATIC_DH
+        ):
+            raise LocalProtocolError(Reason.UNSUPPORTED_METHOD, f"method {method} does not fit the credential")
         if not suites_for(credential, self.suites):
             raise LocalProtocolError(
                 Reason.UNSUPPORTED_ALGORITHM,
