@@ -296,6 +296,13 @@ def test_pki_claims(tmp_path: Path) -> None:
         assert value == PKI_CLAIMS[claim](tmp_path), claim
 
 
+def test_command_synopsis_lists_the_same_key_types() -> None:
+    text = (DOCS / "pki.md").read_text(encoding="utf-8")
+    for command, allowed in (("init", keys.CA_KEY_TYPES), ("keygen", keys.LEAF_KEY_TYPES)):
+        m = re.search(rf"sealmq pki {command} .*?\[--key-type ([a-z0-9|]+)\]", text)
+        assert m and m.group(1).split("|") == list(allowed), command
+
+
 def test_cli_choices_follow_the_key_types() -> None:
     from app.demo import _KEY_TYPES
 
