@@ -39,7 +39,7 @@ from fuzz import world
 from fuzz.oracle import PROJECT_ERRORS, InvariantViolated
 from pki import ccs as pki_ccs
 from pki import issue, store
-from pki.verify import Role, TrustStore, load_certificate, load_certificates_pem, load_chain, load_crls_pem
+from pki.verify import TrustStore, load_certificate, load_certificates_pem, load_chain, load_crls_pem
 from sealmq import bodies, cbor, oscore, record, topics
 from sealmq.edhoc import (
     CcsEntry,
@@ -53,6 +53,7 @@ from sealmq.edhoc.wire import decode_id_cred
 from sealmq.endpoint import HandshakeCompleted, HandshakeFailed, Output, Publish, Received, Rejected, SessionLost
 from sealmq.endpoint.framing import c_i_prefix_of, split_frame
 from sealmq.errors import Reason, SealmqError
+from sealmq.identity import Role
 from sealmq.media import (
     decode_ack,
     decode_chunk,

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pki import ccs as pki_ccs
 from pki import store
 from pki.store import load_identity, load_trust_store
-from pki.verify import Role, TrustStore
+from pki.verify import TrustStore
 from sealmq import cbor, kdf, topics
 from sealmq.edhoc import (
     CcsAuthenticator,
@@ -45,6 +45,7 @@ from sealmq.edhoc import (
     get_suite,
 )
 from sealmq.endpoint import BackendEndpoint, DeviceEndpoint, Output, Publish
+from sealmq.identity import Role
 from sealmq.media import Manifest, sign_manifest
 from sealmq.session import Session
 

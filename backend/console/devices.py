@@ -11,6 +11,7 @@ from cryptography import x509
 from backend.console.feed import ConsoleFeed
 from pki import layout
 from pki.verify import load_crls_pem
+from sealmq.identity import CredentialKind
 
 
 def _cert_info(cert: x509.Certificate) -> dict[str, Any]:
@@ -57,13 +58,17 @@ def device_rows(service: Any, feed: ConsoleFeed) -> list[dict[str, Any]]:
         est = sessions.get(device_id)
         credential: dict[str, Any] | None = None
         is_revoked = False
-        peer_cert = getattr(getattr(est, "peer", None), "certificate", None)
+        peer = est.peer if est is not None else None
+        # the credential the live session authenticated with, else what is enrolled
+        peer_cert = (x509.load_der_x509_certificate(peer.credential_ref)
+                     if peer is not None and peer.kind is CredentialKind.X509 else None)
         cert = peer_cert if peer_cert is not None else enrolled.get(device_id)
         if cert is not None:
             credential = _cert_info(cert)
             is_revoked = cert.serial_number in revoked
         entry = ccs_devices.get(device_id)
-        kid = getattr(getattr(est, "peer", None), "kid", None) or (entry.ccs.kid if entry is not None else None)
+        kid = (peer.credential_ref if peer is not None and peer.kind is CredentialKind.CCS
+               else entry.ccs.kid if entry is not None else None)
         if credential is None and kid is not None:
             credential = {"type": "ccs", "kid": bytes(kid).hex()}
             is_revoked = bool(entry is not None and entry.revoked)
