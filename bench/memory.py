@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from bench.stats import fmt, table
 from pki import issue, keys, layout, store
 from pki.store import load_identity, load_trust_store
-from pki.verify import Role
 from sealmq import topics
 from sealmq.edhoc import X509Credential
 from sealmq.endpoint import BackendEndpoint, DeviceEndpoint, Publish
 from sealmq.endpoint.backend import BackendConfig
 from sealmq.errors import Reason
+from sealmq.identity import Role
 
 
 def _rss() -> int:
