@@ -79,7 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     from pki import layout
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = mqtt_settings(args, password_file=layout.backend_dir(args.pki, args.name) / "mqtt.password")
+    identity_dir = layout.backend_dir(args.pki, args.name)
+    settings = mqtt_settings(args, password_file=identity_dir / "mqtt.password", ca_file=layout.anchor(args.pki),
+                             client_cert=(identity_dir / layout.CHAIN, identity_dir / layout.KEY))
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name))
     console = start_console(service, args, settings)  # console (issue 13)
     try:

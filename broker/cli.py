@@ -17,11 +17,31 @@ from sealmq.errors import ConfigError, Reason
 _BOUND_KEYS = {"max_connections_per_user", "max_sessions_per_user", "reserved_backend_connections",
                "max_pending_connects", "max_qos2_pending", "session_expiry", "max_offline_queue",
                "max_offline_queue_backend"}
-_RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout", *_BOUND_KEYS}
+_TLS_KEYS = {"tls_pki", "tls_name", "tls_port", "tls_require_certificate", "plain"}
+_RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout", *_BOUND_KEYS,
+             *_TLS_KEYS}
 # TOML gives any type: a string port or a list host must be a config error, not a TypeError later
 _RUN_TYPES: dict[str, tuple[type, ...]] = {"passwd": (str,), "host": (str,), "port": (int,),
                                            "max_message_size": (int,), "max_connections": (int,),
-                                           "connect_timeout": (int, float)}
+                                           "connect_timeout": (int, float), "tls_pki": (str,),
+                                           "tls_name": (str,), "tls_port": (int,)}
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser, *, password_port: bool = False) -> None:
+    group = parser.add_argument_group("TLS (mqtts)")
+    group.add_argument("--tls-pki", type=Path,
+                       help="PKI directory: serve TLS with DIR/broker/NAME's certificate, accept client "
+                       "certificates from DIR/ca/ca.crt, refuse those in DIR/ca/crl.pem")
+    group.add_argument("--tls-name", help="the broker certificate's name (default broker)")
+    group.add_argument("--tls-port", type=int, help="TLS port (default 8883)")
+    group.add_argument("--no-plain", dest="plain", action="store_const", const=False,
+                       help="no plain-TCP listener (TLS only)")
+    if password_port:
+        group.add_argument("--tls-password-port", type=int,
+                           help="a second TLS listener taking passwords (monitors)")
+    else:
+        group.add_argument("--tls-allow-password", dest="tls_require_certificate", action="store_const",
+                           const=False, help="accept passwords on the TLS listener too (monitors)")
 
 
 def register(subparsers: Any) -> None:
@@ -35,6 +55,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--passwd", type=Path, help="user file (sealmq broker passwd)")
     run.add_argument("--max-message-size", type=int, help="largest payload relayed, bytes (default 262144)")
     run.add_argument("--max-connections", type=int, help="simultaneous connections (default 1000)")
+    _add_tls_arguments(run)
     run.set_defaults(func=cmd_run)
 
     pw = sub.add_parser("passwd", help="add, replace or delete a broker user")
@@ -57,6 +78,7 @@ def register(subparsers: Any) -> None:
     mq.add_argument("--run-as", default=os.environ.get("SEALMQ_MOSQUITTO_RUN_AS", "mosquitto"),
                     help="unprivileged user mosquitto drops to when started as root (default: mosquitto, "
                     "or $SEALMQ_MOSQUITTO_RUN_AS); generated as root, the files are handed to it")
+    _add_tls_arguments(mq, password_port=True)
     mq.set_defaults(func=cmd_mosquitto_config)
 
     ins = subparsers.add_parser("inspect", help="print what the broker sees on sealmq/# (no plaintext)")
@@ -68,6 +90,9 @@ def register(subparsers: Any) -> None:
                      help="file holding the password (first line), e.g. DIR/broker/monitor.password")
     ins.add_argument("--count", type=int, help="exit after this many messages (default: run until Ctrl-C)")
     ins.add_argument("--timeout", type=float, help="exit after this many quiet seconds (default: no limit)")
+    ins.add_argument("--tls-ca", type=Path, help="connect with TLS, checking the broker against this CA file")
+    ins.add_argument("--tls-cert", type=Path, help="a client certificate (chain) instead of a password")
+    ins.add_argument("--tls-key", type=Path, help="the key of --tls-cert")
     ins.set_defaults(func=cmd_inspect)
 
 
@@ -98,11 +123,18 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
                        if k in _RUN_TYPES and (isinstance(v, bool) or not isinstance(v, _RUN_TYPES[k])))
         if wrong:
             raise ConfigError(Reason.CONFIG_INVALID, f"keys of the wrong type in {args.config}: {wrong}")
-    for key in ("host", "port", "passwd", "max_message_size", "max_connections"):
+    for key in ("host", "port", "passwd", "max_message_size", "max_connections", *_TLS_KEYS):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
     values.setdefault("port", 1883)
+    tls_pki, tls_name = values.pop("tls_pki", None), values.pop("tls_name", "broker")
+    if tls_pki is not None:
+        from broker.tls import TlsFiles
+
+        values["tls"] = TlsFiles.from_pki(tls_pki, tls_name)
+    elif {"tls_port", "tls_require_certificate"} & set(values) or values.get("plain") is False:
+        raise ConfigError(Reason.CONFIG_INVALID, "TLS options need the PKI directory (--tls-pki)")
     if "passwd" not in values:
         raise ConfigError(Reason.CONFIG_INVALID, "a user file is required (--passwd or passwd = in --config)")
     return values
@@ -120,7 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with EmbeddedBroker(config) as broker:
-            print(f"sealmq broker listening on {broker.host}:{broker.port}", flush=True)
+            if config.plain:
+                print(f"sealmq broker listening on {broker.host}:{broker.port}", flush=True)
+            if config.tls is not None:
+                print(f"sealmq broker listening on {broker.host}:{broker.tls_port} (TLS)", flush=True)
             while not stop.wait(0.5):
                 pass
             print("sealmq broker: shutting down", flush=True)
@@ -151,13 +186,20 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_mosquitto_config(args: argparse.Namespace) -> int:
     from broker.mosquitto_config import DEFAULT_MAX_MESSAGE_SIZE, MosquittoOptions, write_config
     from broker.passwd import load_users
+    from broker.tls import DEFAULT_TLS_PORT, TlsFiles
 
+    if args.tls_pki is None and (args.tls_port or args.tls_password_port or args.plain is False):
+        raise ConfigError(Reason.CONFIG_INVALID, "TLS options need the PKI directory (--tls-pki)")
     opts = MosquittoOptions(
         host=args.host,
         port=args.port,
         max_message_size=args.max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
         persistence=not args.no_persistence,
         run_as=args.run_as,
+        plain=args.plain is not False,
+        tls=TlsFiles.from_pki(args.tls_pki, args.tls_name or "broker") if args.tls_pki else None,
+        tls_port=args.tls_port or DEFAULT_TLS_PORT,
+        tls_password_port=args.tls_password_port,
     )
     conf = write_config(args.out, load_users(args.passwd), opts)
     print(f"wrote {conf}; run: mosquitto -c {conf}")
@@ -171,5 +213,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.password_file is not None:
         password = _read_password_file(args.password_file)
     return run_inspect(
-        args.host, args.port, args.username, password, count=args.count, timeout=args.timeout, out=sys.stdout
+        args.host, args.port, args.username, password, count=args.count, timeout=args.timeout, out=sys.stdout,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )

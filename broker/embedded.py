@@ -14,6 +14,10 @@ is a context manager. What is hardened, against the measured amqtt behaviour
 - per-user bounds, so one device login cannot exhaust the broker: connections and persistent
   sessions per user, sockets still waiting for their CONNECT, QoS 2 messages awaiting PUBREL,
   session expiry; ``reserved_backend_connections`` slots only a backend user can take;
+- optional TLS listener (``tls``, :mod:`broker.tls`): TLS 1.2+, a client certificate from the
+  operator's CA required (unless ``tls_require_certificate`` is off) and checked against the CRL
+  (re-read when it changes); the certificate's ``urn:sealmq:<role>:<name>`` is the login, no
+  password needed; the plain listener can be turned off (``plain=False``);
 - amqtt's broadcast iterates over a live dict of subscriptions and raises (and skips
   subscribers) when one changes meanwhile: :class:`_SnapshotSubscriptions` hands it snapshots.
 """
@@ -37,6 +41,7 @@ from broker.framing import CONNACK_UNAVAILABLE, BrokerStats, ConnectInfo, Framed
 from broker.passwd import AccountRole
 from broker.plugins import SealmqAclPlugin, SealmqAuthPlugin
 from broker.policy import CLIENT_ID_SEPARATOR, BrokerPolicy
+from broker.tls import DEFAULT_TLS_PORT, RevokedSerials, TlsFiles, certificate_identity
 from sealmq.errors import ConfigError, Reason, TransportError
 
 log = logging.getLogger("sealmq.broker")
@@ -45,6 +50,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600  # as mosquitto's persistent_client_expiration in our config
 _LISTENER = "default"
+_TLS_LISTENER = "tls"
 
 
 @dataclass
@@ -69,8 +75,19 @@ class EmbeddedBrokerConfig:
     max_offline_queue: int = 1000
     max_offline_queue_backend: int = 1_000_000
     extra_amqtt: dict[str, Any] = field(default_factory=dict)  # merged into amqtt's config (advanced)
+    plain: bool = True  # the plain-TCP listener on host:port (passwords only)
+    tls: TlsFiles | None = None  # a TLS listener on host:tls_port
+    tls_port: int = DEFAULT_TLS_PORT
+    # a client certificate is required on the TLS listener; off: passwords are accepted there too
+    tls_require_certificate: bool = True
 
     def validate(self) -> None:
+        if not self.plain and self.tls is None:
+            raise ConfigError(Reason.CONFIG_INVALID, "no listener: enable the plain or the TLS listener")
+        if not 0 <= self.tls_port <= 65535:
+            raise ConfigError(Reason.CONFIG_INVALID, "tls_port must be in 0..65535")
+        if self.tls is not None:
+            self.tls.check()
         if self.max_message_size < 1 or self.max_message_size > 256 * 1024 * 1024:
             raise ConfigError(Reason.CONFIG_INVALID, "max_message_size must be in 1..256 MiB")
         if self.max_connections < 1:
@@ -103,14 +120,26 @@ class EmbeddedBrokerConfig:
         return self.max_connections - self.backend_reserve - self.pending_limit
 
     def amqtt_config(self) -> dict[str, Any]:
+        listeners: dict[str, Any] = {
+            _LISTENER: {
+                "type": "tcp",
+                # amqtt requires a "default" listener (and binds 0.0.0.0:1883 unless told): a None
+                # bind starts none when the plain listener is off
+                "bind": f"{self.host}:{self.port}" if self.plain else None,
+                "max_connections": -1,  # counted by HardenedBroker instead (no slot leak)
+            }
+        }
+        if self.tls is not None:
+            listeners[_TLS_LISTENER] = {
+                "type": "tcp",
+                "bind": f"{self.host}:{self.tls_port}",
+                "max_connections": -1,
+                "ssl": True,  # the context is HardenedBroker._create_ssl_context's
+                "certfile": str(self.tls.certfile),
+                "keyfile": str(self.tls.keyfile),
+            }
         cfg: dict[str, Any] = {
-            "listeners": {
-                _LISTENER: {
-                    "type": "tcp",
-                    "bind": f"{self.host}:{self.port}",
-                    "max_connections": -1,  # counted by HardenedBroker instead (no slot leak)
-                }
-            },
+            "listeners": listeners,
             "plugins": {
                 f"{SealmqAuthPlugin.__module__}.{SealmqAuthPlugin.__name__}": {},
                 f"{SealmqAclPlugin.__module__}.{SealmqAclPlugin.__name__}": {},
@@ -160,6 +189,9 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             max_qos2_pending=config.max_qos2_pending,
         )
         self._max_connections = config.max_connections
+        tls = config.tls
+        self._revoked = (RevokedSerials(tls.crlfile, tls.cafile, tls.certfile)
+                         if tls is not None and tls.crlfile is not None else None)
         wired = 0
         for plugin in self.plugins_manager.plugins:
             if isinstance(plugin, (SealmqAuthPlugin, SealmqAclPlugin)):
@@ -167,6 +199,26 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 wired += 1
         if wired != 2:
             raise ConfigError(Reason.CONFIG_INVALID, "sealmq plugins not loaded")
+
+    def _create_ssl_context(self, listener: Any) -> Any:
+        """Ours, not amqtt's (which leaves client certificates optional and loads no CRL)."""
+        assert self._config.tls is not None
+        return self._config.tls.server_context(require_certificate=self._config.tls_require_certificate)
+
+    def _certificate_login(self, writer: asyncio.StreamWriter, name: str) -> tuple[AccountRole, str] | bool | None:
+        """The (role, account) a client certificate names; None without one; False: refused."""
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None
+        if self._revoked is not None and self._revoked.is_revoked(der):
+            log.warning("refused %s: its client certificate is revoked", name)
+            return False
+        ident = certificate_identity(der)
+        if ident is None:
+            log.warning("refused %s: its client certificate names no sealmq identity", name)
+            return False
+        return ident
 
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
@@ -189,7 +241,20 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         try:
             peer = writer.get_extra_info("peername")
             name = f"{peer[0]}:{peer[1]}" if peer else "?"
-            framed = FramedReader(reader, writer, self._limits, self.sealmq_policy.gate, stats, peer=name)
+            login = self._certificate_login(writer, name)
+            if login is False:
+                stats.refused_connect += 1
+                return
+            gate = self.sealmq_policy.gate
+            connect_as = None
+            if isinstance(login, tuple):
+                role, cert_name = login
+                connect_as = (cert_name, self.sealmq_policy.certificate_token(cert_name))
+
+                async def gate(info: ConnectInfo) -> int:
+                    return await self.sealmq_policy.gate_certificate(info, role, cert_name)
+
+            framed = FramedReader(reader, writer, self._limits, gate, stats, peer=name, connect_as=connect_as)
             info = await framed.accept_connect()
             stats.pending_connects -= 1
             pending = False
@@ -255,18 +320,25 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 return f"already {cfg.max_sessions_per_user} persistent sessions"
         return ""
 
-    @property
-    def bound_port(self) -> int:
-        server = self._servers[_LISTENER].instance
+    def bound_port_of(self, listener: str) -> int:
+        server = self._servers[listener].instance
         sockets = getattr(server, "sockets", None)
         if not sockets:
             raise TransportError(Reason.TRANSPORT_FAILED, "listener has no socket")
         return int(sockets[0].getsockname()[1])
 
     @property
+    def bound_port(self) -> int:
+        return self.bound_port_of(_LISTENER if self._config.plain else _TLS_LISTENER)
+
+    @property
+    def bound_tls_port(self) -> int:
+        return self.bound_port_of(_TLS_LISTENER) if self._config.tls is not None else 0
+
+    @property
     def bound_addresses(self) -> list[tuple[str, int]]:
-        server = self._servers[_LISTENER].instance
-        return [tuple(s.getsockname()[:2]) for s in getattr(server, "sockets", ())]
+        return [tuple(s.getsockname()[:2]) for server in self._servers.values()
+                for s in getattr(server.instance, "sockets", ())]
 
 
 class EmbeddedBroker:
@@ -281,7 +353,8 @@ class EmbeddedBroker:
         self._thread: threading.Thread | None = None
         self._broker: HardenedBroker | None = None
         self._stopped: asyncio.Event | None = None
-        self.port = 0
+        self.port = 0  # the plain listener's (the TLS one's without a plain listener)
+        self.tls_port = 0
         self.host = config.host
 
     @property
@@ -301,6 +374,7 @@ class EmbeddedBroker:
                 self._broker = HardenedBroker(self.config, self.policy, self.stats)
                 await self._broker.start()
                 self.port = self._broker.bound_port
+                self.tls_port = self._broker.bound_tls_port
             except BaseException as exc:
                 failure.append(exc)
                 started.set()

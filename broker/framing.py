@@ -26,6 +26,7 @@ keep-alive ``wait_for`` around a read can cancel it without desynchronising the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import struct
 from collections.abc import Awaitable, Callable, Iterable
@@ -61,6 +62,28 @@ class ConnectInfo:
     will_retain: bool
     username: str | None
     password: str | None
+    creds_offset: int = 0  # where the user name (or the end of the payload) starts in the body
+    flags_offset: int = 0
+
+
+def with_credentials(body: bytes, info: ConnectInfo, username: str, password: str) -> bytes:
+    """The CONNECT (fixed header included) with its user name and password replaced.
+
+    For a client authenticated by its TLS certificate: amqtt then sees the account the
+    certificate names, whatever (if anything) the client put in the CONNECT.
+    """
+    def field(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+
+    new = bytearray(body[: info.creds_offset] + field(username.encode()) + field(password.encode()))
+    new[info.flags_offset] |= 0xC0
+    n, length = len(new), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            break
+    return bytes([CONNECT << 4]) + bytes(length) + bytes(new)
 
 
 def _take(body: bytes, pos: int, n: int) -> tuple[bytes, int]:
@@ -90,6 +113,7 @@ def parse_connect(body: bytes) -> ConnectInfo:
     name_raw, pos = _take_field(body, 0)
     proto_name = _text(name_raw)
     level_raw, pos = _take(body, pos, 1)
+    flags_offset = pos
     flags_raw, pos = _take(body, pos, 1)
     ka_raw, pos = _take(body, pos, 2)
     flags = flags_raw[0]
@@ -110,6 +134,7 @@ def parse_connect(body: bytes) -> ConnectInfo:
         _, pos = _take_field(body, pos)  # will message: never looked at
     username: str | None = None
     password: str | None = None
+    creds_offset = pos
     if flags & 0x80:
         u_raw, pos = _take_field(body, pos)
         username = _text(u_raw)
@@ -129,6 +154,8 @@ def parse_connect(body: bytes) -> ConnectInfo:
         will_retain=will_retain,
         username=username,
         password=password,
+        creds_offset=creds_offset,
+        flags_offset=flags_offset,
     )
 
 
@@ -173,7 +200,9 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         stats: BrokerStats,
         *,
         peer: str,
+        connect_as: tuple[str, str] | None = None,
     ) -> None:
+        self._connect_as = connect_as  # (user, password) amqtt sees instead of the CONNECT's own
         self._r = reader
         self._w = writer
         self._limits = limits
@@ -302,6 +331,10 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             log.warning("refused CONNECT from %s (user %r): code %d", self._peer, info.username, code)
             self.refuse(code)
             return b""
+        if self._connect_as is not None:
+            user, password = self._connect_as
+            self.accepted = dataclasses.replace(info, username=user, password=None)
+            return with_credentials(body, info, user, password)
         self.accepted = info
         return header + body
 

@@ -8,7 +8,9 @@ and cannot learn: there is no plaintext to show.
 from __future__ import annotations
 
 import queue
+import ssl
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import paho.mqtt.client as mqtt
@@ -16,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.inspect_format import describe
-from sealmq.errors import Reason, TransportError
+from sealmq.errors import ConfigError, Reason, TransportError
 
 INSPECT_FILTER = "sealmq/#"
 
@@ -30,12 +32,23 @@ def run_inspect(
     count: int | None = None,
     timeout: float | None = None,
     out: TextIO = sys.stdout,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
 ) -> int:
     """Print messages until ``count`` were seen, ``timeout`` seconds pass quietly, or Ctrl-C."""
     msgs: queue.Queue[tuple[str, bytes] | Exception] = queue.Queue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     if username is not None:
         client.username_pw_set(username, password)
+    if tls_ca is not None:  # mqtts: the broker checked against the CA; a password or a certificate logs in
+        try:
+            context = ssl.create_default_context(cafile=str(tls_ca))
+            if tls_cert is not None:
+                context.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(Reason.CONFIG_INVALID, f"cannot load the TLS files: {exc}") from None
+        client.tls_set_context(context)
 
     def on_connect(c: mqtt.Client, u: object, flags: object, rc: ReasonCode, props: object) -> None:
         if rc.is_failure:
@@ -55,6 +68,8 @@ def run_inspect(
     client.on_message = lambda c, u, m: msgs.put((m.topic, bytes(m.payload)))
     try:
         client.connect(host, port, keepalive=30)
+    except ssl.SSLError as exc:
+        raise TransportError(Reason.TRANSPORT_FAILED, f"TLS with {host}:{port} failed: {exc.reason}") from None
     except OSError as exc:
         raise TransportError(Reason.TRANSPORT_FAILED, f"cannot reach {host}:{port}: {exc.strerror}") from None
     client.loop_start()

@@ -6,6 +6,7 @@
     out_dir/acl              one section per user, by role (regenerate when users change)
     out_dir/passwd           name:$7$... (the sealmq user file without the role column), 0600
     out_dir/data/            persistence
+    out_dir/tls/             with TLS: copies of the CA, the CRL, the broker's chain and key (0600)
 
 Run it with ``mosquitto -c out_dir/mosquitto.conf``. Generated as root, the files and ``data/``
 are handed to ``run_as`` (default ``mosquitto``), the user mosquitto drops to when started as
@@ -23,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from broker.passwd import AccountRole, User
+from broker.tls import DEFAULT_TLS_PORT, TlsFiles
 from runtime.files import atomic_write
 from sealmq.errors import ConfigError, Reason
 from sealmq.topics import ROOT, Channel, valid_device_id
@@ -47,6 +49,56 @@ class MosquittoOptions:
     persistence: bool = True
     session_expiry: str = "7d"  # persistent_client_expiration
     run_as: str = DEFAULT_RUN_AS
+    plain: bool = True  # the plain-TCP listener on host:port (passwords)
+    tls: TlsFiles | None = None  # a TLS listener on host:tls_port, client certificates required
+    tls_port: int = DEFAULT_TLS_PORT
+    # a second TLS listener taking passwords (monitors, clients without a certificate); None: none
+    tls_password_port: int | None = None
+
+
+TLS_DIR = "tls"
+_TLS_COPIES = {"cafile": "ca.crt", "certfile": "broker-chain.pem", "keyfile": "broker-key.pem",
+               "crlfile": "crl.pem"}
+
+_COMMON = """protocol mqtt
+max_connections {max_connections}
+# The client id is the user name, whatever the client sends: nobody can take over another user's
+# session (mosquitto would otherwise disconnect the holder of the id, e.g. the backend), and each
+# user holds at most one connection and one persistent session. mosquitto cannot check a per-user
+# prefix, so backend workers need one account each (docs/broker.md).
+use_username_as_clientid true
+"""
+
+_TLS = """cafile {dir}/tls/ca.crt
+certfile {dir}/tls/broker-chain.pem
+keyfile {dir}/tls/broker-key.pem
+# the minimum: TLS 1.2 and 1.3 are accepted, older versions refused
+tls_version tlsv1.2
+"""
+
+
+def listeners(out_dir: Path, opts: MosquittoOptions) -> str:
+    """The listener sections (with per_listener_settings false, users and ACL are shared)."""
+    common = _COMMON.format(max_connections=opts.max_connections)
+    out: list[str] = []
+    if opts.plain:
+        out.append(f"# Plain TCP, passwords: loopback unless deliberately told otherwise.\n"
+                   f"listener {opts.port} {opts.host}\n{common}")
+    if opts.tls is not None:
+        tls = _TLS.format(dir=out_dir)
+        crl = f"crlfile {out_dir}/tls/crl.pem\n" if opts.tls.crlfile is not None else ""
+        out.append(
+            f"# mqtts: a client certificate from the operator's CA is the login; its CN (= the device\n"
+            f"# id or backend name) is the user name the ACL applies to. Revoked certificates are refused\n"
+            f"# (crlfile, read at start: regenerate and restart after a revocation).\n"
+            f"listener {opts.tls_port} {opts.host}\n{common}{tls}{crl}"
+            f"require_certificate true\nuse_identity_as_username true\n")
+        if opts.tls_password_port is not None:
+            out.append(f"# mqtts with passwords (monitors): server certificate only.\n"
+                       f"listener {opts.tls_password_port} {opts.host}\n{common}{tls}")
+    if not out:
+        raise ConfigError(Reason.CONFIG_INVALID, "no listener: enable the plain or the TLS listener")
+    return "\n".join(out)
 
 
 def _template(name: str) -> str:
@@ -94,6 +146,7 @@ def render(out_dir: Path, users: dict[str, User], opts: MosquittoOptions) -> dic
         "RUN_AS": opts.run_as,
         "PERSISTENCE": "true" if opts.persistence else "false",
         "USERS": acl_sections(users),
+        "LISTENERS": listeners(out_dir, opts),
     }
     files = {"mosquitto.conf": _template("mosquitto.conf"), "acl": _template("acl")}
     for name, text in files.items():
@@ -140,7 +193,18 @@ def write_config(out_dir: str | Path, users: dict[str, User], opts: MosquittoOpt
     (out / "data").mkdir(mode=0o700, exist_ok=True)
     for name, text in files.items():
         atomic_write(out / name, text.encode("utf-8"), mode=0o600)
+    copies: list[Path] = []
+    if opts.tls is not None:
+        # copies mosquitto (once unprivileged) can read; the PKI's own directories stay private
+        opts.tls.check()
+        (out / TLS_DIR).mkdir(mode=0o700, exist_ok=True)
+        for attr, name in _TLS_COPIES.items():
+            src = getattr(opts.tls, attr)
+            if src is not None:
+                atomic_write(out / TLS_DIR / name, Path(src).read_bytes(), mode=0o600)
+                copies.append(out / TLS_DIR / name)
+        copies.append(out / TLS_DIR)
     if owner is not None:
-        for path in (out, out / "data", *(out / name for name in files), *(out / "data").iterdir()):
+        for path in (out, out / "data", *(out / name for name in files), *(out / "data").iterdir(), *copies):
             os.chown(path, *owner)
     return out / "mosquitto.conf"

@@ -25,8 +25,7 @@ class SealmqAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt is untype
     async def authenticate(self, *, session: Session) -> bool | None:
         if self.policy is None:
             return False
-        role = await self.policy.check_password(session.username, session.password)
-        return role is not None
+        return await self.policy.check_plugin(session.username, session.password)
 
 
 class SealmqAclPlugin(BaseTopicPlugin):  # type: ignore[misc]

@@ -45,6 +45,7 @@ class BrokerPolicy:
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
         self._checks = asyncio.Semaphore(max_parallel_checks)
+        self._cert_tokens: dict[str, str] = {}
 
     @classmethod
     def from_file(cls, path: str | Path) -> BrokerPolicy:
@@ -90,6 +91,39 @@ class BrokerPolicy:
         ):
             return CONNACK_NOT_AUTHORIZED
         return CONNACK_ACCEPTED
+
+    async def gate_certificate(self, info: ConnectInfo, role: AccountRole, name: str) -> int:
+        """Judge a CONNECT on a connection whose verified TLS client certificate names ``role:name``.
+
+        The certificate replaces the password: the account must exist with the certificate's role
+        (a device certificate never logs in as the backend or a monitor), and a user name in the
+        CONNECT, if any, must be that account's.
+        """
+        if info.proto_name != "MQTT" or info.proto_level != 4:
+            return CONNACK_BAD_PROTOCOL
+        if self.role(name) is not role or info.username not in (None, "", name):
+            return CONNACK_NOT_AUTHORIZED
+        if not client_id_allowed(name, info.client_id):
+            return CONNACK_ID_REJECTED
+        if info.will_topic is not None and (info.will_retain or not acl.may_publish(role, name, info.will_topic)):
+            return CONNACK_NOT_AUTHORIZED
+        return CONNACK_ACCEPTED
+
+    def certificate_token(self, name: str) -> str:
+        """A per-process secret amqtt's auth plugin accepts for ``name`` (certificate logins only).
+
+        It never leaves the broker: the CONNECT gate puts it in the CONNECT it hands amqtt after
+        the certificate was checked; the gate itself never accepts it from a client.
+        """
+        return self._cert_tokens.setdefault(name, secrets.token_urlsafe(32))
+
+    async def check_plugin(self, name: str | None, password: str | None) -> bool:
+        """amqtt's auth plugin: a password, or the token of a certificate login."""
+        token = self._cert_tokens.get(name) if name is not None else None
+        if token is not None and password is not None and hmac.compare_digest(token.encode(), password.encode(
+                "utf-8", "surrogateescape")):
+            return True
+        return await self.check_password(name, password) is not None
 
     def may_publish(self, name: str | None, topic: str) -> bool:
         role = self.role(name)

@@ -106,7 +106,9 @@ def _run(args: argparse.Namespace) -> int:
 
     _cli_logging(logging.INFO)
     identity_dir = layout.device_dir(args.pki, args.id)
-    settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password")
+    settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password",
+                             ca_file=layout.anchor(args.pki),
+                             client_cert=(identity_dir / layout.CHAIN, identity_dir / layout.KEY))
     agent = DeviceAgent(DeviceConfig(
         device_id=args.id,
         identity_dir=identity_dir,
@@ -181,7 +183,9 @@ def _send(args: argparse.Namespace) -> int:
             print(f"sealmq: error: not a file: {f}", file=sys.stderr)
             return exits.USAGE
     identity_dir = layout.device_dir(args.pki, args.id)
-    settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password")
+    settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password",
+                             ca_file=layout.anchor(args.pki),
+                             client_cert=(identity_dir / layout.CHAIN, identity_dir / layout.KEY))
     agent = DeviceAgent(DeviceConfig(
         device_id=args.id, identity_dir=identity_dir, pki_dir=args.pki,
         state_dir=args.state or Path("sealmq-data") / "devices" / args.id, mqtt=settings,
@@ -238,7 +242,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"sealmq: error: no enrolled devices in {args.pki}: run `sealmq bootstrap` or "
               "`sealmq pki enroll` first", file=sys.stderr)
         return exits.USAGE
-    settings = mqtt_settings(args)
+    settings = mqtt_settings(args, ca_file=layout.anchor(args.pki))
 
     def password_for(device_id: str) -> str | None:
         path = layout.device_dir(args.pki, device_id) / "mqtt.password"

@@ -61,11 +61,16 @@ class Simulator:
     ) -> None:
         self.agents: list[DeviceAgent] = []
         for device_id in device_ids:
+            identity_dir = layout.device_dir(pki_dir, device_id)
             settings = replace(mqtt, username=device_id,
                                password=password_for(device_id) if password_for else mqtt.password)
+            if mqtt.tls_ca is not None and mqtt.tls_cert is None:
+                # over TLS each device logs in with its own EDHOC certificate, not a password
+                settings = replace(settings, password=None, tls_cert=identity_dir / layout.CHAIN,
+                                   tls_key=identity_dir / layout.KEY)
             config = DeviceConfig(
                 device_id=device_id,
-                identity_dir=layout.device_dir(pki_dir, device_id),
+                identity_dir=identity_dir,
                 pki_dir=pki_dir,
                 state_dir=state_root / device_id,
                 mqtt=settings,

@@ -89,6 +89,13 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_issue_broker(args: argparse.Namespace) -> int:
+    d = store.enroll_broker(args.pki, args.name, args.host, args.key_type, passphrase=_passphrase(args),
+                            days=args.days, force=args.force)
+    print(f"broker TLS certificate for {', '.join(args.host)} in {d} (key.pem 0600, cert.pem, chain.pem)")
+    return 0
+
+
 def _cmd_revoke(args: argparse.Namespace) -> int:
     serial = store.parse_serial(args.serial) if args.serial else None
     got = store.revoke(
@@ -199,6 +206,16 @@ def register(subparsers: Any) -> None:
                     help="backend only: another certificate of another key type, in backend/<name>/extra/<key-type>")
     sp.add_argument("--force", action="store_true",
                     help="rotate: a new key and certificate; other files in the directory are kept")
+
+    sp = cmd("issue-broker", _cmd_issue_broker, "a broker's TLS key + server certificate into DIR/broker/NAME")
+    pki_arg(sp)
+    sp.add_argument("name", nargs="?", default=layout.DEFAULT_BROKER, help="default 'broker'")
+    sp.add_argument("--host", action="append", required=True,
+                    help="a DNS name or IP address clients use to reach the broker (repeat)")
+    sp.add_argument("--key-type", default="p256", choices=leaf_types)
+    sp.add_argument("--days", type=int, default=None)
+    pass_arg(sp, "the CA key")
+    sp.add_argument("--force", action="store_true")
 
     sp = cmd("revoke", _cmd_revoke, "revoke an issued certificate and re-issue the CRL")
     pki_arg(sp)

@@ -5,6 +5,9 @@
 - Leaves: CN = name, SAN URI ``urn:sealmq:<role>:<name>``, basicConstraints CA:false (critical),
   keyUsage digitalSignature (critical), EKU device -> clientAuth; backend -> serverAuth +
   clientAuth, SKI/AKI, random 159-bit serial, bounded validity.
+- Broker (TLS server) certificates: CN = name, SAN DNS names / IP addresses only (no sealmq URI,
+  so one can never pass as an EDHOC identity), EKU serverAuth only, keyUsage digitalSignature +
+  keyEncipherment (RSA key exchange in TLS 1.2).
 - CSRs are validated before anything is signed (:func:`check_csr`).
 
 No file I/O here (see :mod:`pki.store`).
@@ -12,6 +15,7 @@ No file I/O here (see :mod:`pki.store`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -283,6 +287,79 @@ def issue_leaf(
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+        .add_extension(_aki_from(issuer), critical=False)
+    )
+    return builder.sign(issuer_key, signing_hash(issuer_key))
+
+
+# --- broker (TLS server) certificates -------------------------------------------------------
+def server_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """SAN entries for the host names and IP addresses a broker serves (checked, deduplicated)."""
+    out: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            label = host.lower().rstrip(".")
+            parts = label.split(".")
+            if not label or len(label) > 253 or not all(
+                0 < len(p) <= 63 and p.replace("-", "").isalnum() and p.isascii()
+                and not p.startswith("-") and not p.endswith("-") for p in parts
+            ):
+                raise PkiError(Reason.POLICY_VIOLATION, f"not a host name or IP address: {host!r}") from None
+            entry = x509.DNSName(label)
+        if entry not in out:
+            out.append(entry)
+    if not out:
+        raise PkiError(Reason.POLICY_VIOLATION, "a broker certificate needs at least one --host")
+    return out
+
+
+def issue_server(
+    key: PrivateKey,
+    name: str,
+    hosts: Iterable[str],
+    issuer: x509.Certificate,
+    issuer_key: PrivateKey,
+    *,
+    now: datetime,
+    days: int = DEFAULT_LEAF_DAYS,
+    random_bytes: RandomBytes = os.urandom,
+) -> x509.Certificate:
+    """A TLS server certificate for ``key``'s owner (a broker): serverAuth only, hosts as DNS/IP SANs."""
+    if not valid_name(name):
+        raise PkiError(Reason.POLICY_VIOLATION, "invalid broker name")
+    if not 1 <= days <= MAX_LEAF_DAYS:
+        raise PkiError(Reason.POLICY_VIOLATION, f"validity must be 1..{MAX_LEAF_DAYS} days")
+    public_key = key.public_key()
+    describe_public_key(public_key)  # the leaf key types we accept anywhere
+    not_after = min(now + timedelta(days=days), issuer.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(random_serial(random_bytes))
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(server_names(hosts)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki_from(issuer), critical=False)
     )
     return builder.sign(issuer_key, signing_hash(issuer_key))

@@ -11,6 +11,7 @@
     DIR/backend/<name>/key.pem (0600), csr.pem, cert.pem, chain.pem   (default name "backend")
     DIR/backend/<name>/extra/<key-type>/key.pem, ...   more certificates of the backend, one per
                                                    signature key type (suite 0 needs Ed25519, -24 RSA)
+    DIR/broker/<name>/key.pem (0600), cert.pem, chain.pem  a broker's TLS server certificate
     DIR/devices/<id>/ccs_key.pem (0600), ccs.cbor   a CCS static-DH credential (EDHOC method 3)
     DIR/backend/<name>/ccs_key.pem (0600), ccs.cbor
     DIR/ccs/registry.json                          registered CCS credentials (kid -> role, name, CCS)
@@ -41,6 +42,8 @@ CERT = "cert.pem"
 CHAIN = "chain.pem"
 
 DEFAULT_BACKEND = "backend"
+BROKER_ROLE = "broker"  # in the index only: a TLS server certificate, not an EDHOC identity
+DEFAULT_BROKER = "broker"
 ROLE_DIRS = {Role.DEVICE: "devices", Role.BACKEND: "backend"}
 
 
@@ -121,6 +124,11 @@ def extra_dirs(identity: Path | str) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / KEY).exists())
+def broker_dir(pki_dir: Path | str, name: str = DEFAULT_BROKER) -> Path:
+    """``DIR/broker/<name>``: a broker's TLS key and server certificate."""
+    if not valid_name(name):
+        raise PkiError(Reason.POLICY_VIOLATION, "invalid broker name")
+    return Path(pki_dir) / BROKER_ROLE / name
 
 
 def enrolled_devices(pki_dir: Path | str) -> list[str]:

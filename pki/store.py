@@ -27,6 +27,7 @@ from pki import issue, keys, layout
 from pki.keys import KeyType, PrivateKey
 from pki.verify import (
     TrustStore,
+    describe_public_key,
     identity_of,
     load_certificates_pem,
     load_chain,
@@ -243,23 +244,43 @@ def sign_csr(
         checked, ca.issuer, ca.issuer_key, when, days=issue.DEFAULT_LEAF_DAYS if days is None else days
     )
     with _locked(pki):
-        index = read_index(pki)
-        index["certificates"].append(
-            {
-                "serial": layout.serial_hex(cert.serial_number),
-                "role": role.value,
-                "name": checked.name,
-                "key_type": checked.key_type,
-                "not_before": _iso(cert.not_valid_before_utc),
-                "not_after": _iso(cert.not_valid_after_utc),
-                "issued_at": _iso(when),
-                "revoked_at": None,
-                "revocation_reason": None,
-            }
-        )
-        write_atomic(layout.issued_cert(pki, cert.serial_number), _pem(cert))
-        write_atomic(layout.index(pki), _index_bytes(index), force=True)
+        _record(pki, cert, role.value, checked.name, key_type=checked.key_type, when=when)
     return Issued(cert, [cert, *ca.intermediates])
+
+
+def _holder_of_other_role(index: dict[str, Any], role: str, name: str) -> str | None:
+    for e in index["certificates"]:
+        if e.get("name") == name and e.get("role") != role and not e.get("revoked_at"):
+            return str(e.get("role"))
+    return None
+
+
+def _record(pki: Path, cert: x509.Certificate, role: str, name: str, *, key_type: str, when: datetime) -> None:
+    """Add an issued certificate to ``ca/issued`` and the index (call under the lock).
+
+    A name is held by one role at a time: a broker that maps a client certificate's CN to an
+    account (mosquitto's ``use_identity_as_username``) must not take a device named like the
+    backend for the backend.
+    """
+    index = read_index(pki)
+    other = _holder_of_other_role(index, role, name)
+    if other is not None:
+        raise PkiError(Reason.POLICY_VIOLATION, f"the name {name!r} belongs to a {other} certificate")
+    index["certificates"].append(
+        {
+            "serial": layout.serial_hex(cert.serial_number),
+            "role": role,
+            "name": name,
+            "key_type": key_type,
+            "not_before": _iso(cert.not_valid_before_utc),
+            "not_after": _iso(cert.not_valid_after_utc),
+            "issued_at": _iso(when),
+            "revoked_at": None,
+            "revocation_reason": None,
+        }
+    )
+    write_atomic(layout.issued_cert(pki, cert.serial_number), _pem(cert))
+    write_atomic(layout.index(pki), _index_bytes(index), force=True)
 
 
 def write_issued(
@@ -365,6 +386,39 @@ def _keep_the_rest(old: Path, new: Path, *, skip: tuple[str, ...]) -> None:
             shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=os.link)
         else:
             os.link(entry, new / entry.name, follow_symlinks=False)
+
+
+def enroll_broker(
+    pki_dir: Path | str,
+    name: str,
+    hosts: list[str],
+    key_type: KeyType | str = KeyType.P256,
+    *,
+    passphrase: bytes | None = None,
+    days: int | None = None,
+    now: datetime | None = None,
+    force: bool = False,
+) -> Path:
+    """A broker's TLS key and server certificate into ``DIR/broker/<name>`` (key.pem, cert.pem, chain.pem)."""
+    pki = Path(pki_dir)
+    final = layout.broker_dir(pki, name)
+    kt = keys.parse_key_type(str(key_type), keys.LEAF_KEY_TYPES)
+    if final.exists() and not force:
+        raise PkiError(Reason.ALREADY_EXISTS, f"{final} exists (use --force to replace it)")
+    key = keys.generate(kt)
+    when = now or _utcnow()
+    ca = load_ca(pki, passphrase)
+    cert = issue.issue_server(key, name, hosts, ca.issuer, ca.issuer_key, now=when,
+                              days=issue.DEFAULT_LEAF_DAYS if days is None else days)
+    issued = Issued(cert, [cert, *ca.intermediates])
+    with _new_dir(final, force=force) as tmp:
+        os.chmod(tmp, 0o700)
+        with _locked(pki):
+            _record(pki, cert, layout.BROKER_ROLE, name, key_type=describe_public_key(key.public_key()), when=when)
+        write_atomic(tmp / layout.KEY, keys.to_pem(key), private=True)
+        write_atomic(tmp / layout.CERT, issued.cert_pem())
+        write_atomic(tmp / layout.CHAIN, issued.chain_pem())
+    return final
 
 
 # --- revocation ----------------------------------------------------------------------------

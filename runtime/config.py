@@ -2,6 +2,11 @@
 
 MQTT credentials never appear on a command line: a password comes from a file
 (``--mqtt-password-file``, mode 0600 recommended) or from the ``SEALMQ_MQTT_PASSWORD`` variable.
+
+TLS (``mqtts``) is on with ``--tls``, ``SEALMQ_MQTT_TLS=1`` or port 8883. The broker is verified
+against the operator's CA (``--tls-ca``, default the PKI's ``ca/ca.crt``), and the client logs in
+with the certificate and key it uses for EDHOC (``--tls-cert``/``--tls-key``, default its identity
+directory's ``chain.pem``/``key.pem``); no password is sent then.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from pathlib import Path
 
 from runtime.mqtt import MqttSettings
 from sealmq.errors import ConfigError, Reason
+
+TLS_PORT = 8883
 
 
 def add_mqtt_arguments(parser: argparse.ArgumentParser, *, default_username: str | None = None,
@@ -27,7 +34,13 @@ def add_mqtt_arguments(parser: argparse.ArgumentParser, *, default_username: str
     group.add_argument("--mqtt-password-file", type=Path, default=os.environ.get("SEALMQ_MQTT_PASSWORD_FILE"),
                        help="file holding the broker password (default: $SEALMQ_MQTT_PASSWORD_FILE, else "
                             "mqtt.password next to the identity's key; or set SEALMQ_MQTT_PASSWORD)")
-    group.add_argument("--tls-ca", type=Path, default=None, help="CA file to verify a TLS broker")
+    group.add_argument("--tls", action="store_true", default=os.environ.get("SEALMQ_MQTT_TLS", "") == "1",
+                       help="connect with TLS (implied by port 8883; or set SEALMQ_MQTT_TLS=1)")
+    group.add_argument("--tls-ca", type=Path, default=None,
+                       help="CA file to verify the broker (default: the PKI's ca/ca.crt)")
+    group.add_argument("--tls-cert", type=Path, default=None,
+                       help="client certificate chain (default: the identity's chain.pem)")
+    group.add_argument("--tls-key", type=Path, default=None, help="its key (default: the identity's key.pem)")
     limit = "no limit" if connect_timeout is None else f"{connect_timeout:g}"
     group.add_argument("--connect-timeout", type=float, default=connect_timeout, metavar="SECONDS",
                        help="give up (exit code 3) if the broker cannot be reached for this long; failed "
@@ -48,8 +61,14 @@ def read_secret_file(path: Path) -> str:
         raise ConfigError(Reason.CONFIG_INVALID, f"cannot read {path}: {exc.strerror}") from None
 
 
+def tls_wanted(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "tls", False)) or args.port == TLS_PORT or getattr(args, "tls_ca", None) is not None
+
+
 def mqtt_settings(args: argparse.Namespace, *, username: str | None = None, password_file: Path | None = None,
-                  client_id: str = "") -> MqttSettings:
+                  client_id: str = "", ca_file: Path | None = None,
+                  client_cert: tuple[Path, Path] | None = None) -> MqttSettings:
+    """Settings from the options; ``ca_file`` and ``client_cert`` (chain, key) are the TLS defaults."""
     user = args.mqtt_username or username
     password: str | None = os.environ.get("SEALMQ_MQTT_PASSWORD")
     pw_file = args.mqtt_password_file or password_file
@@ -57,5 +76,19 @@ def mqtt_settings(args: argparse.Namespace, *, username: str | None = None, pass
         password = read_secret_file(Path(pw_file))
     if not (0 < args.port < 65536):
         raise ConfigError(Reason.CONFIG_INVALID, "port out of range")
-    return MqttSettings(host=args.host, port=args.port, username=user, password=password,
-                        client_id=client_id, tls_ca=args.tls_ca)
+    if not tls_wanted(args):
+        return MqttSettings(host=args.host, port=args.port, username=user, password=password, client_id=client_id)
+    ca = args.tls_ca or ca_file
+    if ca is None:
+        raise ConfigError(Reason.CONFIG_INVALID, "TLS needs the CA file (--tls-ca)")
+    for explicit in (args.tls_ca, args.tls_cert, args.tls_key):
+        if explicit is not None and not Path(explicit).is_file():
+            raise ConfigError(Reason.CONFIG_INVALID, f"TLS file missing: {explicit}")
+    cert = args.tls_cert or (client_cert[0] if client_cert else None)
+    key = args.tls_key or (client_cert[1] if client_cert else None)
+    if cert is not None and key is not None and Path(cert).exists() and Path(key).exists():
+        password = None  # the certificate is the login
+    else:
+        cert = key = None
+    return MqttSettings(host=args.host, port=args.port, username=user, password=password, client_id=client_id,
+                        tls_ca=Path(ca), tls_cert=cert, tls_key=key)

@@ -18,6 +18,7 @@ import queue
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -77,6 +78,7 @@ class BrokerHandle:
     monitor: Creds
     passwd: Path  # the sealmq user file
     broker: Any = None  # EmbeddedBroker or MosquittoProcess
+    tls_port: int = 0  # the TLS listener's, when started with tls=
     _clients: list[mqtt.Client] = field(default_factory=list)
 
     def connect(
@@ -87,10 +89,12 @@ class BrokerHandle:
         clean_session: bool = True,
         timeout: float = 5.0,
         expect_refused: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> tuple[mqtt.Client, Received]:
         """A paho (MQTT 3.1.1) client with its network loop started; raises unless CONNACK is success.
 
         With ``expect_refused`` it returns after a refusal and raises if the CONNECT was accepted.
+        With ``tls`` it connects to the TLS listener with that client context.
         """
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
@@ -104,7 +108,9 @@ class BrokerHandle:
         client.on_message = lambda c, u, msg: got.q.put(msg)
         if expect_refused:
             client.reconnect_delay_set(60, 120)  # do not hammer the broker while refused
-        client.connect(self.host, self.port, keepalive=30)
+        if tls is not None:
+            client.tls_set_context(tls)
+        client.connect(self.host, self.tls_port if tls is not None else self.port, keepalive=30)
         client.loop_start()
         self._clients.append(client)
         try:
@@ -236,8 +242,11 @@ class MosquittoProcess:
 @contextlib.contextmanager
 def running_amqtt(directory: Path, n_devices: int = 2, **config: Any) -> Iterator[BrokerHandle]:
     passwd, backend, devices, monitor = make_users(directory, n_devices)
+    if config.get("tls") is not None:
+        config.setdefault("tls_port", 0)
     broker = EmbeddedBroker(EmbeddedBrokerConfig(passwd=passwd, **config)).start()
-    handle = BrokerHandle("amqtt", HOST, broker.port, backend, devices, monitor, passwd, broker)
+    handle = BrokerHandle("amqtt", HOST, broker.port, backend, devices, monitor, passwd, broker,
+                          tls_port=broker.tls_port)
     try:
         yield handle
     finally:
@@ -251,13 +260,16 @@ def running_mosquitto(directory: Path, n_devices: int = 2, **options: Any) -> It
         pytest.skip("mosquitto binary not installed")
     passwd, backend, devices, monitor = make_users(directory, n_devices)
     port = options.pop("port", None) or free_port()
+    if options.get("tls") is not None:
+        options.setdefault("tls_port", free_port())
     # the production default `user mosquitto`: started as root, mosquitto drops to that user, which
     # cannot enter pytest's 0700 tmp dirs; a private dir under /tmp is reachable and removed after
     conf_dir = Path(tempfile.mkdtemp(prefix="sealmq-mosquitto-"))
     try:
         write_config(conf_dir, load_users(passwd), MosquittoOptions(host=HOST, port=port, **options))
         proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log").start()
-        handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc)
+        handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc,
+                              tls_port=options.get("tls_port", 0))
         try:
             yield handle
         finally:

@@ -1,0 +1,202 @@
+"""mqtts on both brokers: the broker certificate from `sealmq pki issue-broker`, client certificates as logins.
+
+Real brokers (embedded amqtt, a mosquitto child process), real certificates from a fresh test PKI,
+and `openssl s_client` as an independent check of the listener's chain and protocol versions.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.tls import TlsFiles
+from pki import layout, store
+from tests.brokers import BrokerHandle, needs_mosquitto, running_amqtt, running_mosquitto
+from tests.pki_fixtures import make_pki
+
+OPENSSL = shutil.which("openssl")
+
+
+class Pkis:
+    def __init__(self, root: Path) -> None:
+        self.main = make_pki(root / "pki", ["dev0", "dev1", "dev2"], key_types={"dev1": "ed25519"})
+        store.enroll_broker(self.main.path, "broker", ["localhost", "127.0.0.1"])
+        store.enroll(self.main.path, "device", "monitor")  # a device named like the monitor account
+        store.revoke(self.main.path, cert_path=layout.device_dir(self.main.path, "dev2") / "cert.pem")
+        self.foreign = make_pki(root / "foreign", ["dev0"])
+        self.tls = TlsFiles.from_pki(self.main.path)
+
+    @property
+    def ca(self) -> Path:
+        return layout.anchor(self.main.path)
+
+    def context(self, chain: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if chain is not None:
+            ctx.load_cert_chain(str(chain), str(key))
+        return ctx
+
+    def device(self, name: str, pki: Path | None = None) -> ssl.SSLContext:
+        d = layout.device_dir(pki or self.main.path, name)
+        return self.context(d / "chain.pem", d / "key.pem")
+
+    def backend(self) -> ssl.SSLContext:
+        d = layout.backend_dir(self.main.path)
+        return self.context(d / "chain.pem", d / "key.pem")
+
+
+@pytest.fixture(scope="module")
+def pkis(tmp_path_factory: pytest.TempPathFactory) -> Pkis:
+    return Pkis(tmp_path_factory.mktemp("tls-pki"))
+
+
+@pytest.fixture(params=["amqtt", pytest.param("mosquitto", marks=[pytest.mark.mosquitto, needs_mosquitto])])
+def tls_broker(request: pytest.FixtureRequest, tmp_path: Path, pkis: Pkis) -> Iterator[BrokerHandle]:
+    runner = running_amqtt if request.param == "amqtt" else running_mosquitto
+    with runner(tmp_path, n_devices=3, tls=pkis.tls) as handle:
+        yield handle
+
+
+def _topic(dev: str, ch: str = "data", direction: str = "up") -> str:
+    return f"sealmq/v1/{dev}/{ch}/{direction}"
+
+
+def test_certificate_login_relays_between_device_and_backend(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    backend, got = tls_broker.connect(None, tls=pkis.backend())
+    assert tls_broker.subscribe(backend, "sealmq/v1/+/+/up") == [1]
+    device, dev_got = tls_broker.connect(None, tls=pkis.device("dev0"))
+    assert tls_broker.subscribe(device, _topic("dev0", direction="down")) == [1]
+    device.publish(_topic("dev0"), b"\x01sealed", qos=1)
+    msg = got.get()
+    assert (msg.topic, msg.payload) == (_topic("dev0"), b"\x01sealed")
+    backend.publish(_topic("dev0", direction="down"), b"\x02cmd", qos=1)
+    assert dev_got.get().payload == b"\x02cmd"
+
+
+def test_ed25519_client_certificate_logs_in(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    client, _ = tls_broker.connect(None, tls=pkis.device("dev1"))
+    assert tls_broker.subscribe(client, _topic("dev1", direction="down")) == [1]
+
+
+def test_password_still_works_on_the_plain_listener(tls_broker: BrokerHandle) -> None:
+    client, _ = tls_broker.connect(tls_broker.monitor)
+    assert tls_broker.subscribe(client, "sealmq/#") == [1]
+
+
+def _tls_refused(handle: BrokerHandle, ctx: ssl.SSLContext) -> None:
+    """The broker refuses the TLS handshake or the CONNECT (never a session)."""
+    try:
+        handle.connect(None, tls=ctx, expect_refused=True, timeout=5)
+    except (ssl.SSLError, ConnectionError, OSError):
+        return  # refused during the handshake
+    except AssertionError as exc:
+        assert "no CONNACK" in str(exc)  # the broker closed the connection without a CONNACK
+
+
+def test_revoked_certificate_refused(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    _tls_refused(tls_broker, pkis.device("dev2"))
+
+
+def test_foreign_ca_certificate_refused(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    _tls_refused(tls_broker, pkis.device("dev0", pkis.foreign.path))
+
+
+def test_broker_certificate_as_client_refused(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    d = layout.broker_dir(pkis.main.path)
+    _tls_refused(tls_broker, pkis.context(d / "chain.pem", d / "key.pem"))  # serverAuth only: wrong role
+
+
+def test_no_certificate_refused_on_the_tls_listener(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    try:
+        tls_broker.connect(tls_broker.devices[0], tls=pkis.context(), expect_refused=True)
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass
+    except AssertionError as exc:
+        assert "no CONNACK" in str(exc)
+
+
+def test_another_devices_certificate_cannot_reach_its_topics(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    backend, got = tls_broker.connect(None, tls=pkis.backend())
+    assert tls_broker.subscribe(backend, "sealmq/v1/+/+/up") == [1]
+    if tls_broker.kind == "amqtt":  # a user name other than the certificate's is refused outright
+        tls_broker.connect(tls_broker.devices[0], tls=pkis.device("dev1"), expect_refused=True)
+    # mosquitto ignores the user name: the certificate's CN (dev1) is the login
+    attacker, stolen = tls_broker.connect(None, tls=pkis.device("dev1"))
+    # amqtt refuses the SUBSCRIBE; mosquitto 2.0 grants it but its ACL never delivers
+    refused = [128] if tls_broker.kind == "amqtt" else [1]
+    assert tls_broker.subscribe(attacker, _topic("dev0", direction="down")) == refused
+    assert tls_broker.subscribe(attacker, "sealmq/v1/+/+/up") == refused
+    attacker.publish(_topic("dev0"), b"forged", qos=1).wait_for_publish(5)
+    attacker.publish(_topic("dev1"), b"own", qos=1).wait_for_publish(5)
+    assert [m.payload for m in got.drain(0.5)] == [b"own"]
+    victim, _ = tls_broker.connect(None, tls=pkis.device("dev0"))
+    backend.publish(_topic("dev0", direction="down"), b"for dev0", qos=1).wait_for_publish(5)
+    backend.publish(_topic("dev0"), b"spoofed up", qos=1).wait_for_publish(5)  # refused: not the backend's
+    assert stolen.drain(0.5) == []
+
+
+def test_device_certificate_never_logs_in_as_the_monitor(tmp_path: Path, pkis: Pkis) -> None:
+    """amqtt checks the certificate's role against the account's; mosquitto only sees the CN
+    (docs/broker.md: the PKI must not issue device names that are broker-only accounts)."""
+    with running_amqtt(tmp_path, n_devices=1, tls=pkis.tls) as handle:
+        d = layout.device_dir(pkis.main.path, "monitor")
+        handle.connect(None, tls=pkis.context(d / "chain.pem", d / "key.pem"), expect_refused=True)
+
+
+def test_amqtt_tls_listener_can_take_passwords(tmp_path: Path, pkis: Pkis) -> None:
+    with running_amqtt(tmp_path, tls=pkis.tls, tls_require_certificate=False, plain=False) as handle:
+        client, _ = handle.connect(handle.monitor, tls=pkis.context())
+        assert handle.subscribe(client, "sealmq/#") == [1]
+        handle.connect(handle.devices[0], tls=pkis.device("dev1"), expect_refused=True)
+
+
+def test_amqtt_sees_a_revocation_without_restart(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki", ["dev0"])
+    store.enroll_broker(pki.path, "broker", ["127.0.0.1"])
+    files = TlsFiles.from_pki(pki.path)
+    d = layout.device_dir(pki.path, "dev0")
+    with running_amqtt(tmp_path / "b", n_devices=1, tls=files) as handle:
+        ctx = ssl.create_default_context(cafile=str(files.cafile))
+        ctx.load_cert_chain(str(d / "chain.pem"), str(d / "key.pem"))
+        handle.connect(None, tls=ctx)
+        handle.close_clients()
+        store.revoke(pki.path, cert_path=d / "cert.pem")
+        _tls_refused(handle, ctx)
+        assert handle.broker.stats.refused_connect >= 1
+
+
+# --- openssl s_client: the listener, checked by another TLS implementation ------------------------
+def _s_client(port: int, pkis: Pkis, *args: str) -> subprocess.CompletedProcess[str]:
+    assert OPENSSL is not None
+    d = layout.device_dir(pkis.main.path, "dev0")
+    cmd = [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pkis.ca), "-verify_return_error",
+           "-verify_ip", "127.0.0.1", "-cert", str(d / "cert.pem"), "-key", str(d / "key.pem"), "-brief", *args]
+    return subprocess.run(cmd, input="", capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
+def test_openssl_checks_chain_and_versions(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    for flag, version in (("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")):
+        out = _s_client(tls_broker.tls_port, pkis, flag)
+        assert out.returncode == 0, out.stderr
+        assert f"Protocol version: {version}" in out.stderr
+        assert "Verification: OK" in out.stderr
+    # TLS 1.1 allowed on the client side (seclevel 0): the broker must be the one refusing
+    old = _s_client(tls_broker.tls_port, pkis, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+    assert old.returncode != 0
+    assert "Protocol version: TLSv1.1" not in old.stderr
+    # mosquitto answers with an alert, Python's asyncio (amqtt) just closes the connection
+    assert any(why in old.stderr for why in ("alert protocol version", "unsupported protocol", "unexpected eof")), \
+        old.stderr
+    # the broker's chain does not verify against a foreign CA
+    foreign = subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{tls_broker.tls_port}", "-CAfile",
+         str(layout.anchor(pkis.foreign.path)), "-verify_return_error", "-brief"],
+        input="", capture_output=True, text=True, timeout=30, check=False)
+    assert foreign.returncode != 0
+    assert "verify" in foreign.stderr.lower()
