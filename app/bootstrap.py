@@ -8,6 +8,7 @@ belongs to its owner and is never printed. The broker's user file only holds sal
 Layout under ``DIR``::
 
     pki/                     the PKI (docs/pki.md); devices/<id>/mqtt.password, backend/<name>/mqtt.password
+    pki/broker/broker/       the broker's TLS key and server certificate (localhost, 127.0.0.1 + --broker-host)
     broker/users             broker user file (name:role:hash), 0600
     broker/monitor.password  password of the read-only "monitor" user (inspect, mosquitto_sub)
     broker/console-monitor.password  the console's own read-only monitor user (its broker view); its own
@@ -105,6 +106,9 @@ def backend_key_types_for(device_key_type: str) -> tuple[str, ...]:
     return ("p256", device_key_type)
 
 
+DEFAULT_BROKER_HOSTS = ("localhost", "127.0.0.1")
+
+
 def bootstrap(
     root: Path,
     device_ids: list[str],
@@ -113,6 +117,7 @@ def bootstrap(
     iterations: int = DEFAULT_ITERATIONS,
     backend_name: str = "backend",
     backend_key_types: Sequence[str] | None = None,
+    broker_hosts: list[str] | None = None,
 ) -> tuple[Deployment, list[str]]:
     """Create whatever is missing; returns the deployment and a list of what was created.
 
@@ -141,6 +146,10 @@ def bootstrap(
         if not (layout.device_dir(dep.pki, device_id) / "cert.pem").exists():
             store.enroll(dep.pki, "device", device_id, key_type=key_type)
             created.append(f"device identity {device_id}")
+    if not (layout.broker_dir(dep.pki) / layout.CERT).exists():
+        hosts = list(dict.fromkeys([*DEFAULT_BROKER_HOSTS, *(broker_hosts or [])]))
+        store.enroll_broker(dep.pki, layout.DEFAULT_BROKER, hosts)
+        created.append(f"broker TLS certificate for {', '.join(hosts)}")
     dep.users.parent.mkdir(parents=True, exist_ok=True)
     existing = set(load_users(dep.users)) if dep.users.exists() else set()
     if _ensure_user(dep, AccountRole.BACKEND, backend_name, iterations, existing):

@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     boot.add_argument("--backend-key-types", type=_key_types, default=None, metavar="T[,T...]",
                       help="the backend's certificates, the first its main one (default: p256, plus the devices' "
                            "key type if it signs other suites: ed25519 for suite 0, rsa* for -24)")
+    boot.add_argument("--broker-host", action="append", default=[],
+                      help="a host name or IP the broker's TLS certificate also names (localhost, 127.0.0.1 always)")
     boot.set_defaults(func=run_bootstrap)
 
 
@@ -75,7 +77,8 @@ def device_ids(n: int) -> list[str]:
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     ids = [*device_ids(args.devices), *args.ids]
-    dep, created = bootstrap(args.dir, ids, key_type=args.key_type, backend_key_types=args.backend_key_types)
+    dep, created = bootstrap(args.dir, ids, key_type=args.key_type, backend_key_types=args.backend_key_types,
+                             broker_hosts=args.broker_host)
     for what in created:
         print(f"created {what}")
     print(f"deployment ready in {dep.root} ({len(dep.devices())} devices)")

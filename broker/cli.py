@@ -17,7 +17,7 @@ from sealmq.errors import ConfigError, Reason
 _BOUND_KEYS = {"max_connections_per_user", "max_sessions_per_user", "reserved_backend_connections",
                "max_pending_connects", "max_qos2_pending", "session_expiry", "max_offline_queue",
                "max_offline_queue_backend"}
-_TLS_KEYS = {"tls_pki", "tls_name", "tls_port", "tls_require_certificate", "plain"}
+_TLS_KEYS = {"tls_pki", "tls_name", "tls_port", "tls_password_port", "plain"}
 _RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "connect_timeout", *_BOUND_KEYS,
              *_TLS_KEYS}
 # TOML gives any type: a string port or a list host must be a config error, not a TypeError later
@@ -27,7 +27,7 @@ _RUN_TYPES: dict[str, tuple[type, ...]] = {"passwd": (str,), "host": (str,), "po
                                            "tls_name": (str,), "tls_port": (int,)}
 
 
-def _add_tls_arguments(parser: argparse.ArgumentParser, *, password_port: bool = False) -> None:
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TLS (mqtts)")
     group.add_argument("--tls-pki", type=Path,
                        help="PKI directory: serve TLS with DIR/broker/NAME's certificate, accept client "
@@ -36,12 +36,8 @@ def _add_tls_arguments(parser: argparse.ArgumentParser, *, password_port: bool =
     group.add_argument("--tls-port", type=int, help="TLS port (default 8883)")
     group.add_argument("--no-plain", dest="plain", action="store_const", const=False,
                        help="no plain-TCP listener (TLS only)")
-    if password_port:
-        group.add_argument("--tls-password-port", type=int,
-                           help="a second TLS listener taking passwords (monitors)")
-    else:
-        group.add_argument("--tls-allow-password", dest="tls_require_certificate", action="store_const",
-                           const=False, help="accept passwords on the TLS listener too (monitors)")
+    group.add_argument("--tls-password-port", type=int,
+                       help="a second TLS listener taking passwords (monitors; e.g. 8884)")
 
 
 def register(subparsers: Any) -> None:
@@ -78,7 +74,7 @@ def register(subparsers: Any) -> None:
     mq.add_argument("--run-as", default=os.environ.get("SEALMQ_MOSQUITTO_RUN_AS", "mosquitto"),
                     help="unprivileged user mosquitto drops to when started as root (default: mosquitto, "
                     "or $SEALMQ_MOSQUITTO_RUN_AS); generated as root, the files are handed to it")
-    _add_tls_arguments(mq, password_port=True)
+    _add_tls_arguments(mq)
     mq.set_defaults(func=cmd_mosquitto_config)
 
     ins = subparsers.add_parser("inspect", help="print what the broker sees on sealmq/# (no plaintext)")
@@ -133,7 +129,7 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
         from broker.tls import TlsFiles
 
         values["tls"] = TlsFiles.from_pki(tls_pki, tls_name)
-    elif {"tls_port", "tls_require_certificate"} & set(values) or values.get("plain") is False:
+    elif {"tls_port", "tls_password_port"} & set(values) or values.get("plain") is False:
         raise ConfigError(Reason.CONFIG_INVALID, "TLS options need the PKI directory (--tls-pki)")
     if "passwd" not in values:
         raise ConfigError(Reason.CONFIG_INVALID, "a user file is required (--passwd or passwd = in --config)")
@@ -155,7 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             if config.plain:
                 print(f"sealmq broker listening on {broker.host}:{broker.port}", flush=True)
             if config.tls is not None:
-                print(f"sealmq broker listening on {broker.host}:{broker.tls_port} (TLS)", flush=True)
+                print(f"sealmq broker listening on {broker.host}:{broker.tls_port} (TLS, client certificates)",
+                      flush=True)
+            if config.tls_password_port is not None:
+                print(f"sealmq broker listening on {broker.host}:{broker.tls_password_port} (TLS, passwords)",
+                      flush=True)
             while not stop.wait(0.5):
                 pass
             print("sealmq broker: shutting down", flush=True)

@@ -14,10 +14,10 @@ is a context manager. What is hardened, against the measured amqtt behaviour
 - per-user bounds, so one device login cannot exhaust the broker: connections and persistent
   sessions per user, sockets still waiting for their CONNECT, QoS 2 messages awaiting PUBREL,
   session expiry; ``reserved_backend_connections`` slots only a backend user can take;
-- optional TLS listener (``tls``, :mod:`broker.tls`): TLS 1.2+, a client certificate from the
-  operator's CA required (unless ``tls_require_certificate`` is off) and checked against the CRL
-  (re-read when it changes); the certificate's ``urn:sealmq:<role>:<name>`` is the login, no
-  password needed; the plain listener can be turned off (``plain=False``);
+- optional TLS listeners (``tls``, :mod:`broker.tls`), TLS 1.2+: on ``tls_port`` a client
+  certificate from the operator's CA is required and checked against the CRL (re-read when it
+  changes), and its ``urn:sealmq:<role>:<name>`` is the login (no password); on
+  ``tls_password_port`` (optional, for monitors) passwords; the plain listener can be turned off;
 - amqtt's broadcast iterates over a live dict of subscriptions and raises (and skips
   subscribers) when one changes meanwhile: :class:`_SnapshotSubscriptions` hands it snapshots.
 """
@@ -51,6 +51,7 @@ DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_SESSION_EXPIRY = 7 * 24 * 3600  # as mosquitto's persistent_client_expiration in our config
 _LISTENER = "default"
 _TLS_LISTENER = "tls"
+_TLS_PASSWORD_LISTENER = "tls-password"  # noqa: S105 - a listener name
 
 
 @dataclass
@@ -78,14 +79,15 @@ class EmbeddedBrokerConfig:
     plain: bool = True  # the plain-TCP listener on host:port (passwords only)
     tls: TlsFiles | None = None  # a TLS listener on host:tls_port
     tls_port: int = DEFAULT_TLS_PORT
-    # a client certificate is required on the TLS listener; off: passwords are accepted there too
-    tls_require_certificate: bool = True
+    tls_password_port: int | None = None  # a second TLS listener taking passwords (monitors)
 
     def validate(self) -> None:
         if not self.plain and self.tls is None:
             raise ConfigError(Reason.CONFIG_INVALID, "no listener: enable the plain or the TLS listener")
-        if not 0 <= self.tls_port <= 65535:
-            raise ConfigError(Reason.CONFIG_INVALID, "tls_port must be in 0..65535")
+        if not 0 <= self.tls_port <= 65535 or not 0 <= (self.tls_password_port or 0) <= 65535:
+            raise ConfigError(Reason.CONFIG_INVALID, "TLS ports must be in 0..65535")
+        if self.tls is None and self.tls_password_port is not None:
+            raise ConfigError(Reason.CONFIG_INVALID, "tls_password_port needs the TLS files")
         if self.tls is not None:
             self.tls.check()
         if self.max_message_size < 1 or self.max_message_size > 256 * 1024 * 1024:
@@ -130,14 +132,20 @@ class EmbeddedBrokerConfig:
             }
         }
         if self.tls is not None:
-            listeners[_TLS_LISTENER] = {
-                "type": "tcp",
-                "bind": f"{self.host}:{self.tls_port}",
-                "max_connections": -1,
-                "ssl": True,  # the context is HardenedBroker._create_ssl_context's
-                "certfile": str(self.tls.certfile),
-                "keyfile": str(self.tls.keyfile),
-            }
+            ports = {_TLS_LISTENER: self.tls_port}
+            if self.tls_password_port is not None:
+                ports[_TLS_PASSWORD_LISTENER] = self.tls_password_port
+            for name, port in ports.items():
+                listeners[name] = {
+                    "type": "tcp",
+                    "bind": f"{self.host}:{port}",
+                    "max_connections": -1,
+                    "ssl": True,  # the context is HardenedBroker._create_ssl_context's
+                    "certfile": str(self.tls.certfile),
+                    "keyfile": str(self.tls.keyfile),
+                    # marks the listener that takes client certificates (amqtt passes only this config)
+                    "cafile": str(self.tls.cafile) if name == _TLS_LISTENER else None,
+                }
         cfg: dict[str, Any] = {
             "listeners": listeners,
             "plugins": {
@@ -203,7 +211,7 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def _create_ssl_context(self, listener: Any) -> Any:
         """Ours, not amqtt's (which leaves client certificates optional and loads no CRL)."""
         assert self._config.tls is not None
-        return self._config.tls.server_context(require_certificate=self._config.tls_require_certificate)
+        return self._config.tls.server_context(client_certificates=listener.get("cafile") is not None)
 
     def _certificate_login(self, writer: asyncio.StreamWriter, name: str) -> tuple[AccountRole, str] | bool | None:
         """The (role, account) a client certificate names; None without one; False: refused."""
@@ -336,6 +344,10 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         return self.bound_port_of(_TLS_LISTENER) if self._config.tls is not None else 0
 
     @property
+    def bound_tls_password_port(self) -> int:
+        return self.bound_port_of(_TLS_PASSWORD_LISTENER) if self._config.tls_password_port is not None else 0
+
+    @property
     def bound_addresses(self) -> list[tuple[str, int]]:
         return [tuple(s.getsockname()[:2]) for server in self._servers.values()
                 for s in getattr(server.instance, "sockets", ())]
@@ -355,6 +367,7 @@ class EmbeddedBroker:
         self._stopped: asyncio.Event | None = None
         self.port = 0  # the plain listener's (the TLS one's without a plain listener)
         self.tls_port = 0
+        self.tls_password_port = 0
         self.host = config.host
 
     @property
@@ -375,6 +388,7 @@ class EmbeddedBroker:
                 await self._broker.start()
                 self.port = self._broker.bound_port
                 self.tls_port = self._broker.bound_tls_port
+                self.tls_password_port = self._broker.bound_tls_password_port
             except BaseException as exc:
                 failure.append(exc)
                 started.set()

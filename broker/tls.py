@@ -55,8 +55,9 @@ class TlsFiles:
             if not Path(path).is_file():
                 raise ConfigError(Reason.CONFIG_INVALID, f"TLS file missing: {path}")
 
-    def server_context(self, *, require_certificate: bool = True) -> ssl.SSLContext:
-        """TLS 1.2 and 1.3 only; client certificates verified against the CA and the CRL (leaf)."""
+    def server_context(self, *, client_certificates: bool = True) -> ssl.SSLContext:
+        """TLS 1.2 and 1.3 only; client certificates required and verified against the CA and the
+        CRL (leaf), or (``client_certificates=False``, a listener for passwords) not asked for."""
         self.check()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -69,7 +70,7 @@ class TlsFiles:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(Reason.CONFIG_INVALID, f"cannot load the TLS files: {exc}") from None
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        ctx.verify_mode = ssl.CERT_REQUIRED if require_certificate else ssl.CERT_OPTIONAL
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_certificates else ssl.CERT_NONE
         return ctx
 
 

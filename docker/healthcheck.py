@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Container health checks for the sealmq image (``HEALTHCHECK`` and compose ``healthcheck``).
 
-    sealmq-healthcheck [broker] [--host H] [--port P]   an MQTT broker answers a CONNECT with a CONNACK
+    sealmq-healthcheck [broker] [--host H] [--port P] [--tls-ca CA]
+                                                         an MQTT broker answers a CONNECT with a CONNACK
+                                                         (with --tls-ca: over TLS, the broker's
+                                                         certificate checked against CA)
     sealmq-healthcheck backend --data DIR                the backend is connected to its broker
 
 Exit 0 when healthy, 1 when not (Docker's convention), with one line saying why.
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -42,9 +46,12 @@ def connect_packet(client_id: str = "", username: str = "healthcheck") -> bytes:
     return bytes([0x10, len(body)]) + body
 
 
-def check_broker(host: str, port: int, timeout: float = 3.0) -> tuple[bool, str]:
+def check_broker(host: str, port: int, timeout: float = 3.0, tls_ca: Path | None = None) -> tuple[bool, str]:
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = raw
+            if tls_ca is not None:
+                sock = ssl.create_default_context(cafile=str(tls_ca)).wrap_socket(raw, server_hostname=host)
             sock.settimeout(timeout)
             sock.sendall(connect_packet())
             reply = b""
@@ -93,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("what", nargs="?", choices=["broker", "backend"], default="broker")
     parser.add_argument("--host", default=os.environ.get("SEALMQ_MQTT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("SEALMQ_MQTT_PORT", "1883")))
+    parser.add_argument("--tls-ca", type=Path, default=None, help="connect with TLS, verifying the broker")
     parser.add_argument("--data", type=Path, default=Path("/data"), help="backend data directory")
     args = parser.parse_args(argv)
-    healthy, why = check_backend(args.data) if args.what == "backend" else check_broker(args.host, args.port)
+    if args.what == "backend":
+        healthy, why = check_backend(args.data)
+    else:
+        healthy, why = check_broker(args.host, args.port, tls_ca=args.tls_ca)
     print(why)
     return 0 if healthy else 1
 
