@@ -11,9 +11,12 @@
 #                               stays in $SEALMQ_DEPLOY_DIR/console.password) and console-monitor.password
 #                               (the read-only broker user of the console's broker view)
 #      $SEALMQ_PUBLISH_DEVICES  ca/ca.crt, ca/crl.pem, devices/<id>/{key,cert,chain}.pem + mqtt.password
-#      $SEALMQ_BROKER_DIR       users (salted hashes only) and mosquitto/ (generated Mosquitto config)
+#      $SEALMQ_BROKER_DIR       users (salted hashes only), pki/ (ca/ca.crt, ca/crl.pem and the broker's
+#                               TLS key and chain: broker/broker/{key,chain}.pem) and mosquitto/
+#                               (the generated Mosquitto config, with copies of those TLS files)
 #    A file is copied only when missing or different: a re-run after `sealmq pki revoke` or
-#    `sealmq pki crl` republishes the CRL (the backend reloads it) and touches nothing else.
+#    `sealmq pki crl` republishes the CRL (the backend and the embedded broker re-read it; Mosquitto
+#    needs a restart) and touches nothing else.
 set -eu
 umask 077
 
@@ -24,7 +27,8 @@ broker="${SEALMQ_BROKER_DIR:?set SEALMQ_BROKER_DIR}"
 devices="${SEALMQ_DEVICES:-3}"
 backend_name="${SEALMQ_BACKEND_NAME:-backend}"
 
-sealmq bootstrap --dir "$deploy" --devices "$devices"
+# the broker's TLS certificate names the compose service (clients reach it as "broker")
+sealmq bootstrap --dir "$deploy" --devices "$devices" --broker-host "${SEALMQ_BROKER_HOST_NAME:-broker}"
 pki="$deploy/pki"
 
 changed=0
@@ -67,13 +71,19 @@ done
 users_changed=$changed
 changed=0
 publish "$deploy/broker/users" "$broker/users"
+for f in ca/ca.crt ca/crl.pem broker/broker/key.pem broker/broker/chain.pem; do
+  publish "$pki/$f" "$broker/pki/$f"
+done
 if [ "$changed" = 1 ] || [ ! -f "$broker/mosquitto/mosquitto.conf" ]; then
   if [ -f "$broker/mosquitto/mosquitto.conf" ]; then first=0; else first=1; fi
   # Inside the container the broker listens on every interface of the compose network; the host
   # publishes the port on 127.0.0.1 only (docker-compose.yml).
+  # mqtts only: client certificates on $SEALMQ_BROKER_TLS_PORT, passwords (the monitor) on
+  # $SEALMQ_BROKER_MONITOR_PORT; no plain-TCP listener.
   sealmq broker mosquitto-config --out "$broker/mosquitto" --passwd "$broker/users" \
-    --host "${SEALMQ_BROKER_BIND:-0.0.0.0}" --port "${SEALMQ_BROKER_PORT:-1883}"
-  [ "$first" = 1 ] || echo "new broker users: restart the broker to load them (docker compose restart broker)"
+    --host "${SEALMQ_BROKER_BIND:-0.0.0.0}" --no-plain --tls-pki "$broker/pki" \
+    --tls-port "${SEALMQ_BROKER_TLS_PORT:-8883}" --tls-password-port "${SEALMQ_BROKER_MONITOR_PORT:-8884}"
+  [ "$first" = 1 ] || echo "new broker users or certificates: restart the broker to load them (docker compose restart broker)"
 fi
 [ "$users_changed" = 1 ] || [ "$changed" = 1 ] || echo "nothing to publish: everything was already in place"
 echo "bootstrap done"

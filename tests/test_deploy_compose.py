@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 MOSQUITTO_OVERRIDE = REPO / "docker" / "compose.mosquitto.yml"
 DOCKERFILE = REPO / "Dockerfile"
-CONTAINER_PORT = "1883"
+# the broker's container ports: mqtts with client certificates, mqtts with passwords (the monitor)
+CONTAINER_PORTS = ("8883", "8884")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -111,7 +112,7 @@ class Deployment:
 
     root: Path
     services: dict[str, dict[str, Any]]
-    port: int = field(default_factory=free_port)
+    ports: dict[str, int] = field(default_factory=lambda: {p: free_port() for p in CONTAINER_PORTS})
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -150,8 +151,8 @@ class Deployment:
             return "127.0.0.1"
         if token.startswith("0.0.0.0:"):  # HOST:PORT (the console): loopback, any free port
             return "127.0.0.1:0"
-        if token == CONTAINER_PORT:
-            return str(self.port)
+        if token in self.ports:
+            return str(self.ports[token])
         places = {**image_copies(), **self.mounts(service)}
         for target, host in sorted(places.items(), key=lambda kv: -len(kv[0])):
             if token == target or token.startswith(target + "/"):
@@ -295,7 +296,7 @@ def test_compose_config_validates(variant: str) -> None:
     # docker-compose 1.29 prints the short form, Compose v2 the long one
     ports = [p.removesuffix("/tcp") if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}"
              for p in broker["ports"]]
-    assert ports == ["127.0.0.1:1883:1883"]
+    assert ports == ["127.0.0.1:8883:8883", "127.0.0.1:8884:8884"]
 
 
 @pytest.mark.parametrize("variant", sorted(COMPOSE_FILES))

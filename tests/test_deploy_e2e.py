@@ -3,7 +3,8 @@
 What runs is read from docker-compose.yml (and docker/compose.mosquitto.yml) by
 tests/test_deploy_compose.py's ``Deployment``: commands, environment, volumes mapped to temp
 directories, depends_on order and conditions, health checks. The wildcard monitor is the
-walk-through's own command (docs/docker.md): ``mosquitto_sub ... -t 'sealmq/#' -v -F '%t %x'``.
+walk-through's own command (docs/docker.md): ``mosquitto_sub --cafile ... -p 8884 ... -t 'sealmq/#' -v -F '%t %x'``,
+over TLS with the monitor's password; devices and backend log in with their certificates on 8883.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ SIM_SECONDS = "6"
 
 
 def _monitor_command(dep: Deployment) -> list[str]:
-    password = (dep.mounts("pki")["/pki"] / "broker" / "monitor.password").read_text().strip()
-    return ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(dep.port), "-i", "monitor:walkthrough",
+    deploy = dep.mounts("pki")["/pki"]
+    password = (deploy / "broker" / "monitor.password").read_text().strip()
+    return ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(dep.ports["8884"]), "--cafile",
+            str(deploy / "pki" / "ca" / "ca.crt"), "-i", "monitor:walkthrough",
             "-u", "monitor", "-P", password, "-t", "sealmq/#", "-v", "-F", "%t %x"]
 
 

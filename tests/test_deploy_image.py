@@ -228,7 +228,13 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
         ["monitor", "monitor"]]
     assert all(":$7$" in line for line in users.splitlines() if not line.startswith("#"))  # hashes only
     assert "0.0.0.0" not in (broker / "mosquitto" / "mosquitto.conf").read_text()  # mapped to loopback here
-    assert f"listener {dep.port} 127.0.0.1" in (broker / "mosquitto" / "mosquitto.conf").read_text()
+    conf = (broker / "mosquitto" / "mosquitto.conf").read_text()
+    assert f"listener {dep.ports['8883']} 127.0.0.1\n" in conf and f"listener {dep.ports['8884']} 127.0.0.1\n" in conf
+    assert conf.count("listener ") == 2  # mqtts only: no plain-TCP listener in the deployment
+    assert "require_certificate true" in conf and "use_identity_as_username true" in conf
+    # the broker gets the trust anchor, the CRL and its own TLS key + chain, and no other key
+    assert sorted(p for p in _digests(broker) if p.startswith("pki/")) == [
+        "pki/broker/broker/chain.pem", "pki/broker/broker/key.pem", "pki/ca/ca.crt", "pki/ca/crl.pem"]
     # passwords are in files only: never printed
     for pw_file in [*devices.rglob("mqtt.password"), *backend.rglob("mqtt.password")]:
         assert pw_file.read_text().strip() not in first.stdout + first.stderr
@@ -261,5 +267,8 @@ def test_bootstrap_republishes_a_new_crl(tmp_path: Path) -> None:
     new_crl = (deploy / "pki" / "ca" / "crl.pem").read_bytes()
     for published in ("/publish/backend", "/publish/devices"):
         assert (dep.mounts("pki")[published] / "ca" / "crl.pem").read_bytes() == new_crl
+    broker = dep.mounts("pki")["/broker"]
+    assert (broker / "pki" / "ca" / "crl.pem").read_bytes() == new_crl  # the embedded broker re-reads it
+    assert (broker / "mosquitto" / "tls" / "crl.pem").read_bytes() == new_crl  # Mosquitto's copy
     assert "backend/backend/key.pem" not in rerun.stdout  # nothing else copied again
     assert os.environ.get("SEALMQ_DEPLOY_DIR") is None  # the test environment is not polluted
