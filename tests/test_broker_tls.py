@@ -6,16 +6,21 @@ and `openssl s_client` as an independent check of the listener's chain and proto
 
 from __future__ import annotations
 
+import io
 import shutil
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker.inspect import run_inspect
 from broker.tls import TlsFiles
 from pki import layout, store
+from sealmq import cbor
 from tests.brokers import BrokerHandle, Creds, needs_mosquitto, running_amqtt, running_mosquitto
 from tests.pki_fixtures import make_pki
 
@@ -159,10 +164,27 @@ def test_tls_password_listener_for_monitors(tmp_path: Path, pkis: Pkis, kind: st
     # mosquitto keeps the plain listener here: tests/brokers.py waits for it to know mosquitto is up
     with runner(tmp_path, tls=pkis.tls, tls_password_port=port, plain=kind == "mosquitto") as handle:
         password_port = handle.broker.tls_password_port if kind == "amqtt" else port
-        handle.tls_port = password_port
+        cert_port, handle.tls_port = handle.tls_port, password_port
         client, _ = handle.connect(handle.monitor, tls=pkis.context())
         assert handle.subscribe(client, "sealmq/#") == [1]
         handle.connect(Creds("monitor", "wrong"), tls=pkis.context(), expect_refused=True)
+        # `sealmq inspect` over TLS with the monitor's password sees a device's (certificate-login) traffic
+        out = io.StringIO()
+        result: list[int] = []
+        mon = handle.monitor
+        t = threading.Thread(target=lambda: result.append(run_inspect(
+            "127.0.0.1", password_port, mon.username, mon.password, count=1, timeout=10, out=out,
+            tls_ca=pkis.ca)))
+        t.start()
+        deadline = time.monotonic() + 5
+        while "# subscribed" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        handle.tls_port = cert_port
+        dev, _ = handle.connect(None, tls=pkis.device("dev0"))
+        dev.publish(_topic("dev0"), cbor.dumps([1, b"\x07", 2, 9, b"\xee" * 30]), qos=1).wait_for_publish(5)
+        t.join(15)
+        assert result == [0]
+        assert "record kind=TELEMETRY kid=07 epoch=2 piv=9 ct_len=30" in out.getvalue()
 
 
 def test_amqtt_sees_a_revocation_without_restart(tmp_path: Path) -> None:
