@@ -43,7 +43,8 @@ RUN chmod 0755 /usr/local/bin/sealmq-bootstrap /usr/local/bin/sealmq-healthcheck
 
 USER 10001:10001
 WORKDIR /home/sealmq
-EXPOSE 1883
+# mqtts: client certificates (8883), passwords for monitors (8884); 1883: plain TCP, for loopback only
+EXPOSE 1883 8883 8884
 EXPOSE 8080
 # Default check: an MQTT broker at $SEALMQ_MQTT_HOST:$SEALMQ_MQTT_PORT (127.0.0.1:1883 = this container)
 # answers a CONNECT. docker-compose.yml gives the backend its own check.

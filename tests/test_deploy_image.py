@@ -58,7 +58,7 @@ def test_dockerfile_facts() -> None:
     assert len(froms) == 1 and froms[0].startswith("python:3.11") and "-slim" in froms[0]
     users = [rest for word, rest in ins if word == "USER"]
     assert users and users[-1].split(":")[0] not in {"0", "root"}
-    assert ("EXPOSE", "1883") in ins
+    assert ("EXPOSE", "1883 8883 8884") in ins
     assert any(word == "HEALTHCHECK" and "sealmq-healthcheck" in rest for word, rest in ins)
     runs = " ".join(rest for word, rest in ins if word == "RUN")
     assert "pip install --no-cache-dir -c requirements.lock ." in runs
