@@ -23,6 +23,10 @@ def add_console_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"the broker view's read-only broker user (default {CONSOLE_MONITOR})")
     group.add_argument("--monitor-password-file", type=Path, default=os.environ.get("SEALMQ_MONITOR_PASSWORD_FILE"),
                        help="its password file (DIR/broker/console-monitor.password); no broker view without it")
+    env_port = os.environ.get("SEALMQ_MONITOR_PORT")
+    group.add_argument("--monitor-port", type=int, default=int(env_port) if env_port else None,
+                       help="the broker's port for password logins (its TLS password listener, e.g. 8884; "
+                       "default: the backend's port)")
     group.add_argument("--https-cert", type=Path, default=None, help="serve the console over TLS: certificate")
     group.add_argument("--https-key", type=Path, default=None, help="... and its key")
 
@@ -36,8 +40,11 @@ def start_console(service: Any, args: argparse.Namespace, mqtt: MqttSettings) ->
     host, port = parse_http(args.http)
     monitor = None
     if args.monitor_password_file is not None:
+        # a password login, never the backend's TLS client certificate (Mosquitto would take it for
+        # the backend itself and disconnect the backend): on TLS, the broker's password listener
         monitor = replace(mqtt, username=args.monitor_username,
-                          password=read_secret_file(Path(args.monitor_password_file)), client_id="")
+                          password=read_secret_file(Path(args.monitor_password_file)), client_id="",
+                          tls_cert=None, tls_key=None, port=args.monitor_port or mqtt.port)
     console = Console(service, ConsoleSettings(host=host, port=port, auth_file=args.console_auth, monitor=monitor,
                                                tls_cert=args.https_cert, tls_key=args.https_key)).start()
     print(f"console: {console.url}", flush=True)
