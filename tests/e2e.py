@@ -19,6 +19,7 @@ from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, current_user, write_config
 from broker.passwd import AccountRole, add_user, load_users
+from broker.tls import TlsFiles
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
 from runtime.audit import read_audit
@@ -92,7 +93,10 @@ class MosquittoSub:
 
 class System:
     def __init__(self, root: Path, device_ids: list[str], broker: str = "amqtt", *, key_type: str = "p256",
-                 backend_key_types: tuple[str, ...] | None = None, **broker_options: Any) -> None:
+                 backend_key_types: tuple[str, ...] | None = None, tls: bool = False,
+                 **broker_options: Any) -> None:
+        """With ``tls`` the broker also serves mqtts, and devices and backend log in there with the
+        certificates they use for EDHOC; monitors keep their passwords on the plain listener."""
         self.root = root
         self.kind = broker
         self.dep: Deployment = bootstrap(root, device_ids, iterations=1000, key_type=key_type,
@@ -103,6 +107,9 @@ class System:
         add_user(self.dep.users, SUB_MONITOR, self.sub_password, AccountRole.MONITOR, iterations=1000)
         self.broker_options = broker_options
         self.port = free_port()
+        self.tls_port = free_port() if tls else 0
+        if tls:
+            self.broker_options.update(tls=TlsFiles.from_pki(self.dep.pki), tls_port=self.tls_port)
         self._broker: Any = None
         self.backend: BackendService | None = None
         self.agents: dict[str, DeviceAgent] = {}
@@ -134,6 +141,10 @@ class System:
         self.start_broker()
 
     def mqtt(self, role: str, name: str, **kw: Any) -> MqttSettings:
+        if self.tls_port and role in {"device", "backend"}:
+            d = layout.device_dir(self.dep.pki, name) if role == "device" else layout.backend_dir(self.dep.pki, name)
+            return MqttSettings(host=HOST, port=self.tls_port, username=name, tls_ca=layout.anchor(self.dep.pki),
+                                tls_cert=d / layout.CHAIN, tls_key=d / layout.KEY, **{**FAST, **kw})
         return MqttSettings(host=HOST, port=self.port, username=name, password=self.dep.password(role, name),
                             **{**FAST, **kw})
 

@@ -232,3 +232,41 @@ def test_openssl_checks_chain_and_versions(tls_broker: BrokerHandle, pkis: Pkis)
         input="", capture_output=True, text=True, timeout=30, check=False)
     assert foreign.returncode != 0
     assert "verify" in foreign.stderr.lower()
+
+
+# --- the whole system over mqtts ---------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["amqtt", pytest.param("mosquitto", marks=[pytest.mark.mosquitto, needs_mosquitto])])
+def test_sealed_telemetry_and_image_over_tls_with_certificate_logins(tmp_path: Path, kind: str) -> None:
+    """Device agent and backend service reach the broker only over TLS, logged in by certificate
+    (no password in their settings); the monitor still sees ciphertext only."""
+    import hashlib
+
+    from backend.media import list_media
+    from backend.storage import db_path
+    from tests.e2e import Recorder, System, wait_for
+
+    system = System(tmp_path, ["cam-1"], broker=kind, tls=True)
+    try:
+        assert system.mqtt("device", "cam-1").password is None
+        recorder = Recorder(system)
+        backend = system.start_backend()
+        agent = system.agent("cam-1")
+        agent.send_telemetry({"n": 0, "temperature_c": 21.5})
+        image = Path(__file__).resolve().parents[1] / "img" / "gradient.png"
+        agent.send_file(image)
+        assert agent.wait_transfers(60), agent.outbox.transfers
+        assert wait_for(lambda: len(backend.storage.messages("cam-1")) == 1)
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+        stored = [r for r in list_media(db_path(system.dep.backend_data)) if r.sha256 == digest]
+        assert stored and stored[0].signature_verified and stored[0].device_id == "cam-1"
+        relayed = recorder.snapshot()
+        assert {t for t, _ in relayed} >= {"sealmq/v1/cam-1/hs/up", "sealmq/v1/cam-1/data/up",
+                                           "sealmq/v1/cam-1/media/up"}
+        everything = b"".join(p for _, p in relayed)
+        assert b"temperature_c" not in everything and image.read_bytes()[100:132] not in everything
+        if kind == "mosquitto":  # the logins came in on the TLS listener, by certificate CN
+            log = system._broker.log()
+            assert f"on port {system.tls_port}" in log
+            assert "as cam-1 (" in log and "u'cam-1'" in log and "u'backend'" in log
+    finally:
+        system.close()
