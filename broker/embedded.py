@@ -80,12 +80,15 @@ class EmbeddedBrokerConfig:
     tls: TlsFiles | None = None  # a TLS listener on host:tls_port
     tls_port: int = DEFAULT_TLS_PORT
     tls_password_port: int | None = None  # a second TLS listener taking passwords (monitors)
+    crl_refresh_interval: float = 30.0  # seconds between checks of the CRL file for changes
 
     def validate(self) -> None:
         if not self.plain and self.tls is None:
             raise ConfigError(Reason.CONFIG_INVALID, "no listener: enable the plain or the TLS listener")
         if not 0 <= self.tls_port <= 65535 or not 0 <= (self.tls_password_port or 0) <= 65535:
             raise ConfigError(Reason.CONFIG_INVALID, "TLS ports must be in 0..65535")
+        if self.crl_refresh_interval <= 0:
+            raise ConfigError(Reason.CONFIG_INVALID, "crl_refresh_interval must be > 0")
         if self.tls is None and self.tls_password_port is not None:
             raise ConfigError(Reason.CONFIG_INVALID, "tls_password_port needs the TLS files")
         if self.tls is not None:
@@ -211,7 +214,17 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def _create_ssl_context(self, listener: Any) -> Any:
         """Ours, not amqtt's (which leaves client certificates optional and loads no CRL)."""
         assert self._config.tls is not None
-        return self._config.tls.server_context(client_certificates=listener.get("cafile") is not None)
+        certificates = listener.get("cafile") is not None
+        ctx = self._config.tls.server_context(client_certificates=certificates)
+        if certificates and self._revoked is not None:
+            self._revoked.contexts.append(ctx)
+        return ctx
+
+    async def refresh_crl_periodically(self, interval: float) -> None:
+        """Re-read a changed CRL even while nobody connects (a stale one would lock everyone out)."""
+        while self._revoked is not None:
+            await asyncio.sleep(interval)
+            self._revoked.refresh()
 
     def _certificate_login(self, writer: asyncio.StreamWriter, name: str) -> tuple[AccountRole, str] | bool | None:
         """The (role, account) a client certificate names; None without one; False: refused."""
@@ -365,6 +378,7 @@ class EmbeddedBroker:
         self._thread: threading.Thread | None = None
         self._broker: HardenedBroker | None = None
         self._stopped: asyncio.Event | None = None
+        self._crl_task: asyncio.Task[None] | None = None
         self.port = 0  # the plain listener's (the TLS one's without a plain listener)
         self.tls_port = 0
         self.tls_password_port = 0
@@ -386,6 +400,8 @@ class EmbeddedBroker:
                 # amqtt's Broker must be created inside the running loop
                 self._broker = HardenedBroker(self.config, self.policy, self.stats)
                 await self._broker.start()
+                self._crl_task = asyncio.create_task(
+                    self._broker.refresh_crl_periodically(self.config.crl_refresh_interval))
                 self.port = self._broker.bound_port
                 self.tls_port = self._broker.bound_tls_port
                 self.tls_password_port = self._broker.bound_tls_password_port

@@ -93,12 +93,15 @@ def certificate_identity(der: bytes) -> tuple[AccountRole, str] | None:
 class RevokedSerials:
     """The serials the CRL file revokes, re-read when the file changes.
 
-    The TLS layer loads the CRL once at start; this re-check at CONNECT time makes a revocation
-    effective without restarting the broker. Only CRLs signed by a CA in ``cafile`` count; a file
-    that cannot be read or verified keeps the last good list (and is logged).
+    This re-check at CONNECT time makes a revocation effective without restarting the broker. Only
+    CRLs signed by a CA in ``cafile`` count; a file that cannot be read or verified keeps the last
+    good list (and is logged). A changed file is also added to the TLS contexts in ``contexts``:
+    OpenSSL picks the newest CRL of an issuer, so a re-issued CRL replaces one whose nextUpdate
+    has passed (which would otherwise make the TLS layer refuse every client certificate).
     """
 
     def __init__(self, crlfile: Path, cafile: Path, chainfile: Path) -> None:
+        self.contexts: list[ssl.SSLContext] = []
         self._crlfile = crlfile
         self._cafile = cafile
         self._chainfile = chainfile  # the broker's own chain: its intermediates sign the leaves' CRL
@@ -123,7 +126,15 @@ class RevokedSerials:
         except (OSError, ValueError) as exc:
             log.warning("cannot reload %s (%s): keeping the last list", self._crlfile, type(exc).__name__)
             return
+        first = self._stamp is None
         self._revoked, self._stamp = revoked, stamp
+        if not first:
+            log.info("reloaded %s (%d revoked certificates)", self._crlfile, len(revoked))
+            for ctx in self.contexts:
+                try:
+                    ctx.load_verify_locations(cafile=str(self._crlfile))
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS layer kept its CRLs: %s", exc)
 
     def is_revoked(self, der: bytes) -> bool:
         self.refresh()

@@ -202,6 +202,32 @@ def test_amqtt_sees_a_revocation_without_restart(tmp_path: Path) -> None:
         assert handle.broker.stats.refused_connect >= 1
 
 
+def test_amqtt_tls_layer_takes_a_reissued_crl(tmp_path: Path) -> None:
+    """Started with a CRL past its nextUpdate, the TLS layer refuses every client certificate
+    (hard fail); once the CA re-issues the CRL, the broker picks it up without a restart."""
+    from datetime import UTC, datetime, timedelta
+
+    pki = make_pki(tmp_path / "pki", ["dev0"])
+    store.enroll_broker(pki.path, "broker", ["127.0.0.1"])
+    store.issue_crl(pki.path, now=datetime.now(UTC) - timedelta(days=40), days=30)
+    files = TlsFiles.from_pki(pki.path)
+    d = layout.device_dir(pki.path, "dev0")
+    ctx = ssl.create_default_context(cafile=str(files.cafile))
+    ctx.load_cert_chain(str(d / "chain.pem"), str(d / "key.pem"))
+    with running_amqtt(tmp_path / "b", n_devices=1, tls=files, crl_refresh_interval=0.1) as handle:
+        _tls_refused(handle, ctx)
+        assert handle.broker.stats.refused_connect == 0  # refused by the TLS layer, not by our gate
+        store.issue_crl(pki.path)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                handle.connect(None, tls=ctx, timeout=2)
+                break
+            except (AssertionError, ssl.SSLError, OSError):
+                assert time.monotonic() < deadline, "the re-issued CRL was not picked up"
+                time.sleep(0.2)
+
+
 # --- openssl s_client: the listener, checked by another TLS implementation ------------------------
 def _s_client(port: int, pkis: Pkis, *args: str) -> subprocess.CompletedProcess[str]:
     assert OPENSSL is not None
