@@ -228,6 +228,23 @@ def test_amqtt_tls_layer_takes_a_reissued_crl(tmp_path: Path) -> None:
                 time.sleep(0.2)
 
 
+@needs_mosquitto
+@pytest.mark.mosquitto
+def test_mosquitto_refuses_everyone_with_a_stale_crl(tmp_path: Path) -> None:
+    """Why docs/broker.md says to restart Mosquitto after every `sealmq pki crl`."""
+    from datetime import UTC, datetime, timedelta
+
+    pki = make_pki(tmp_path / "pki", ["dev0"])
+    store.enroll_broker(pki.path, "broker", ["127.0.0.1"])
+    store.issue_crl(pki.path, now=datetime.now(UTC) - timedelta(days=40), days=30)
+    d = layout.device_dir(pki.path, "dev0")
+    ctx = ssl.create_default_context(cafile=str(layout.anchor(pki.path)))
+    ctx.load_cert_chain(str(d / "chain.pem"), str(d / "key.pem"))
+    with running_mosquitto(tmp_path / "b", n_devices=1, tls=TlsFiles.from_pki(pki.path)) as handle:
+        _tls_refused(handle, ctx)
+        assert "certificate verify failed" in handle.broker.log()  # the same certificate passes with a fresh CRL
+
+
 # --- openssl s_client: the listener, checked by another TLS implementation ------------------------
 def _s_client(port: int, pkis: Pkis, *args: str) -> subprocess.CompletedProcess[str]:
     assert OPENSSL is not None
