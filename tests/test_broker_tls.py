@@ -242,7 +242,12 @@ def test_mosquitto_refuses_everyone_with_a_stale_crl(tmp_path: Path) -> None:
     ctx.load_cert_chain(str(d / "chain.pem"), str(d / "key.pem"))
     with running_mosquitto(tmp_path / "b", n_devices=1, tls=TlsFiles.from_pki(pki.path)) as handle:
         _tls_refused(handle, ctx)
-        assert "certificate verify failed" in handle.broker.log()  # the same certificate passes with a fresh CRL
+        assert "certificate verify failed" in handle.broker.log()
+        # control: the same certificate passes once the CRL is re-issued and mosquitto restarted
+        store.issue_crl(pki.path)
+        shutil.copyfile(layout.crl(pki.path), handle.broker.conf.parent / "tls" / "crl.pem")
+        handle.broker.restart()
+        handle.connect(None, tls=ctx)
 
 
 # --- openssl s_client: the listener, checked by another TLS implementation ------------------------
