@@ -64,7 +64,7 @@ class Simulator:
             identity_dir = layout.device_dir(pki_dir, device_id)
             settings = replace(mqtt, username=device_id,
                                password=password_for(device_id) if password_for else mqtt.password)
-            if mqtt.tls_ca is not None and mqtt.tls_cert is None:
+            if mqtt.tls_ca is not None and mqtt.tls_cert is None and (identity_dir / layout.CHAIN).exists():
                 # over TLS each device logs in with its own EDHOC certificate, not a password
                 settings = replace(settings, password=None, tls_cert=identity_dir / layout.CHAIN,
                                    tls_key=identity_dir / layout.KEY)
