@@ -25,10 +25,19 @@ def summary(cert: x509.Certificate) -> list[tuple[str, str]]:
         is_ca = "yes" if bc.ca else "no"
     except x509.ExtensionNotFound:
         is_ca = "no"
+    hosts: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts = [*san.get_values_for_type(x509.DNSName), *map(str, san.get_values_for_type(x509.IPAddress))]
+    except (x509.ExtensionNotFound, *PARSE_ERRORS):
+        pass
+    if hosts and role_text == "-":  # a broker's TLS certificate (sealmq pki issue-broker)
+        identity, role_text = "(none: a TLS server certificate)", "broker"
     return [
         ("subject", cert.subject.rfc4514_string()),
         ("identity", identity),
         ("role", role_text),
+        *([("hosts", ", ".join(hosts))] if hosts else []),
         ("CA", is_ca),
         ("key type", key_type),
         ("not before", cert.not_valid_before_utc.isoformat()),

@@ -37,6 +37,9 @@ def test_issue_broker_cli_writes_a_server_certificate(tmp_path: Path, capsys: py
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.SERVER_AUTH]
     assert len(x509.load_pem_x509_certificates((d / "chain.pem").read_bytes())) == 2  # leaf + issuing CA
+    assert main(["pki", "show", str(d / "cert.pem")]) == 0
+    shown = capsys.readouterr().out
+    assert "role:        broker" in shown and "hosts:       broker.example, 10.0.0.7, ::1" in shown
     # an EDHOC verifier refuses it for either role
     trust = store.load_trust_store(pki)
     chain = x509.load_pem_x509_certificates((d / "chain.pem").read_bytes())
