@@ -24,7 +24,7 @@ _RUN_KEYS = {"passwd", "host", "port", "max_message_size", "max_connections", "c
 _RUN_TYPES: dict[str, tuple[type, ...]] = {"passwd": (str,), "host": (str,), "port": (int,),
                                            "max_message_size": (int,), "max_connections": (int,),
                                            "connect_timeout": (int, float), "tls_pki": (str,),
-                                           "tls_name": (str,), "tls_port": (int,)}
+                                           "tls_name": (str,), "tls_port": (int,), "tls_password_port": (int,)}
 
 
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +117,7 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError(Reason.CONFIG_INVALID, f"{key} in {args.config} must be an integer")
         wrong = sorted(k for k, v in values.items()
                        if k in _RUN_TYPES and (isinstance(v, bool) or not isinstance(v, _RUN_TYPES[k])))
+        wrong += ["plain"] if "plain" in values and not isinstance(values["plain"], bool) else []
         if wrong:
             raise ConfigError(Reason.CONFIG_INVALID, f"keys of the wrong type in {args.config}: {wrong}")
     for key in ("host", "port", "passwd", "max_message_size", "max_connections", *_TLS_KEYS):

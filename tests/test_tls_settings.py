@@ -104,3 +104,24 @@ def _me() -> str:
     from broker.mosquitto_config import current_user
 
     return current_user()
+
+
+def test_broker_run_config_takes_the_tls_keys(tmp_path: Path) -> None:
+    from broker.cli import load_run_config
+
+    def load(text: str) -> dict[str, object]:
+        config = tmp_path / "broker.toml"
+        config.write_text(text)
+        ns = argparse.Namespace(config=config, **dict.fromkeys(
+            ["host", "port", "passwd", "max_message_size", "max_connections", "tls_pki", "tls_name", "tls_port",
+             "tls_password_port", "plain"]))
+        return load_run_config(ns)
+
+    values = load(f'passwd = "u"\ntls_pki = "{tmp_path}"\ntls_password_port = 8884\nplain = false\n')
+    assert values["tls"] == TlsFiles.from_pki(tmp_path) and values["tls_password_port"] == 8884
+    assert values["plain"] is False and "tls_pki" not in values
+    for bad in ('plain = "no"', "tls_port = '8883'"):
+        with pytest.raises(ConfigError, match="wrong type"):
+            load(f'passwd = "u"\ntls_pki = "{tmp_path}"\n{bad}\n')
+    with pytest.raises(ConfigError, match="--tls-pki"):
+        load('passwd = "u"\ntls_port = 8883\n')
