@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import acl
-from broker.framing import ConnectParseError, parse_connect
+from broker.framing import ConnectParseError, parse_connect, with_credentials
 from broker.inspect_format import describe
 from broker.passwd import (
     AccountRole,
@@ -216,6 +216,35 @@ def test_parse_connect_golden() -> None:
     assert (info.will_topic, info.will_qos, info.will_retain, info.clean_session) == (
         "sealmq/v1/deva/data/up", 1, False, True)
     assert (info.proto_name, info.proto_level, info.keep_alive) == ("MQTT", 4, 30)
+
+
+@given(st.booleans(), st.booleans(), st.booleans(), st.text(max_size=40), st.binary(max_size=300),
+       st.sampled_from(["dev-1", "backend", "x" * 63]))
+def test_with_credentials_replaces_only_the_credentials(
+        will: bool, user: bool, password: bool, client_id: str, will_msg: bytes, name: str) -> None:
+    """A certificate login's CONNECT as amqtt sees it: same packet, the account's credentials."""
+    client_id = client_id.replace("\x00", "")
+    flags = 0x02 | (0x0C if will else 0) | (0x80 if user else 0) | (0x40 if user and password else 0)
+    rest = ([b"sealmq/v1/dev-1/data/up", will_msg] if will else []) + ([b"someone"] if user else []) + (
+        [b"pw"] if user and password else [])
+    body = _connect(flags, client_id.encode(), *rest)
+    info = parse_connect(body)
+    packet = with_credentials(body, info, name, "token")
+    assert packet[0] == 0x10
+    length, mult, i = 0, 1, 1
+    while True:  # the remaining length, as MQTT encodes it
+        length += (packet[i] & 0x7F) * mult
+        mult *= 128
+        i += 1
+        if not packet[i - 1] & 0x80:
+            break
+    assert length == len(packet) - i
+    again = parse_connect(packet[i:])
+    assert (again.username, again.password) == (name, "token")
+    same = ("proto_name", "proto_level", "clean_session", "keep_alive", "client_id", "will_topic", "will_qos",
+            "will_retain")
+    assert all(getattr(again, f) == getattr(info, f) for f in same)
+    assert packet[i:].find(will_msg) >= 0 if will else True
 
 
 @pytest.mark.parametrize(
