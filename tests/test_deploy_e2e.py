@@ -138,6 +138,19 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
         finally:
             store.close()
         assert len(plaintexts) == len(stored_lines)
+
+        # docs/docker.md's `sealmq inspect` (the monitor's password, over TLS) once mosquitto_sub, the
+        # same login, is done (Mosquitto keeps one connection per login)
+        assert monitor is not None
+        monitor.send_signal(signal.SIGINT)
+        monitor.wait(5)
+        monitor = None
+        inspect = dep.run(dep.map_args("pki", [
+            "sealmq", "inspect", "--host", "broker", "--port", "8884", "--tls-ca", "/pki/pki/ca/ca.crt",
+            "--username", "monitor", "--password-file", "/pki/broker/monitor.password", "--count", "1",
+            "--timeout", "2"]), "pki")
+        assert inspect.returncode == 0, inspect.stderr
+        assert "# subscribed to sealmq/# on 127.0.0.1:" in inspect.stdout
     finally:
         if monitor is not None:
             monitor.send_signal(signal.SIGINT)
