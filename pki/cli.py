@@ -209,13 +209,14 @@ def register(subparsers: Any) -> None:
 
     sp = cmd("issue-broker", _cmd_issue_broker, "a broker's TLS key + server certificate into DIR/broker/NAME")
     pki_arg(sp)
-    sp.add_argument("name", nargs="?", default=layout.DEFAULT_BROKER, help="default 'broker'")
+    sp.add_argument("name", nargs="?", default=layout.DEFAULT_BROKER, help="the broker's name (default 'broker')")
     sp.add_argument("--host", action="append", required=True,
                     help="a DNS name or IP address clients use to reach the broker (repeat)")
-    sp.add_argument("--key-type", default="p256", choices=leaf_types)
-    sp.add_argument("--days", type=int, default=None)
+    sp.add_argument("--key-type", default="p256", choices=leaf_types, help="key type (default: %(default)s)")
+    sp.add_argument("--days", type=int, default=None,
+                    help=f"validity (default {issue.DEFAULT_LEAF_DAYS}, max {issue.MAX_LEAF_DAYS})")
     pass_arg(sp, "the CA key")
-    sp.add_argument("--force", action="store_true")
+    sp.add_argument("--force", action="store_true", help="replace an existing broker certificate")
 
     sp = cmd("revoke", _cmd_revoke, "revoke an issued certificate and re-issue the CRL")
     pki_arg(sp)
