@@ -164,14 +164,17 @@ def run_demo(args: argparse.Namespace) -> int:
                 key_updates = True
             step += 1
             time.sleep(0.5)
-        time.sleep(1.5)  # let the last records land
+        unacked = sum(0 if a.wait_acknowledged(15) else a.unacknowledged() for a in sim.agents)
         unfinished = sum(0 if a.wait_transfers(30) else a.pending_transfers() for a in sim.agents)
         total_stored = backend.storage.count_messages()
         stored = total_stored - before_stored
         sent = sum(a.counters["sent"] for a in sim.agents)
+        acked = sum(a.messages.acked for a in sim.agents)
         say(f"[5/5] this run, {args.duration:.0f} s of traffic:")
         say(f"      telemetry records sent {step * len(ids)}, stored by the backend {stored}"
-            + (f" ({total_stored} stored in all, earlier runs included)" if before_stored else ""))
+            + (f" ({total_stored} stored in all, earlier runs included)" if before_stored else "")
+            + f", acknowledged to the devices {acked} (telemetry and replies), still in the devices' "
+              f"outboxes {unacked}")
         replied = backend.storage.count_commands("replied") - before_replied
         say(f"      handshakes {backend.counters['handshakes']}, key updates {backend.counters['key_updates']}, "
             f"commands answered {replied}, rejected messages {backend.counters['rejected']}")
@@ -198,7 +201,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
         if args.serve and console is not None:  # console (issue 13)
             serve_demo(sim.agents, step, say)
-        return 0 if not leaked and stored > 0 else 1
+        return 0 if not leaked and stored >= step * len(ids) and unacked == 0 else 1
     finally:
         if console is not None:  # console (issue 13)
             console.stop()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from backend.console.cli import add_console_arguments, start_console  # console (issue 13)
-from backend.storage import Storage, db_path
+from backend.storage import COMMAND_STATES, Storage, db_path
 from runtime import exits
 from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
@@ -18,7 +18,7 @@ from sealmq.bodies import decode_telemetry
 from sealmq.errors import DecodeError
 
 _DATA_HELP = "backend data directory (default: %(default)s; the README's walk-through uses deploy/backend)"
-_STATES = ("queued", "sent", "replied", "expired", "failed")
+_STATES = COMMAND_STATES  # queued -> sent -> replied, or expired
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -195,7 +195,7 @@ def _command(args: argparse.Namespace) -> int:
         if row.state != state:
             state = row.state
             print(f"command {command_id}: {state}", flush=True)
-        if state in ("replied", "expired", "failed") or time.monotonic() >= deadline:
+        if state in ("replied", "expired") or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     if state != "replied":

@@ -60,8 +60,9 @@ class BackendMetrics:
                                        ["outcome"], registry=r)
         self.sessions = Gauge("sealmq_backend_sessions", "Live device sessions", registry=r)
         self.transfers_open = Gauge("sealmq_backend_media_transfers_open", "Media transfers in progress", registry=r)
-        self.commands = Gauge("sealmq_backend_commands", "Commands in the outbox, by status (pending: not yet "
-                              "sent; sent: waiting for the reply)", ["status"], registry=r)
+        self.commands = Gauge("sealmq_backend_commands", "Commands in the outbox, by status (queued: not yet "
+                              "sent under the device's current session; sent: waiting for the reply)", ["status"],
+                              registry=r)
         self._hs_started: dict[str, float] = {}
         self._lock = threading.Lock()
         if service is not None:
@@ -71,7 +72,7 @@ class BackendMetrics:
         """Gauges read from the service when scraped."""
         self.sessions.set_function(lambda: len(service.endpoint.sessions))
         self.transfers_open.set_function(lambda: len(service.media.open_transfers()))
-        for status in ("pending", "sent"):
+        for status in ("queued", "sent"):
             self.commands.labels(status).set_function(_counter(service, status))
 
     def exposition(self) -> bytes:

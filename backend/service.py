@@ -1,9 +1,11 @@
 """The backend service: the paho-mqtt adapter around :class:`sealmq.endpoint.BackendEndpoint`.
 
 One MQTT connection serves every device: it subscribes with one wildcard per uplink channel,
-answers handshakes, opens sealed records, stores telemetry and command replies in SQLite,
-sends queued commands, rolls keys when due, and writes the audit log (``server_log.jsonl``). The
-adapter skeleton (link, lock, clock, random source, timer, dispatch) is
+answers handshakes, opens sealed records, stores telemetry and command replies in SQLite
+exactly once (batched, acknowledged to the broker and to the device only after the commit:
+``backend/ingest.py``), sends queued commands until the device replies, rolls keys when due,
+and writes the audit log (``server_log.jsonl``). The adapter skeleton (link, lock, clock,
+random source, timer, dispatch) is
 :class:`runtime.driver.EndpointDriver`'s; this module holds the backend's hooks.
 A rejected message (garbage, replay, wrong topic, bad certificate) is audited and dropped;
 it never touches another device's session.
@@ -11,6 +13,7 @@ it never touches another device's session.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
@@ -25,6 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from backend.ingest import Ingest, IngestSettings
 from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
@@ -37,7 +41,7 @@ from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.mqtt import MqttSettings
 from sealmq import cbor
-from sealmq.bodies import Command, decode_reply, decode_telemetry
+from sealmq.bodies import Ack, Command
 from sealmq.edhoc import (
     AuthKind,
     CcsAuthenticator,
@@ -56,7 +60,7 @@ from sealmq.endpoint import (
     Output,  # console (issue 13)
     Received,
 )
-from sealmq.errors import ConfigError, DecodeError, Reason, SealmqError
+from sealmq.errors import ConfigError, Reason, SealmqError
 from sealmq.identity import CredentialKind, Role
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import RecordKind
@@ -77,6 +81,10 @@ class BackendSettings:
     # Live sessions are re-validated this often (and whenever the CRL changes): a certificate that
     # expires mid-session ends its session, it does not wait for the next handshake.
     revalidate_interval: float = 60.0
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    command_ttl: float = 24 * 3600.0  # a command without a reply by then is expired
+    command_resend_after: float = 30.0  # a sent command without a reply is sent again (same session)
+    durable: bool = True  # fsync each committed batch before acknowledging it
 
 
 class _FileWatch:
@@ -153,7 +161,7 @@ class BackendService(EndpointDriver):
             authenticator=self._authenticator,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(db_path(settings.data_dir))
+        self.storage = Storage(db_path(settings.data_dir), durable=settings.durable)
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
@@ -163,13 +171,20 @@ class BackendService(EndpointDriver):
         super().__init__(
             endpoint, settings.mqtt, audit, role="backend", timer_name="backend-timer",
             default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
-            poll_interval=settings.poll_interval, log=log,
+            poll_interval=settings.poll_interval, log=log, manual_ack=True,
         )
         self._load_own_ccs()
+        self.ingest = Ingest(self.storage, self.audit, self._lock, self._send_ack, settings.ingest,
+                             reject=self._reject)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_start(self) -> None:
         self.audit.event("started", data_dir=str(self.settings.data_dir))
+        self.ingest.start()
+
+    def stop(self) -> None:
+        self.ingest.stop()  # commit and acknowledge what is pending while the link is still up
+        super().stop()
 
     def _on_stop(self) -> None:
         self.storage.close()
@@ -192,7 +207,8 @@ class BackendService(EndpointDriver):
 
     # -- commands ----------------------------------------------------------------------------
     def send_command(self, device_id: str, name: str, args: Any = None) -> int:
-        """Queue a command; it is sealed and sent as soon as the device has a session.
+        """Queue a command; it is sealed and sent as soon as the device has a session, and again
+        under each new session (or after ``command_resend_after``) until the device replies.
 
         A command the device would refuse (name too long, arguments not plain CBOR data) raises
         :class:`~sealmq.errors.LocalProtocolError` here, before anything is queued."""
@@ -244,6 +260,8 @@ class BackendService(EndpointDriver):
             self._next_expiry = now + 5.0
             for device_id, tid in self.media.expire(now):
                 self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
+            for cmd in self.storage.expire_commands(now - self.settings.command_ttl):
+                self.audit.event("command_expired", device=cmd.device_id, command=cmd.name, id=cmd.id)
 
     def _known_device_chains(self) -> KnownChains:
         """Certificates this CA issued, so a device may send its certificate by reference (x5t).
@@ -301,7 +319,8 @@ class BackendService(EndpointDriver):
             self._dispatch(self.endpoint.revalidate(store, self.clock()))
 
     def _send_pending_commands(self, now: float) -> None:
-        for cmd in self.storage.pending_commands(set(self.endpoint.sessions)):
+        resend_before = now - self.settings.command_resend_after
+        for cmd in self.storage.pending_commands(set(self.endpoint.sessions), resend_before=resend_before):
             try:
                 body = Command(cmd.id, cmd.name, cbor.loads(cmd.args)).encode()
             except SealmqError as err:
@@ -319,6 +338,14 @@ class BackendService(EndpointDriver):
         fingerprint = hashlib.sha256(peer.credential_ref).hexdigest() if peer.kind is CredentialKind.X509 else ""
         self.storage.record_handshake(done.device_id, now, fingerprint)
         self.audit.event("handshake_completed", device=done.device_id, suite=done.suite, cert_sha256=fingerprint)
+        # commands sent under the old session go out again; the device learns what is committed
+        self.storage.requeue_commands(done.device_id)
+        self.ingest.acknowledge(done.device_id, now)
+
+    def _send_ack(self, device_id: str, ack: Ack, now: float) -> None:
+        # without a session any more, nothing to do: the next session starts with the same ledger's ACK
+        with contextlib.suppress(SealmqError):
+            self._dispatch(self.endpoint.seal(device_id, RecordKind.ACK, ack.encode(), now))
 
     def _on_record(self, rec: Received, now: float) -> None:
         handler = self.handlers.get(rec.kind)
@@ -327,25 +354,10 @@ class BackendService(EndpointDriver):
             return
         if rec.kind in (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL):
             self._on_media(rec, now)
-        elif rec.kind is RecordKind.TELEMETRY:
-            try:
-                decode_telemetry(rec.plaintext)  # only a valid body is stored
-            except DecodeError as err:
-                self._reject(rec, "telemetry", err.reason, err.detail)
-                return
-            self.storage.store_message(rec.device_id, now, rec.kind.name.lower(), rec.epoch, rec.seq, rec.plaintext)
-        elif rec.kind is RecordKind.REPLY:
-            try:
-                reply = decode_reply(rec.plaintext)  # an id SQLite cannot hold is refused here
-            except DecodeError as err:
-                self._reject(rec, "reply", err.reason, err.detail)
-                return
-            cmd = self.storage.command(reply.id)
-            if cmd is None or cmd.device_id != rec.device_id:
-                self._reject(rec, "reply", Reason.UNKNOWN_COMMAND)
-                return
-            self.storage.mark_command(reply.id, "replied", now, rec.plaintext)
-            self.audit.event("command_replied", device=rec.device_id, id=reply.id, ok=reply.ok)
+        elif rec.kind in (RecordKind.TELEMETRY, RecordKind.REPLY):
+            # decoded (only a valid body is stored) and stored with its batch; the broker's
+            # acknowledgement waits for the commit
+            self.ingest.add(rec, now, self.link.defer_ack())
         else:
             self._reject(rec, "dispatch", Reason.UNEXPECTED_KIND, rec.kind.name)
 

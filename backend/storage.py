@@ -1,10 +1,20 @@
-"""The backend's embedded SQLite database: devices, received records, commands, received media.
+"""The backend's embedded SQLite database: devices, received records, commands, received media,
+and each device's delivery ledger (which message ids are committed, :class:`sealmq.delivery.Ledger`).
 
 This class owns the database: nothing else opens the file (``DB_FILE`` under the data directory).
 
 Decrypted payloads go here (and to handlers), never to logs. The database is opened in WAL
 mode so that ``sealmq backend ...`` tools can read while the service writes; the service is
-the only writer. Data survives restarts: the file is the state.
+the only writer. Data survives restarts: the file is the state. Received messages are written
+in batches (:meth:`Storage.commit_batch`), each in one transaction together with the ledgers of the
+devices it touches, so a message is stored exactly once across repeats and restarts.
+
+Commands move through states (:data:`COMMAND_STATES`): ``queued`` (waiting for the device to have
+a session) -> ``sent`` (sealed under a session; back to ``queued`` when the device opens a new one,
+the device runs a command id once) -> ``replied`` (the device's sealed reply, its acknowledgement,
+is committed), or ``expired`` after the service's ``command_ttl`` without a reply, or ``failed`` when
+it cannot be sent at all (a body the device would refuse). Read them with
+:meth:`Storage.commands` (``device_id``, ``state``, ``command_id``).
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -33,16 +44,21 @@ CREATE TABLE IF NOT EXISTS messages (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    msg_id INTEGER                              -- the device's message id (sealmq.bodies)
 );
 CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at);
+CREATE TABLE IF NOT EXISTS ledgers (
+    device_id TEXT PRIMARY KEY,
+    ledger BLOB NOT NULL                        -- sealmq.delivery.Ledger.encode()
+);
 CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
     created_at REAL NOT NULL,
     name TEXT NOT NULL,
     args BLOB NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending',   -- pending | sent | replied | failed
+    status TEXT NOT NULL DEFAULT 'queued',    -- queued | sent | replied | expired
     sent_at REAL,
     replied_at REAL,
     reply BLOB
@@ -68,6 +84,8 @@ CREATE TABLE IF NOT EXISTS media (
 # The database's file name inside the backend's data directory (``--data``).
 DB_FILE = "backend.sqlite3"
 
+COMMAND_STATES = ("queued", "sent", "replied", "expired", "failed")
+
 
 def db_path(data_dir: Path) -> Path:
     """Where the backend keeps its database under ``data_dir``."""
@@ -84,6 +102,7 @@ class StoredMessage:
     seq: int
     size: int
     payload: bytes
+    msg_id: int | None = None  # the device's message id (None: stored before message ids existed)
 
 
 @dataclass(frozen=True)
@@ -106,19 +125,63 @@ class Command:
     device_id: str
     name: str
     args: bytes
-    status: str
+    status: str  # one of COMMAND_STATES
     reply: bytes | None
+    created_at: float = 0.0
+    sent_at: float | None = None
+    replied_at: float | None = None
+
+
+_COMMAND_COLUMNS = "id, device_id, name, args, status, reply, created_at, sent_at, replied_at"
+
+
+def _command(r: tuple[Any, ...]) -> Command:
+    return Command(int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), str(r[4]),
+                   bytes(r[5]) if r[5] is not None else None, float(r[6]),
+                   None if r[7] is None else float(r[7]), None if r[8] is None else float(r[8]))
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A telemetry message to store (a batch item of :meth:`Storage.commit_batch`)."""
+
+    device_id: str
+    received_at: float
+    kind: str
+    epoch: int
+    seq: int
+    payload: bytes
+    msg_id: int | None
+
+
+@dataclass(frozen=True)
+class NewReply:
+    """A command reply to store: command ``command_id`` becomes ``replied``."""
+
+    command_id: int
+    received_at: float
+    payload: bytes
 
 
 class Storage:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a committed batch is on disk before its messages are acknowledged to anyone
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older version up to this schema."""
+        with self._tx() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
+            if "msg_id" not in columns:
+                db.execute("ALTER TABLE messages ADD COLUMN msg_id INTEGER")
+            db.execute("UPDATE commands SET status='queued' WHERE status='pending'")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -134,6 +197,12 @@ class Storage:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- devices -----------------------------------------------------------------------------
     def record_handshake(self, device_id: str, now: float, cert_sha256: str) -> None:
@@ -163,8 +232,33 @@ class Storage:
             db.execute("UPDATE devices SET last_seen=? WHERE device_id=?", (now, device_id))
             return int(cur.lastrowid or 0)
 
+    def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
+        """Store a batch of messages and replies and the devices' ledgers, in one transaction."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m.device_id, m.received_at, m.kind, m.epoch, m.seq, len(m.payload), m.payload, m.msg_id)
+                 for m in messages],
+            )
+            db.executemany(
+                "UPDATE commands SET status='replied', replied_at=?, reply=? WHERE id=?",
+                [(r.received_at, r.payload, r.command_id) for r in replies],
+            )
+            if messages:
+                last = max(m.received_at for m in messages)
+                db.executemany("UPDATE devices SET last_seen=? WHERE device_id=?",
+                               [(last, d) for d in {m.device_id for m in messages}])
+            db.executemany("INSERT OR REPLACE INTO ledgers(device_id, ledger) VALUES (?, ?)", list(ledgers.items()))
+
+    def ledger(self, device_id: str) -> bytes | None:
+        """The device's persisted ledger (``sealmq.delivery.Ledger.encode()``), if any."""
+        with self._lock:
+            row = self._db.execute("SELECT ledger FROM ledgers WHERE device_id=?", (device_id,)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
     def messages(self, device_id: str | None = None, limit: int = 1000) -> list[StoredMessage]:
-        query = "SELECT id, device_id, received_at, kind, epoch, seq, size, payload FROM messages"
+        query = "SELECT id, device_id, received_at, kind, epoch, seq, size, payload, msg_id FROM messages"
         params: tuple[object, ...] = ()
         if device_id is not None:
             query += " WHERE device_id=?"
@@ -172,7 +266,7 @@ class Storage:
         query += " ORDER BY id LIMIT ?"
         with self._lock:
             rows = self._db.execute(query, (*params, limit)).fetchall()
-        return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in rows]
+        return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), r[8]) for r in rows]
 
     def recent_messages(self, device_id: str, kind: str, limit: int = 200) -> list[StoredMessage]:
         """The newest ``limit`` messages of one device and kind, oldest first (the console's charts)."""
@@ -200,22 +294,42 @@ class Storage:
             )
             return int(cur.lastrowid or 0)
 
-    def pending_commands(self, device_ids: set[str]) -> list[Command]:
+    def pending_commands(self, device_ids: set[str], *, resend_before: float | None = None) -> list[Command]:
+        """Commands to seal now for devices with a session: the queued ones, and the ones sent
+        before ``resend_before`` that got no reply (a lost record; the device runs an id once)."""
         if not device_ids:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, device_id, name, args, status, reply FROM commands WHERE status='pending' ORDER BY id"
+                f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE status='queued'"  # noqa: S608
+                " OR (status='sent' AND sent_at < ?) ORDER BY id",
+                (-1.0 if resend_before is None else resend_before,),
             ).fetchall()
-        return [Command(int(r[0]), r[1], r[2], bytes(r[3]), r[4], None) for r in rows if r[1] in device_ids]
+        return [_command(r) for r in rows if r[1] in device_ids]
 
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:
-        column = "sent_at" if status == "sent" else "replied_at"
+        if status not in COMMAND_STATES:
+            raise ValueError(f"command state must be one of {', '.join(COMMAND_STATES)}")
+        column = "sent_at" if status in ("sent", "queued") else "replied_at"
         with self._tx() as db:
             db.execute(
                 f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?",  # noqa: S608
                 (status, now, reply, command_id),
             )
+
+    def requeue_commands(self, device_id: str) -> int:
+        """A new session for ``device_id``: its sent, unanswered commands go out again."""
+        with self._tx() as db:
+            return db.execute("UPDATE commands SET status='queued' WHERE device_id=? AND status='sent'",
+                              (device_id,)).rowcount
+
+    def expire_commands(self, created_before: float) -> list[Command]:
+        """Queued or sent commands created before ``created_before`` become ``expired``; returns them."""
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE status IN ('queued', 'sent')"  # noqa: S608
+                              " AND created_at < ?", (created_before,)).fetchall()
+            db.executemany("UPDATE commands SET status='expired' WHERE id=?", [(r[0],) for r in rows])
+        return [_command(r) for r in rows]
 
     def count_commands(self, status: str) -> int:
         with self._lock:
@@ -253,17 +367,15 @@ class Storage:
 
     def command(self, command_id: int) -> Command | None:
         with self._lock:
-            r = self._db.execute(
-                "SELECT id, device_id, name, args, status, reply FROM commands WHERE id=?", (command_id,)
-            ).fetchone()
-        if r is None:
-            return None
-        return Command(int(r[0]), r[1], r[2], bytes(r[3]), r[4], bytes(r[5]) if r[5] is not None else None)
-
+            r = self._db.execute(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE id=?",  # noqa: S608
+                                 (command_id,)).fetchone()
+        return None if r is None else _command(r)
 
     def commands(self, device_id: str | None = None, state: str | None = None,
                  command_id: int | None = None) -> list[CommandRow]:
-        """Commands, oldest first, optionally of one device, in one state (as shown), or one id."""
+        """Commands, oldest first, optionally of one device, in one state (COMMAND_STATES), or one id."""
+        if state is not None and state not in COMMAND_STATES:
+            raise ValueError(f"command state must be one of {', '.join(COMMAND_STATES)}")
         query = "SELECT id, device_id, name, status, created_at, sent_at, replied_at, reply FROM commands WHERE 1=1"
         params: list[object] = []
         if device_id is not None:
@@ -271,15 +383,14 @@ class Storage:
             params.append(device_id)
         if state is not None:
             query += " AND status=?"
-            params.append(_STATUS_OF_STATE.get(state, state))
+            params.append(state)
         if command_id is not None:
             query += " AND id=?"
             params.append(command_id)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY id", params).fetchall()
         return [
-            CommandRow(int(r[0]), r[1], r[2], _STATE_OF_STATUS.get(r[3], r[3]), float(r[4]), r[5], r[6],
-                       bytes(r[7]) if r[7] is not None else None)
+            CommandRow(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5], r[6], bytes(r[7]) if r[7] is not None else None)
             for r in rows
         ]
 
@@ -290,14 +401,10 @@ class CommandRow:
     id: int
     device_id: str
     name: str
-    state: str  # queued | sent | replied | expired | failed (the database's 'pending' is shown as queued)
+    state: str  # one of COMMAND_STATES (a database of an older version is migrated when opened)
     created_at: float
     sent_at: float | None
     replied_at: float | None
     reply: bytes | None
 
-
-# The stored status values and the state an operator sees for each.
-_STATE_OF_STATUS = {"pending": "queued"}
-_STATUS_OF_STATE = {v: k for k, v in _STATE_OF_STATUS.items()}
 

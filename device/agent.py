@@ -3,13 +3,15 @@
 The I/O the core refuses to do (the MQTT connection, the clock and the random source, the timer
 that drives handshakes, retries and key updates) is :class:`runtime.driver.EndpointDriver`'s; the
 agent adds the device's hooks: its audit log (``device_log.jsonl``), the telemetry queue, the
-command handlers and the media outbox. Everything it publishes
+command handlers, the durable message outbox (``device/outbox.py``: telemetry and replies stay
+there, and are re-sent, until the backend acknowledges them) and the media outbox. Everything it publishes
 after the handshake is a sealed record; it never sends plaintext and never accepts a command
 that did not open under the session it authenticated with the backend.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -22,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device.media import Outbox, OutgoingTransfer, ProgressHook
+from device.outbox import Dropped, MessageOutbox, OutboxLimits
 from pki import ccs as pki_ccs
 from pki import keys
 from pki import layout as pki_layout
@@ -29,7 +32,7 @@ from pki.store import load_identity, load_trust_store, read_bytes
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.mqtt import MqttSettings
-from sealmq.bodies import Reply, Telemetry, decode_command
+from sealmq.bodies import Reply, Telemetry, decode_ack, decode_command
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
     DeviceEndpoint,
@@ -64,6 +67,11 @@ class DeviceConfig:
     media_window: int = DEFAULT_WINDOW  # media chunks in flight per transfer
     media_resend_after: float = 5.0
     method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
+    outbox: OutboxLimits = field(default_factory=OutboxLimits)  # telemetry and replies until acknowledged
+
+
+def _telemetry(now: float, values: dict[str, Any], msg_id: int) -> bytes:
+    return Telemetry.at(now, values, msg_id).encode()
 
 
 def _credentials(
@@ -125,9 +133,14 @@ class DeviceAgent(EndpointDriver):
         self.outbox = Outbox(config.state_dir / "outbox", config.device_id, signing_key,
                              chunk_size=config.chunk_size, window=config.media_window,
                              resend_after=config.media_resend_after, on_progress=self._progress)
+        self.messages = MessageOutbox(config.state_dir, config.outbox, now=time.time())
+        self._session_token = 0  # changes with every session: the outbox re-sends under new keys
+        self._next_outbox_expiry = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_connected(self) -> None:
+        # what was in flight may have died with the broker: the outbox sends it again
+        self.messages.rewind()
         # start the handshake now rather than at the next timer tick (up to poll_interval later)
         self._run(lambda now: self.endpoint.poll(now, self.random))
 
@@ -147,8 +160,48 @@ class DeviceAgent(EndpointDriver):
                 return
             self._dispatch(self.endpoint.seal(kind, plaintext, self.clock()))
 
-    def send_telemetry(self, values: dict[str, Any]) -> None:
-        self.send(RecordKind.TELEMETRY, Telemetry.at(self.clock(), values).encode())
+    def send_telemetry(self, values: dict[str, Any]) -> int:
+        """Commit a telemetry message to the outbox, then seal and send it (now, or once a session
+        exists and the window allows); returns its message id. It is re-sent until acknowledged."""
+        now = self.clock()
+        # committed (fsynced) outside the agent's lock, so acknowledgements keep flowing meanwhile
+        msg_id, dropped = self.messages.add(RecordKind.TELEMETRY, functools.partial(_telemetry, now, values), now)
+        self._sent_to_outbox(dropped)
+        return msg_id
+
+    def send_telemetry_many(self, readings: list[dict[str, Any]]) -> list[int]:
+        """:meth:`send_telemetry` for several readings, committed to the outbox in one transaction."""
+        now = self.clock()
+        builds = [functools.partial(_telemetry, now, values) for values in readings]
+        ids, dropped = self.messages.add_many(RecordKind.TELEMETRY, builds, now)
+        self._sent_to_outbox(dropped)
+        return ids
+
+    def _sent_to_outbox(self, dropped: list[Dropped]) -> None:
+        with self._lock:
+            self._audit_dropped(dropped)
+            if self.endpoint.established:
+                self._pump_messages(self.clock())
+
+    def unacknowledged(self) -> int:
+        """Messages in the outbox (sent or not) that the backend has not acknowledged yet."""
+        return len(self.messages)
+
+    def wait_acknowledged(self, timeout: float) -> bool:
+        """Wait until the backend has acknowledged every message in the outbox."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(self.messages) == 0
+
+    def _pump_messages(self, now: float) -> None:
+        for p in self.messages.due(self._session_token, now):
+            self._dispatch(self.endpoint.seal(p.kind, p.body, now))
+
+    def _audit_dropped(self, dropped: list[Dropped]) -> None:
+        for d in dropped:
+            self.audit.event("outbox_dropped", reason=d.reason, count=d.count, first_id=d.first_id,
+                             last_id=d.last_id)
 
     def send_file(self, path: Path, content_type: str | None = None) -> OutgoingTransfer:
         """Queue a file: signed manifest + sealed chunks, resumable (state persists in the outbox)."""
@@ -188,13 +241,22 @@ class DeviceAgent(EndpointDriver):
 
     # -- the driver's hooks ------------------------------------------------------------------
     def _on_tick(self, now: float) -> None:
+        if now >= self._next_outbox_expiry:
+            self._next_outbox_expiry = now + 10.0
+            self._audit_dropped(self.messages.expire(now))
         if self.endpoint.established:
+            self._pump_messages(now)
             self._pump_media(now)
 
     def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
         self.audit.event("handshake_completed", peer=done.peer_name, suite=done.suite)
         self.established.set()
+        self._session_token += 1
         self._flush_pending()
+        self._pump_messages(now)
+
+    def _on_stop(self) -> None:
+        self.messages.close()
 
     def _on_protocol_event(self, event: str, out: Output) -> None:
         if event == "session_lost":
@@ -209,6 +271,14 @@ class DeviceAgent(EndpointDriver):
     def _on_record(self, rec: Received, now: float) -> None:
         if rec.kind is RecordKind.COMMAND:
             self._run_command(rec)
+        elif rec.kind is RecordKind.ACK:
+            try:
+                ack = decode_ack(rec.plaintext)
+            except DecodeError as err:
+                self.audit.event("message_rejected", stage="ack", reason=err.reason, detail=err.detail)
+                return
+            if self.messages.ack(ack):
+                self._pump_messages(now)  # the ack opened the window
         elif rec.kind in (RecordKind.MEDIA_ACK, RecordKind.MEDIA_CONTROL):
             now = self.clock()
             try:
@@ -226,18 +296,26 @@ class DeviceAgent(EndpointDriver):
         except DecodeError as err:
             self.audit.event("command_rejected", reason=err.reason, detail=err.detail)
             return
+        if self.messages.executed(command.id):
+            # sent again under a new session: its reply is in the outbox, or already acknowledged
+            self.audit.event("command_repeated", command=command.name, id=command.id)
+            return
         handler = self.commands.get(command.name)
+        ok: bool
+        value: Any
         if handler is None:
-            reply = Reply.unknown_command(command.id, command.name)
+            ok, value = False, f"unknown command {command.name}"
         else:
             try:
-                reply = Reply.success(command.id, handler(command.args))
+                ok, value = True, handler(command.args)
             except Exception as exc:  # a handler bug must not kill the agent
-                reply = Reply.failure(command.id, type(exc).__name__)
+                ok, value = False, type(exc).__name__
         try:
-            body = reply.encode()
+            Reply(command.id, ok, value, 1).encode()
         except SealmqError:  # the handler's result is not plain CBOR data: say so, do not crash
-            reply = Reply.failure(command.id, "unencodable result")
-            body = reply.encode()
-        self.audit.event("command_executed", command=command.name, id=command.id, ok=reply.ok)
-        self._dispatch(self.endpoint.seal(RecordKind.REPLY, body, self.clock()))
+            ok, value = False, "unencodable result"
+        now = self.clock()
+        _, dropped = self.messages.add_reply(command.id, lambda mid: Reply(command.id, ok, value, mid).encode(), now)
+        self._audit_dropped(dropped)
+        self.audit.event("command_executed", command=command.name, id=command.id, ok=ok)
+        self._pump_messages(now)

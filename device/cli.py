@@ -138,10 +138,11 @@ def _run(args: argparse.Namespace) -> int:
                 sent += 1
             stop.wait(args.interval if agent.established.is_set() else 0.2)
         if args.count and sent:
-            time.sleep(1.0)  # let the last records leave
+            agent.wait_acknowledged(10.0)  # what is not acknowledged stays in the outbox for the next run
     finally:
         agent.stop()
-    print(f"device {args.id}: {sent} telemetry records sent, counters {agent.counters}")
+    print(f"device {args.id}: {sent} telemetry records sent, {agent.messages.acked} acknowledged, "
+          f"{agent.unacknowledged()} kept in the outbox, counters {agent.counters}")
     return code
 
 

@@ -201,23 +201,25 @@ def session_seeds() -> list[bytes]:
     return out
 
 
-# --- application bodies (the plaintexts of TELEMETRY, COMMAND and REPLY records) ----------------------
+# --- application bodies (the plaintexts of TELEMETRY, COMMAND, REPLY and ACK records) ----------------
 def make_bodies() -> Harness:
-    """Byte 0 % 3: a telemetry, command or reply body; what decodes must re-encode to the same bytes."""
+    """Byte 0 % 4: a telemetry, command, reply or ack body; what decodes must re-encode to the same bytes."""
 
     def one(data: bytes) -> None:
         sel, body = _first(data)
-        decoded = (bodies.decode_telemetry, bodies.decode_command, bodies.decode_reply)[sel % 3](body)
+        decoders = (bodies.decode_telemetry, bodies.decode_command, bodies.decode_reply, bodies.decode_ack)
+        decoded = decoders[sel % 4](body)
         _check(decoded.encode() == body, "a body decodes but does not re-encode to its bytes")
 
     return one
 
 
 def bodies_seeds() -> list[bytes]:
-    return [b"\x00" + bodies.Telemetry.at(1_764_000_000.25, {"temp": 21.5, "ok": True, "n": [1, 2]}).encode(),
+    return [b"\x00" + bodies.Telemetry.at(1_764_000_000.25, {"temp": 21.5, "ok": True, "n": [1, 2]}, 5).encode(),
             b"\x01" + bodies.Command(7, "status", {"verbose": True}).encode(),
-            b"\x02" + bodies.Reply.success(7, {"uptime": 12}).encode(),
-            b"\x02" + bodies.Reply.failure(8, "unknown command x").encode()]
+            b"\x02" + bodies.Reply.success(7, {"uptime": 12}, 6).encode(),
+            b"\x02" + bodies.Reply.failure(8, "unknown command x", 2**40).encode(),
+            b"\x03" + bodies.Ack.of(9, [11, 12, 20]).encode()]
 
 
 # --- EDHOC, each message at the role that receives it ------------------------------------------------

@@ -76,6 +76,7 @@ class EndpointDriver:
         poll_interval: float,
         log: logging.Logger,
         tick_offline: bool = True,
+        manual_ack: bool = False,
     ) -> None:
         self.endpoint = endpoint
         self.audit = audit
@@ -97,6 +98,7 @@ class EndpointDriver:
             mqtt, self._on_message, endpoint.subscriptions,
             on_connect=lambda: self._connected(mqtt),
             on_disconnect=lambda: self.audit.event("disconnected"),
+            manual_ack=manual_ack,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -14,7 +14,10 @@ exit code 4 (``runtime/exits.py``). "Server unavailable" is retried like an unre
 paho runs callbacks on its network thread, and acknowledges a QoS 1 message when
 ``on_message`` returns: the callback given here therefore processes the message before
 returning, so an acknowledged message has been handled (at-least-once, with the record
-layer's replay window removing duplicates).
+layer's replay window removing duplicates). With ``manual_ack=True`` the handler may instead
+take the message's acknowledgement (:meth:`MqttLink.defer_ack`) and run it later, after the
+message is committed (the backend's batched ingest); messages it does not take are acknowledged
+when it returns.
 """
 
 from __future__ import annotations
@@ -70,8 +73,12 @@ class MqttLink:
         on_connect: Callable[[], object] | None = None,
         on_disconnect: Callable[[], object] | None = None,
         qos: int = 1,
+        manual_ack: bool = False,
     ) -> None:
         self.settings = settings
+        self._manual_ack = manual_ack
+        self._current: tuple[int, int] | None = None  # (mid, qos) of the message being handled
+        self._generation = 0  # connections so far: an ack never crosses to another connection
         self._subscriptions = list(subscriptions)
         self._qos = qos
         self._handler = on_message
@@ -88,6 +95,7 @@ class MqttLink:
             client_id=settings.client_id,
             clean_session=settings.clean_session if settings.client_id else True,
             protocol=mqtt.MQTTv311,
+            manual_ack=manual_ack,
         )
         if settings.username is not None:
             client.username_pw_set(settings.username, settings.password)
@@ -129,6 +137,7 @@ class MqttLink:
             # Small packets (PUBACKs, media acks) must not wait for Nagle's algorithm: with it, a
             # windowed transfer stalls about 40 ms per ack (measured: media 3-4x slower).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._generation += 1
         for topic_filter in self._subscriptions:
             client.subscribe(topic_filter, qos=self._qos)
         self.connected.set()
@@ -155,10 +164,31 @@ class MqttLink:
                     self.settings.host, self.settings.port, self._attempts, self.settings.reconnect_max_delay)
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if self._manual_ack:
+            self._current = (message.mid, message.qos)
         try:
             self._handler(message.topic, bytes(message.payload))
         except Exception:  # the network thread must survive anything a handler does
             log.exception("message handler failed on %s", message.topic)
+        finally:
+            if self._current is not None:
+                self._current = None
+                client.ack(message.mid, message.qos)
+
+    def defer_ack(self) -> Callable[[], None] | None:
+        """Take the acknowledgement of the message being handled (manual_ack only; call it from
+        the handler): the caller runs it once the message is safe. None without manual_ack."""
+        current, self._current = self._current, None
+        if current is None:
+            return None
+        mid, qos = current
+        generation = self._generation
+
+        def ack() -> None:
+            # after a reconnect the broker delivers the message again (and mids are reused)
+            if generation == self._generation and self.connected.is_set():
+                self.client.ack(mid, qos)
+        return ack
 
     # -- API -------------------------------------------------------------------------------------
     def start(self, wait: float | None = 10.0) -> None:

@@ -1,19 +1,22 @@
-"""The application bodies of the data channel: telemetry, command and reply (docs/protocol.md
-section 7), as typed values with one encoder and one strict decoder each.
+"""The application bodies of the data channel: telemetry, command, reply and acknowledgement
+(docs/protocol.md section 7), as typed values with one encoder and one strict decoder each.
 
 These are the plaintexts of sealed records of kinds TELEMETRY (device -> backend), COMMAND
-(backend -> device) and REPLY (device -> backend). Encoding is the project's deterministic CBOR
-(:mod:`sealmq.cbor`), byte for byte what ``device/agent.py`` and ``backend/service.py`` have
-always produced (``tests/test_bodies.py`` pins it). Decoding accepts exactly the CDDL of the docs,
+(backend -> device), REPLY (device -> backend) and ACK (backend -> device). Telemetry and replies
+carry the device's message id (``msg_id``, 1..2^63-1, increasing, never reused by a device): the
+backend stores each id once and acknowledges it in an :class:`Ack` after it committed it.
+Encoding is the project's deterministic CBOR (:mod:`sealmq.cbor`), byte for byte what
+``device/agent.py`` and ``backend/service.py`` produce (``tests/test_bodies.py`` pins it).
+Decoding accepts exactly the CDDL of the docs,
 with the bounds stated there; anything else raises :class:`~sealmq.errors.BodyError` (reason
 ``bad_body``, or the CBOR reason when the bytes are not one strict CBOR item). Building a body with
 values the peer would refuse raises :class:`~sealmq.errors.LocalProtocolError` (``bad_body``).
 
 Typical use::
 
-    plaintext = Telemetry.at(now, {"temp": 21.5}).encode()      # device
+    plaintext = Telemetry.at(now, {"temp": 21.5}, msg_id).encode()   # device
     command = decode_command(received.plaintext)                 # device
-    reply = Reply.success(command.id, result).encode()           # device
+    reply = Reply.success(command.id, result, msg_id).encode()   # device
     reply = decode_reply(received.plaintext)                     # backend: reply.id, reply.ok
 """
 
@@ -33,6 +36,14 @@ MAX_REPLY_ERROR = 256  # bytes of UTF-8: an error type name or "unknown command 
 
 TELEMETRY_TIME = "t"
 TELEMETRY_VALUES = "v"
+TELEMETRY_MSG_ID = "m"
+
+# Message ids are stored as SQLite integers on both sides: 1..2^63-1 (0 means "none yet").
+MAX_MSG_ID = 2**63 - 1
+# A device never has more than this many messages in flight: it sends id X only while every id
+# up to X - MESSAGE_WINDOW is acknowledged. The backend relies on it to bound its dedup memory.
+MESSAGE_WINDOW = 256
+MAX_ACK_RANGES = MESSAGE_WINDOW
 
 
 def _utf8_len(text: str) -> int:
@@ -42,6 +53,12 @@ def _utf8_len(text: str) -> int:
 def _id_problem(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COMMAND_ID:
         return f"command id must be an integer 0..{MAX_COMMAND_ID}"
+    return None
+
+
+def _msg_id_problem(value: Any, low: int = 1) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_MSG_ID:
+        return f"message id must be an integer {low}..{MAX_MSG_ID}"
     return None
 
 
@@ -98,34 +115,38 @@ def _load(data: bytes, what: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Telemetry:
-    """``{"t": time, "v": values}``: readings by name at the device's clock ``time`` (seconds since
-    1970, UTC). ``values`` is any map with text keys; its values are any plain CBOR data."""
+    """``{"m": msg_id, "t": time, "v": values}``: readings by name at the device's clock ``time``
+    (seconds since 1970, UTC). ``values`` is any map with text keys; its values are any plain CBOR
+    data. ``msg_id`` is the device's message id (the backend stores each id once)."""
 
     time: int | float
     values: dict[str, Any]
+    msg_id: int
 
     def __post_init__(self) -> None:
-        _refuse_local(_time_problem(self.time) or _values_problem(self.values))
+        _refuse_local(_time_problem(self.time) or _values_problem(self.values) or _msg_id_problem(self.msg_id))
 
     @classmethod
-    def at(cls, now: float, values: dict[str, Any]) -> Telemetry:
+    def at(cls, now: float, values: dict[str, Any], msg_id: int) -> Telemetry:
         """Telemetry stamped ``now`` at millisecond resolution (what the agent sends)."""
-        return cls(round(now, 3), values)
+        return cls(round(now, 3), values, msg_id)
 
     def encode(self) -> bytes:
-        return _encode({TELEMETRY_TIME: self.time, TELEMETRY_VALUES: self.values}, "telemetry")
+        return _encode({TELEMETRY_MSG_ID: self.msg_id, TELEMETRY_TIME: self.time, TELEMETRY_VALUES: self.values},
+                       "telemetry")
 
     def __repr__(self) -> str:  # reading values never go to logs
-        return f"Telemetry(time={self.time}, names={sorted(self.values)})"
+        return f"Telemetry(msg_id={self.msg_id}, time={self.time}, names={sorted(self.values)})"
 
 
 def decode_telemetry(data: bytes) -> Telemetry:
     """Strictly decode a TELEMETRY body; raises :class:`BodyError`."""
     item = _load(data, "telemetry")
-    if not isinstance(item, dict) or set(item) != {TELEMETRY_TIME, TELEMETRY_VALUES}:
-        raise BodyError(Reason.BAD_BODY, 'telemetry must be a map of exactly "t" and "v"')
-    _refuse_remote(_time_problem(item[TELEMETRY_TIME]) or _values_problem(item[TELEMETRY_VALUES]))
-    return Telemetry(item[TELEMETRY_TIME], item[TELEMETRY_VALUES])
+    if not isinstance(item, dict) or set(item) != {TELEMETRY_MSG_ID, TELEMETRY_TIME, TELEMETRY_VALUES}:
+        raise BodyError(Reason.BAD_BODY, 'telemetry must be a map of exactly "m", "t" and "v"')
+    _refuse_remote(_time_problem(item[TELEMETRY_TIME]) or _values_problem(item[TELEMETRY_VALUES])
+                   or _msg_id_problem(item[TELEMETRY_MSG_ID]))
+    return Telemetry(item[TELEMETRY_TIME], item[TELEMETRY_VALUES], item[TELEMETRY_MSG_ID])
 
 
 # --- command ----------------------------------------------------------------------------------
@@ -162,7 +183,8 @@ def decode_command(data: bytes) -> Command:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """``[id, true, result]`` or ``[id, false, error]``: the outcome of command ``id``.
+    """``[id, true, result, msg_id]`` or ``[id, false, error, msg_id]``: the outcome of command
+    ``id``, sent as the device's message ``msg_id``.
 
     ``value`` is the result (any plain CBOR data) when ``ok``, else the error text. Build with
     :meth:`success`, :meth:`failure` or :meth:`unknown_command`.
@@ -170,34 +192,35 @@ class Reply:
 
     id: int
     ok: bool
-    value: Any = None
+    value: Any
+    msg_id: int
 
     def __post_init__(self) -> None:
-        _refuse_local(_id_problem(self.id) or _reply_problem(self.ok, self.value))
+        _refuse_local(_id_problem(self.id) or _reply_problem(self.ok, self.value) or _msg_id_problem(self.msg_id))
 
     @classmethod
-    def success(cls, command_id: int, result: Any) -> Reply:
-        return cls(command_id, True, result)
+    def success(cls, command_id: int, result: Any, msg_id: int) -> Reply:
+        return cls(command_id, True, result, msg_id)
 
     @classmethod
-    def failure(cls, command_id: int, error: str) -> Reply:
+    def failure(cls, command_id: int, error: str, msg_id: int) -> Reply:
         """A failed command; ``error`` is a short text such as the handler's exception type name."""
-        return cls(command_id, False, error)
+        return cls(command_id, False, error, msg_id)
 
     @classmethod
-    def unknown_command(cls, command_id: int, name: str) -> Reply:
+    def unknown_command(cls, command_id: int, name: str, msg_id: int) -> Reply:
         """The device has no handler for ``name`` (the text the agent has always sent)."""
-        return cls(command_id, False, f"unknown command {name}")
+        return cls(command_id, False, f"unknown command {name}", msg_id)
 
     @property
     def error(self) -> str | None:
         return None if self.ok else str(self.value)
 
     def encode(self) -> bytes:
-        return _encode([self.id, self.ok, self.value], "reply")
+        return _encode([self.id, self.ok, self.value, self.msg_id], "reply")
 
     def __repr__(self) -> str:  # results never go to logs
-        return f"Reply(id={self.id}, ok={self.ok})"
+        return f"Reply(id={self.id}, ok={self.ok}, msg_id={self.msg_id})"
 
 
 def _reply_problem(ok: Any, value: Any) -> str | None:
@@ -209,7 +232,64 @@ def _reply_problem(ok: Any, value: Any) -> str | None:
 def decode_reply(data: bytes) -> Reply:
     """Strictly decode a REPLY body; raises :class:`BodyError`."""
     item = _load(data, "reply")
-    if not isinstance(item, list) or len(item) != 3:
-        raise BodyError(Reason.BAD_BODY, "reply must be an array [id, ok, result-or-error]")
-    _refuse_remote(_id_problem(item[0]) or _reply_problem(item[1], item[2]))
-    return Reply(item[0], item[1], item[2])
+    if not isinstance(item, list) or len(item) != 4:
+        raise BodyError(Reason.BAD_BODY, "reply must be an array [id, ok, result-or-error, msg_id]")
+    _refuse_remote(_id_problem(item[0]) or _reply_problem(item[1], item[2]) or _msg_id_problem(item[3]))
+    return Reply(item[0], item[1], item[2], item[3])
+
+
+# --- acknowledgement --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``[cumulative, [[first, last], ...]]``: the backend has committed every message id up to
+    ``cumulative`` (0: none) and each id in the ranges, which lie above ``cumulative + 1``, are
+    sorted, and neither overlap nor touch. Sent only after the commit, batched per device."""
+
+    cumulative: int
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _refuse_local(_ack_problem(self.cumulative, self.ranges))
+
+    def covers(self, msg_id: int) -> bool:
+        return msg_id <= self.cumulative or any(first <= msg_id <= last for first, last in self.ranges)
+
+    def encode(self) -> bytes:
+        return _encode([self.cumulative, [list(r) for r in self.ranges]], "ack")
+
+    @classmethod
+    def of(cls, cumulative: int, ids: Any) -> Ack:
+        """The ack for ``cumulative`` and the ids above it (any iterable of ints > cumulative + 1)."""
+        ranges: list[tuple[int, int]] = []
+        for i in sorted(ids):
+            if ranges and i == ranges[-1][1] + 1:
+                ranges[-1] = (ranges[-1][0], i)
+            else:
+                ranges.append((i, i))
+        return cls(cumulative, tuple(ranges))
+
+
+def _ack_problem(cumulative: Any, ranges: Any) -> str | None:
+    problem = _msg_id_problem(cumulative, low=0)
+    if problem is not None:
+        return "ack cumulative: " + problem
+    if not isinstance(ranges, list | tuple) or len(ranges) > MAX_ACK_RANGES:
+        return f"ack ranges must be an array of at most {MAX_ACK_RANGES}"
+    floor = cumulative + 1  # each range starts above the previous one's end + 1
+    for r in ranges:
+        if not isinstance(r, list | tuple) or len(r) != 2 or _msg_id_problem(r[0]) or _msg_id_problem(r[1]):
+            return "ack range must be [first, last] message ids"
+        if not floor < r[0] <= r[1]:
+            return "ack ranges must be sorted, above cumulative + 1, and neither overlap nor touch"
+        floor = r[1] + 1
+    return None
+
+
+def decode_ack(data: bytes) -> Ack:
+    """Strictly decode an ACK body; raises :class:`BodyError`."""
+    item = _load(data, "ack")
+    if not isinstance(item, list) or len(item) != 2:
+        raise BodyError(Reason.BAD_BODY, "ack must be an array [cumulative, ranges]")
+    _refuse_remote(_ack_problem(item[0], item[1]))
+    return Ack(item[0], tuple((r[0], r[1]) for r in item[1]))

@@ -67,6 +67,7 @@ KIND_DIRECTIONS: dict[RecordKind, frozenset[Direction]] = {
     RecordKind.MEDIA_CHUNK: frozenset({Direction.UP}),
     RecordKind.MEDIA_ACK: frozenset({Direction.DOWN}),
     RecordKind.MEDIA_CONTROL: frozenset({Direction.UP, Direction.DOWN}),
+    RecordKind.ACK: frozenset({Direction.DOWN}),
 }
 
 RandomBytes = Callable[[int], bytes]

@@ -6,7 +6,7 @@ device to it and the backend subscribes with one wildcard per channel::
     sealmq/v1/<device-id>/hs/up       EDHOC message_1, message_3, errors (device -> backend)
     sealmq/v1/<device-id>/hs/down     EDHOC message_2, message_4, errors (backend -> device)
     sealmq/v1/<device-id>/data/up     sealed telemetry, command replies, key-update control
-    sealmq/v1/<device-id>/data/down   sealed commands, key-update control
+    sealmq/v1/<device-id>/data/down   sealed commands, acknowledgements, key-update control
     sealmq/v1/<device-id>/media/up    sealed media manifests and chunks
     sealmq/v1/<device-id>/media/down  sealed media acknowledgements
 
@@ -53,6 +53,7 @@ class RecordKind(IntEnum):
     MEDIA_CHUNK = 6  # device -> backend, media channel
     MEDIA_ACK = 7  # backend -> device, media channel
     MEDIA_CONTROL = 8  # both directions, media channel (status request, finish, abort)
+    ACK = 9  # backend -> device, data channel: message ids committed (the device's outbox drops them)
 
 
 KIND_CHANNEL: dict[RecordKind, Channel] = {
@@ -64,6 +65,7 @@ KIND_CHANNEL: dict[RecordKind, Channel] = {
     RecordKind.MEDIA_CHUNK: Channel.MEDIA,
     RecordKind.MEDIA_ACK: Channel.MEDIA,
     RecordKind.MEDIA_CONTROL: Channel.MEDIA,
+    RecordKind.ACK: Channel.DATA,
 }
 
 

@@ -1,4 +1,4 @@
-"""sealmq.bodies: the telemetry/command/reply codec. Golden bytes (what device/agent.py and
+"""sealmq.bodies: the telemetry/command/reply/ack codec. Golden bytes (what device/agent.py and
 backend/service.py put in records today), strictness and bounds, Hypothesis round trips, and
 garbage / mutations that must give a typed BodyError and nothing else."""
 
@@ -13,10 +13,14 @@ from hypothesis import strategies as st
 
 from sealmq import cbor
 from sealmq.bodies import (
+    MAX_ACK_RANGES,
     MAX_COMMAND_ID,
+    MAX_MSG_ID,
+    Ack,
     Command,
     Reply,
     Telemetry,
+    decode_ack,
     decode_command,
     decode_reply,
     decode_telemetry,
@@ -27,20 +31,24 @@ from sealmq.errors import BodyError, DecodeError, LocalProtocolError, Reason
 
 VALUES = {"temp": 21.5, "n": 1, "ok": True, "tags": ["a", "b"], "raw": b"\x00"}
 GOLDEN = [
-    # device/agent.py send_telemetry: cbor.dumps({"t": round(time.time(), 3), "v": values})
-    (Telemetry.at(1700000000.12345, VALUES),
-     "a26174fb41d954fc4007df3b6176a5616e01626f6bf5637261774100647461677382616161626474656d70f94d60",
-     cbor.dumps({"t": round(1700000000.12345, 3), "v": VALUES})),
-    (Telemetry.at(0.5, {}), "a26174f938006176a0", cbor.dumps({"t": 0.5, "v": {}})),
+    # device/agent.py send_telemetry: {"m": msg_id, "t": round(time.time(), 3), "v": values}
+    (Telemetry.at(1700000000.12345, VALUES, 7),
+     "a3616d076174fb41d954fc4007df3b6176a5616e01626f6bf5637261774100647461677382616161626474656d70f94d60",
+     cbor.dumps({"m": 7, "t": round(1700000000.12345, 3), "v": VALUES})),
+    (Telemetry.at(0.5, {}, MAX_MSG_ID), "a3616d1b7fffffffffffffff6174f938006176a0",
+     cbor.dumps({"m": MAX_MSG_ID, "t": 0.5, "v": {}})),
     # backend/service.py _send_pending_commands: cbor.dumps([cmd.id, cmd.name, cbor.loads(cmd.args)]),
     # args stored as cbor.dumps(None) when the command takes none
     (Command(1, "ping"), "83016470696e67f6", cbor.dumps([1, "ping", None])),
     (Command(7, "status", {"why": 1}), "830766737461747573a16377687901", cbor.dumps([7, "status", {"why": 1}])),
-    # device/agent.py _run_command: cbor.dumps([command_id, ok, result-or-error])
-    (Reply.success(1, "pong"), "8301f564706f6e67", cbor.dumps([1, True, "pong"])),
-    (Reply.unknown_command(3, "nope"), "8303f474756e6b6e6f776e20636f6d6d616e64206e6f7065",
-     cbor.dumps([3, False, "unknown command nope"])),
-    (Reply.failure(4, "KeyError"), "8304f4684b65794572726f72", cbor.dumps([4, False, "KeyError"])),
+    # device/agent.py _run_command: [command_id, ok, result-or-error, msg_id]
+    (Reply.success(1, "pong", 8), "8401f564706f6e6708", cbor.dumps([1, True, "pong", 8])),
+    (Reply.unknown_command(3, "nope", 9), "8403f474756e6b6e6f776e20636f6d6d616e64206e6f706509",
+     cbor.dumps([3, False, "unknown command nope", 9])),
+    (Reply.failure(4, "KeyError", 10), "8404f4684b65794572726f720a", cbor.dumps([4, False, "KeyError", 10])),
+    # backend/ingest.py: the ledger's acknowledgement [cumulative, [[first, last], ...]]
+    (Ack(0), "820080", cbor.dumps([0, []])),
+    (Ack.of(5, [7, 8, 10]), "820582820708820a0a", cbor.dumps([5, [[7, 8], [10, 10]]])),
 ]
 
 
@@ -52,26 +60,42 @@ def test_encoding_is_what_the_apps_send_today(body: Any, hex_bytes: str, legacy:
 
 @pytest.mark.parametrize(("body", "hex_bytes", "legacy"), GOLDEN, ids=lambda v: repr(v)[:30])
 def test_golden_bodies_decode_back(body: Any, hex_bytes: str, legacy: bytes) -> None:
-    decode = {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply}[type(body)]
-    assert decode(legacy) == body
+    assert _decoder_of(body)(legacy) == body
 
 
 def test_reply_accessors() -> None:
-    assert Reply.success(1, {"a": 1}).error is None
-    assert Reply.unknown_command(2, "x").error == "unknown command x"
-    assert decode_reply(cbor.dumps([5, False, "E"])).ok is False
+    assert Reply.success(1, {"a": 1}, 1).error is None
+    assert Reply.unknown_command(2, "x", 1).error == "unknown command x"
+    assert decode_reply(cbor.dumps([5, False, "E", 1])).ok is False
 
 
 def test_reprs_carry_no_payload() -> None:
-    assert "21.5" not in repr(Telemetry(1, {"temp": 21.5}))
-    assert "secret" not in repr(Command(1, "set", "secret")) + repr(Reply.success(1, "secret"))
+    assert "21.5" not in repr(Telemetry(1, {"temp": 21.5}, 1))
+    assert "secret" not in repr(Command(1, "set", "secret")) + repr(Reply.success(1, "secret", 1))
+
+
+def test_ack_covers_cumulative_and_ranges() -> None:
+    ack = Ack.of(5, [7, 8, 10])
+    assert [i for i in range(13) if ack.covers(i)] == [0, 1, 2, 3, 4, 5, 7, 8, 10]
+    assert decode_ack(Ack.of(0, range(2, 2 + 2 * MAX_ACK_RANGES, 2)).encode()).ranges[-1] == (2 * MAX_ACK_RANGES,) * 2
+
+
+@pytest.mark.parametrize("bad_id", [MAX_MSG_ID + 1, 0, -1, True, 1.0, None])
+def test_message_id_out_of_range_is_a_typed_error(bad_id: Any) -> None:
+    for data in (cbor.dumps({"m": bad_id, "t": 1, "v": {}}), cbor.dumps([1, True, None, bad_id])):
+        decode = decode_telemetry if data[:1] == b"\xa3" else decode_reply
+        with pytest.raises(BodyError) as exc:
+            decode(data)
+        assert exc.value.reason is Reason.BAD_BODY
+    with pytest.raises(LocalProtocolError):
+        Telemetry(1, {}, bad_id)
 
 
 # --- bounds and strictness ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad_id", [MAX_COMMAND_ID + 1, 2**64 - 1, -1, True, 1.0, "1", None])
 def test_command_id_out_of_range_is_a_typed_error(bad_id: Any) -> None:
-    for body in ([bad_id, "ping", None], [bad_id, True, "pong"]):
+    for body in ([bad_id, "ping", None], [bad_id, True, "pong", 1]):
         data = cbor.dumps(body)
         decode = decode_command if isinstance(body[1], str) else decode_reply
         with pytest.raises(BodyError) as exc:
@@ -83,18 +107,20 @@ def test_command_id_out_of_range_is_a_typed_error(bad_id: Any) -> None:
 
 def test_largest_command_id_is_accepted() -> None:
     assert decode_command(Command(MAX_COMMAND_ID, "ping").encode()).id == MAX_COMMAND_ID
-    assert decode_reply(Reply.success(MAX_COMMAND_ID, None).encode()).id == MAX_COMMAND_ID
+    assert decode_reply(Reply.success(MAX_COMMAND_ID, None, 1).encode()).id == MAX_COMMAND_ID
 
 
 REFUSED = [
-    ("telemetry", cbor.dumps({"t": 1})),
-    ("telemetry", cbor.dumps({"t": 1, "v": {}, "x": 0})),
-    ("telemetry", cbor.dumps({"t": True, "v": {}})),
-    ("telemetry", cbor.dumps({"t": "1", "v": {}})),
-    ("telemetry", cbor.dumps({"t": math.nan, "v": {}})),
-    ("telemetry", cbor.dumps({"t": math.inf, "v": {}})),
-    ("telemetry", cbor.dumps({"t": 1, "v": {1: 2}})),
-    ("telemetry", cbor.dumps({"t": 1, "v": [1]})),
+    ("telemetry", cbor.dumps({"m": 1, "t": 1})),
+    ("telemetry", cbor.dumps({"t": 1, "v": {}})),  # no message id
+    ("telemetry", cbor.dumps({"m": 1, "t": 1, "v": {}, "x": 0})),
+    ("telemetry", cbor.dumps({"m": 1, "t": True, "v": {}})),
+    ("telemetry", cbor.dumps({"m": 1, "t": "1", "v": {}})),
+    ("telemetry", cbor.dumps({"m": 1, "t": math.nan, "v": {}})),
+    ("telemetry", cbor.dumps({"m": 1, "t": math.inf, "v": {}})),
+    ("telemetry", cbor.dumps({"m": 1, "t": 1, "v": {1: 2}})),
+    ("telemetry", cbor.dumps({"m": 1, "t": 1, "v": [1]})),
+    ("telemetry", cbor.dumps({"m": "1", "t": 1, "v": {}})),
     ("telemetry", cbor.dumps([1, {}])),
     ("command", cbor.dumps([1, "ping"])),
     ("command", cbor.dumps([1, "ping", None, None])),
@@ -102,13 +128,23 @@ REFUSED = [
     ("command", cbor.dumps([1, "x" * 65, None])),
     ("command", cbor.dumps([1, "é" * 33, None])),  # 66 bytes of UTF-8
     ("command", cbor.dumps({"id": 1})),
-    ("reply", cbor.dumps([1, 1, "pong"])),
-    ("reply", cbor.dumps([1, None, "pong"])),
-    ("reply", cbor.dumps([1, False, 42])),
-    ("reply", cbor.dumps([1, False, "e" * 257])),
+    ("reply", cbor.dumps([1, 1, "pong", 1])),
+    ("reply", cbor.dumps([1, None, "pong", 1])),
+    ("reply", cbor.dumps([1, False, 42, 1])),
+    ("reply", cbor.dumps([1, False, "e" * 257, 1])),
+    ("reply", cbor.dumps([1, True, "pong"])),  # no message id
     ("reply", cbor.dumps([1, True])),
+    ("ack", cbor.dumps([0])),
+    ("ack", cbor.dumps([-1, []])),
+    ("ack", cbor.dumps([5, [[6, 7]]])),  # touches cumulative: would be cumulative 7
+    ("ack", cbor.dumps([5, [[9, 8]]])),
+    ("ack", cbor.dumps([5, [[9, 10], [11, 12]]])),  # ranges touch
+    ("ack", cbor.dumps([5, [[12, 13], [9, 10]]])),  # not sorted
+    ("ack", cbor.dumps([5, [[9]]])),
+    ("ack", cbor.dumps([0, [[2 * i + 2, 2 * i + 2] for i in range(MAX_ACK_RANGES + 1)]])),
+    ("ack", cbor.dumps([MAX_MSG_ID + 1, []])),
 ]
-DECODERS = {"telemetry": decode_telemetry, "command": decode_command, "reply": decode_reply}
+DECODERS = {"telemetry": decode_telemetry, "command": decode_command, "reply": decode_reply, "ack": decode_ack}
 
 
 @pytest.mark.parametrize(("kind", "data"), REFUSED)
@@ -136,11 +172,13 @@ def test_bodies_the_peer_would_refuse_cannot_be_built() -> None:
     with pytest.raises(LocalProtocolError):
         Command(1, "x" * 65)
     with pytest.raises(LocalProtocolError):
-        Reply(1, False, 3)
+        Reply(1, False, 3, 1)
     with pytest.raises(LocalProtocolError):
-        Telemetry(math.nan, {})
+        Telemetry(math.nan, {}, 1)
     with pytest.raises(LocalProtocolError):
-        Telemetry(1, {2: 3})  # type: ignore[dict-item]
+        Telemetry(1, {2: 3}, 1)  # type: ignore[dict-item]
+    with pytest.raises(LocalProtocolError):
+        Ack(5, ((6, 6),))
     with pytest.raises(LocalProtocolError):
         Command(1, "set", {1, 2}).encode()  # a set has no CBOR form
     deep: Any = 0
@@ -159,18 +197,21 @@ plain = st.recursive(
     max_leaves=12,
 )
 ids = st.integers(0, MAX_COMMAND_ID)
+msg_ids = st.integers(1, MAX_MSG_ID)
 names = st.text(max_size=64).filter(lambda s: len(s.encode("utf-8", "surrogatepass")) <= 64)
 bodies = st.one_of(
     st.builds(Telemetry, st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
-              st.dictionaries(st.text(max_size=8), plain, max_size=5)),
+              st.dictionaries(st.text(max_size=8), plain, max_size=5), msg_ids),
     st.builds(Command, ids, names, plain),
-    st.builds(Reply.success, ids, plain),
-    st.builds(Reply.failure, ids, st.text(max_size=40)),
+    st.builds(Reply.success, ids, plain, msg_ids),
+    st.builds(Reply.failure, ids, st.text(max_size=40), msg_ids),
+    st.builds(lambda c, extra: Ack.of(c, {c + 2 + i for i in extra}), st.integers(0, 2**40),
+              st.sets(st.integers(0, 2**20), max_size=MAX_ACK_RANGES)),
 )
 
 
 def _decoder_of(body: Any) -> Any:
-    return {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply}[type(body)]
+    return {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply, Ack: decode_ack}[type(body)]
 
 
 def _same(a: Any, b: Any) -> bool:

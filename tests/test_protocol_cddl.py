@@ -76,6 +76,7 @@ BODY_RULE = {
     RecordKind.MEDIA_CHUNK: "media-chunk",
     RecordKind.MEDIA_ACK: "media-ack",
     RecordKind.MEDIA_CONTROL: "media-control",
+    RecordKind.ACK: "ack",
 }
 HS_UP = ["[ true, message_1 ]", "[ c-x, message_3 ]", "[ c-x, error ]"]
 HS_DOWN = ["[ c-x, message_2 ]", "[ c-x, error ]", "[ null, error ]"]
@@ -415,7 +416,7 @@ def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Pat
     assert {r[1] for r in replies} == {True, False}  # both reply alternatives
     # sealmq.bodies decodes what the apps send, and encodes it back to the very same bytes
     codec = {RecordKind.TELEMETRY: bodies.decode_telemetry, RecordKind.COMMAND: bodies.decode_command,
-             RecordKind.REPLY: bodies.decode_reply}
+             RecordKind.REPLY: bodies.decode_reply, RecordKind.ACK: bodies.decode_ack}
     app_bodies = [(k, p) for k, p in cap.sealed if k in codec]
     assert {k for k, _ in app_bodies} == set(codec)
     for kind, plaintext in app_bodies:
@@ -470,7 +471,7 @@ def test_mutated_messages_are_refused(schema: Schema, memory_run: Capture) -> No
             schema.validate([*m1[:i], bad_item, *m1[i + 1:]], "hs-up-frame")
         assert exc.value.path.startswith(f"$[{i}]")
     rec = next(cbor.loads(p) for t, p in memory_run.wire if "/data/" in t)
-    for i, bad_item in ((0, 9), (1, bytes(9)), (2, -1), (3, 2**40), (4, bytes(7))):
+    for i, bad_item in ((0, 10), (1, bytes(9)), (2, -1), (3, 2**40), (4, bytes(7))):
         assert not schema.matches([*rec[:i], bad_item, *rec[i + 1:]], "record")
 
 
@@ -517,13 +518,16 @@ def test_a_narrowed_rule_is_caught(schema: Schema, memory_run: Capture, rule: st
 # --- the application bodies' codec (sealmq.bodies) against the docs -----------------------------
 
 APP_BODIES: list[tuple[str, Any]] = [
-    ("telemetry", bodies.Telemetry.at(1700000000.123, {"temp": 21.5, "tags": ["a"], "raw": b"\x00"})),
-    ("telemetry", bodies.Telemetry(0, {})),
+    ("telemetry", bodies.Telemetry.at(1700000000.123, {"temp": 21.5, "tags": ["a"], "raw": b"\x00"}, 1)),
+    ("telemetry", bodies.Telemetry(0, {}, bodies.MAX_MSG_ID)),
     ("command", bodies.Command(1, "ping")),
     ("command", bodies.Command(bodies.MAX_COMMAND_ID, "x" * 64, {"why": [1, -2.5, None]})),
-    ("reply", bodies.Reply.success(2, {"device": "cam-1", "epoch": 3})),
-    ("reply", bodies.Reply.unknown_command(bodies.MAX_COMMAND_ID, "y" * 64)),
-    ("reply", bodies.Reply.failure(3, "e" * bodies.MAX_REPLY_ERROR)),
+    ("reply", bodies.Reply.success(2, {"device": "cam-1", "epoch": 3}, 2)),
+    ("reply", bodies.Reply.unknown_command(bodies.MAX_COMMAND_ID, "y" * 64, 3)),
+    ("reply", bodies.Reply.failure(3, "e" * bodies.MAX_REPLY_ERROR, bodies.MAX_MSG_ID)),
+    ("ack", bodies.Ack(0)),
+    ("ack", bodies.Ack.of(bodies.MAX_MSG_ID - 3, [bodies.MAX_MSG_ID - 1, bodies.MAX_MSG_ID])),
+    ("ack", bodies.Ack.of(5, [7, 8, 10])),
 ]
 
 
@@ -537,7 +541,10 @@ def test_codec_bodies_match_the_docs(schema: Schema, rule: str, body: Any) -> No
 def test_docs_bound_command_ids_as_the_codec_does(schema: Schema) -> None:
     assert schema.matches([bodies.MAX_COMMAND_ID, "ping", None], "command")
     assert not schema.matches([bodies.MAX_COMMAND_ID + 1, "ping", None], "command")
-    assert not schema.matches([bodies.MAX_COMMAND_ID + 1, True, None], "reply")
+    assert not schema.matches([bodies.MAX_COMMAND_ID + 1, True, None, 1], "reply")
+    assert not schema.matches([1, True, None, 0], "reply")  # message ids start at 1
+    assert not schema.matches({"m": bodies.MAX_MSG_ID + 1, "t": 0, "v": {}}, "telemetry")
+    assert not schema.matches([0, [[1, 2, 3]]], "ack")
     assert not schema.matches([1, "x" * 65, None], "command")
 
 
@@ -554,6 +561,7 @@ def _decoders() -> dict[str, Callable[[bytes], Any]]:
         "telemetry": bodies.decode_telemetry,
         "command": bodies.decode_command,
         "reply": bodies.decode_reply,
+        "ack": bodies.decode_ack,
     }
 
 

@@ -157,7 +157,7 @@ def _enc(items: list[Any]) -> bytes:
 @pytest.mark.parametrize(("items", "reason"), [
     ([1, b"\x18", 0, 0], Reason.WRONG_TYPE),
     ([1, b"\x18", 0, 0, b"t" * 8, 0], Reason.WRONG_TYPE),
-    ([9, b"\x18", 0, 0, b"t" * 8], Reason.UNSUPPORTED),
+    ([10, b"\x18", 0, 0, b"t" * 8], Reason.UNSUPPORTED),
     ([0, b"\x18", 0, 0, b"t" * 8], Reason.UNSUPPORTED),
     ([-1, b"\x18", 0, 0, b"t" * 8], Reason.WRONG_TYPE),
     ([1, "18", 0, 0, b"t" * 8], Reason.WRONG_TYPE),

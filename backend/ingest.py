@@ -1,0 +1,263 @@
+"""The backend's batched, exactly-once ingest of telemetry and command replies.
+
+Opened records are not stored one by one: :class:`Ingest` collects them and commits a batch (at
+``max_batch`` records, ``max_delay`` seconds after the first one, or when no record came for
+``idle`` seconds) in one SQLite transaction,
+together with each touched device's :class:`sealmq.delivery.Ledger`. Only after the commit:
+
+1. the QoS 1 PUBLISHes that carried the batch are acknowledged to the broker (paho's manual
+   acknowledgement), so a crash between receipt and commit loses nothing: the broker delivers them
+   again, and the ledger (or, within a session, the replay window) drops what was already stored;
+2. each device gets one sealed ACK record with its ledger (what is committed), so its outbox drops
+   those messages; until then it re-sends them, and the ledger makes the repeats harmless.
+
+A message id already in the ledger is a repeat: not stored again, but acknowledged again (the
+device's ACK may have been lost). Everything here runs under the service's lock except the
+commit itself, so records keep being opened while a batch is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backend.storage import NewMessage, NewReply, Storage
+from runtime.audit import AuditLog
+from sealmq.bodies import Ack, decode_reply, decode_telemetry
+from sealmq.delivery import Ledger
+from sealmq.endpoint import Received
+from sealmq.errors import DecodeError, Reason
+from sealmq.topics import RecordKind
+
+log = logging.getLogger("sealmq.backend.ingest")
+
+AckBroker = Callable[[], None]  # acknowledges one QoS 1 PUBLISH to the broker
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    max_batch: int = 256  # records per transaction
+    max_delay: float = 0.005  # seconds a record may wait for its batch to fill
+    # ... but a batch is committed as soon as no record arrived for this long: the broker holds
+    # back what it may not deliver before the batch's acknowledgements (its in-flight limit)
+    idle: float = 0.0005
+
+
+@dataclass
+class _Item:
+    rec: Received
+    now: float
+    msg_id: int
+    command_id: int | None  # a reply's command
+    ok: bool
+
+
+@dataclass
+class IngestCounters:
+    stored: int = 0  # telemetry messages committed
+    replies: int = 0  # replies committed (their commands are replied)
+    duplicates: int = 0  # repeats dropped (already committed)
+    batches: int = 0
+    acks: int = 0  # sealed ACK records sent
+
+
+@dataclass
+class _Prepared:
+    """A batch checked against the ledgers, ready to commit."""
+
+    broker_acks: list[AckBroker]
+    records: int
+    now: float
+    messages: list[NewMessage] = field(default_factory=list)
+    replies: list[NewReply] = field(default_factory=list)
+    audits: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+    duplicates: int = 0
+    ledgers: dict[str, bytes] = field(default_factory=dict)
+    acks: dict[str, Ack] = field(default_factory=dict)
+    rejected: list[Received] = field(default_factory=list)  # replies to no command of their device
+
+
+@dataclass
+class _Batch:
+    items: list[_Item] = field(default_factory=list)
+    broker_acks: list[AckBroker] = field(default_factory=list)
+
+
+class Ingest:
+    """Collects opened TELEMETRY and REPLY records and commits them in batches (see the module)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        audit: AuditLog,
+        lock: threading.RLock,
+        send_ack: Callable[[str, Ack, float], None],
+        settings: IngestSettings | None = None,
+        *,
+        reject: Callable[[Received, str, Reason, str], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.audit = audit
+        self.settings = settings or IngestSettings()
+        self._lock = lock
+        self._send_ack = send_ack
+        self._reject = reject or self._audit_reject
+        self._ledgers: dict[str, Ledger] = {}
+        self._batch = _Batch()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counters = IngestCounters()
+        self._last_add = 0.0
+        self._full = False
+        self._flushing = threading.Lock()  # one flush at a time
+        self._committed: dict[str, Ack] = {}  # per device: the ACK of its last committed batch
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="backend-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Commit what is pending, then stop the flusher."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            while not self._full and not self._stop.wait(self.settings.idle):  # let the batch fill
+                now = time.monotonic()
+                if now - self._last_add >= self.settings.idle or now - started >= self.settings.max_delay:
+                    break
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("ingest flush failed")
+
+    def _audit_reject(self, rec: Received, stage: str, reason: Reason, detail: str) -> None:
+        self.audit.event("message_rejected", device=rec.device_id, stage=stage, reason=reason, detail=detail)
+
+    # -- records ------------------------------------------------------------------------------
+    def ledger(self, device_id: str) -> Ledger:
+        ledger = self._ledgers.get(device_id)
+        if ledger is None:
+            data = self.storage.ledger(device_id)
+            ledger = Ledger.decode(data) if data is not None else Ledger()
+            self._ledgers[device_id] = ledger
+        return ledger
+
+    def add(self, rec: Received, now: float, broker_ack: AckBroker | None) -> None:
+        """Queue an opened TELEMETRY or REPLY record; ``broker_ack`` runs once it is committed.
+        A body that does not decode is refused (audited) and acknowledged at once."""
+        command_id, ok = None, True
+        try:
+            if rec.kind is RecordKind.TELEMETRY:
+                msg_id = decode_telemetry(rec.plaintext).msg_id
+            else:
+                reply = decode_reply(rec.plaintext)
+                msg_id, command_id, ok = reply.msg_id, reply.id, reply.ok
+        except DecodeError as err:
+            self._reject(rec, rec.kind.name.lower(), err.reason, err.detail)
+            if broker_ack is not None:
+                broker_ack()
+            return
+        self._last_add = time.monotonic()
+        self._batch.items.append(_Item(rec, now, msg_id, command_id, ok))
+        if broker_ack is not None:
+            self._batch.broker_acks.append(broker_ack)
+        self._full = len(self._batch.items) >= self.settings.max_batch
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Commit the pending batch, then acknowledge it to the broker and to the devices.
+
+        One flush at a time. The batch is taken and checked against the ledgers under the service's
+        lock, committed without it (records keep arriving and being opened meanwhile, into the next
+        batch), and acknowledged under it again.
+        """
+        with self._flushing:
+            with self._lock:
+                prepared = self._prepare()
+            if prepared is None:
+                return
+            try:
+                self.storage.commit_batch(prepared.messages, prepared.replies, prepared.ledgers)
+            except Exception:
+                with self._lock:
+                    # nothing is acknowledged: the ledgers go back to what is on disk; the devices
+                    # send the batch again (no ACK), the broker after the next reconnect
+                    for device_id in prepared.ledgers:
+                        self._ledgers.pop(device_id, None)
+                    self.audit.event("ingest_failed", records=prepared.records)
+                raise
+            with self._lock:
+                self._finish(prepared)
+
+    def _prepare(self) -> _Prepared | None:
+        batch, self._batch = self._batch, _Batch()
+        self._full = False
+        if not batch.items:
+            for ack in batch.broker_acks:
+                ack()
+            return None
+        out = _Prepared(batch.broker_acks, len(batch.items), now=max(item.now for item in batch.items))
+        touched: dict[str, Ledger] = {}
+        for item in batch.items:
+            rec = item.rec
+            ledger = touched.get(rec.device_id) or self.ledger(rec.device_id)
+            touched[rec.device_id] = ledger
+            if not ledger.add(item.msg_id):
+                out.duplicates += 1
+                continue
+            if item.command_id is None:
+                out.messages.append(NewMessage(rec.device_id, item.now, "telemetry", rec.epoch, rec.seq,
+                                               rec.plaintext, item.msg_id))
+                continue
+            cmd = self.storage.command(item.command_id)
+            if cmd is None or cmd.device_id != rec.device_id:
+                out.rejected.append(rec)
+            elif cmd.status != "replied":
+                out.replies.append(NewReply(item.command_id, item.now, rec.plaintext))
+                out.audits.append(("command_replied", {"device": rec.device_id, "id": item.command_id,
+                                                       "ok": item.ok}))
+        # snapshots: the next batch may change the ledgers while this one is being committed
+        out.ledgers = {d: led.encode() for d, led in touched.items()}
+        out.acks = {d: led.ack() for d, led in touched.items()}
+        return out
+
+    def _finish(self, done: _Prepared) -> None:
+        for ack in done.broker_acks:
+            ack()
+        for event, fields in done.audits:
+            self.audit.event(event, **fields)
+        for rec in done.rejected:
+            self._reject(rec, "reply", Reason.UNKNOWN_COMMAND, "")
+        self.counters.batches += 1
+        self.counters.stored += len(done.messages)
+        self.counters.replies += len(done.replies)
+        self.counters.duplicates += done.duplicates
+        for device_id, device_ack in done.acks.items():
+            self._committed[device_id] = device_ack
+            self._send_ack(device_id, device_ack, done.now)
+            self.counters.acks += 1
+
+    def acknowledge(self, device_id: str, now: float) -> None:
+        """Send ``device_id`` the ids committed so far (when its session starts): what the last
+        commit said, or the ledger on disk; never what a batch being committed holds."""
+        ack = self._committed.get(device_id)
+        if ack is None:
+            data = self.storage.ledger(device_id)
+            ack = (Ledger.decode(data) if data is not None else Ledger()).ack()
+        self._send_ack(device_id, ack, now)
+        self.counters.acks += 1
