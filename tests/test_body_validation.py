@@ -84,11 +84,12 @@ def test_backend_messages_cli_shows_the_decoded_body(system: System) -> None:
 
 
 @pytest.mark.parametrize(("body", "reason"), [
-    ([MAX_COMMAND_ID + 1, True, None], "bad_body"),  # was an OverflowError from SQLite in the MQTT thread
-    ([2**64 - 1, False, "x"], "bad_body"),
-    ([-1, True, None], "bad_body"),
-    ([1, "yes", None], "bad_body"),
-    ([987654, True, None], "unknown_command"),  # well formed, but no such command of this device
+    ([MAX_COMMAND_ID + 1, True, None, 1], "bad_body"),  # was an OverflowError from SQLite in the MQTT thread
+    ([2**64 - 1, False, "x", 1], "bad_body"),
+    ([-1, True, None, 1], "bad_body"),
+    ([1, "yes", None, 1], "bad_body"),
+    ([1, True, None], "bad_body"),  # no message id
+    ([987654, True, None, 1], "unknown_command"),  # well formed, but no such command of this device
 ])
 def test_bad_replies_are_typed_audited_rejections(system: System, body: list[Any], reason: str) -> None:
     backend, agent = system.backend, _agent(system)
