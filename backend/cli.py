@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from backend.console.cli import add_console_arguments, start_console  # console (issue 13)
-from backend.storage import COMMAND_STATES, Storage, db_path
+from backend.storage import COMMAND_STATES, db_path
+from backend.store import BackendStore, open_store
 from runtime import exits
 from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run = bsub.add_parser("run", help="run the backend service (foreground; SIGINT/SIGTERM to stop)")
     run.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/, backend/<name>/)")
     run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(run)
     run.add_argument("--name", default="backend", help="backend identity name (default: %(default)s)")
     add_mqtt_arguments(run, default_username="backend", connect_timeout=None)
     add_console_arguments(run)  # console (issue 13)
@@ -35,16 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     devices = bsub.add_parser("devices", help="list devices that completed a handshake")
     devices.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(devices)
     devices.set_defaults(func=_devices)
 
     messages = bsub.add_parser("messages", help="list stored telemetry (the newest --limit rows)")
     messages.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(messages)
     messages.add_argument("--device", default=None, help="only this device")
     messages.add_argument("--limit", type=int, default=20, help="show the newest N rows (default: %(default)s)")
     messages.set_defaults(func=_messages)
 
     media = bsub.add_parser("media", help="list received media files with their verification status")
     media.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(media)
     media.add_argument("--device", default=None, help="only this device")
     media.set_defaults(func=_media)
 
@@ -55,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "that is neither enrolled in --pki nor known to the backend is refused (exit code 2).",
     )
     command.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(command)
     command.add_argument("--pki", type=Path, default=None,
                          help="PKI directory: devices enrolled there are accepted even before their first "
                               "handshake (without it, only devices that completed one)")
@@ -68,10 +74,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     commands = bsub.add_parser("commands", help="list commands with their state and reply")
     commands.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    _add_db_argument(commands)
     commands.add_argument("--device", default=None, help="only this device")
     commands.add_argument("--state", choices=_STATES, default=None, help="only commands in this state")
     commands.add_argument("--limit", type=int, default=20, help="show the newest N commands (default: %(default)s)")
     commands.set_defaults(func=_commands)
+
+
+def _add_db_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="database: a postgresql:// URL shared by several workers (needs sealmq[scale]; keep "
+                             "the password in PGPASSFILE or PGPASSWORD); default: the SQLite file under --data")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -82,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     identity_dir = layout.backend_dir(args.pki, args.name)
     settings = mqtt_settings(args, password_file=identity_dir / "mqtt.password", ca_file=layout.anchor(args.pki),
                              client_cert=(identity_dir / layout.CHAIN, identity_dir / layout.KEY))
-    service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name))
+    service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name,
+                                             db=args.db))
     console = start_console(service, args, settings)  # console (issue 13)
     try:
         service.run_forever(connect_timeout=connect_limit(args))
@@ -92,22 +106,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _storage(data: Path) -> Storage:
-    return Storage(db_path(data))
+def _storage(args: argparse.Namespace) -> BackendStore:
+    return open_store(args.db, args.data)
 
 
 def _devices(args: argparse.Namespace) -> int:
-    if not db_path(args.data).exists():
+    if args.db is None and not db_path(args.data).exists():
         return _no_data(args.data)
-    for device_id, first, last, handshakes in _storage(args.data).devices():
+    for device_id, first, last, handshakes in _storage(args).devices():
         print(f"{device_id:24} handshakes={handshakes:<4} first={_ts(first)} last={_ts(last)}")
     return 0
 
 
 def _messages(args: argparse.Namespace) -> int:
-    if not db_path(args.data).exists():
+    if args.db is None and not db_path(args.data).exists():
         return _no_data(args.data)
-    store = _storage(args.data)
+    store = _storage(args)
     rows = store.messages(args.device, limit=10**9)[-args.limit:] if args.limit > 0 else []
     for m in rows:
         try:
@@ -131,9 +145,9 @@ def _no_data(data: Path) -> int:
 
 
 def _media(args: argparse.Namespace) -> int:
-    if not db_path(args.data).exists():
+    if args.db is None and not db_path(args.data).exists():
         return _no_data(args.data)
-    rows = [r for r in _storage(args.data).media() if args.device in (None, r.device_id)]
+    rows = [r for r in _storage(args).media() if args.device in (None, r.device_id)]
     for r in rows:
         status = "signature verified" if r.signature_verified else "NOT VERIFIED"
         name = r.name.encode("unicode_escape").decode("ascii")  # device-chosen text: never raw to a terminal
@@ -169,9 +183,9 @@ def _command(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         print(f"sealmq: error: --args is not JSON: {exc}", file=sys.stderr)
         return exits.USAGE
-    if not args.data.is_dir():  # a mistyped --data must not start a database no backend reads
+    if args.db is None and not args.data.is_dir():  # a mistyped --data must not start a database no backend reads
         return _no_data(args.data)
-    store = _storage(args.data)
+    store = _storage(args)
     seen = {d[0]: d for d in store.devices()}
     refusal = None if args.device in seen else (
         _enrolled(args.pki, args.device) if args.pki is not None
@@ -218,9 +232,9 @@ def _describe_reply(reply: bytes | None) -> str:
 
 
 def _commands(args: argparse.Namespace) -> int:
-    if not db_path(args.data).exists():
+    if args.db is None and not db_path(args.data).exists():
         return _no_data(args.data)
-    everything = _storage(args.data).commands(device_id=args.device, state=args.state)
+    everything = _storage(args).commands(device_id=args.device, state=args.state)
     rows = everything[-args.limit:] if args.limit > 0 else []
     for c in rows:
         print(f"{c.id:>6} {_ts(c.created_at)} {c.device_id:16} {c.name:12} {c.state:8} {_describe_reply(c.reply)}")

@@ -8,9 +8,10 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
     quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received
 
 Only verified files get a row in the table ``media`` of the backend's database, written and read
-through :class:`backend.storage.Storage`, which owns it. Memory stays flat: chunks go straight to disk, the SHA-256 is
-computed over the contiguous prefix as it grows, reading back from disk the chunks that arrived
-out of order. The protocol decisions are in :mod:`sealmq.media_receiver`; this module does the I/O.
+through the backend's store (:class:`backend.store.BackendStore`), which owns it. Memory stays flat:
+chunks go straight to disk, the SHA-256 is computed over the contiguous prefix as it grows, reading
+back from disk the chunks that arrived out of order. The protocol decisions are in
+:mod:`sealmq.media_receiver`; this module does the I/O.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.storage import MediaRecord, Storage
+from backend.store import BackendStore
 from runtime.files import atomic_write
 from sealmq import cbor
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
@@ -100,7 +102,7 @@ class _Hashing:
 
 class MediaStore:
     def __init__(
-        self, data_dir: str | os.PathLike[str], storage: Storage, *,
+        self, data_dir: str | os.PathLike[str], storage: BackendStore, *,
         limits: MediaLimits | None = None, durable: bool = True,
     ) -> None:
         self.root = Path(data_dir)

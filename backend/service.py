@@ -33,7 +33,7 @@ from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
-from backend.storage import Storage, db_path
+from backend.store import open_store
 from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import load_identity, load_trust_store
@@ -85,6 +85,9 @@ class BackendSettings:
     command_ttl: float = 24 * 3600.0  # a command without a reply by then is expired
     command_resend_after: float = 30.0  # a sent command without a reply is sent again (same session)
     durable: bool = True  # fsync each committed batch before acknowledging it
+    # The database: None is the SQLite file under data_dir (the default); a postgresql:// URL is a
+    # database shared by several workers (backend/storage_pg.py, the [scale] extra).
+    db: str | None = None
 
 
 class _FileWatch:
@@ -161,7 +164,7 @@ class BackendService(EndpointDriver):
             authenticator=self._authenticator,
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(db_path(settings.data_dir), durable=settings.durable)
+        self.storage = open_store(settings.db, settings.data_dir, durable=settings.durable)
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval

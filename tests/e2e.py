@@ -112,6 +112,7 @@ class System:
             self.broker_options.update(tls=TlsFiles.from_pki(self.dep.pki), tls_port=self.tls_port)
         self._broker: Any = None
         self.backend: BackendService | None = None
+        self.db: str | None = None  # the backend's database (BackendSettings.db): None is SQLite under its data
         self.agents: dict[str, DeviceAgent] = {}
         self.closers: list[Callable[[], Any]] = []
         self.start_broker()
@@ -152,7 +153,7 @@ class System:
     def start_backend(self, config: BackendConfig | None = None) -> BackendService:
         svc = BackendService(BackendSettings(pki_dir=self.dep.pki, data_dir=self.dep.backend_data,
                                              mqtt=self.mqtt("backend", "backend"), poll_interval=0.1,
-                                             endpoint=config or BackendConfig()))
+                                             endpoint=config or BackendConfig(), db=self.db))
         svc.start()
         self.backend = svc
         return svc
