@@ -18,7 +18,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.brokers import free_port
 
 HOST = "127.0.0.1"
 
@@ -51,12 +52,6 @@ needs_postgres = pytest.mark.skipif(BINDIR is None or not HAVE_PSYCOPG,
                                     reason="PostgreSQL (Debian postgresql) or psycopg not installed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresProcess:
     """A PostgreSQL cluster in a temporary directory, served on 127.0.0.1 only."""
 
@@ -64,7 +59,7 @@ class PostgresProcess:
         assert BINDIR is not None
         self.user = "sealmq_test"
         self.password = secrets.token_urlsafe(18)
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sealmq-pg-"))
         self._run_as: dict[str, Any] = {}
         if os.geteuid() == 0:
