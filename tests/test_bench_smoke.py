@@ -71,3 +71,16 @@ def test_memory_bench_quick() -> None:
     out = memory.run(sessions=3)
     assert "3 sessions held" in out
     assert "| tracemalloc (Python heap) |" in out and "| RSS (everything, incl. OpenSSL) |" in out
+
+
+def test_shared_state_bench_quick() -> None:
+    from bench import shared_state
+    from tests.postgres import BINDIR
+    from tests.redis_server import REDIS_SERVER
+
+    out = shared_state.run(quick=True)
+    assert "| replay gate, in process (1 worker) |" in out and "| store one record, SQLite |" in out
+    if REDIS_SERVER is not None:
+        assert "| replay gate, Redis Lua script |" in out and "| sender number, Redis INCRBY |" in out
+    if BINDIR is not None:
+        assert "| store one record, PostgreSQL |" in out
