@@ -120,7 +120,8 @@ class PostgresStorage:
     def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock, self._conn().cursor() as cur:
             cur.execute(query, params)
-            return cur.fetchall()
+            rows: list[tuple[Any, ...]] = cur.fetchall()
+        return rows
 
     def close(self) -> None:
         with self._lock:
