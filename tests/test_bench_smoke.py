@@ -64,7 +64,7 @@ def test_broker_bench_quick_amqtt() -> None:
 
 
 def test_run_entry_point_parses() -> None:
-    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media")
+    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state")
 
 
 def test_memory_bench_quick() -> None:
