@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from backend.storage import Command, MediaRecord, StoredMessage
+from backend.storage import _STATE_OF_STATUS, _STATUS_OF_STATE, Command, CommandRow, MediaRecord, StoredMessage
 
 # Column types follow SQLite's: REAL -> DOUBLE PRECISION, BLOB -> BYTEA, INTEGER ids -> identity.
 SCHEMA = (
@@ -210,6 +210,23 @@ class PostgresStorage:
     def command(self, command_id: int) -> Command | None:
         rows = self._rows(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE id=%s", (command_id,))  # noqa: S608
         return _command(rows[0]) if rows else None
+
+    def commands(self, device_id: str | None = None, state: str | None = None,
+                 command_id: int | None = None) -> list[CommandRow]:
+        """Commands, oldest first, optionally of one device, in one state (as shown), or one id."""
+        status = None if state is None else _STATUS_OF_STATE.get(state, state)
+        rows = self._rows(
+            "SELECT id, device_id, name, status, created_at, sent_at, replied_at, reply FROM commands"
+            " WHERE (%s::text IS NULL OR device_id=%s) AND (%s::text IS NULL OR status=%s)"
+            " AND (%s::bigint IS NULL OR id=%s) ORDER BY id",
+            (device_id, device_id, status, status, command_id, command_id),
+        )
+        return [
+            CommandRow(int(r[0]), str(r[1]), str(r[2]), _STATE_OF_STATUS.get(r[3], r[3]), float(r[4]),
+                       None if r[5] is None else float(r[5]), None if r[6] is None else float(r[6]),
+                       bytes(r[7]) if r[7] is not None else None)
+            for r in rows
+        ]
 
     # -- media (verified files; the files themselves are in backend.media's directories) -------
     def add_media(self, r: MediaRecord) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from backend.storage import Command, MediaRecord, Storage, StoredMessage, db_path
+from backend.storage import Command, CommandRow, MediaRecord, Storage, StoredMessage, db_path
 
 if TYPE_CHECKING:
     from backend.storage_pg import PostgresStorage
@@ -53,6 +53,8 @@ class BackendStore(Protocol):
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None: ...
     def count_commands(self, status: str) -> int: ...
     def command(self, command_id: int) -> Command | None: ...
+    def commands(self, device_id: str | None = None, state: str | None = None,
+                 command_id: int | None = None) -> list[CommandRow]: ...
 
     # media
     def add_media(self, r: MediaRecord) -> None: ...

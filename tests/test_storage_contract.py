@@ -123,6 +123,22 @@ def test_commands_queue_send_reply(store: BackendStore) -> None:
     assert store.count_commands("replied") == 1
 
 
+def test_commands_as_the_operator_sees_them(store: BackendStore) -> None:
+    c1 = store.queue_command("dev-1", "reboot", b"", 1.0)
+    c2 = store.queue_command("dev-2", "blink", b"", 2.0)
+    store.mark_command(c2, "sent", 3.0)
+    store.mark_command(c2, "replied", 4.0, b"\xf5")
+    rows = store.commands()
+    assert [(r.id, r.device_id, r.name, r.state, r.created_at, r.sent_at, r.replied_at, r.reply) for r in rows] == [
+        (c1, "dev-1", "reboot", "queued", 1.0, None, None, None),  # stored 'pending', shown as queued
+        (c2, "dev-2", "blink", "replied", 2.0, 3.0, 4.0, b"\xf5"),
+    ]
+    assert [r.id for r in store.commands(device_id="dev-2")] == [c2]
+    assert [r.id for r in store.commands(state="queued")] == [c1]
+    assert [r.id for r in store.commands(command_id=c2)] == [c2]
+    assert store.commands(device_id="dev-1", state="replied") == []
+
+
 def _media(device: str, tid: str, at: float, name: str = "img.jpg") -> MediaRecord:
     return MediaRecord(device, name, f"media/{device}/{tid}", "image/jpeg", 1234, "ab" * 32, True, 1700000000, at, tid)
 
