@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backend.storage import NewMessage, NewReply, Storage
+from backend.storage import NewMessage, NewReply
+from backend.store import BackendStore
 from runtime.audit import AuditLog
 from sealmq.bodies import Ack, decode_reply, decode_telemetry
 from sealmq.delivery import Ledger
@@ -91,7 +92,7 @@ class Ingest:
 
     def __init__(
         self,
-        storage: Storage,
+        storage: BackendStore,
         audit: AuditLog,
         lock: threading.RLock,
         send_ack: Callable[[str, Ack, float], None],

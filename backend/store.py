@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from backend.storage import Command, CommandRow, MediaRecord, Storage, StoredMessage, db_path
+from backend.storage import Command, CommandRow, MediaRecord, NewMessage, NewReply, Storage, StoredMessage, db_path
 
 if TYPE_CHECKING:
     from backend.storage_pg import PostgresStorage
@@ -46,15 +46,21 @@ class BackendStore(Protocol):
     def messages(self, device_id: str | None = None, limit: int = 1000) -> list[StoredMessage]: ...
     def recent_messages(self, device_id: str, kind: str, limit: int = 200) -> list[StoredMessage]: ...
     def count_messages(self, device_id: str | None = None) -> int: ...
+    def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
+        """Messages, replies and the devices' delivery ledgers, in one transaction."""
+        ...
+    def ledger(self, device_id: str) -> bytes | None: ...
 
     # commands
     def queue_command(self, device_id: str, name: str, args: bytes, now: float) -> int: ...
-    def pending_commands(self, device_ids: set[str]) -> list[Command]: ...
-    def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None: ...
-    def count_commands(self, status: str) -> int: ...
-    def command(self, command_id: int) -> Command | None: ...
     def commands(self, device_id: str | None = None, state: str | None = None,
                  command_id: int | None = None) -> list[CommandRow]: ...
+    def pending_commands(self, device_ids: set[str], *, resend_before: float | None = None) -> list[Command]: ...
+    def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None: ...
+    def requeue_commands(self, device_id: str) -> int: ...
+    def expire_commands(self, created_before: float) -> list[Command]: ...
+    def count_commands(self, status: str) -> int: ...
+    def command(self, command_id: int) -> Command | None: ...
 
     # media
     def add_media(self, r: MediaRecord) -> None: ...
@@ -66,19 +72,21 @@ def is_postgres_url(db: str) -> bool:
     return db.startswith(POSTGRES_SCHEMES)
 
 
-def open_store(db: str | None, data_dir: Path) -> BackendStore:
+def open_store(db: str | None, data_dir: Path, *, durable: bool = True) -> BackendStore:
     """The store a backend uses: SQLite under ``data_dir`` unless ``db`` is a PostgreSQL URL.
 
     ``db`` may also be a path to an SQLite file. The URL is libpq's: a password in it works but
-    lands in the process list; prefer ``PGPASSFILE``/``PGPASSWORD`` (docs/scaling.md).
+    lands in the process list; prefer ``PGPASSFILE``/``PGPASSWORD`` (docs/scaling.md). ``durable``
+    is SQLite's ``synchronous=FULL``; PostgreSQL's durability is the server's (``synchronous_commit``,
+    on by default: a commit returns once it is in the write-ahead log).
     """
     if db is None:
-        return Storage(db_path(data_dir))
+        return Storage(db_path(data_dir), durable=durable)
     if is_postgres_url(db):
         from backend.storage_pg import PostgresStorage  # the [scale] extra: only when asked for
 
         return PostgresStorage(db)
-    return Storage(Path(db))
+    return Storage(Path(db), durable=durable)
 
 
 def _conforms(sqlite: Storage, postgres: PostgresStorage) -> tuple[BackendStore, BackendStore]:

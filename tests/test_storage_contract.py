@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.storage import MediaRecord, Storage, db_path
+from backend.storage import MediaRecord, NewMessage, NewReply, Storage, db_path
 from backend.store import BackendStore, open_store
 from tests.postgres import PostgresProcess, needs_postgres, postgres
 
@@ -106,37 +106,84 @@ def test_commands_queue_send_reply(store: BackendStore) -> None:
     assert len({c1, c2, c3}) == 3
     assert store.pending_commands(set()) == []
     pending = store.pending_commands({"dev-1"})
-    assert [(c.id, c.device_id, c.name, c.args, c.status, c.reply) for c in pending] == [
-        (c1, "dev-1", "reboot", b"\xa0", "pending", None), (c3, "dev-1", "blink", b"\x02", "pending", None)
+    assert [(c.id, c.device_id, c.name, c.args, c.status, c.reply, c.created_at, c.sent_at) for c in pending] == [
+        (c1, "dev-1", "reboot", b"\xa0", "queued", None, 1.0, None),
+        (c3, "dev-1", "blink", b"\x02", "queued", None, 3.0, None),
     ]
     assert [c.id for c in store.pending_commands({"dev-1", "dev-2", "dev-9"})] == [c1, c2, c3]
     store.mark_command(c1, "sent", 4.0)
     assert [c.id for c in store.pending_commands({"dev-1"})] == [c3]
-    assert store.count_commands("pending") == 2 and store.count_commands("sent") == 1
+    # sent before resend_before and unanswered: due again
+    assert [c.id for c in store.pending_commands({"dev-1"}, resend_before=4.5)] == [c1, c3]
+    assert [c.id for c in store.pending_commands({"dev-1"}, resend_before=4.0)] == [c3]
+    assert store.count_commands("queued") == 2 and store.count_commands("sent") == 1
     store.mark_command(c1, "replied", 5.0, b"\xf5")
     cmd = store.command(c1)
-    assert cmd is not None and (cmd.status, cmd.reply) == ("replied", b"\xf5")
+    assert cmd is not None and (cmd.status, cmd.reply, cmd.sent_at, cmd.replied_at) == ("replied", b"\xf5", 4.0, 5.0)
     store.mark_command(c1, "replied", 6.0)  # no reply given: the stored one stays
     cmd = store.command(c1)
     assert cmd is not None and cmd.reply == b"\xf5"
     assert store.command(c1 + c2 + c3 + 100) is None
     assert store.count_commands("replied") == 1
+    with pytest.raises(ValueError):
+        store.mark_command(c2, "pending", 7.0)
 
 
-def test_commands_as_the_operator_sees_them(store: BackendStore) -> None:
-    c1 = store.queue_command("dev-1", "reboot", b"", 1.0)
-    c2 = store.queue_command("dev-2", "blink", b"", 2.0)
-    store.mark_command(c2, "sent", 3.0)
-    store.mark_command(c2, "replied", 4.0, b"\xf5")
-    rows = store.commands()
-    assert [(r.id, r.device_id, r.name, r.state, r.created_at, r.sent_at, r.replied_at, r.reply) for r in rows] == [
-        (c1, "dev-1", "reboot", "queued", 1.0, None, None, None),  # stored 'pending', shown as queued
-        (c2, "dev-2", "blink", "replied", 2.0, 3.0, 4.0, b"\xf5"),
-    ]
-    assert [r.id for r in store.commands(device_id="dev-2")] == [c2]
-    assert [r.id for r in store.commands(state="queued")] == [c1]
-    assert [r.id for r in store.commands(command_id=c2)] == [c2]
-    assert store.commands(device_id="dev-1", state="replied") == []
+def test_commands_listed_requeued_and_expired(store: BackendStore) -> None:
+    c1 = store.queue_command("dev-1", "a", b"", 1.0)
+    c2 = store.queue_command("dev-1", "b", b"", 2.0)
+    c3 = store.queue_command("dev-2", "c", b"", 3.0)
+    store.mark_command(c1, "sent", 4.0)
+    store.mark_command(c3, "sent", 4.0)
+    assert [c.id for c in store.commands()] == [c1, c2, c3]
+    assert [c.id for c in store.commands(device_id="dev-1")] == [c1, c2]
+    assert [c.id for c in store.commands(state="sent")] == [c1, c3]
+    assert [c.id for c in store.commands(device_id="dev-2", state="sent")] == [c3]
+    assert [c.id for c in store.commands(command_id=c2)] == [c2]
+    row = store.commands(command_id=c1)[0]
+    assert (row.device_id, row.name, row.state, row.created_at, row.sent_at, row.replied_at, row.reply) == (
+        "dev-1", "a", "sent", 1.0, 4.0, None, None)
+    with pytest.raises(ValueError):
+        store.commands(state="pending")
+    assert store.requeue_commands("dev-1") == 1  # a new session: c1 goes out again
+    assert [c.id for c in store.commands(state="queued")] == [c1, c2]
+    expired = store.expire_commands(2.5)
+    assert [(c.id, c.status) for c in expired] == [(c1, "queued"), (c2, "queued")]  # as they were
+    assert [c.id for c in store.commands(state="expired")] == [c1, c2]
+    assert store.expire_commands(2.5) == []
+    assert [c.id for c in store.commands(state="sent")] == [c3]
+
+
+def test_batches_store_messages_replies_and_ledgers_at_once(store: BackendStore) -> None:
+    store.record_handshake("dev-1", 1.0, "00" * 32)
+    cid = store.queue_command("dev-1", "x", b"", 1.5)
+    assert store.ledger("dev-1") is None
+    store.commit_batch(
+        [NewMessage("dev-1", 2.0, "telemetry", 0, 5, b"a", 17),
+         NewMessage("dev-1", 3.0, "telemetry", 0, 6, b"b", None)],
+        [NewReply(cid, 3.5, b"\xf6")],
+        {"dev-1": b"ledger-1", "dev-2": b"ledger-2"},
+    )
+    got = store.messages("dev-1")
+    assert [(m.seq, m.payload, m.msg_id) for m in got] == [(5, b"a", 17), (6, b"b", None)]
+    reply = store.command(cid)
+    assert reply is not None and (reply.status, reply.reply, reply.replied_at) == ("replied", b"\xf6", 3.5)
+    assert store.ledger("dev-1") == b"ledger-1" and store.ledger("dev-2") == b"ledger-2"
+    assert store.devices()[0][2] == 3.0  # last_seen follows the batch
+    store.commit_batch([], [], {"dev-1": b"ledger-1b"})
+    assert store.ledger("dev-1") == b"ledger-1b"
+    store.commit_batch([], [], {})
+    assert store.count_messages() == 2
+
+
+def test_a_failed_batch_stores_nothing(store: BackendStore) -> None:
+    # the ledger (written last) violates NOT NULL: the messages inserted before it are rolled back
+    with pytest.raises(Exception):  # noqa: B017 - each engine's driver raises its own error type
+        store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)], [],
+                           {"dev-1": None})  # type: ignore[dict-item]
+    assert store.count_messages() == 0 and store.ledger("dev-1") is None
+    store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)], [], {"dev-1": b"L"})
+    assert store.count_messages() == 1  # the store is usable after the failure
 
 
 def _media(device: str, tid: str, at: float, name: str = "img.jpg") -> MediaRecord:
