@@ -163,7 +163,8 @@ def test_two_workers_racing_on_the_same_sequence_numbers_accept_each_exactly_onc
         t.join()
     both = accepted[0] + accepted[1]
     assert sorted(both) == list(range(n))  # every one accepted, none twice
-    assert accepted[0] and accepted[1]  # both took part (the race was real)
+    # (how the numbers split between the workers depends on scheduling: not asserted; the one-piv
+    # test below forces the contention with a barrier per number)
 
 
 @needs_redis
