@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.storage import MediaRecord, Storage
-from runtime.files import atomic_write
+from runtime.files import atomic_write, private_dir
 from sealmq import cbor
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
 from sealmq.media import (
@@ -107,8 +107,9 @@ class MediaStore:
         self.storage = storage
         self.limits = limits or MediaLimits()
         self.durable = durable  # fsync data before an ack claims it (off only in tests)
+        private_dir(self.root)
         for sub in ("incoming", "media", "quarantine"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.root / sub)
         self.table = TransferTable(self.limits)
         self._hashing: dict[tuple[str, bytes], _Hashing] = {}
         # Chunks each transfer's state file (and the synced data) already claims: an ack that adds
@@ -168,7 +169,7 @@ class MediaStore:
         except MediaError as err:
             raise _rejection(tid, err) from None
         part = self._part(device_id, tid)
-        part.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(part.parent)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, manifest.size)  # sparse: no space used until chunks land
@@ -244,7 +245,7 @@ class MediaStore:
         self._persisted.pop((device_id, tid), None)
         if failure is not None:
             qdir = self.root / "quarantine" / device_id
-            qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(qdir)
             os.replace(part, qdir / part.name)
             self._state(device_id, tid).unlink(missing_ok=True)
             raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
@@ -266,7 +267,7 @@ class MediaStore:
 
     def _destination(self, device_id: str, m: Manifest) -> Path:
         ddir = self.root / "media" / device_id
-        ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(ddir)
         name = safe_name(m.name)
         dest = ddir / name
         if dest.exists():

@@ -36,9 +36,11 @@ from backend.observer import ServiceObserver, notify  # console (issue 13)
 from backend.storage import Storage, db_path
 from pki import ccs as pki_ccs
 from pki import layout
-from pki.store import load_identity, load_trust_store
+from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store
+from pki.verify import TrustStore
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
+from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
 from sealmq import cbor
 from sealmq.bodies import Ack, Command
@@ -87,27 +89,6 @@ class BackendSettings:
     durable: bool = True  # fsync each committed batch before acknowledging it
 
 
-class _FileWatch:
-    """Says when a file (or a directory's listing) changed since it last looked."""
-
-    def __init__(self, path: Path, *, seen: bool) -> None:
-        self.path = path
-        self._mtime = self._now() if seen else None
-
-    def _now(self) -> float:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def changed(self) -> bool:
-        mtime = self._now()
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        return True
-
-
 def _certificate_credentials(
     identity_dir: Path, suites: Sequence[int], passphrase: bytes | None
 ) -> list[LocalCredential]:
@@ -146,21 +127,21 @@ class BackendService(EndpointDriver):
         identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
         config = settings.endpoint
         credentials = _certificate_credentials(identity_dir, config.suites, passphrase)
-        self._crl = _FileWatch(layout.crl(settings.pki_dir), seen=True)
-        self._issued = _FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
+        self._crl = FileWatch(layout.crl(settings.pki_dir), seen=True)
+        self._issued = FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
         self._issued_chains = KnownChains()
         self._registry_path = layout.ccs_registry(settings.pki_dir)
-        self._registry = _FileWatch(self._registry_path, seen=True)
+        self._registry = FileWatch(self._registry_path, seen=True)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
         # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too as soon as
         # the backend has a CCS of its own (`sealmq pki ccs issue --pki DIR backend`): looked for
         # at start and at every tick, so issuing one needs no restart.
-        self._own_ccs = _FileWatch(identity_dir / layout.CCS_CRED, seen=False)
+        self._own_ccs = FileWatch(identity_dir / layout.CCS_CRED, seen=False)
         endpoint = BackendEndpoint(
-            credentials=credentials, trust_store=load_trust_store(settings.pki_dir), config=config,
+            credentials=credentials, trust_store=self._load_trust_store(), config=config,
             authenticator=self._authenticator,
         )
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = Storage(db_path(settings.data_dir), durable=settings.durable)
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
         self._next_expiry = 0.0
@@ -306,11 +287,15 @@ class BackendService(EndpointDriver):
                 if entry is None or entry.revoked:
                     self._dispatch(self.endpoint.close_session(device_id, Reason.REVOKED))
 
+    def _load_trust_store(self) -> TrustStore:
+        # the CRL high-water marks live with the data: a restored older crl.pem is refused
+        return load_trust_store(self.settings.pki_dir, crl_seen=self.settings.data_dir / CRL_SEEN_FILE)
+
     def _reload_crl(self) -> None:
         if not self._crl.changed():
             return
         try:
-            store = load_trust_store(self.settings.pki_dir)
+            store = self._load_trust_store()
         except SealmqError as err:
             self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
             return

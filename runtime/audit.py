@@ -8,18 +8,32 @@ so a payload cannot be logged by accident.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
+import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.files import PRIVATE_FILE, private_dir, private_mode
 from sealmq.errors import SealmqError
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Creates the log (and, by renaming, its backups) 0600: it names devices and failures."""
+
+    def _open(self) -> io.TextIOWrapper:
+        private_mode(self.baseFilename)
+        stream = open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,  # noqa: SIM115
+                      opener=lambda path, flags: os.open(path, flags, PRIVATE_FILE))
+        assert isinstance(stream, io.TextIOWrapper)
+        return stream
 
 
 class AuditLog:
@@ -40,8 +54,8 @@ class AuditLog:
         # called with each entry after it is written (the backend console and metrics); must not raise
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handler = logging.handlers.RotatingFileHandler(
+            private_dir(path.parent)
+            self._handler = _PrivateRotatingFileHandler(
                 path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )
         self.path = path
