@@ -82,6 +82,7 @@ def _rejection(tid: bytes, err: SealmqError) -> MediaRejected:
     return MediaRejected(err.reason, err.detail, _reply(rejected_ack(tid, err.reason)))
 
 
+_MAX_NAME_ATTEMPTS = 1000  # names tried for one verified file before giving up
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -255,27 +256,46 @@ class MediaStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        dest = self._destination(device_id, m)
-        os.replace(part, dest)
+        dest = self._reserve_destination(device_id, m)
+        os.replace(part, dest)  # over the empty placeholder we created, never over another file
         record = MediaRecord(
             device_id, m.name, str(dest.relative_to(self.root)), m.content_type, m.size, m.sha256.hex(),
             True, m.created, now, tid.hex(),
         )
-        self.storage.add_media(record)
+        try:
+            self.storage.add_media(record)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # no file without its row
+            raise
         self._state(device_id, tid).unlink(missing_ok=True)
         return [_reply(r.finish(None)), Received(record)]
 
-    def _destination(self, device_id: str, m: Manifest) -> Path:
+    def _reserve_destination(self, device_id: str, m: Manifest) -> Path:
+        """Create (O_EXCL, 0600) the first free name for a verified file and return it.
+
+        Candidates: the device's name, then ``<stem>-<tid>.<ext>``, then ``<stem>-<tid>-<n>.<ext>``.
+        The transfer id is predictable, so a device could have used that name for an earlier file:
+        creating the name exclusively is what guarantees that a verified file is never replaced.
+        """
         ddir = self.root / "media" / device_id
         private_dir(ddir)
         name = safe_name(m.name)
-        dest = ddir / name
-        if dest.exists():
-            stem, dot, ext = name.rpartition(".")
-            if not dot or not stem:
-                stem, ext = name, ""
-            dest = ddir / f"{stem}-{m.transfer_id.hex()}{'.' + ext if ext else ''}"
-        return dest
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        suffix = f".{ext}" if ext else ""
+        for attempt in range(_MAX_NAME_ATTEMPTS):
+            if attempt == 0:
+                candidate = name
+            else:
+                candidate = f"{stem}-{m.transfer_id.hex()}{'' if attempt == 1 else f'-{attempt - 1}'}{suffix}"
+            dest = ddir / candidate
+            try:
+                os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            return dest
+        raise MediaError(Reason.ALREADY_EXISTS, "no free file name for this transfer")
 
     def _complete_reply(self, m: Manifest) -> Reply:
         return _reply(Ack(m.transfer_id, AckStatus.COMPLETE, 0, b""))

@@ -1,0 +1,75 @@
+"""Issue 19, the backend under hostile input from one authenticated device: verified files are
+never replaced, a manifest's fields are range-checked before anything touches the disk, and one
+device cannot exhaust the audit trail, the storage, the quarantine or the backend's memory."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from backend.storage import Storage
+from sealmq import cbor, cose
+from sealmq.errors import SealmqError
+from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
+from sealmq.topics import RecordKind
+from tests.test_media_transfer import DEV, KEY, PUB, Link, new_outbox, new_store
+
+
+def _send(tmp: Path, store: object, name: str, data: bytes) -> None:
+    src = tmp / "src" / name
+    src.parent.mkdir(exist_ok=True)
+    src.write_bytes(data)
+    outbox = new_outbox(tmp)
+    outbox.add(src)
+    Link(outbox, store).run()  # type: ignore[arg-type]
+
+
+def test_a_verified_file_is_never_replaced_by_a_later_upload(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    first, victim, late = b"first" * 100, b"victim" * 100, b"late" * 100
+    _send(tmp_path, store, "a.bin", first)
+    # the clash name of a later "a.bin" is predictable: <stem>-<transfer id>.<ext>
+    late_tid = transfer_id(DEV, hashlib.sha256(late).digest(), len(late), "a.bin")
+    _send(tmp_path, store, f"a-{late_tid.hex()}.bin", victim)
+    _send(tmp_path, store, "a.bin", late)
+    records = store.storage.media()
+    assert len(records) == 3
+    assert len({r.stored_path for r in records}) == 3
+    for r in records:  # every row still names a file holding exactly what was verified
+        assert hashlib.sha256((tmp_path / "backend" / r.stored_path).read_bytes()).hexdigest() == r.sha256
+
+
+def _signed_unchecked(m: Manifest) -> bytes:
+    """A manifest signed by the device's real key without the sender's own checks (a hostile device)."""
+    alg = alg_for_key(KEY)
+    protected = cbor.dumps({1: alg})
+    payload = m.to_cbor()
+    return cbor.dumps([protected, {}, payload, cose.sign(alg, KEY, cose.sig_structure(protected, b"", payload))])
+
+
+@pytest.mark.parametrize("created", [2**63, 2**64 - 1, 253_402_300_800])
+def test_a_manifest_created_past_year_9999_is_refused_before_any_side_effect(tmp_path: Path, created: int) -> None:
+    store = new_store(tmp_path)
+    data = b"x" * 1000
+    sha = hashlib.sha256(data).digest()
+    m = Manifest(transfer_id(DEV, sha, len(data), "t.bin"), DEV, "t.bin", "image/jpeg", len(data), sha,
+                 created, 1024, 1)
+    with pytest.raises(SealmqError):
+        store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, _signed_unchecked(m), 1000.0)
+    with pytest.raises(SealmqError):  # no transfer was opened: the chunk finds nothing
+        store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, encode_chunk(m.transfer_id, 0, data), 1000.0)
+    assert [p for p in (tmp_path / "backend").rglob("*") if p.is_file()] == []
+    assert store.storage.media() == []
+
+
+def test_the_largest_creation_time_is_stored_and_read_back(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    src = tmp_path / "last.bin"
+    src.write_bytes(b"y" * 10)
+    outbox = new_outbox(tmp_path)
+    outbox.add(src, created=253_402_300_799)
+    Link(outbox, store).run()
+    [rec] = Storage(tmp_path / "backend.db").media()
+    assert rec.created == 253_402_300_799
