@@ -5,15 +5,18 @@ device cannot exhaust the audit trail, the storage, the quarantine or the backen
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from backend.storage import Storage
-from sealmq import cbor, cose
+from sealmq import cbor, cose, topics
+from sealmq.endpoint import BackendEndpoint
 from sealmq.errors import SealmqError
 from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
-from sealmq.topics import RecordKind
+from sealmq.topics import Channel, Direction, RecordKind
+from tests.pki_fixtures import make_pki
 from tests.test_media_transfer import DEV, KEY, PUB, Link, new_outbox, new_store
 
 
@@ -73,3 +76,21 @@ def test_the_largest_creation_time_is_stored_and_read_back(tmp_path: Path) -> No
     Link(outbox, store).run()
     [rec] = Storage(tmp_path / "backend.db").media()
     assert rec.created == 253_402_300_799
+
+
+# --- per-device state in the protocol core is pruned ------------------------------------------
+def test_per_device_rate_and_notice_times_are_forgotten_once_they_no_longer_limit(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki", [])
+    backend = BackendEndpoint(credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store())
+    now = 1000.0
+    for i in range(300):
+        dev = f"ghost-{i}"
+        # a message_1 that is garbage still counts against its device's rate...
+        backend.handle(topics.topic(dev, Channel.HANDSHAKE, Direction.UP), b"\xf5\x00", now, os.urandom)
+        # ...and a record without a session leaves a notice time
+        backend.handle(topics.topic(dev, Channel.DATA, Direction.UP), b"\x00" * 20, now, os.urandom)
+    assert len(backend._m1_times) == len(backend._last_notice) == 300
+    backend.poll(now + 1, os.urandom)  # still limiting: kept
+    assert len(backend._m1_times) == 300
+    backend.poll(now + backend.config.message_1_window, os.urandom)
+    assert backend._m1_times == {} and backend._last_notice == {}
