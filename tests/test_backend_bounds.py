@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from backend.storage import Storage
+from runtime.audit import AuditLog, AuditThrottle, read_audit
+from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
 from sealmq.endpoint import BackendEndpoint
-from sealmq.errors import SealmqError
+from sealmq.errors import Reason, SealmqError
 from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.pki_fixtures import make_pki
@@ -94,3 +96,48 @@ def test_per_device_rate_and_notice_times_are_forgotten_once_they_no_longer_limi
     assert len(backend._m1_times) == 300
     backend.poll(now + backend.config.message_1_window, os.urandom)
     assert backend._m1_times == {} and backend._last_notice == {}
+
+
+# --- the audit trail: throttled per (event, device, reason), honestly summarised ---------------
+def test_one_devices_rejections_cannot_rotate_the_audit_trail_away(tmp_path: Path) -> None:
+    clock = [1000.0]
+    path = tmp_path / "audit" / "server_log.jsonl"
+    audit = AuditLog(path, component="backend", clock=lambda: clock[0])
+    audit.event("handshake_completed", device="good")
+    for _ in range(10_000):
+        audit.event("message_rejected", device="evil", reason=Reason.REPLAY, stage="record", size=70)
+    audit.event("message_rejected", device="good", reason=Reason.REPLAY, stage="record", size=70)
+    entries = read_audit(path)
+    burst = AuditThrottle().burst
+    assert len([e for e in entries if e.get("device") == "evil"]) == burst
+    assert [e["event"] for e in entries if e.get("device") == "good"] == ["handshake_completed", "message_rejected"]
+    assert audit.counts["message_rejected"] == 10_001  # counters count everything
+    assert path.stat().st_size < 10_000
+
+    clock[0] += 1  # within the summary interval: nothing yet
+    audit.flush_suppressed()
+    assert not [e for e in read_audit(path) if e["event"] == "audit_suppressed"]
+    clock[0] += AuditThrottle().summary_interval
+    audit.flush_suppressed()
+    [summary] = [e for e in read_audit(path) if e["event"] == "audit_suppressed"]
+    assert (summary["suppressed_event"], summary["device"], summary["reason"], summary["suppressed"]) == (
+        "message_rejected", "evil", "replay", 10_000 - burst)
+    # the bucket refilled meanwhile: the device's rejections are written again
+    audit.event("message_rejected", device="evil", reason=Reason.REPLAY, stage="record", size=70)
+    assert read_audit(path)[-1]["event"] == "message_rejected"
+    for _ in range(100):
+        audit.event("message_rejected", device="evil", reason=Reason.REPLAY, stage="record", size=70)
+    audit.close()  # what was suppressed since the last summary is summarised on close
+    last = read_audit(path)[-1]
+    assert (last["event"], last["suppressed"]) == ("audit_suppressed", 100 - (burst - 1))
+
+
+def test_token_buckets_bound_their_keys_and_forget_full_ones() -> None:
+    buckets: TokenBuckets[str] = TokenBuckets(rate=1.0, burst=2, max_keys=3)
+    assert [buckets.take("a", 0.0) for _ in range(3)] == [True, True, False]
+    assert buckets.take("a", 1.0) and not buckets.take("a", 1.0)
+    for key in "bcdefg":  # past max_keys new keys share one bucket: memory stays bounded
+        buckets.take(key, 1.0)
+    assert len(buckets) == 4
+    buckets.prune(10.0)
+    assert len(buckets) == 0
