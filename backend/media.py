@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.quotas import QuotaGuard
 from backend.storage import MediaRecord, Storage
 from runtime.files import atomic_write, private_dir
 from sealmq import cbor
@@ -102,10 +103,11 @@ class _Hashing:
 class MediaStore:
     def __init__(
         self, data_dir: str | os.PathLike[str], storage: Storage, *,
-        limits: MediaLimits | None = None, durable: bool = True,
+        limits: MediaLimits | None = None, durable: bool = True, quota: QuotaGuard | None = None,
     ) -> None:
         self.root = Path(data_dir)
         self.storage = storage
+        self.quota = quota  # per-device stored bytes: checked when a transfer opens
         self.limits = limits or MediaLimits()
         self.durable = durable  # fsync data before an ack claims it (off only in tests)
         private_dir(self.root)
@@ -164,6 +166,7 @@ class MediaStore:
             if r.state is ReceiverState.VERIFYING:
                 return self._finalize(device_id, pk, r, now)
             return [self._ack(device_id, r)]
+        self._check_quota(device_id, manifest)
         r = MediaReceiver(manifest, body, limits=self.limits, now=now)
         try:
             self.table.add(device_id, r)
@@ -179,6 +182,14 @@ class MediaStore:
         if r.state is ReceiverState.VERIFYING:  # an empty file has nothing to wait for
             return self._finalize(device_id, pk, r, now)
         return [self._ack(device_id, r)]
+
+    def _check_quota(self, device_id: str, manifest: Manifest) -> None:
+        """Refuse a new transfer that, with the device's open ones, would pass its stored-bytes quota."""
+        if self.quota is None:
+            return
+        opening = manifest.size + sum(r.manifest.size for d, r in self.table.items() if d == device_id)
+        if not self.quota.fits(device_id, opening):
+            raise _rejection(manifest.transfer_id, MediaError(Reason.QUOTA_EXCEEDED, "storage quota used up"))
 
     def _on_chunk(self, device_id: str, pk: PublicKey, body: bytes, now: float) -> list[StoreOutput]:
         chunk = decode_chunk(body)
@@ -267,6 +278,8 @@ class MediaStore:
         except BaseException:
             dest.unlink(missing_ok=True)  # no file without its row
             raise
+        if self.quota is not None:
+            self.quota.add(device_id, m.size)
         self._state(device_id, tid).unlink(missing_ok=True)
         return [_reply(r.finish(None)), Received(record)]
 

@@ -33,12 +33,13 @@ from backend.media import MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
+from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.storage import Storage, db_path
 from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store
 from pki.verify import TrustStore
-from runtime.audit import AuditLog
+from runtime.audit import AuditLog, AuditThrottle
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
@@ -87,6 +88,8 @@ class BackendSettings:
     command_ttl: float = 24 * 3600.0  # a command without a reply by then is expired
     command_resend_after: float = 30.0  # a sent command without a reply is sent again (same session)
     durable: bool = True  # fsync each committed batch before acknowledging it
+    quotas: DeviceQuotas = field(default_factory=DeviceQuotas)
+    audit_throttle: AuditThrottle | None = field(default_factory=AuditThrottle)
 
 
 def _certificate_credentials(
@@ -143,10 +146,12 @@ class BackendService(EndpointDriver):
         )
         private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = Storage(db_path(settings.data_dir), durable=settings.durable)
-        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
+        self.quotas = QuotaGuard(settings.quotas, self.storage)
+        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
-        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
+        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log,
+                         throttle=settings.audit_throttle)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
         self.observers: list[ServiceObserver] = []  # console (issue 13): backend.observer.attach
         super().__init__(
@@ -243,6 +248,7 @@ class BackendService(EndpointDriver):
                 self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
             for cmd in self.storage.expire_commands(now - self.settings.command_ttl):
                 self.audit.event("command_expired", device=cmd.device_id, command=cmd.name, id=cmd.id)
+            self.quotas.prune(now)
 
     def _known_device_chains(self) -> KnownChains:
         """Certificates this CA issued, so a device may send its certificate by reference (x5t).
@@ -333,6 +339,9 @@ class BackendService(EndpointDriver):
             self._dispatch(self.endpoint.seal(device_id, RecordKind.ACK, ack.encode(), now))
 
     def _on_record(self, rec: Received, now: float) -> None:
+        if not self.quotas.admit_record(rec.device_id, now):
+            self.audit.event("quota_exceeded", device=rec.device_id, reason=Reason.RATE_LIMITED, kind=rec.kind.name)
+            return
         handler = self.handlers.get(rec.kind)
         if handler is not None:
             handler(rec)
@@ -340,9 +349,15 @@ class BackendService(EndpointDriver):
         if rec.kind in (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL):
             self._on_media(rec, now)
         elif rec.kind in (RecordKind.TELEMETRY, RecordKind.REPLY):
+            if rec.kind is RecordKind.TELEMETRY and not self.quotas.fits(rec.device_id, len(rec.plaintext)):
+                self.audit.event("quota_exceeded", device=rec.device_id, reason=Reason.QUOTA_EXCEEDED,
+                                 kind=rec.kind.name, size=len(rec.plaintext))
+                return
             # decoded (only a valid body is stored) and stored with its batch; the broker's
             # acknowledgement waits for the commit
             self.ingest.add(rec, now, self.link.defer_ack())
+            if rec.kind is RecordKind.TELEMETRY:
+                self.quotas.add(rec.device_id, len(rec.plaintext))  # counted when queued for its batch
         else:
             self._reject(rec, "dispatch", Reason.UNEXPECTED_KIND, rec.kind.name)
 

@@ -285,6 +285,14 @@ class Storage:
             ).fetchall()
         return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in reversed(rows)]
 
+    def stored_bytes(self, device_id: str) -> int:
+        """Bytes stored for a device: its telemetry payloads plus its verified media files."""
+        with self._lock:
+            messages = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM messages WHERE device_id=?", (device_id,)).fetchone()
+            media = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM media WHERE device=?", (device_id,)).fetchone()
+        return int(messages[0]) + int(media[0])
+
     def count_messages(self, device_id: str | None = None) -> int:
         with self._lock:
             if device_id is None:

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from backend.media import MediaStore
+from backend.quotas import DeviceQuotas, QuotaGuard
+from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
 from runtime.audit import AuditLog, AuditThrottle, read_audit
+from runtime.mqtt import MqttSettings
 from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
-from sealmq.endpoint import BackendEndpoint
+from sealmq.endpoint import BackendEndpoint, Received
 from sealmq.errors import Reason, SealmqError
 from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
 from sealmq.topics import Channel, Direction, RecordKind
@@ -141,3 +145,71 @@ def test_token_buckets_bound_their_keys_and_forget_full_ones() -> None:
     assert len(buckets) == 4
     buckets.prune(10.0)
     assert len(buckets) == 0
+
+
+# --- per-device quotas: records per second, stored bytes --------------------------------------
+def _service(tmp: Path, quotas: DeviceQuotas) -> BackendService:
+    pki = tmp / "pki"
+    if not pki.exists():
+        make_pki(pki, ["dev-1", "dev-2"])
+    return BackendService(BackendSettings(pki_dir=pki, data_dir=tmp / "data", mqtt=MqttSettings(port=1),
+                                          quotas=quotas))
+
+
+def _telemetry(device_id: str, size: int, seq: int = 0) -> Received:
+    return Received(device_id, RecordKind.TELEMETRY, b"t" * size, 0, seq)
+
+
+def _close(svc: BackendService) -> None:
+    svc.audit.close()
+    svc.storage.close()
+
+
+def test_a_device_past_its_record_rate_is_dropped_and_audited_not_others(tmp_path: Path) -> None:
+    svc = _service(tmp_path, DeviceQuotas(records_per_second=10, records_burst=10))
+    for i in range(100):  # all at the same instant: only the burst passes
+        svc._on_record(_telemetry("dev-1", 20, i), 1000.0)
+    svc._on_record(_telemetry("dev-2", 20), 1000.0)
+    assert svc.storage.count_messages("dev-1") == 10
+    assert svc.storage.count_messages("dev-2") == 1
+    assert svc.audit.counts["quota_exceeded"] == 90
+    svc._on_record(_telemetry("dev-1", 20, 100), 1001.0)  # a second later: ten more tokens
+    assert svc.storage.count_messages("dev-1") == 11
+    _close(svc)
+    entries = read_audit(tmp_path / "data" / "audit" / "server_log.jsonl")
+    refused = [e for e in entries if e["event"] == "quota_exceeded"]
+    assert refused and {(e["device"], e["reason"]) for e in refused} == {("dev-1", "rate_limited")}
+
+
+def test_a_device_past_its_stored_bytes_is_refused_also_after_a_restart(tmp_path: Path) -> None:
+    quotas = DeviceQuotas(stored_bytes=1000)
+    svc = _service(tmp_path, quotas)
+    for i in range(5):
+        svc._on_record(_telemetry("dev-1", 300, i), 1000.0 + i)
+    assert svc.storage.count_messages("dev-1") == 3
+    assert svc.audit.counts["quota_exceeded"] == 2
+    svc._on_record(_telemetry("dev-2", 300), 1000.0)  # another device's quota is its own
+    assert svc.storage.count_messages("dev-2") == 1
+    _close(svc)
+    svc = _service(tmp_path, quotas)  # the count comes back from the database
+    svc._on_record(_telemetry("dev-1", 100), 2000.0)
+    svc._on_record(_telemetry("dev-1", 1), 2001.0)
+    assert svc.storage.count_messages("dev-1") == 4
+    _close(svc)
+
+
+def test_a_transfer_past_the_stored_bytes_quota_is_refused_at_its_manifest(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "backend.db")
+    guard = QuotaGuard(DeviceQuotas(stored_bytes=10_000), storage)
+    store = MediaStore(tmp_path / "backend", storage, durable=False, quota=guard)
+    _send(tmp_path, store, "small.bin", b"s" * 6000)
+    assert guard.stored(DEV) == 6000
+    outbox = new_outbox(tmp_path)
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"b" * 6000)
+    outbox.add(src)
+    link = Link(outbox, store)
+    link.run()
+    assert [e.reason for e in link.errors] == [Reason.QUOTA_EXCEEDED]
+    assert len(storage.media()) == 1
+    assert [p for p in (tmp_path / "backend" / "incoming").rglob("*") if p.is_file()] == []
