@@ -5,7 +5,9 @@ Layout under ``data_dir`` (directories 0700, files 0600)::
     incoming/<device>/<tid>.part    chunks written at their offset as they arrive (sparse file)
     incoming/<device>/<tid>.state   CBOR {1: signed manifest, 2: received bitmap}: what a restart resumes
     media/<device>/<safe-name>      verified files only (hash and device signature checked)
-    quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received
+    quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received;
+                                    kept for ``quarantine_ttl`` seconds, at most ``quarantine_keep``
+                                    per device (the newest)
 
 Only verified files get a row in the table ``media`` of the backend's database, written and read
 through :class:`backend.storage.Storage`, which owns it. Memory stays flat: chunks go straight to disk, the SHA-256 is
@@ -15,6 +17,7 @@ out of order. The protocol decisions are in :mod:`sealmq.media_receiver`; this m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -83,6 +86,9 @@ def _rejection(tid: bytes, err: SealmqError) -> MediaRejected:
     return MediaRejected(err.reason, err.detail, _reply(rejected_ack(tid, err.reason)))
 
 
+DEFAULT_QUARANTINE_TTL = 7 * 86400.0  # seconds a failed file is kept for inspection
+DEFAULT_QUARANTINE_KEEP = 8  # failed files kept per device (the newest)
+_SWEEP_INTERVAL = 3600.0  # how often expire() looks for quarantined files past their time
 _MAX_NAME_ATTEMPTS = 1000  # names tried for one verified file before giving up
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -104,10 +110,14 @@ class MediaStore:
     def __init__(
         self, data_dir: str | os.PathLike[str], storage: Storage, *,
         limits: MediaLimits | None = None, durable: bool = True, quota: QuotaGuard | None = None,
+        quarantine_ttl: float = DEFAULT_QUARANTINE_TTL, quarantine_keep: int = DEFAULT_QUARANTINE_KEEP,
     ) -> None:
         self.root = Path(data_dir)
         self.storage = storage
         self.quota = quota  # per-device stored bytes: checked when a transfer opens
+        self.quarantine_ttl = quarantine_ttl
+        self.quarantine_keep = quarantine_keep
+        self._next_sweep = float("-inf")
         self.limits = limits or MediaLimits()
         self.durable = durable  # fsync data before an ack claims it (off only in tests)
         private_dir(self.root)
@@ -142,7 +152,31 @@ class MediaStore:
         gone = self.table.expire(now)
         for device_id, r in gone:
             self._discard(device_id, r.transfer_id)
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(_SWEEP_INTERVAL, self.quarantine_ttl)
+            self._sweep_quarantine(now)
         return [(d, r.transfer_id) for d, r in gone]
+
+    def _sweep_quarantine(self, now: float) -> None:
+        """Delete quarantined files older than ``quarantine_ttl`` (their mtime is when they failed)."""
+        for qdir in (self.root / "quarantine").iterdir():
+            for path in qdir.glob("*.part"):
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime >= self.quarantine_ttl:
+                        path.unlink()
+            with contextlib.suppress(OSError):
+                qdir.rmdir()  # only if empty
+
+    def _quarantine(self, device_id: str, part: Path, now: float) -> None:
+        """Keep a failed file for inspection, within the device's share of the quarantine."""
+        qdir = self.root / "quarantine" / device_id
+        private_dir(qdir)
+        dest = qdir / part.name
+        os.replace(part, dest)
+        os.utime(dest, (now, now))
+        others = sorted((p for p in qdir.glob("*.part") if p != dest), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [dest, *others][self.quarantine_keep:]:
+            old.unlink(missing_ok=True)
 
     def open_transfers(self) -> list[tuple[str, Manifest, int]]:
         """(device, manifest, chunks received) of every transfer in progress."""
@@ -256,9 +290,7 @@ class MediaStore:
         self.table.remove(device_id, tid)
         self._persisted.pop((device_id, tid), None)
         if failure is not None:
-            qdir = self.root / "quarantine" / device_id
-            private_dir(qdir)
-            os.replace(part, qdir / part.name)
+            self._quarantine(device_id, part, now)
             self._state(device_id, tid).unlink(missing_ok=True)
             raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
         if self.durable:

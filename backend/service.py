@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from backend.ingest import Ingest, IngestSettings
-from backend.media import MediaRejected, MediaStore
+from backend.media import DEFAULT_QUARANTINE_KEEP, DEFAULT_QUARANTINE_TTL, MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
@@ -89,6 +89,8 @@ class BackendSettings:
     command_resend_after: float = 30.0  # a sent command without a reply is sent again (same session)
     durable: bool = True  # fsync each committed batch before acknowledging it
     quotas: DeviceQuotas = field(default_factory=DeviceQuotas)
+    quarantine_ttl: float = DEFAULT_QUARANTINE_TTL  # seconds a file that failed verification is kept
+    quarantine_keep: int = DEFAULT_QUARANTINE_KEEP  # such files kept per device (the newest)
     audit_throttle: AuditThrottle | None = field(default_factory=AuditThrottle)
 
 
@@ -147,7 +149,8 @@ class BackendService(EndpointDriver):
         private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = Storage(db_path(settings.data_dir), durable=settings.durable)
         self.quotas = QuotaGuard(settings.quotas, self.storage)
-        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas)
+        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas,
+                                quarantine_ttl=settings.quarantine_ttl, quarantine_keep=settings.quarantine_keep)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
         audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from backend.media import MediaStore
+from backend.media import MediaRejected, MediaStore
 from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
@@ -23,7 +24,17 @@ from sealmq.errors import Reason, SealmqError
 from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.pki_fixtures import make_pki
-from tests.test_media_transfer import DEV, KEY, PUB, Link, new_outbox, new_store
+from tests.test_media_transfer import (
+    DEV,
+    KEY,
+    PUB,
+    Link,
+    new_outbox,
+    new_store,
+    send_all,
+    signed_for,
+    stored_files,
+)
 
 
 def _send(tmp: Path, store: object, name: str, data: bytes) -> None:
@@ -213,3 +224,27 @@ def test_a_transfer_past_the_stored_bytes_quota_is_refused_at_its_manifest(tmp_p
     assert [e.reason for e in link.errors] == [Reason.QUOTA_EXCEEDED]
     assert len(storage.media()) == 1
     assert [p for p in (tmp_path / "backend" / "incoming").rglob("*") if p.is_file()] == []
+
+
+# --- the quarantine is bounded in count and in time -------------------------------------------
+def _fail_verification(store: MediaStore, data: bytes, name: str, now: float) -> None:
+    m, signed = signed_for(data, name=name, sha=hashlib.sha256(b"not " + data).digest())
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, signed, now)
+    with pytest.raises(MediaRejected):
+        send_all(store, m, data, now)
+
+
+def test_the_quarantine_keeps_few_files_per_device_and_not_for_ever(tmp_path: Path) -> None:
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"), durable=False,
+                       quarantine_keep=3, quarantine_ttl=3600.0)
+    now = time.time()
+    for i in range(10):  # one device failing verification on purpose, again and again
+        _fail_verification(store, bytes([i]) * 5000, f"f{i}.bin", now + i)
+    quarantined = stored_files(tmp_path, "quarantine")
+    assert len(quarantined) == 3
+    assert {p.stat().st_mtime for p in quarantined} == {now + 7, now + 8, now + 9}  # the newest
+    store.expire(now + 100)
+    assert len(stored_files(tmp_path, "quarantine")) == 3
+    store.expire(now + 100 + 3600)  # the next sweep (hourly) finds them all past their time
+    assert stored_files(tmp_path, "quarantine") == []
+    assert list((tmp_path / "backend" / "quarantine").iterdir()) == []
