@@ -3,7 +3,8 @@
 Layout under ``data_dir`` (directories 0700, files 0600)::
 
     incoming/<device>/<tid>.part    chunks written at their offset as they arrive (sparse file)
-    incoming/<device>/<tid>.state   CBOR {1: signed manifest, 2: received bitmap}: what a restart resumes
+    incoming/<device>/<tid>.state   CBOR {1: signed manifest}, written once     } what a restart resumes
+    incoming/<device>/<tid>.bits    received bitmap, updated in place block-wise } (backend.transfer_state)
     media/<device>/<safe-name>      verified files only (hash and device signature checked)
     quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received;
                                     kept for ``quarantine_ttl`` seconds, at most ``quarantine_keep``
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from backend.quotas import QuotaGuard
 from backend.storage import MediaRecord, Storage
-from runtime.files import atomic_write, private_dir
-from sealmq import cbor
+from backend.transfer_state import BitmapFile, open_state, read_state
+from runtime.files import private_dir
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
 from sealmq.media import (
     Ack,
@@ -125,9 +126,7 @@ class MediaStore:
             private_dir(self.root / sub)
         self.table = TransferTable(self.limits)
         self._hashing: dict[tuple[str, bytes], _Hashing] = {}
-        # Chunks each transfer's state file (and the synced data) already claims: an ack that adds
-        # nothing (a status request right after an ack) costs no fsync.
-        self._persisted: dict[tuple[str, bytes], int] = {}
+        self._bitmaps: dict[tuple[str, bytes], BitmapFile] = {}
         self._load()
 
     # --- entry points -------------------------------------------------------------------------
@@ -288,10 +287,9 @@ class MediaStore:
             except SealmqError:
                 failure = Reason.BAD_SIGNATURE
         self.table.remove(device_id, tid)
-        self._persisted.pop((device_id, tid), None)
         if failure is not None:
             self._quarantine(device_id, part, now)
-            self._state(device_id, tid).unlink(missing_ok=True)
+            self._forget_state(device_id, tid)
             raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
         if self.durable:
             fd = os.open(part, os.O_RDONLY)
@@ -312,7 +310,7 @@ class MediaStore:
             raise
         if self.quota is not None:
             self.quota.add(device_id, m.size)
-        self._state(device_id, tid).unlink(missing_ok=True)
+        self._forget_state(device_id, tid)
         return [_reply(r.finish(None)), Received(record)]
 
     def _reserve_destination(self, device_id: str, m: Manifest) -> Path:
@@ -378,57 +376,70 @@ class MediaStore:
     def _state(self, device_id: str, tid: bytes) -> Path:
         return self.root / "incoming" / device_id / f"{tid.hex()}.state"
 
+    def _bits(self, device_id: str, tid: bytes) -> Path:
+        return self.root / "incoming" / device_id / f"{tid.hex()}.bits"
+
     def _ack(self, device_id: str, r: MediaReceiver) -> Reply:
         self._persist(device_id, r)
         return _reply(r.ack())
 
     def _persist(self, device_id: str, r: MediaReceiver) -> None:
-        """Write the received bitmap; the data it names is synced first, so a restart never
-        believes in chunks the disk does not hold."""
+        """Write what changed in the received bitmap (nothing if nothing did: a status request right
+        after an ack costs no write and no sync); the data it names is synced first, so a restart
+        never believes in chunks the disk does not hold. See :mod:`backend.transfer_state`."""
         key = (device_id, r.transfer_id)
-        if self._persisted.get(key) == r.received.count:
-            return  # nothing new since the last time: the state on disk already says all of it
-        part = self._part(device_id, r.transfer_id)
+        bitmap = self._bitmaps.get(key)
+        if bitmap is None:
+            bitmap = self._bitmaps[key] = open_state(
+                self._state(device_id, r.transfer_id), self._bits(device_id, r.transfer_id),
+                r.signed_manifest, bytes(len(r.received.to_bytes())))
+        if bitmap.count == r.received.count:
+            return  # bits only ever get set: the same count is the same bitmap
         if self.durable:
-            fd = os.open(part, os.O_RDONLY)
+            fd = os.open(self._part(device_id, r.transfer_id), os.O_RDONLY)
             try:
                 os.fdatasync(fd)  # the data (and the size set at creation); no timestamps needed
             finally:
                 os.close(fd)
-        # The bitmap is written atomically but not synced: the guarantee (an acknowledged chunk is
-        # on disk) is the data sync above. After a crash a state file that is older (or unreadable,
-        # then dropped) only makes the backend ask for chunks again, which the device still holds
-        # (it deletes a file's transfer only on the final "complete" ack, sent after the file is
-        # synced, moved and recorded). Syncing it too cost two more syncs per ack (file, directory).
-        state = cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()})
-        atomic_write(self._state(device_id, r.transfer_id), state, mode=0o600, durable=False)
-        self._persisted[key] = r.received.count
+        bitmap.update(r.received.to_bytes(), r.received.count)
+
+    def _forget_state(self, device_id: str, tid: bytes) -> None:
+        self._bitmaps.pop((device_id, tid), None)
+        self._state(device_id, tid).unlink(missing_ok=True)
+        self._bits(device_id, tid).unlink(missing_ok=True)
 
     def _discard(self, device_id: str, tid: bytes) -> None:
         self._part(device_id, tid).unlink(missing_ok=True)
-        self._state(device_id, tid).unlink(missing_ok=True)
+        self._forget_state(device_id, tid)
         self._hashing.pop((device_id, tid), None)
-        self._persisted.pop((device_id, tid), None)
 
     def _load(self) -> None:
         for state in sorted((self.root / "incoming").glob("*/*.state")):
             device_id = state.parent.name
+            bits_path = state.with_suffix(".bits")
             try:
-                saved = cbor.as_map(cbor.loads(state.read_bytes()), "media state")
-                signed = cbor.as_bytes(saved.get(1), "signed manifest")
+                signed, bits, legacy = read_state(state, bits_path)
                 manifest = parse_signed_manifest(signed).manifest
                 if manifest.device_id != device_id or state.stem != manifest.transfer_id.hex():
                     raise DecodeError(Reason.IDENTITY_MISMATCH, "state file in the wrong place")
                 if not self._part(device_id, manifest.transfer_id).exists():
                     raise MediaError(Reason.NOT_FOUND, "partial file missing")
-                r = MediaReceiver(
-                    manifest, signed, limits=self.limits,
-                    received=cbor.as_bytes(saved.get(2), "received bitmap"),
-                )
+                expected = (manifest.chunk_count + 7) // 8
+                if bits is not None and len(bits) != expected:
+                    bits = None  # created but never written before a crash: start from the legacy or nothing
+                received = bits if bits is not None else legacy
+                r = MediaReceiver(manifest, signed, limits=self.limits, received=received)
                 self.table.add(device_id, r, enforce_limit=False)
+                key = (device_id, manifest.transfer_id)
+                if bits is not None:
+                    self._bitmaps[key] = BitmapFile(bits_path, bits, r.received.count)
+                else:  # the previous layout (or a crash between the two files): start the bitmap file
+                    self._bitmaps[key] = open_state(state, bits_path, signed, r.received.to_bytes(),
+                                                    count=r.received.count)
             except (SealmqError, OSError):
                 # Unreadable state: forget it; the device's next offer starts the transfer afresh.
                 state.unlink(missing_ok=True)
+                bits_path.unlink(missing_ok=True)
                 state.with_suffix(".part").unlink(missing_ok=True)
 
 

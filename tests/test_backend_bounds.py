@@ -15,13 +15,15 @@ from backend.media import MediaRejected, MediaStore
 from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
+from backend.transfer_state import BLOCK
 from runtime.audit import AuditLog, AuditThrottle, read_audit
 from runtime.mqtt import MqttSettings
 from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
 from sealmq.endpoint import BackendEndpoint, Received
 from sealmq.errors import Reason, SealmqError
-from sealmq.media import Manifest, alg_for_key, encode_chunk, transfer_id
+from sealmq.media import Control, ControlOp, Manifest, alg_for_key, encode_chunk, sign_manifest, transfer_id
+from sealmq.media_receiver import MediaLimits
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.pki_fixtures import make_pki
 from tests.test_media_transfer import (
@@ -248,3 +250,52 @@ def test_the_quarantine_keeps_few_files_per_device_and_not_for_ever(tmp_path: Pa
     store.expire(now + 100 + 3600)  # the next sweep (hourly) finds them all past their time
     assert stored_files(tmp_path, "quarantine") == []
     assert list((tmp_path / "backend" / "quarantine").iterdir()) == []
+
+
+# --- transfer state: written incrementally, never rewritten whole ------------------------------
+def test_acks_and_status_requests_rewrite_only_what_changed_in_the_transfer_state(tmp_path: Path) -> None:
+    chunks = 1_048_576  # a 1 GiB file of 1 KiB chunks: a 128 KiB bitmap
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"), limits=MediaLimits(max_size=1 << 31))
+    m = Manifest.create(device_id=DEV, name="big.bin", content_type="video/mp4", size=chunks * 1024,
+                        sha256=os.urandom(32), created=1, chunk_size=1024)
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, sign_manifest(KEY, m), 1000.0)
+    state = tmp_path / "backend" / "incoming" / DEV / f"{m.transfer_id.hex()}.state"
+    bits = state.with_suffix(".bits")
+    manifest_state = state.read_bytes()
+    state_before = (state.stat().st_ino, state.stat().st_mtime_ns)
+    status = Control(ControlOp.STATUS, m.transfer_id).encode()
+    for _ in range(20):  # a status request changes nothing: nothing is written
+        store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1001.0)
+    assert (state.stat().st_ino, state.stat().st_mtime_ns) == state_before
+    before = (state.stat().st_ino, bits.stat().st_ino, bits.stat().st_mtime_ns)
+    for _ in range(20):
+        store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1001.5)
+    assert (state.stat().st_ino, bits.stat().st_ino, bits.stat().st_mtime_ns) == before
+    every = store.limits.ack_every
+    for i in range(every):  # chunks far into the file: one ack, one block of the bitmap written
+        store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, encode_chunk(m.transfer_id, 900_000 + i, b"z" * 1024), 1002.0)
+    assert state.read_bytes() == manifest_state and state.stat().st_ino == before[0]
+    assert bits.stat().st_ino == before[1] and bits.stat().st_size == chunks // 8
+    assert bits.stat().st_blocks * 512 <= 16 * BLOCK  # sparse: only the touched block holds data
+    # a restart resumes from exactly these files
+    again = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"), limits=MediaLimits(max_size=1 << 31))
+    [(device, manifest, received)] = again.open_transfers()
+    assert (device, manifest, received) == (DEV, m, every)
+
+
+def test_a_transfer_state_of_the_previous_layout_is_resumed(tmp_path: Path) -> None:
+    data = os.urandom(40_000)
+    m, signed = signed_for(data)
+    store = new_store(tmp_path)
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, signed, 1.0)
+    incoming = tmp_path / "backend" / "incoming" / DEV
+    bitmap = bytearray((m.chunk_count + 7) // 8)
+    bitmap[0] = 0xC0  # chunks 0 and 1
+    for i in (0, 1):
+        chunk = encode_chunk(m.transfer_id, i, data[i * 4096:(i + 1) * 4096])
+        store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, chunk, 1.0)
+    (incoming / f"{m.transfer_id.hex()}.state").write_bytes(cbor.dumps({1: signed, 2: bytes(bitmap)}))
+    (incoming / f"{m.transfer_id.hex()}.bits").unlink()
+    again = new_store(tmp_path)
+    assert [t[2] for t in again.open_transfers()] == [2]
+    assert (incoming / f"{m.transfer_id.hex()}.bits").read_bytes() == bytes(bitmap)
