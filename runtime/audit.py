@@ -92,6 +92,8 @@ class AuditLog:
         self.suppressed: dict[_Key, int] = {}  # not yet summarised
         if path is not None:
             private_dir(path.parent)
+            for backup in path.parent.glob(f"{path.name}.*"):  # rotated by an older version, 0644
+                private_mode(backup)
             self._handler = _PrivateRotatingFileHandler(
                 path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from backend.service import BackendService, BackendSettings
+from backend.storage import Storage
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout, store
+from runtime.audit import AuditLog
 from runtime.mqtt import MqttSettings
 from sealmq.errors import CertificateError, Reason
 from sealmq.identity import Role
@@ -159,3 +161,17 @@ def test_a_device_reloads_its_crl_when_it_changes(tmp_path: Path) -> None:
     agent.endpoint.trust_store.verify(backend_chain, role=Role.BACKEND, now=later)
     assert agent.audit.counts.get("crl_reload_failed") == 1
     agent.audit.close()
+
+
+def test_files_an_older_version_left_readable_are_tightened(tmp_path: Path, umask_022: None) -> None:
+    data = tmp_path / "data"
+    (data / "audit").mkdir(parents=True)
+    for name in ("audit/server_log.jsonl", "audit/server_log.jsonl.1", "backend.sqlite3"):
+        (data / name).touch(mode=0o644)
+    audit = AuditLog(data / "audit" / "server_log.jsonl", component="backend")
+    audit.event("started")
+    storage = Storage(data / "backend.sqlite3")
+    storage.store_message("dev-1", 1.0, "telemetry", 0, 0, b"secret")
+    assert _loose(data) == []
+    audit.close()
+    storage.close()

@@ -7,9 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.media import MediaRejected, MediaStore
 from backend.quotas import DeviceQuotas, QuotaGuard
@@ -22,7 +25,17 @@ from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
 from sealmq.endpoint import BackendEndpoint, Received
 from sealmq.errors import Reason, SealmqError
-from sealmq.media import Control, ControlOp, Manifest, alg_for_key, encode_chunk, sign_manifest, transfer_id
+from sealmq.media import (
+    MAX_CREATED,
+    Control,
+    ControlOp,
+    Manifest,
+    alg_for_key,
+    decode_manifest,
+    encode_chunk,
+    sign_manifest,
+    transfer_id,
+)
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.pki_fixtures import make_pki
@@ -299,3 +312,19 @@ def test_a_transfer_state_of_the_previous_layout_is_resumed(tmp_path: Path) -> N
     again = new_store(tmp_path)
     assert [t[2] for t in again.open_transfers()] == [2]
     assert (incoming / f"{m.transfer_id.hex()}.bits").read_bytes() == bytes(bitmap)
+
+
+@settings(max_examples=200, deadline=None)
+@given(created=st.integers(min_value=0, max_value=2**64 - 1))
+def test_a_decoded_creation_time_always_fits_a_datetime_and_sqlite(created: int) -> None:
+    data = b"d"
+    sha = hashlib.sha256(data).digest()
+    m = Manifest(transfer_id(DEV, sha, 1, "d.bin"), DEV, "d.bin", "image/png", 1, sha, created, 1024, 1)
+    try:
+        decoded = decode_manifest(m.to_cbor())
+    except SealmqError:
+        assert created > MAX_CREATED
+        return
+    assert decoded.created == created <= MAX_CREATED
+    datetime.fromtimestamp(decoded.created, UTC)
+    assert decoded.created < 2**63
