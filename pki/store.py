@@ -549,7 +549,7 @@ def check_crl_monotonic(
 
     An older CRL may be validly signed and unexpired, yet predate a revocation: putting it back
     would re-admit the revoked certificate. The highest CRL number (and thisUpdate) accepted per
-    issuer is kept in ``seen_path`` (JSON, 0600, written atomically) so that a restart does not
+    issuer (by its public key) is kept in ``seen_path`` (JSON, 0600, written atomically) so that a restart does not
     forget it. Only CRLs signed by one of ``ca_certs`` move a mark: a forged CRL with a huge number
     cannot lock out the real ones. Raises ``CertificateError(CRL_INVALID)`` and records nothing
     when any CRL goes backwards.
@@ -557,10 +557,14 @@ def check_crl_monotonic(
     marks = _read_marks(seen_path)
     newest: dict[str, _Mark] = {}  # per issuer; the trust store also uses its newest CRL
     for crl in crls:
-        if not any(c.subject == crl.issuer and crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
-                   for c in ca_certs):
+        signer = next((c for c in ca_certs if c.subject == crl.issuer
+                       and crl.is_signature_valid(c.public_key())), None)  # type: ignore[arg-type]
+        if signer is None:
             continue  # the trust store ignores it too
-        key = hashlib.sha256(crl.issuer.public_bytes()).hexdigest()
+        # per issuer *key*: a CA created afresh under the same name starts its own numbering
+        spki = signer.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        key = hashlib.sha256(spki).hexdigest()
         mark = _crl_mark(crl)
         if key not in newest or _compare(mark, newest[key]) > 0:
             newest[key] = mark

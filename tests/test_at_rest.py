@@ -175,3 +175,14 @@ def test_files_an_older_version_left_readable_are_tightened(tmp_path: Path, umas
     assert _loose(data) == []
     audit.close()
     storage.close()
+
+
+def test_a_ca_created_afresh_starts_its_own_crl_numbering(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    make_pki(pki, ["dev-1"])
+    marks = tmp_path / "state" / store.CRL_SEEN_FILE
+    store.issue_crl(pki)
+    store.issue_crl(pki)
+    store.load_trust_store(pki, crl_seen=marks)  # number 3 seen
+    store.init_ca(pki, force=True)  # same name, new key, CRL number 1
+    store.load_trust_store(pki, crl_seen=marks)
