@@ -29,6 +29,7 @@ from pki import ccs as pki_ccs
 from pki import keys
 from pki import layout as pki_layout
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store, read_bytes
+from pki.verify import TrustStore
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
@@ -101,7 +102,7 @@ def _credentials(
     return credential_x509, None, _load_trust_store(config), identity.private_key
 
 
-def _load_trust_store(config: DeviceConfig) -> Any:
+def _load_trust_store(config: DeviceConfig) -> TrustStore:
     # the CRL high-water marks live in the device's state: a restored older crl.pem is refused
     return load_trust_store(config.pki_dir, crl_seen=config.state_dir / CRL_SEEN_FILE)
 
