@@ -20,7 +20,7 @@ from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
 from backend.transfer_state import BLOCK
 from runtime.audit import AuditLog, AuditThrottle, read_audit
-from runtime.mqtt import MqttSettings
+from runtime.mqtt import MqttLink, MqttSettings
 from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
 from sealmq.endpoint import BackendEndpoint, Received
@@ -38,6 +38,7 @@ from sealmq.media import (
 )
 from sealmq.media_receiver import MediaLimits
 from sealmq.topics import Channel, Direction, RecordKind
+from tests.e2e import System, wait_for
 from tests.pki_fixtures import make_pki
 from tests.test_media_transfer import (
     DEV,
@@ -328,3 +329,27 @@ def test_a_decoded_creation_time_always_fits_a_datetime_and_sqlite(created: int)
     assert decoded.created == created <= MAX_CREATED
     datetime.fromtimestamp(decoded.created, UTC)
     assert decoded.created < 2**63
+
+
+def test_a_device_flooding_garbage_through_a_real_broker_leaves_a_bounded_honest_trail(tmp_path: Path) -> None:
+    system = System(tmp_path, ["cam-1", "cam-2"])
+    try:
+        backend = system.start_backend()
+        system.agent("cam-2")  # a well-behaved neighbour with a session
+        flood = MqttLink(system.mqtt("device", "cam-1", client_id="cam-1:flood"), lambda t, p: None, [])
+        flood.start()
+        system.closers.append(flood.stop)
+        topic = topics.topic("cam-1", Channel.DATA, Direction.UP)
+        sent = 500
+        for i in range(sent):  # what one device login can publish: garbage on its own topic
+            flood.publish(topic, i.to_bytes(4, "big") * 10)
+        assert wait_for(lambda: backend.counters["rejected"] >= sent, 30)
+        system.stop_backend()  # closing the audit log summarises what was not written
+        entries = system.audit()
+        written = [e for e in entries if e["event"] == "message_rejected" and e.get("device") == "cam-1"]
+        summaries = [e for e in entries if e["event"] == "audit_suppressed" and e.get("device") == "cam-1"]
+        assert len(written) <= AuditThrottle().burst + 5
+        assert len(written) + sum(e["suppressed"] for e in summaries) == sent
+        assert any(e["event"] == "handshake_completed" and e.get("device") == "cam-2" for e in entries)
+    finally:
+        system.close()
