@@ -14,7 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from backend.console.feed import ConsoleFeed
 from backend.media import MediaRejected, MediaStore
+from backend.metrics import BackendMetrics
 from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
@@ -353,3 +355,16 @@ def test_a_device_flooding_garbage_through_a_real_broker_leaves_a_bounded_honest
         assert any(e["event"] == "handshake_completed" and e.get("device") == "cam-2" for e in entries)
     finally:
         system.close()
+
+
+def test_metrics_and_the_console_count_what_the_throttled_trail_summarised(tmp_path: Path) -> None:
+    clock = [1000.0]
+    audit = AuditLog(tmp_path / "log.jsonl", component="backend", clock=lambda: clock[0])
+    metrics, feed = BackendMetrics(), ConsoleFeed()
+    audit.listeners += [metrics.on_audit, feed.on_audit]
+    for _ in range(500):
+        audit.event("message_rejected", device="evil", reason=Reason.REPLAY, stage="record")
+    audit.close()  # the summary reaches the listeners like any written entry
+    assert b'sealmq_backend_rejections_total{event="message_rejected",reason="replay"} 500.0' in metrics.exposition()
+    assert feed.device_stats()["evil"].rejections == 500
+    assert len(feed.audit_entries(limit=1000)) == AuditThrottle().burst + 1  # the written ones and one summary
