@@ -597,7 +597,10 @@ def _read_marks(seen_path: Path) -> dict[str, _Mark]:
             number = value["number"]
             if number is not None and (not isinstance(number, int) or isinstance(number, bool)):
                 raise ValueError(key)
-            marks[str(key)] = (number, datetime.fromisoformat(value["this_update"]))
+            this_update = datetime.fromisoformat(value["this_update"])
+            if this_update.tzinfo is None:  # only ever written in UTC; naive cannot be compared
+                raise ValueError(key)
+            marks[str(key)] = (number, this_update)
         return marks
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         raise CertificateError(Reason.CRL_INVALID, f"{seen_path} is unreadable: refusing to forget which "

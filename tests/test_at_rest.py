@@ -4,6 +4,8 @@ older CRL does not re-admit a revoked device, across restarts), and a device rel
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import time
@@ -12,6 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from backend.service import BackendService, BackendSettings
 from backend.storage import Storage
@@ -186,3 +192,41 @@ def test_a_ca_created_afresh_starts_its_own_crl_numbering(tmp_path: Path) -> Non
     store.load_trust_store(pki, crl_seen=marks)  # number 3 seen
     store.init_ca(pki, force=True)  # same name, new key, CRL number 1
     store.load_trust_store(pki, crl_seen=marks)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def small_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pki = tmp_path_factory.mktemp("marks") / "pki"
+    make_pki(pki, [])
+    return pki
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=200) | _JSON.map(lambda v: json.dumps(v).encode()))
+@example(content=b'{"k": {"number": 1, "this_update": "2020-01-01T00:00:00"}}')  # naive time
+@example(content=b'{"k": {"number": true, "this_update": "2020-01-01T00:00:00+00:00"}}')
+def test_a_garbage_marks_file_is_a_crl_error_never_a_crash(small_pki: Path, tmp_path: Path, content: bytes) -> None:
+    marks = tmp_path / "garbage" / store.CRL_SEEN_FILE
+    marks.parent.mkdir(exist_ok=True)
+    marks.write_bytes(content)
+    try:
+        store.load_trust_store(small_pki, crl_seen=marks)
+    except CertificateError as err:
+        assert err.reason is Reason.CRL_INVALID
+
+
+def test_a_marks_file_with_a_naive_time_for_the_real_issuer_is_a_crl_error(small_pki: Path, tmp_path: Path) -> None:
+    ca = x509.load_pem_x509_certificate(layout.anchor(small_pki).read_bytes())
+    spki = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    marks = tmp_path / store.CRL_SEEN_FILE
+    naive = {"number": 1, "this_update": "2020-01-01T00:00:00"}
+    marks.write_text(json.dumps({hashlib.sha256(spki).hexdigest(): naive}))
+    with pytest.raises(CertificateError):
+        store.load_trust_store(small_pki, crl_seen=marks)
