@@ -25,6 +25,7 @@ from runtime.audit import AuditLog, AuditThrottle, read_audit
 from runtime.mqtt import MqttLink, MqttSettings
 from runtime.ratelimit import TokenBuckets
 from sealmq import cbor, cose, topics
+from sealmq.bodies import Telemetry
 from sealmq.endpoint import BackendEndpoint, Received
 from sealmq.errors import Reason, SealmqError
 from sealmq.media import (
@@ -186,7 +187,9 @@ def _service(tmp: Path, quotas: DeviceQuotas) -> BackendService:
 
 
 def _telemetry(device_id: str, size: int, seq: int = 0) -> Received:
-    return Received(device_id, RecordKind.TELEMETRY, b"t" * size, 0, seq)
+    """A valid telemetry record whose body is exactly ``size`` bytes."""
+    body = next(b for b in (Telemetry(1, {"x": "t" * k}).encode() for k in range(size)) if len(b) == size)
+    return Received(device_id, RecordKind.TELEMETRY, body, 0, seq)
 
 
 def _close(svc: BackendService) -> None:
@@ -221,8 +224,8 @@ def test_a_device_past_its_stored_bytes_is_refused_also_after_a_restart(tmp_path
     assert svc.storage.count_messages("dev-2") == 1
     _close(svc)
     svc = _service(tmp_path, quotas)  # the count comes back from the database
-    svc._on_record(_telemetry("dev-1", 100), 2000.0)
-    svc._on_record(_telemetry("dev-1", 1), 2001.0)
+    svc._on_record(_telemetry("dev-1", 200), 2000.0)  # 900 + 200 > 1000: refused
+    svc._on_record(_telemetry("dev-1", 50), 2001.0)  # 900 + 50: fits
     assert svc.storage.count_messages("dev-1") == 4
     _close(svc)
 
