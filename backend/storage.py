@@ -19,7 +19,6 @@ it cannot be sent at all (a body the device would refuse). Read them with
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.files import PRIVATE_FILE, private_dir, private_mode
+from runtime.files import private_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -168,13 +167,8 @@ class NewReply:
 
 class Storage:
     def __init__(self, path: Path, *, durable: bool = True) -> None:
-        private_dir(path.parent)
+        private_database(path)  # decrypted payloads: 0600, -wal/-shm included
         self.path = path
-        # SQLite gives the -wal and -shm files it creates the database file's mode: create the
-        # database 0600 first, and tighten files an older version left 0644.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            private_mode(f"{path}{suffix}")
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")

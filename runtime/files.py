@@ -43,6 +43,17 @@ def private_mode(path: Path | str, mode: int = PRIVATE_FILE) -> None:
         os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
 
 
+def private_database(path: Path | str) -> None:
+    """Prepare an SQLite database file to hold plaintext: its directory 0700, the file created 0600
+    before SQLite opens it (SQLite gives the -wal and -shm files it creates the database's mode),
+    and files an older version left readable tightened."""
+    path = Path(path)
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        private_mode(f"{path}{suffix}")
+
+
 class FileWatch:
     """Says when a file (or a directory's listing) changed since it last looked (by mtime)."""
 

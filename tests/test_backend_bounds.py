@@ -188,7 +188,7 @@ def _service(tmp: Path, quotas: DeviceQuotas) -> BackendService:
 
 def _telemetry(device_id: str, size: int, seq: int = 0) -> Received:
     """A valid telemetry record whose body is exactly ``size`` bytes."""
-    body = next(b for b in (Telemetry(1, {"x": "t" * k}).encode() for k in range(size)) if len(b) == size)
+    body = next(b for b in (Telemetry(1, {"x": "t" * k}, seq + 1).encode() for k in range(size)) if len(b) == size)
     return Received(device_id, RecordKind.TELEMETRY, body, 0, seq)
 
 
@@ -202,10 +202,12 @@ def test_a_device_past_its_record_rate_is_dropped_and_audited_not_others(tmp_pat
     for i in range(100):  # all at the same instant: only the burst passes
         svc._on_record(_telemetry("dev-1", 20, i), 1000.0)
     svc._on_record(_telemetry("dev-2", 20), 1000.0)
+    svc.ingest.flush()
     assert svc.storage.count_messages("dev-1") == 10
     assert svc.storage.count_messages("dev-2") == 1
     assert svc.audit.counts["quota_exceeded"] == 90
     svc._on_record(_telemetry("dev-1", 20, 100), 1001.0)  # a second later: ten more tokens
+    svc.ingest.flush()
     assert svc.storage.count_messages("dev-1") == 11
     _close(svc)
     entries = read_audit(tmp_path / "data" / "audit" / "server_log.jsonl")
@@ -218,14 +220,17 @@ def test_a_device_past_its_stored_bytes_is_refused_also_after_a_restart(tmp_path
     svc = _service(tmp_path, quotas)
     for i in range(5):
         svc._on_record(_telemetry("dev-1", 300, i), 1000.0 + i)
+    svc.ingest.flush()
     assert svc.storage.count_messages("dev-1") == 3
     assert svc.audit.counts["quota_exceeded"] == 2
     svc._on_record(_telemetry("dev-2", 300), 1000.0)  # another device's quota is its own
+    svc.ingest.flush()
     assert svc.storage.count_messages("dev-2") == 1
     _close(svc)
     svc = _service(tmp_path, quotas)  # the count comes back from the database
-    svc._on_record(_telemetry("dev-1", 200), 2000.0)  # 900 + 200 > 1000: refused
-    svc._on_record(_telemetry("dev-1", 50), 2001.0)  # 900 + 50: fits
+    svc._on_record(_telemetry("dev-1", 200, 10), 2000.0)  # 900 + 200 > 1000: refused
+    svc._on_record(_telemetry("dev-1", 50, 11), 2001.0)  # 900 + 50: fits
+    svc.ingest.flush()
     assert svc.storage.count_messages("dev-1") == 4
     _close(svc)
 
