@@ -30,7 +30,7 @@ from app import config
 from backend.console.auth import CONSOLE_MONITOR, make_hash  # console (issue 13)
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
-from runtime.files import atomic_write
+from runtime.files import atomic_write, private_dir
 from sealmq.errors import ConfigError, Reason
 
 
@@ -161,7 +161,7 @@ def bootstrap(
     for device_id in device_ids:
         if _ensure_user(dep, AccountRole.DEVICE, device_id, iterations, existing):
             created.append(f"broker user {device_id}")
-    dep.backend_data.mkdir(parents=True, exist_ok=True)
+    private_dir(dep.backend_data)
     if _ensure_console_password(dep):  # console (issue 13)
         created.append("console password")
     if config.write(dep.root) is not None:

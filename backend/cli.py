@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from backend.console.cli import add_console_arguments, start_console  # console (issue 13)
+from backend.quotas import DeviceQuotas
 from backend.storage import COMMAND_STATES, db_path
 from backend.store import BackendStore, open_store
 from runtime import exits
 from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
 from sealmq.bodies import decode_telemetry
-from sealmq.errors import DecodeError
+from sealmq.errors import ConfigError, DecodeError, Reason
 
 _DATA_HELP = "backend data directory (default: %(default)s; the README's walk-through uses deploy/backend)"
 _STATES = COMMAND_STATES  # queued -> sent -> replied, or expired
@@ -31,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
     _add_db_argument(run)
     run.add_argument("--name", default="backend", help="backend identity name (default: %(default)s)")
+    quotas = run.add_argument_group("per-device bounds (docs/operations.md)")
+    quotas.add_argument("--device-records-per-second", type=float, default=DeviceQuotas.records_per_second,
+                        help="records a device may send per second, beyond a burst of twice that "
+                             "(default: %(default)s; 0: no limit)")
+    quotas.add_argument("--device-stored-bytes", type=int, default=DeviceQuotas.stored_bytes,
+                        help="telemetry and media bytes stored per device (default: %(default)s; 0: no limit)")
     add_mqtt_arguments(run, default_username="backend", connect_timeout=None)
     add_console_arguments(run)  # console (issue 13)
     run.set_defaults(func=_run)
@@ -95,8 +102,13 @@ def _run(args: argparse.Namespace) -> int:
     identity_dir = layout.backend_dir(args.pki, args.name)
     settings = mqtt_settings(args, password_file=identity_dir / "mqtt.password", ca_file=layout.anchor(args.pki),
                              client_cert=(identity_dir / layout.CHAIN, identity_dir / layout.KEY))
+    rate, stored = args.device_records_per_second, args.device_stored_bytes
+    if (rate is not None and rate < 0) or (stored is not None and stored < 0):
+        raise ConfigError(Reason.CONFIG_INVALID, "per-device bounds must be >= 0 (0: no limit)")
+    quotas = DeviceQuotas(records_per_second=rate or None, records_burst=max(1, int(2 * (rate or 0))),
+                          stored_bytes=stored or None)
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name,
-                                             db=args.db))
+                                             db=args.db, quotas=quotas))
     console = start_console(service, args, settings)  # console (issue 13)
     try:
         service.run_forever(connect_timeout=connect_limit(args))

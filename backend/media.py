@@ -3,9 +3,12 @@
 Layout under ``data_dir`` (directories 0700, files 0600)::
 
     incoming/<device>/<tid>.part    chunks written at their offset as they arrive (sparse file)
-    incoming/<device>/<tid>.state   CBOR {1: signed manifest, 2: received bitmap}: what a restart resumes
+    incoming/<device>/<tid>.state   CBOR {1: signed manifest}, written once     } what a restart resumes
+    incoming/<device>/<tid>.bits    received bitmap, updated in place block-wise } (backend.transfer_state)
     media/<device>/<safe-name>      verified files only (hash and device signature checked)
-    quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received
+    quarantine/<device>/<tid>.part  files whose hash or signature failed; never listed as received;
+                                    kept for ``quarantine_ttl`` seconds, at most ``quarantine_keep``
+                                    per device (the newest)
 
 Only verified files get a row in the table ``media`` of the backend's database, written and read
 through the backend's store (:class:`backend.store.BackendStore`), which owns it. Memory stays flat:
@@ -16,6 +19,7 @@ back from disk the chunks that arrived out of order. The protocol decisions are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -23,10 +27,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.quotas import QuotaGuard
 from backend.storage import MediaRecord, Storage
 from backend.store import BackendStore
-from runtime.files import atomic_write
-from sealmq import cbor
+from backend.transfer_state import BitmapFile, open_state, read_state
+from runtime.files import private_dir
 from sealmq.errors import DecodeError, MediaError, Reason, SealmqError
 from sealmq.media import (
     Ack,
@@ -84,6 +89,10 @@ def _rejection(tid: bytes, err: SealmqError) -> MediaRejected:
     return MediaRejected(err.reason, err.detail, _reply(rejected_ack(tid, err.reason)))
 
 
+DEFAULT_QUARANTINE_TTL = 7 * 86400.0  # seconds a failed file is kept for inspection
+DEFAULT_QUARANTINE_KEEP = 8  # failed files kept per device (the newest)
+_SWEEP_INTERVAL = 3600.0  # how often expire() looks for quarantined files past their time
+_MAX_NAME_ATTEMPTS = 1000  # names tried for one verified file before giving up
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -103,19 +112,23 @@ class _Hashing:
 class MediaStore:
     def __init__(
         self, data_dir: str | os.PathLike[str], storage: BackendStore, *,
-        limits: MediaLimits | None = None, durable: bool = True,
+        limits: MediaLimits | None = None, durable: bool = True, quota: QuotaGuard | None = None,
+        quarantine_ttl: float = DEFAULT_QUARANTINE_TTL, quarantine_keep: int = DEFAULT_QUARANTINE_KEEP,
     ) -> None:
         self.root = Path(data_dir)
         self.storage = storage
+        self.quota = quota  # per-device stored bytes: checked when a transfer opens
+        self.quarantine_ttl = quarantine_ttl
+        self.quarantine_keep = quarantine_keep
+        self._next_sweep = float("-inf")
         self.limits = limits or MediaLimits()
         self.durable = durable  # fsync data before an ack claims it (off only in tests)
+        private_dir(self.root)
         for sub in ("incoming", "media", "quarantine"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.root / sub)
         self.table = TransferTable(self.limits)
         self._hashing: dict[tuple[str, bytes], _Hashing] = {}
-        # Chunks each transfer's state file (and the synced data) already claims: an ack that adds
-        # nothing (a status request right after an ack) costs no fsync.
-        self._persisted: dict[tuple[str, bytes], int] = {}
+        self._bitmaps: dict[tuple[str, bytes], BitmapFile] = {}
         self._load()
 
     # --- entry points -------------------------------------------------------------------------
@@ -140,7 +153,31 @@ class MediaStore:
         gone = self.table.expire(now)
         for device_id, r in gone:
             self._discard(device_id, r.transfer_id)
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(_SWEEP_INTERVAL, self.quarantine_ttl)
+            self._sweep_quarantine(now)
         return [(d, r.transfer_id) for d, r in gone]
+
+    def _sweep_quarantine(self, now: float) -> None:
+        """Delete quarantined files older than ``quarantine_ttl`` (their mtime is when they failed)."""
+        for qdir in (self.root / "quarantine").iterdir():
+            for path in qdir.glob("*.part"):
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime >= self.quarantine_ttl:
+                        path.unlink()
+            with contextlib.suppress(OSError):
+                qdir.rmdir()  # only if empty
+
+    def _quarantine(self, device_id: str, part: Path, now: float) -> None:
+        """Keep a failed file for inspection, within the device's share of the quarantine."""
+        qdir = self.root / "quarantine" / device_id
+        private_dir(qdir)
+        dest = qdir / part.name
+        os.replace(part, dest)
+        os.utime(dest, (now, now))
+        others = sorted((p for p in qdir.glob("*.part") if p != dest), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [dest, *others][self.quarantine_keep:]:
+            old.unlink(missing_ok=True)
 
     def open_transfers(self) -> list[tuple[str, Manifest, int]]:
         """(device, manifest, chunks received) of every transfer in progress."""
@@ -164,13 +201,14 @@ class MediaStore:
             if r.state is ReceiverState.VERIFYING:
                 return self._finalize(device_id, pk, r, now)
             return [self._ack(device_id, r)]
+        self._check_quota(device_id, manifest)
         r = MediaReceiver(manifest, body, limits=self.limits, now=now)
         try:
             self.table.add(device_id, r)
         except MediaError as err:
             raise _rejection(tid, err) from None
         part = self._part(device_id, tid)
-        part.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(part.parent)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, manifest.size)  # sparse: no space used until chunks land
@@ -179,6 +217,14 @@ class MediaStore:
         if r.state is ReceiverState.VERIFYING:  # an empty file has nothing to wait for
             return self._finalize(device_id, pk, r, now)
         return [self._ack(device_id, r)]
+
+    def _check_quota(self, device_id: str, manifest: Manifest) -> None:
+        """Refuse a new transfer that, with the device's open ones, would pass its stored-bytes quota."""
+        if self.quota is None:
+            return
+        opening = manifest.size + sum(r.manifest.size for d, r in self.table.items() if d == device_id)
+        if not self.quota.fits(device_id, opening):
+            raise _rejection(manifest.transfer_id, MediaError(Reason.QUOTA_EXCEEDED, "storage quota used up"))
 
     def _on_chunk(self, device_id: str, pk: PublicKey, body: bytes, now: float) -> list[StoreOutput]:
         chunk = decode_chunk(body)
@@ -243,12 +289,9 @@ class MediaStore:
             except SealmqError:
                 failure = Reason.BAD_SIGNATURE
         self.table.remove(device_id, tid)
-        self._persisted.pop((device_id, tid), None)
         if failure is not None:
-            qdir = self.root / "quarantine" / device_id
-            qdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(part, qdir / part.name)
-            self._state(device_id, tid).unlink(missing_ok=True)
+            self._quarantine(device_id, part, now)
+            self._forget_state(device_id, tid)
             raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
         if self.durable:
             fd = os.open(part, os.O_RDONLY)
@@ -256,27 +299,48 @@ class MediaStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        dest = self._destination(device_id, m)
-        os.replace(part, dest)
+        dest = self._reserve_destination(device_id, m)
+        os.replace(part, dest)  # over the empty placeholder we created, never over another file
         record = MediaRecord(
             device_id, m.name, str(dest.relative_to(self.root)), m.content_type, m.size, m.sha256.hex(),
             True, m.created, now, tid.hex(),
         )
-        self.storage.add_media(record)
-        self._state(device_id, tid).unlink(missing_ok=True)
+        try:
+            self.storage.add_media(record)
+        except BaseException:
+            dest.unlink(missing_ok=True)  # no file without its row
+            raise
+        if self.quota is not None:
+            self.quota.add(device_id, m.size)
+        self._forget_state(device_id, tid)
         return [_reply(r.finish(None)), Received(record)]
 
-    def _destination(self, device_id: str, m: Manifest) -> Path:
+    def _reserve_destination(self, device_id: str, m: Manifest) -> Path:
+        """Create (O_EXCL, 0600) the first free name for a verified file and return it.
+
+        Candidates: the device's name, then ``<stem>-<tid>.<ext>``, then ``<stem>-<tid>-<n>.<ext>``.
+        The transfer id is predictable, so a device could have used that name for an earlier file:
+        creating the name exclusively is what guarantees that a verified file is never replaced.
+        """
         ddir = self.root / "media" / device_id
-        ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(ddir)
         name = safe_name(m.name)
-        dest = ddir / name
-        if dest.exists():
-            stem, dot, ext = name.rpartition(".")
-            if not dot or not stem:
-                stem, ext = name, ""
-            dest = ddir / f"{stem}-{m.transfer_id.hex()}{'.' + ext if ext else ''}"
-        return dest
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        suffix = f".{ext}" if ext else ""
+        for attempt in range(_MAX_NAME_ATTEMPTS):
+            if attempt == 0:
+                candidate = name
+            else:
+                candidate = f"{stem}-{m.transfer_id.hex()}{'' if attempt == 1 else f'-{attempt - 1}'}{suffix}"
+            dest = ddir / candidate
+            try:
+                os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            return dest
+        raise MediaError(Reason.ALREADY_EXISTS, "no free file name for this transfer")
 
     def _complete_reply(self, m: Manifest) -> Reply:
         return _reply(Ack(m.transfer_id, AckStatus.COMPLETE, 0, b""))
@@ -314,57 +378,70 @@ class MediaStore:
     def _state(self, device_id: str, tid: bytes) -> Path:
         return self.root / "incoming" / device_id / f"{tid.hex()}.state"
 
+    def _bits(self, device_id: str, tid: bytes) -> Path:
+        return self.root / "incoming" / device_id / f"{tid.hex()}.bits"
+
     def _ack(self, device_id: str, r: MediaReceiver) -> Reply:
         self._persist(device_id, r)
         return _reply(r.ack())
 
     def _persist(self, device_id: str, r: MediaReceiver) -> None:
-        """Write the received bitmap; the data it names is synced first, so a restart never
-        believes in chunks the disk does not hold."""
+        """Write what changed in the received bitmap (nothing if nothing did: a status request right
+        after an ack costs no write and no sync); the data it names is synced first, so a restart
+        never believes in chunks the disk does not hold. See :mod:`backend.transfer_state`."""
         key = (device_id, r.transfer_id)
-        if self._persisted.get(key) == r.received.count:
-            return  # nothing new since the last time: the state on disk already says all of it
-        part = self._part(device_id, r.transfer_id)
+        bitmap = self._bitmaps.get(key)
+        if bitmap is None:
+            bitmap = self._bitmaps[key] = open_state(
+                self._state(device_id, r.transfer_id), self._bits(device_id, r.transfer_id),
+                r.signed_manifest, bytes(len(r.received.to_bytes())))
+        if bitmap.count == r.received.count:
+            return  # bits only ever get set: the same count is the same bitmap
         if self.durable:
-            fd = os.open(part, os.O_RDONLY)
+            fd = os.open(self._part(device_id, r.transfer_id), os.O_RDONLY)
             try:
                 os.fdatasync(fd)  # the data (and the size set at creation); no timestamps needed
             finally:
                 os.close(fd)
-        # The bitmap is written atomically but not synced: the guarantee (an acknowledged chunk is
-        # on disk) is the data sync above. After a crash a state file that is older (or unreadable,
-        # then dropped) only makes the backend ask for chunks again, which the device still holds
-        # (it deletes a file's transfer only on the final "complete" ack, sent after the file is
-        # synced, moved and recorded). Syncing it too cost two more syncs per ack (file, directory).
-        state = cbor.dumps({1: r.signed_manifest, 2: r.received.to_bytes()})
-        atomic_write(self._state(device_id, r.transfer_id), state, mode=0o600, durable=False)
-        self._persisted[key] = r.received.count
+        bitmap.update(r.received.to_bytes(), r.received.count)
+
+    def _forget_state(self, device_id: str, tid: bytes) -> None:
+        self._bitmaps.pop((device_id, tid), None)
+        self._state(device_id, tid).unlink(missing_ok=True)
+        self._bits(device_id, tid).unlink(missing_ok=True)
 
     def _discard(self, device_id: str, tid: bytes) -> None:
         self._part(device_id, tid).unlink(missing_ok=True)
-        self._state(device_id, tid).unlink(missing_ok=True)
+        self._forget_state(device_id, tid)
         self._hashing.pop((device_id, tid), None)
-        self._persisted.pop((device_id, tid), None)
 
     def _load(self) -> None:
         for state in sorted((self.root / "incoming").glob("*/*.state")):
             device_id = state.parent.name
+            bits_path = state.with_suffix(".bits")
             try:
-                saved = cbor.as_map(cbor.loads(state.read_bytes()), "media state")
-                signed = cbor.as_bytes(saved.get(1), "signed manifest")
+                signed, bits, legacy = read_state(state, bits_path)
                 manifest = parse_signed_manifest(signed).manifest
                 if manifest.device_id != device_id or state.stem != manifest.transfer_id.hex():
                     raise DecodeError(Reason.IDENTITY_MISMATCH, "state file in the wrong place")
                 if not self._part(device_id, manifest.transfer_id).exists():
                     raise MediaError(Reason.NOT_FOUND, "partial file missing")
-                r = MediaReceiver(
-                    manifest, signed, limits=self.limits,
-                    received=cbor.as_bytes(saved.get(2), "received bitmap"),
-                )
+                expected = (manifest.chunk_count + 7) // 8
+                if bits is not None and len(bits) != expected:
+                    bits = None  # created but never written before a crash: start from the legacy or nothing
+                received = bits if bits is not None else legacy
+                r = MediaReceiver(manifest, signed, limits=self.limits, received=received)
                 self.table.add(device_id, r, enforce_limit=False)
+                key = (device_id, manifest.transfer_id)
+                if bits is not None:
+                    self._bitmaps[key] = BitmapFile(bits_path, bits, r.received.count)
+                else:  # the previous layout (or a crash between the two files): start the bitmap file
+                    self._bitmaps[key] = open_state(state, bits_path, signed, r.received.to_bytes(),
+                                                    count=r.received.count)
             except (SealmqError, OSError):
                 # Unreadable state: forget it; the device's next offer starts the transfer afresh.
                 state.unlink(missing_ok=True)
+                bits_path.unlink(missing_ok=True)
                 state.with_suffix(".part").unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from runtime.audit import represented
 from sealmq import topics
 from sealmq.endpoint import HandshakeCompleted, HandshakeFailed, Received
 from sealmq.errors import SealmqError
@@ -102,11 +103,11 @@ class BackendMetrics:
         self.messages_out.labels(_parse(topic)[0]).inc()
 
     def on_audit(self, entry: dict[str, Any]) -> None:
-        event = entry.get("event")
+        event, count = represented(entry)  # a throttled trail's summaries count what they stand for
         if event in REJECTION_EVENTS:
-            self.rejections.labels(str(event), str(entry.get("reason", "unknown"))).inc()
+            self.rejections.labels(str(event), str(entry.get("reason", "unknown"))).inc(count)
         if event == "transfer_rejected":
-            self.media_transfers.labels("rejected").inc()
+            self.media_transfers.labels("rejected").inc(count)
         elif event == "transfer_expired":
             self.media_transfers.labels("expired").inc()
         elif event == "transfer_completed":

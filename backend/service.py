@@ -29,16 +29,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from backend.ingest import Ingest, IngestSettings
-from backend.media import MediaRejected, MediaStore
+from backend.media import DEFAULT_QUARANTINE_KEEP, DEFAULT_QUARANTINE_TTL, MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
+from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.store import open_store
 from pki import ccs as pki_ccs
 from pki import layout
-from pki.store import load_identity, load_trust_store
-from runtime.audit import AuditLog
+from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store
+from pki.verify import TrustStore
+from runtime.audit import AuditLog, AuditThrottle
 from runtime.driver import EndpointDriver
+from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
 from sealmq import cbor
 from sealmq.bodies import Ack, Command
@@ -85,30 +88,13 @@ class BackendSettings:
     command_ttl: float = 24 * 3600.0  # a command without a reply by then is expired
     command_resend_after: float = 30.0  # a sent command without a reply is sent again (same session)
     durable: bool = True  # fsync each committed batch before acknowledging it
+    quotas: DeviceQuotas = field(default_factory=DeviceQuotas)
+    quarantine_ttl: float = DEFAULT_QUARANTINE_TTL  # seconds a file that failed verification is kept
+    quarantine_keep: int = DEFAULT_QUARANTINE_KEEP  # such files kept per device (the newest)
+    audit_throttle: AuditThrottle | None = field(default_factory=AuditThrottle)
     # The database: None is the SQLite file under data_dir (the default); a postgresql:// URL is a
     # database shared by several workers (backend/storage_pg.py, the [scale] extra).
     db: str | None = None
-
-
-class _FileWatch:
-    """Says when a file (or a directory's listing) changed since it last looked."""
-
-    def __init__(self, path: Path, *, seen: bool) -> None:
-        self.path = path
-        self._mtime = self._now() if seen else None
-
-    def _now(self) -> float:
-        try:
-            return self.path.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    def changed(self) -> bool:
-        mtime = self._now()
-        if mtime == self._mtime:
-            return False
-        self._mtime = mtime
-        return True
 
 
 def _certificate_credentials(
@@ -149,26 +135,29 @@ class BackendService(EndpointDriver):
         identity_dir = settings.identity_dir or layout.backend_dir(settings.pki_dir, settings.name)
         config = settings.endpoint
         credentials = _certificate_credentials(identity_dir, config.suites, passphrase)
-        self._crl = _FileWatch(layout.crl(settings.pki_dir), seen=True)
-        self._issued = _FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
+        self._crl = FileWatch(layout.crl(settings.pki_dir), seen=True)
+        self._issued = FileWatch(layout.issued_dir(settings.pki_dir), seen=False)
         self._issued_chains = KnownChains()
         self._registry_path = layout.ccs_registry(settings.pki_dir)
-        self._registry = _FileWatch(self._registry_path, seen=True)
+        self._registry = FileWatch(self._registry_path, seen=True)
         self.registry = pki_ccs.load_registry(settings.pki_dir) if self._registry_path.exists() else None
         # Constrained devices (EDHOC method 3, CCS credentials by kid) are served too as soon as
         # the backend has a CCS of its own (`sealmq pki ccs issue --pki DIR backend`): looked for
         # at start and at every tick, so issuing one needs no restart.
-        self._own_ccs = _FileWatch(identity_dir / layout.CCS_CRED, seen=False)
+        self._own_ccs = FileWatch(identity_dir / layout.CCS_CRED, seen=False)
         endpoint = BackendEndpoint(
-            credentials=credentials, trust_store=load_trust_store(settings.pki_dir), config=config,
+            credentials=credentials, trust_store=self._load_trust_store(), config=config,
             authenticator=self._authenticator,
         )
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = open_store(settings.db, settings.data_dir, durable=settings.durable)
-        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits)
+        self.quotas = QuotaGuard(settings.quotas, self.storage)
+        self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas,
+                                quarantine_ttl=settings.quarantine_ttl, quarantine_keep=settings.quarantine_keep)
         self._next_expiry = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
-        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log)
+        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log,
+                         throttle=settings.audit_throttle)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
         self.observers: list[ServiceObserver] = []  # console (issue 13): backend.observer.attach
         super().__init__(
@@ -265,6 +254,7 @@ class BackendService(EndpointDriver):
                 self.audit.event("transfer_expired", device=device_id, transfer=tid.hex())
             for cmd in self.storage.expire_commands(now - self.settings.command_ttl):
                 self.audit.event("command_expired", device=cmd.device_id, command=cmd.name, id=cmd.id)
+            self.quotas.prune(now)
 
     def _known_device_chains(self) -> KnownChains:
         """Certificates this CA issued, so a device may send its certificate by reference (x5t).
@@ -309,11 +299,15 @@ class BackendService(EndpointDriver):
                 if entry is None or entry.revoked:
                     self._dispatch(self.endpoint.close_session(device_id, Reason.REVOKED))
 
+    def _load_trust_store(self) -> TrustStore:
+        # the CRL high-water marks live with the data: a restored older crl.pem is refused
+        return load_trust_store(self.settings.pki_dir, crl_seen=self.settings.data_dir / CRL_SEEN_FILE)
+
     def _reload_crl(self) -> None:
         if not self._crl.changed():
             return
         try:
-            store = load_trust_store(self.settings.pki_dir)
+            store = self._load_trust_store()
         except SealmqError as err:
             self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
             return
@@ -351,6 +345,9 @@ class BackendService(EndpointDriver):
             self._dispatch(self.endpoint.seal(device_id, RecordKind.ACK, ack.encode(), now))
 
     def _on_record(self, rec: Received, now: float) -> None:
+        if not self.quotas.admit_record(rec.device_id, now):
+            self.audit.event("quota_exceeded", device=rec.device_id, reason=Reason.RATE_LIMITED, kind=rec.kind.name)
+            return
         handler = self.handlers.get(rec.kind)
         if handler is not None:
             handler(rec)
@@ -358,9 +355,15 @@ class BackendService(EndpointDriver):
         if rec.kind in (RecordKind.MEDIA_MANIFEST, RecordKind.MEDIA_CHUNK, RecordKind.MEDIA_CONTROL):
             self._on_media(rec, now)
         elif rec.kind in (RecordKind.TELEMETRY, RecordKind.REPLY):
+            if rec.kind is RecordKind.TELEMETRY and not self.quotas.fits(rec.device_id, len(rec.plaintext)):
+                self.audit.event("quota_exceeded", device=rec.device_id, reason=Reason.QUOTA_EXCEEDED,
+                                 kind=rec.kind.name, size=len(rec.plaintext))
+                return
             # decoded (only a valid body is stored) and stored with its batch; the broker's
             # acknowledgement waits for the commit
             self.ingest.add(rec, now, self.link.defer_ack())
+            if rec.kind is RecordKind.TELEMETRY:
+                self.quotas.add(rec.device_id, len(rec.plaintext))  # counted when queued for its batch
         else:
             self._reject(rec, "dispatch", Reason.UNEXPECTED_KIND, rec.kind.name)
 

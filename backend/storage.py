@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.files import private_database
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
@@ -165,7 +167,7 @@ class NewReply:
 
 class Storage:
     def __init__(self, path: Path, *, durable: bool = True) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(path)  # decrypted payloads: 0600, -wal/-shm included
         self.path = path
         self._lock = threading.RLock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -276,6 +278,14 @@ class Storage:
                 " WHERE device_id=? AND kind=? ORDER BY id DESC LIMIT ?", (device_id, kind, limit)
             ).fetchall()
         return [StoredMessage(int(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7])) for r in reversed(rows)]
+
+    def stored_bytes(self, device_id: str) -> int:
+        """Bytes stored for a device: its telemetry payloads plus its verified media files."""
+        with self._lock:
+            messages = self._db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM messages WHERE device_id=?", (device_id,)).fetchone()
+            media = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM media WHERE device=?", (device_id,)).fetchone()
+        return int(messages[0]) + int(media[0])
 
     def count_messages(self, device_id: str | None = None) -> int:
         with self._lock:

@@ -193,6 +193,12 @@ class PostgresStorage:
             rows = self._rows("SELECT COUNT(*) FROM messages WHERE device_id=%s", (device_id,))
         return int(rows[0][0])
 
+    def stored_bytes(self, device_id: str) -> int:
+        """Bytes stored for a device: its telemetry payloads plus its verified media files."""
+        messages = self._rows("SELECT COALESCE(SUM(size), 0) FROM messages WHERE device_id=%s", (device_id,))
+        media = self._rows("SELECT COALESCE(SUM(size), 0) FROM media WHERE device=%s", (device_id,))
+        return int(messages[0][0]) + int(media[0][0])
+
     def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
         """Store a batch of messages and replies and the devices' ledgers, in one transaction."""
         with self._tx() as cur:

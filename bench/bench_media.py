@@ -184,12 +184,15 @@ def _settings(cfg: dict[str, Any], role: str, user: str) -> Any:
 
 def _sealed_backend(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -> None:
     from backend.media import list_media
+    from backend.quotas import DeviceQuotas
     from backend.service import BackendService, BackendSettings
     from backend.storage import db_path
 
     data = Path(cfg["run_dir"]) / "backend"
+    # one device at full speed: the per-device record rate would measure the bound, not the path
     svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki", data_dir=data,
-                                         mqtt=_settings(cfg, "backend", "backend")))
+                                         mqtt=_settings(cfg, "backend", "backend"),
+                                         quotas=DeviceQuotas(records_per_second=None, stored_bytes=None)))
     svc.start()
     ready.set()
     stop.wait(cfg["timeout"] + 60)

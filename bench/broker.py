@@ -151,10 +151,13 @@ def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
             finished.set()
 
     if mode == "sealed, full service":
+        from backend.quotas import DeviceQuotas
         from backend.service import BackendService, BackendSettings
 
+        # one device at full speed: the per-device record rate would measure the bound, not the path
         svc = BackendService(BackendSettings(pki_dir=pki, data_dir=Path(cfg["root"]) / "backend-data",
-                                             mqtt=settings, poll_interval=0.25))
+                                             mqtt=settings, poll_interval=0.25,
+                                             quotas=DeviceQuotas(records_per_second=None, stored_bytes=None)))
         svc.start()
         ready.set()
         deadline = time.monotonic() + cfg["timeout"]

@@ -28,9 +28,11 @@ from device.outbox import Dropped, MessageOutbox, OutboxLimits
 from pki import ccs as pki_ccs
 from pki import keys
 from pki import layout as pki_layout
-from pki.store import load_identity, load_trust_store, read_bytes
+from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store, read_bytes
+from pki.verify import TrustStore
 from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
+from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
 from sealmq.bodies import Reply, Telemetry, decode_ack, decode_command
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
@@ -97,7 +99,12 @@ def _credentials(
         chain_der=[c.public_bytes(Encoding.DER) for c in identity.chain],
         by_reference=config.endpoint.by_reference,
     )
-    return credential_x509, None, load_trust_store(config.pki_dir), identity.private_key
+    return credential_x509, None, _load_trust_store(config), identity.private_key
+
+
+def _load_trust_store(config: DeviceConfig) -> TrustStore:
+    # the CRL high-water marks live in the device's state: a restored older crl.pem is refused
+    return load_trust_store(config.pki_dir, crl_seen=config.state_dir / CRL_SEEN_FILE)
 
 
 class DeviceAgent(EndpointDriver):
@@ -115,7 +122,7 @@ class DeviceAgent(EndpointDriver):
             authenticator=authenticator,
             method=config.method,
         )
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir)  # the audit log, the media outbox, CRL high-water marks
         audit = AuditLog(config.state_dir / "device_log.jsonl", component=f"device:{config.device_id}", echo=log)
         super().__init__(
             endpoint, config.mqtt, audit, role="device", timer_name=f"device-{config.device_id}",
@@ -128,6 +135,8 @@ class DeviceAgent(EndpointDriver):
             "ping": lambda args: "pong",
             "status": lambda args: {"device": config.device_id, "epoch": self.epoch},
         }
+        # an X.509 device re-reads its CRL when it changes (a CRL lives 30 days, a device longer)
+        self._crl = FileWatch(pki_layout.crl(config.pki_dir), seen=True) if trust_store is not None else None
         self.on_record: Callable[[Received], None] | None = None  # records the agent does not handle
         self.on_progress: ProgressHook | None = None
         self.outbox = Outbox(config.state_dir / "outbox", config.device_id, signing_key,
@@ -240,6 +249,27 @@ class DeviceAgent(EndpointDriver):
         self._run(lambda now: self.endpoint.key_update(now, self.random))
 
     # -- the driver's hooks ------------------------------------------------------------------
+    def _before_tick(self) -> None:
+        self.reload_crl()
+
+    def reload_crl(self) -> bool:
+        """Load ``ca/crl.pem`` again if it changed; True when the new trust store is in use.
+
+        A CRL that fails to load (unparsable, or older than one already accepted) is audited and
+        the current trust store stays: it is as good as it was.
+        """
+        if self._crl is None or not self._crl.changed():
+            return False
+        try:
+            store = _load_trust_store(self.config)
+        except SealmqError as err:
+            self.audit.event("crl_reload_failed", reason=err.reason, detail=err.detail)
+            return False
+        with self._lock:
+            self.endpoint.trust_store = store
+        self.audit.event("crl_reloaded")
+        return True
+
     def _on_tick(self, now: float) -> None:
         if now >= self._next_outbox_expiry:
             self._next_outbox_expiry = now + 10.0

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.files import atomic_write
+from runtime.files import atomic_write, private_dir
 from sealmq import cbor
 from sealmq.errors import LocalProtocolError, MediaError, Reason, SealmqError
 from sealmq.media import (
@@ -99,7 +99,7 @@ class Outbox:
         resend_after: float = DEFAULT_RESEND_AFTER, on_progress: ProgressHook | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.state_dir)
         self.device_id = device_id
         self.private_key = private_key
         self.chunk_size = chunk_size

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import private_database
 from sealmq.bodies import MAX_MSG_ID, MESSAGE_WINDOW, Ack
 from sealmq.topics import RecordKind
 
@@ -83,8 +84,8 @@ class MessageOutbox:
         self.limits = limits or OutboxLimits()
         if not 1 <= self.limits.window <= MESSAGE_WINDOW:
             raise ValueError(f"outbox window must be 1..{MESSAGE_WINDOW}")
-        state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DB_FILE
+        private_database(self.path)  # telemetry not yet sent, in plaintext: 0600, -wal/-shm included
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")

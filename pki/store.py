@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from pki.verify import (
     load_chain,
     load_crls_pem,
 )
-from runtime.files import atomic_write, fsync_dir
+from runtime.files import atomic_write, fsync_dir, private_dir
 from sealmq.errors import CertificateError, KeyFileError, PkiError, Reason
 from sealmq.identity import Role
 
@@ -518,9 +519,103 @@ def _crl_bytes(pki: Path, ca: CaKeys, index: dict[str, Any], when: datetime, day
     return b"".join(_crl_pem(c) for c in crls), number
 
 
+# --- CRL high-water marks ------------------------------------------------------------------
+# The file a verifier (backend data directory, device state directory) keeps its marks in.
+CRL_SEEN_FILE = "crl_seen.json"
+
+
+_Mark = tuple[int | None, datetime]  # (CRL number, thisUpdate)
+
+
+def _crl_mark(crl: x509.CertificateRevocationList) -> _Mark:
+    try:
+        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    return number, crl.last_update_utc
+
+
+def _compare(a: _Mark, b: _Mark) -> int:
+    """-1, 0, 1: is ``a`` older than, the same as, newer than ``b`` (by number, then thisUpdate)."""
+    if a[0] is not None and b[0] is not None and a[0] != b[0]:
+        return -1 if a[0] < b[0] else 1
+    return (a[1] > b[1]) - (a[1] < b[1])
+
+
+def check_crl_monotonic(
+    crls: list[x509.CertificateRevocationList], ca_certs: list[x509.Certificate], seen_path: Path,
+) -> None:
+    """Refuse CRLs older than the newest this verifier has already accepted from their issuer.
+
+    An older CRL may be validly signed and unexpired, yet predate a revocation: putting it back
+    would re-admit the revoked certificate. The highest CRL number (and thisUpdate) accepted per
+    issuer (by its public key) is kept in ``seen_path`` (JSON, 0600, written atomically) so that a restart does not
+    forget it. Only CRLs signed by one of ``ca_certs`` move a mark: a forged CRL with a huge number
+    cannot lock out the real ones. Raises ``CertificateError(CRL_INVALID)`` and records nothing
+    when any CRL goes backwards.
+    """
+    marks = _read_marks(seen_path)
+    newest: dict[str, _Mark] = {}  # per issuer; the trust store also uses its newest CRL
+    for crl in crls:
+        signer = next((c for c in ca_certs if c.subject == crl.issuer
+                       and crl.is_signature_valid(c.public_key())), None)  # type: ignore[arg-type]
+        if signer is None:
+            continue  # the trust store ignores it too
+        # per issuer *key*: a CA created afresh under the same name starts its own numbering
+        spki = signer.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        key = hashlib.sha256(spki).hexdigest()
+        mark = _crl_mark(crl)
+        if key not in newest or _compare(mark, newest[key]) > 0:
+            newest[key] = mark
+    updated = dict(marks)
+    for key, mark in newest.items():
+        seen = marks.get(key)
+        order = 1 if seen is None else _compare(mark, seen)
+        if order < 0:
+            assert seen is not None
+            raise CertificateError(
+                Reason.CRL_INVALID,
+                f"CRL rollback: number {mark[0]} of {mark[1].isoformat()} is older than number "
+                f"{seen[0]} of {seen[1].isoformat()}, already accepted from this issuer",
+            )
+        if order > 0:
+            updated[key] = mark
+    if updated != marks:
+        data = {k: {"number": n, "this_update": t.isoformat()} for k, (n, t) in sorted(updated.items())}
+        private_dir(seen_path.parent)
+        atomic_write(seen_path, _index_bytes(data), mode=0o600)
+
+
+def _read_marks(seen_path: Path) -> dict[str, _Mark]:
+    if not seen_path.exists():
+        return {}
+    try:
+        raw = json.loads(seen_path.read_bytes())
+        marks: dict[str, _Mark] = {}
+        for key, value in raw.items():
+            number = value["number"]
+            if number is not None and (not isinstance(number, int) or isinstance(number, bool)):
+                raise ValueError(key)
+            this_update = datetime.fromisoformat(value["this_update"])
+            if this_update.tzinfo is None:  # only ever written in UTC; naive cannot be compared
+                raise ValueError(key)
+            marks[str(key)] = (number, this_update)
+        return marks
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise CertificateError(Reason.CRL_INVALID, f"{seen_path} is unreadable: refusing to forget which "
+                                                   "CRLs were seen (restore it, or remove it knowingly)") from None
+
+
 # --- loading for verifiers and endpoints ---------------------------------------------------
-def load_trust_store(pki_dir: Path | str, *, require_crl: bool = True) -> TrustStore:
-    """Anchors from ``ca/ca.crt``, the issuing CA if any, and ``ca/crl.pem`` (required by default)."""
+def load_trust_store(
+    pki_dir: Path | str, *, require_crl: bool = True, crl_seen: Path | None = None,
+) -> TrustStore:
+    """Anchors from ``ca/ca.crt``, the issuing CA if any, and ``ca/crl.pem`` (required by default).
+
+    With ``crl_seen`` (a file in the verifier's own directory), a CRL older than one already
+    accepted is refused (see :func:`check_crl_monotonic`).
+    """
     pki = Path(pki_dir)
     anchors = read_bytes(layout.anchor(pki), "trust anchor", CertificateError)
     inter = layout.issuing_cert(pki)
@@ -532,7 +627,11 @@ def load_trust_store(pki_dir: Path | str, *, require_crl: bool = True) -> TrustS
         raise CertificateError(Reason.CRL_INVALID, f"{crl_path} not found")
     else:
         crl_pem = None
-    return TrustStore.from_pem(anchors, crl_pem, inter_pem)
+    store = TrustStore.from_pem(anchors, crl_pem, inter_pem)
+    if crl_seen is not None and crl_pem is not None:
+        ca_certs = load_certificates_pem(anchors) + (load_certificates_pem(inter_pem) if inter_pem else [])
+        check_crl_monotonic(load_crls_pem(crl_pem), ca_certs, crl_seen)
+    return store
 
 
 @dataclass

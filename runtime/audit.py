@@ -4,22 +4,64 @@ An audit entry records *what happened* (handshakes, rejections with their reason
 connects, transfers) and never carries secrets or plaintext payloads: callers pass only
 identifiers, reasons, sizes and counters. :meth:`AuditLog.event` refuses values that are bytes,
 so a payload cannot be logged by accident.
+
+Rejections are throttled per (event, device, reason) so that one peer sending garbage cannot
+rotate everyone else's history out of the log: past the bucket, entries are counted instead of
+written, and :meth:`AuditLog.flush_suppressed` (the driver's timer) writes one
+``audit_suppressed`` entry per key with how many were not written. Counters count every event.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
+import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.files import PRIVATE_FILE, private_dir, private_mode
+from runtime.ratelimit import TokenBuckets
 from sealmq.errors import SealmqError
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Creates the log (and, by renaming, its backups) 0600: it names devices and failures."""
+
+    def _open(self) -> io.TextIOWrapper:
+        private_mode(self.baseFilename)
+        stream = open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,  # noqa: SIM115
+                      opener=lambda path, flags: os.open(path, flags, PRIVATE_FILE))
+        assert isinstance(stream, io.TextIOWrapper)
+        return stream
+
+
+# What a peer can cause as often as it likes: these are throttled (never the others).
+THROTTLED_EVENTS = frozenset({
+    "message_rejected", "handshake_failed", "transfer_rejected", "command_rejected", "quota_exceeded",
+})
+
+
+@dataclass(frozen=True)
+class AuditThrottle:
+    """Bounds on throttled entries; see docs/operations.md for what happens at each."""
+
+    rate: float = 0.5  # entries per second per (event, device, reason)...
+    burst: int = 20  # ...after a burst of this many
+    total_rate: float = 100.0  # all throttled entries together, whatever their key...
+    total_burst: int = 1000
+    summary_interval: float = 60.0  # at most one audit_suppressed entry per key this often
+    max_keys: int = 4096  # keys tracked; beyond, new keys share one bucket
+
+
+_Key = tuple[str, str, str]  # (event, device, reason)
 
 
 class AuditLog:
@@ -31,23 +73,35 @@ class AuditLog:
         max_bytes: int = 5 * 1024 * 1024,
         backups: int = 5,
         echo: logging.Logger | None = None,
+        throttle: AuditThrottle | None = AuditThrottle(),  # frozen: sharing the default is safe
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.component = component
         self._lock = threading.Lock()
         self._echo = echo
         self._handler: logging.Handler | None = None
+        self._clock = clock
         self.counts: dict[str, int] = {}
         # called with each entry after it is written (the backend console and metrics); must not raise
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.throttle = throttle
+        if throttle is not None:
+            self._buckets: TokenBuckets[_Key] = TokenBuckets(throttle.rate, throttle.burst, max_keys=throttle.max_keys)
+            self._total: TokenBuckets[str] = TokenBuckets(throttle.total_rate, throttle.total_burst)
+            self._next_summary = clock() + throttle.summary_interval
+        self.suppressed: dict[_Key, int] = {}  # not yet summarised
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handler = logging.handlers.RotatingFileHandler(
+            private_dir(path.parent)
+            for backup in path.parent.glob(f"{path.name}.*"):  # rotated by an older version, 0644
+                private_mode(backup)
+            self._handler = _PrivateRotatingFileHandler(
                 path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
             )
         self.path = path
 
     def event(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry: dict[str, Any] = {"ts": round(time.time(), 6), "component": self.component, "event": event}
+        """Write one entry (unless throttled: then it is counted, and summarised later)."""
+        entry: dict[str, Any] = {"ts": round(self._clock(), 6), "component": self.component, "event": event}
         for key, value in fields.items():
             if isinstance(value, SealmqError):
                 entry["reason"] = value.reason.value
@@ -59,27 +113,81 @@ class AuditLog:
             if not isinstance(value, _SCALARS):
                 raise TypeError(f"audit field {key!r} must be a scalar, not {type(value).__name__}")
             entry[key] = value
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
         with self._lock:
             self.counts[event] = self.counts.get(event, 0) + 1
-            if self._handler is not None:
-                record = logging.LogRecord("sealmq.audit", logging.INFO, "", 0, line, None, None)
-                self._handler.emit(record)
-                self._handler.flush()
+            if self.throttle is not None and event in THROTTLED_EVENTS:
+                who: _Key = (event, str(entry.get("device")), str(entry.get("reason")))
+                now = entry["ts"]
+                if not (self._buckets.take(who, now) and self._total.take("all", now)):
+                    self.suppressed[who] = self.suppressed.get(who, 0) + 1
+                    return entry
+            self._write(entry)
+        self._notify(entry)
+        self._echo_entry(entry)
+        return entry
+
+    def flush_suppressed(self, *, force: bool = False) -> None:
+        """Write one ``audit_suppressed`` entry per key with entries not written since the last one.
+
+        Called by the driver's timer (it writes at most every ``summary_interval``) and on close
+        (``force``), so every suppressed entry is accounted for in the trail (and for listeners:
+        see :func:`represented`).
+        """
+        if self.throttle is None:
+            return
+        with self._lock:
+            now = self._clock()
+            if not force and now < self._next_summary:
+                return
+            self._next_summary = now + self.throttle.summary_interval
+            pending, self.suppressed = self.suppressed, {}
+            summaries = []
+            for (event, device, reason), count in sorted(pending.items()):
+                summary = {"ts": round(now, 6), "component": self.component, "event": "audit_suppressed",
+                           "suppressed_event": event, "device": None if device == "None" else device,
+                           "reason": None if reason == "None" else reason, "suppressed": count}
+                self._write(summary)
+                summaries.append(summary)
+            self._buckets.prune(now)
+            self._total.prune(now)
+        for summary in summaries:
+            self._notify(summary)
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        if self._handler is not None:
+            record = logging.LogRecord("sealmq.audit", logging.INFO, "", 0, line, None, None)
+            self._handler.emit(record)
+            self._handler.flush()
+
+    def _notify(self, entry: dict[str, Any]) -> None:
         for listener in list(self.listeners):
             try:
                 listener(entry)
             except Exception:
                 logging.getLogger("sealmq.audit").exception("audit listener failed")
+
+    def _echo_entry(self, entry: dict[str, Any]) -> None:
         if self._echo is not None:
+            event = entry["event"]
             level = logging.WARNING if event.endswith(("rejected", "failed")) else logging.INFO
             self._echo.log(level, "%s %s", event, " ".join(f"{k}={v}" for k, v in entry.items()
                                                              if k not in {"ts", "component", "event"}))
-        return entry
 
     def close(self) -> None:
+        self.flush_suppressed(force=True)
         if self._handler is not None:
             self._handler.close()
+
+
+def represented(entry: dict[str, Any]) -> tuple[str, int]:
+    """(the event an entry stands for, how many of it): an ``audit_suppressed`` summary stands for
+    ``suppressed`` entries of its ``suppressed_event`` (same device and reason); any other entry for
+    one of itself. Listeners that count (metrics, the console) count with this, so throttling the
+    trail does not make them undercount."""
+    if entry.get("event") == "audit_suppressed":
+        return str(entry.get("suppressed_event")), int(entry.get("suppressed", 0))
+    return str(entry.get("event")), 1
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

@@ -136,9 +136,10 @@ class EndpointDriver:
 
     def _run_timer(self) -> None:
         while not self._stop.wait(self._poll_interval):
-            if not self._tick_offline and not self.link.connected.is_set():
-                continue
             try:
+                self.audit.flush_suppressed()  # throttled rejections: summarised, at most once a minute
+                if not self._tick_offline and not self.link.connected.is_set():
+                    continue
                 self._before_tick()
                 with self._lock:
                     now = self.clock()

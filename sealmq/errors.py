@@ -79,6 +79,9 @@ class Reason(StrEnum):
     # --- transport / broker -----------------------------------------------------------------
     NOT_AUTHORIZED = "not_authorized"
     TRANSPORT_FAILED = "transport_failed"
+    # --- per-device bounds of the backend (docs/operations.md) ---------------------------------
+    RATE_LIMITED = "rate_limited"  # more records per second than the device's share
+    QUOTA_EXCEEDED = "quota_exceeded"  # storing it would pass the device's stored-bytes quota
 
 
 class SealmqError(Exception):

@@ -43,6 +43,9 @@ DEFAULT_CHUNK_SIZE = MAX_CHUNK_SIZE
 MAX_CHUNK_COUNT = 2**32 - 1
 MAX_FILE_SIZE = 2**53  # a hard decoder bound; receivers apply a much lower configurable limit
 MAX_NAME_BYTES = 255
+# 9999-12-31T23:59:59Z: the last second a datetime can show and far below SQLite's INTEGER bound
+# (2^63 - 1), so a stored manifest's creation time never overflows where it is kept or shown.
+MAX_CREATED = 253_402_300_799
 MAX_TYPE_LEN = 127
 # Acks carry "everything below base" plus a bitmap after it; past this many bytes the bitmap is
 # cut (bits beyond are reported missing, which only causes harmless duplicate chunks).
@@ -130,6 +133,8 @@ class Manifest:
             raise MediaError(Reason.TOO_LARGE, f"chunk size outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
         if not 0 <= self.size <= MAX_FILE_SIZE:
             raise MediaError(Reason.TOO_LARGE, "size out of range")
+        if not 0 <= self.created <= MAX_CREATED:
+            raise MediaError(Reason.MALFORMED, "creation time after the year 9999")
         if self.chunk_count != chunk_count_for(self.size, self.chunk_size) \
                 or self.chunk_count > MAX_CHUNK_COUNT:
             raise MediaError(Reason.MALFORMED, "chunk count does not match size and chunk size")
@@ -165,7 +170,7 @@ def decode_manifest(payload: bytes) -> Manifest:
         content_type=cbor.as_text(m[k.CONTENT_TYPE], "content type", max_len=MAX_TYPE_LEN),
         size=cbor.as_uint(m[k.SIZE], "size", max_value=MAX_FILE_SIZE),
         sha256=cbor.as_bytes(m[k.SHA256], "sha256", max_len=32),
-        created=cbor.as_uint(m[k.CREATED], "created"),
+        created=cbor.as_uint(m[k.CREATED], "created", max_value=MAX_CREATED),
         chunk_size=cbor.as_uint(m[k.CHUNK_SIZE], "chunk size", max_value=MAX_CHUNK_SIZE),
         chunk_count=cbor.as_uint(m[k.CHUNK_COUNT], "chunk count", max_value=MAX_CHUNK_COUNT),
     )

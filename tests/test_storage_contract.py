@@ -295,3 +295,14 @@ def test_a_store_reconnects_after_the_server_drops_its_connection(postgres: Post
         assert s.count_messages() == 2
     finally:
         s.close()
+
+
+def test_stored_bytes_count_telemetry_and_media_per_device(store: BackendStore) -> None:
+    # the per-device storage quota (backend/quotas.py) reads this on both implementations
+    assert store.stored_bytes("dev-1") == 0
+    store.store_message("dev-1", 1.0, "telemetry", 0, 1, b"x" * 100)
+    store.store_message("dev-2", 1.0, "telemetry", 0, 1, b"y" * 7)
+    store.add_media(_media("dev-1", "t1", 2.0))
+    assert store.stored_bytes("dev-1") == 100 + 1234
+    assert store.stored_bytes("dev-2") == 7
+    assert store.stored_bytes("nobody") == 0

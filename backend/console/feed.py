@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.metrics import REJECTION_EVENTS
+from runtime.audit import represented
 from sealmq import bodies, topics
 from sealmq.endpoint import HandshakeCompleted, HandshakeFailed, Received, Rejected
 from sealmq.errors import SealmqError
@@ -173,21 +174,23 @@ class ConsoleFeed:
     def on_audit(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self.audit.append(entry)
-            device_id = entry.get("device")
-            if isinstance(device_id, str) and entry.get("event") in REJECTION_EVENTS:
-                self._device(device_id).rejections += 1
+            self._count_rejections(entry)
             self._emit("audit", entry)
             if entry.get("event") == "transfer_completed":
-                self._emit("media", {"device": device_id})
+                self._emit("media", {"device": entry.get("device")})
 
     def preload_audit(self, entries: Sequence[dict[str, Any]]) -> None:
         """Earlier audit entries (the log's tail when the console starts), as history, not as live events."""
         with self._lock:
             for entry in entries[-(self.audit.maxlen or 0):]:
                 self.audit.append(entry)
-                device_id = entry.get("device")
-                if isinstance(device_id, str) and entry.get("event") in REJECTION_EVENTS:
-                    self._device(device_id).rejections += 1
+                self._count_rejections(entry)
+
+    def _count_rejections(self, entry: dict[str, Any]) -> None:
+        device_id = entry.get("device")
+        event, count = represented(entry)  # a throttled trail's summaries count what they stand for
+        if isinstance(device_id, str) and event in REJECTION_EVENTS:
+            self._device(device_id).rejections += count
 
     # -- the broker, as the monitor account sees it ---------------------------------------------
     def on_broker(self, topic: str, payload: bytes, now: float) -> None:

@@ -85,8 +85,10 @@ class BackendEndpoint:
         self.config = config or BackendConfig()
         self.half_open: dict[str, _HalfOpen] = {}
         self.sessions: dict[str, _Established] = {}
+        # per device id seen, pruned by poll() once they no longer matter (see _prune)
         self._m1_times: dict[str, list[float]] = {}
         self._last_notice: dict[str, float] = {}
+        self._next_prune = float("-inf")
         self.subscriptions = [
             topics.subscription(Channel.HANDSHAKE, Direction.UP),
             topics.subscription(Channel.DATA, Direction.UP),
@@ -297,8 +299,26 @@ class BackendEndpoint:
         for device_id in [d for d, h in self.half_open.items() if now - h.created > self.config.half_open_ttl]:
             del self.half_open[device_id]
 
+    def _prune(self, now: float) -> None:
+        """Forget rate-limit and notice times that no longer limit anything.
+
+        Every device id that ever sent a message_1 or a record without a session leaves an entry;
+        without pruning, ids the broker lets through (any number of them over time) would grow these
+        maps for the life of the process. Runs at most once per the shorter of the two windows.
+        """
+        if now < self._next_prune:
+            return
+        self._next_prune = now + min(self.config.message_1_window, self.config.notice_interval)
+        window = self.config.message_1_window
+        for device_id in [d for d, times in self._m1_times.items() if not times or now - times[-1] >= window]:
+            del self._m1_times[device_id]
+        interval = self.config.notice_interval
+        for device_id in [d for d, last in self._last_notice.items() if now - last >= interval]:
+            del self._last_notice[device_id]
+
     def poll(self, now: float, random_bytes: RandomBytes) -> list[Output]:
         self._expire(now)
+        self._prune(now)
         out: list[Output] = []
         for device_id, est in list(self.sessions.items()):
             try:
