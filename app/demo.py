@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from app import config
+from app import config, demo_fleet  # demo_fleet: fleet (issue 16)
 from app.bootstrap import Deployment, bootstrap
 from app.demo_console import port_free, serve_demo, start_demo_console  # console (issue 13)
 from backend.service import BackendService, BackendSettings
@@ -109,7 +109,8 @@ def run_demo(args: argparse.Namespace) -> int:
     say = print
     ids = device_ids(args.devices)
     t0 = time.monotonic()
-    dep, created = bootstrap(args.dir, ids)
+    dep, created = bootstrap(args.dir, [*ids, demo_fleet.DEVICE])  # + the zero-touch device (issue 16)
+    demo_fleet.factory_reset(dep)  # fleet (issue 16): zt-001 holds only a claim until it enrols
     say(f"[1/5] deployment in {dep.root.resolve()}: " + (f"created {len(created)} items" if created else "reused"))
     port = args.port
     if port and not port_free("127.0.0.1", port):  # console (issue 13): one port check for both
@@ -165,6 +166,7 @@ def run_demo(args: argparse.Namespace) -> int:
             step += 1
             time.sleep(0.5)
         unacked = sum(0 if a.wait_acknowledged(15) else a.unacknowledged() for a in sim.agents)
+        fleet_secrets = demo_fleet.run(dep, backend, broker.port, say)  # fleet (issue 16)
         unfinished = sum(0 if a.wait_transfers(30) else a.pending_transfers() for a in sim.agents)
         total_stored = backend.storage.count_messages()
         stored = total_stored - before_stored
@@ -189,6 +191,7 @@ def run_demo(args: argparse.Namespace) -> int:
             seen = list(monitor.messages)
         leaked = [t for t, p in seen if MARKER.encode() in p]
         leaked += [t for t, p in seen for f in images if f.name.encode() in p]
+        leaked += [t for t, p in seen for secret in fleet_secrets if secret in p]  # certificate, firmware
         total = sum(len(p) for _, p in seen)
         say(f"      the broker relayed {len(seen)} messages ({total} bytes); telemetry values found in them: "
             f"{'NONE' if not leaked else len(leaked)}")
@@ -201,7 +204,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
         if args.serve and console is not None:  # console (issue 13)
             serve_demo(sim.agents, step, say)
-        return 0 if not leaked and stored >= step * len(ids) and unacked == 0 else 1
+        return 0 if not leaked and stored >= step * len(ids) and unacked == 0 and fleet_secrets else 1
     finally:
         if console is not None:  # console (issue 13)
             console.stop()

@@ -87,6 +87,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     commands.add_argument("--limit", type=int, default=20, help="show the newest N commands (default: %(default)s)")
     commands.set_defaults(func=_commands)
 
+    push = bsub.add_parser(
+        "push", help="send a release-signed update package to a device",
+        description="Check an update package (structure, size, digest, target) and queue it for the device; "
+                    "the running backend sends it, sealed and resumable, when the device is online. The backend "
+                    "cannot sign packages: make them offline with `sealmq pki release-key sign`.")
+    push.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
+    push.add_argument("device", help="device id")
+    push.add_argument("package", type=Path, help="package file made by `sealmq pki release-key sign`")
+    push.set_defaults(func=_push)
+
 
 def _add_db_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, metavar="URL",
@@ -252,6 +262,15 @@ def _commands(args: argparse.Namespace) -> int:
         print(f"{c.id:>6} {_ts(c.created_at)} {c.device_id:16} {c.name:12} {c.state:8} {_describe_reply(c.reply)}")
     more = "; --limit N shows more" if len(everything) > len(rows) else ""
     print(f"(the newest {len(rows)} of {len(everything)} commands{more})")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from backend.update import push
+
+    m = push(args.data, args.device, args.package)
+    print(f"queued {m.kind} version {m.version} ({m.size} bytes) for {args.device}; "
+          "the running backend sends it when the device is online")
     return 0
 
 

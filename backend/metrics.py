@@ -64,6 +64,8 @@ class BackendMetrics:
         self.commands = Gauge("sealmq_backend_commands", "Commands in the outbox, by status (queued: not yet "
                               "sent under the device's current session; sent: waiting for the reply)", ["status"],
                               registry=r)
+        self.expiry_warnings = Counter("sealmq_backend_expiry_warnings", "Certificates and CRLs found close to "
+                                       "expiry (issue 16)", ["what"], registry=r)
         self._hs_started: dict[str, float] = {}
         self._lock = threading.Lock()
         if service is not None:
@@ -115,3 +117,5 @@ class BackendMetrics:
             self.media_bytes.inc(int(entry.get("size", 0)))
         elif event == "key_updated":
             self.key_updates.inc()
+        elif event in ("certificate_expiring", "crl_expiring"):
+            self.expiry_warnings.labels(str(event).split("_")[0]).inc()

@@ -28,6 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from backend.enrol import EnrolmentService, EnrolPolicy, is_claim  # fleet (issue 16)
 from backend.ingest import Ingest, IngestSettings
 from backend.media import DEFAULT_QUARANTINE_KEEP, DEFAULT_QUARANTINE_TTL, MediaRejected, MediaStore
 from backend.media import Received as MediaReceived
@@ -35,6 +36,7 @@ from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
 from backend.quotas import DeviceQuotas, QuotaGuard
 from backend.store import open_store
+from backend.update import UpdatePusher  # fleet (issue 16)
 from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store
@@ -95,6 +97,11 @@ class BackendSettings:
     # The database: None is the SQLite file under data_dir (the default); a postgresql:// URL is a
     # database shared by several workers (backend/storage_pg.py, the [scale] extra).
     db: str | None = None
+    enrol_policy: EnrolPolicy = field(default_factory=EnrolPolicy)  # fleet (issue 16)
+    update_chunk_size: int = 63 * 1024  # fleet (issue 16): update chunks, in flight, re-offer after a stall
+    update_window: int = 16
+    update_resend_after: float = 10.0
+
 
 
 def _certificate_credentials(
@@ -160,6 +167,9 @@ class BackendService(EndpointDriver):
                          throttle=settings.audit_throttle)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
         self.observers: list[ServiceObserver] = []  # console (issue 13): backend.observer.attach
+        self.enrolment = EnrolmentService(settings.pki_dir, audit, settings.enrol_policy, passphrase)  # issue 16
+        self.updates = UpdatePusher(settings.data_dir, audit, chunk_size=settings.update_chunk_size,  # issue 16
+                                    window=settings.update_window, resend_after=settings.update_resend_after)
         super().__init__(
             endpoint, settings.mqtt, audit, role="backend", timer_name="backend-timer",
             default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
@@ -245,6 +255,10 @@ class BackendService(EndpointDriver):
 
     def _on_tick(self, now: float) -> None:
         self._send_pending_commands(now)
+        # fleet (issue 16): pending update transfers, certificate and CRL expiry warnings
+        self.updates.tick(now, {d for d, e in self.endpoint.sessions.items() if not is_claim(e.peer)}, self._send)
+        self.enrolment.warnings(now, lambda: [(d, e.peer) for d, e in self.endpoint.sessions.items()],
+                                self.endpoint.trust_store)
         if now >= self._next_revalidation:
             self._next_revalidation = now + self.settings.revalidate_interval
             self._dispatch(self.endpoint.revalidate(self.endpoint.trust_store, now))
@@ -276,9 +290,9 @@ class BackendService(EndpointDriver):
     def _authenticator(self, now: float) -> PeerAuthenticator:
         by_cert = X509Authenticator(self.endpoint.trust_store, Role.DEVICE, datetime.fromtimestamp(now, UTC),
                                  known_chains=self._known_device_chains())
-        if self.registry is None:
-            return by_cert
-        return MixedAuthenticator(ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=by_cert)
+        inner: PeerAuthenticator = by_cert if self.registry is None else MixedAuthenticator(
+            ccs=CcsAuthenticator(self.registry, Role.DEVICE, now), x509=by_cert)
+        return self.enrolment.authenticator(inner, self.endpoint.trust_store, now)  # claims (issue 16)
 
     def _reload_registry(self) -> None:
         if not self._registry.changed():
@@ -317,7 +331,8 @@ class BackendService(EndpointDriver):
 
     def _send_pending_commands(self, now: float) -> None:
         resend_before = now - self.settings.command_resend_after
-        for cmd in self.storage.pending_commands(set(self.endpoint.sessions), resend_before=resend_before):
+        live = {d for d, e in self.endpoint.sessions.items() if not is_claim(e.peer)}  # claims only enrol
+        for cmd in self.storage.pending_commands(live, resend_before=resend_before):
             try:
                 body = Command(cmd.id, cmd.name, cbor.loads(cmd.args)).encode()
             except SealmqError as err:
@@ -331,6 +346,11 @@ class BackendService(EndpointDriver):
 
     def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
         peer = done.identity
+        if is_claim(peer):  # fleet (issue 16): an enrolment session, not a device yet
+            self.audit.event("claim_session", device=done.device_id, credential=peer.credential)
+            return
+        self.enrolment.on_handshake(done.device_id, peer, now)
+        self.updates.on_handshake(done.device_id)
         # the fingerprint names the certificate; a CCS device has none (its kid is in the registry)
         fingerprint = hashlib.sha256(peer.credential_ref).hexdigest() if peer.kind is CredentialKind.X509 else ""
         self.storage.record_handshake(done.device_id, now, fingerprint)
@@ -344,9 +364,29 @@ class BackendService(EndpointDriver):
         with contextlib.suppress(SealmqError):
             self._dispatch(self.endpoint.seal(device_id, RecordKind.ACK, ack.encode(), now))
 
+    def _send(self, device_id: str, kind: RecordKind, body: bytes) -> None:
+        self._dispatch(self.endpoint.seal(device_id, kind, body, self.clock()))
+
+    def _on_fleet_record(self, rec: Received, now: float) -> bool:
+        """Claim confinement, enrolment and renewal, update status (issue 16); True if handled."""
+        peer = self.endpoint.peer(rec.device_id)
+        if self.enrolment.confine(rec, peer):
+            return True
+        if rec.kind is RecordKind.ENROL_REQUEST:
+            body = self.enrolment.handle(rec, peer, now)
+            if body is not None:
+                self._send(rec.device_id, RecordKind.ENROL_RESPONSE, body)
+            return True
+        if rec.kind is RecordKind.UPDATE_STATUS:
+            self.updates.handle(rec.device_id, rec.plaintext, now, self._send)
+            return True
+        return False
+
     def _on_record(self, rec: Received, now: float) -> None:
         if not self.quotas.admit_record(rec.device_id, now):
             self.audit.event("quota_exceeded", device=rec.device_id, reason=Reason.RATE_LIMITED, kind=rec.kind.name)
+            return
+        if self._on_fleet_record(rec, now):
             return
         handler = self.handlers.get(rec.kind)
         if handler is not None:

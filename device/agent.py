@@ -23,11 +23,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from device.enrol import RENEW_AT, Renewer, commit_staged  # fleet (issue 16)
 from device.media import Outbox, OutgoingTransfer, ProgressHook
 from device.outbox import Dropped, MessageOutbox, OutboxLimits
+from device.update import Installer, UpdateReceiver, record_only  # fleet (issue 16)
 from pki import ccs as pki_ccs
 from pki import keys
 from pki import layout as pki_layout
+from pki.release import load_public  # fleet (issue 16)
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store, read_bytes
 from pki.verify import TrustStore
 from runtime.audit import AuditLog
@@ -70,6 +73,11 @@ class DeviceConfig:
     media_resend_after: float = 5.0
     method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
     outbox: OutboxLimits = field(default_factory=OutboxLimits)  # telemetry and replies until acknowledged
+    # fleet (issue 16): renewal point, device class and release key for signed updates, installer hook
+    renew_at: float | None = RENEW_AT  # fraction of the certificate's lifetime; None: never renew
+    device_class: str | None = None
+    release_key: Path | None = None  # default: release.pub in the identity directory, if there
+    installer: Installer = record_only
 
 
 def _telemetry(now: float, values: dict[str, Any], msg_id: int) -> bytes:
@@ -107,11 +115,21 @@ def _load_trust_store(config: DeviceConfig) -> TrustStore:
     return load_trust_store(config.pki_dir, crl_seen=config.state_dir / CRL_SEEN_FILE)
 
 
+def load_release_key(config: DeviceConfig) -> Any:
+    """The release public key signed updates must carry (None: the device accepts no update)."""
+    path = config.release_key or config.identity_dir / "release.pub"
+    if config.release_key is None and not path.exists():
+        return None
+    return load_public(path)
+
+
 class DeviceAgent(EndpointDriver):
     endpoint: DeviceEndpoint
 
     def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
         self.config = config
+        if config.method == 0:
+            commit_staged(config.identity_dir)  # fleet (issue 16): finish a renewal a crash interrupted
         credential, authenticator, trust_store, signing_key = _credentials(config, passphrase)
         endpoint = DeviceEndpoint(
             device_id=config.device_id,
@@ -145,6 +163,12 @@ class DeviceAgent(EndpointDriver):
         self.messages = MessageOutbox(config.state_dir, config.outbox, now=time.time())
         self._session_token = 0  # changes with every session: the outbox re-sends under new keys
         self._next_outbox_expiry = 0.0
+        # fleet (issue 16): certificate renewal and signed updates
+        self.renewer = (Renewer(config.identity_dir, config.device_id, renew_at=config.renew_at)
+                        if config.method == 0 and config.renew_at is not None else None)
+        self.updates = UpdateReceiver(config.state_dir, config.device_id, self.audit,
+                                      release_key=load_release_key(config), device_class=config.device_class,
+                                      installer=config.installer)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _on_connected(self) -> None:
@@ -277,6 +301,10 @@ class DeviceAgent(EndpointDriver):
         if self.endpoint.established:
             self._pump_messages(now)
             self._pump_media(now)
+            if self.renewer is not None:
+                self.renewer.tick(self, now)  # fleet (issue 16)
+            for kind, body in self.updates.tick(now):  # fleet (issue 16): a stalled update asks again
+                self.send(kind, body)
 
     def _on_handshake(self, done: HandshakeCompleted, now: float) -> None:
         self.audit.event("handshake_completed", peer=done.peer_name, suite=done.suite)
@@ -317,6 +345,11 @@ class DeviceAgent(EndpointDriver):
                 self.audit.event("message_rejected", stage="media", reason=err.reason, detail=err.detail)
                 return
             self._pump_media(now)  # the ack opened the window: send the next chunks now
+        elif rec.kind is RecordKind.ENROL_RESPONSE and self.renewer is not None:
+            self.renewer.on_response(self, rec.plaintext, now)  # fleet (issue 16)
+        elif rec.kind in (RecordKind.UPDATE_OFFER, RecordKind.UPDATE_CHUNK):
+            for kind, body in self.updates.handle(rec.kind, rec.plaintext, now):  # fleet (issue 16)
+                self.send(kind, body)  # queued during a re-handshake: the old session is about to go
         elif self.on_record is not None:
             self.on_record(rec)
 

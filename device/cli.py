@@ -44,8 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--suites", type=_suites, default=(), metavar="S[,S...]",
                      help="EDHOC cipher suites in preference order (default: those the credential fits: "
                           "2 for P-256, 0 for Ed25519, -24 for RSA, 2,-24 for a CCS)")
+    run.add_argument("--class", dest="device_class", default=None,
+                     help="device class, matched against the target of signed updates (default: none)")
     add_mqtt_arguments(run, connect_timeout=None)
     run.set_defaults(func=_run)
+
+    en = dsub.add_parser(
+        "enrol", help="zero-touch enrolment: obtain a certificate with the claim",
+        description="A device that holds only its claim (sealmq pki claim issue) makes its own key, sends a CSR "
+                    "over a sealed session authenticated with the claim, and installs the certificate it gets "
+                    "as devices/<id>/key.pem, cert.pem and chain.pem. Exit code 2 if the claim is refused.")
+    en.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/, devices/<id>/claim/)")
+    en.add_argument("--id", required=True, help="device id")
+    en.add_argument("--claim", type=Path, default=None, help="claim directory (default: <pki>/devices/<id>/claim)")
+    en.add_argument("--state", type=Path, default=None,
+                    help="state dir for the audit log (default: sealmq-data/devices/<id>)")
+    en.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="give up (exit code 1) without an answer after this long (default: %(default)s)")
+    add_mqtt_arguments(en)
+    en.set_defaults(func=_enrol)
 
     send = dsub.add_parser("send", help="send files (images, video): signed, sealed, chunked, resumable")
     send.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/ca.crt, devices/<id>/...)")
@@ -117,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         mqtt=settings,
         endpoint=EndpointConfig(suites=args.suites, by_reference=args.by_reference),
         method=args.method,
+        device_class=args.device_class,
     ))
     limit = connect_limit(args)
     if limit is None and args.count and args.connect_timeout is None:
@@ -144,6 +162,29 @@ def _run(args: argparse.Namespace) -> int:
     print(f"device {args.id}: {sent} telemetry records sent, {agent.messages.acked} acknowledged, "
           f"{agent.unacknowledged()} kept in the outbox, counters {agent.counters}")
     return code
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    from device.enrol import EnrolConfig, enrol
+    from pki import claim, layout
+    from sealmq.errors import Reason, SealmqError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    identity_dir = layout.device_dir(args.pki, args.id)
+    settings = mqtt_settings(args, username=args.id, password_file=identity_dir / "mqtt.password")
+    try:
+        out = enrol(EnrolConfig(
+            device_id=args.id, claim_dir=args.claim or claim.claim_dir(args.pki, args.id), pki_dir=args.pki,
+            identity_dir=identity_dir, state_dir=args.state or Path("sealmq-data") / "devices" / args.id,
+            mqtt=settings,
+        ), timeout=args.timeout)
+    except SealmqError as err:
+        if err.reason is not Reason.HANDSHAKE_TIMEOUT:
+            raise  # refused (exit code 2), broker down (3), password refused (4)
+        print(f"device {args.id}: no enrolment answer within {args.timeout:.0f} s", file=sys.stderr)
+        return exits.INCOMPLETE
+    print(f"device {args.id} enrolled: certificate in {out}")
+    return 0
 
 
 def _progress_printer(stream: Any) -> Callable[[Any], None]:

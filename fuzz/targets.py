@@ -40,7 +40,7 @@ from fuzz.oracle import PROJECT_ERRORS, InvariantViolated
 from pki import ccs as pki_ccs
 from pki import issue, store
 from pki.verify import TrustStore, load_certificate, load_certificates_pem, load_chain, load_crls_pem
-from sealmq import bodies, cbor, oscore, record, topics
+from sealmq import bodies, cbor, enrol, oscore, record, topics, update
 from sealmq.edhoc import (
     CcsEntry,
     Responder,
@@ -220,6 +220,43 @@ def bodies_seeds() -> list[bytes]:
             b"\x02" + bodies.Reply.success(7, {"uptime": 12}, 6).encode(),
             b"\x02" + bodies.Reply.failure(8, "unknown command x", 2**40).encode(),
             b"\x03" + bodies.Ack.of(9, [11, 12, 20]).encode()]
+
+
+# --- fleet (issue 16): enrolment and update bodies, update manifests and packages ---------------------
+_FLEET_DECODERS: tuple[Callable[[bytes], Any], ...] = (
+    enrol.decode_request, enrol.decode_response, update.decode_offer, update.decode_chunk, update.decode_status,
+    update.decode_manifest, update.parse_signed_manifest, update.decode_package,
+)
+
+
+def make_fleet() -> Harness:
+    """Byte 0 % 8 picks the decoder; the record bodies that decode must re-encode to the same bytes."""
+
+    def one(data: bytes) -> None:
+        sel, body = _first(data)
+        decoded = _FLEET_DECODERS[sel % len(_FLEET_DECODERS)](body)
+        if sel % len(_FLEET_DECODERS) < 5:
+            _check(decoded.encode() == body, "a fleet body decodes but does not re-encode to its bytes")
+
+    return one
+
+
+def fleet_seeds() -> list[bytes]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.derive_private_key(7, ec.SECP256R1())
+    manifest = update.UpdateManifest(3, "firmware", hashlib.sha256(b"fw").digest(), 2, devices=("cam-1",))
+    signed = update.sign_manifest(key, manifest)
+    tid = update.transfer_id(signed)
+    return [b"\x00" + enrol.EnrolRequest(9, b"0" * 40).encode(),
+            b"\x01" + enrol.EnrolResponse.issued(9, [b"c" * 30]).encode(),
+            b"\x01" + enrol.EnrolResponse.refused(9, "claim_exhausted").encode(),
+            b"\x02" + update.Offer(tid, signed, 4096).encode(),
+            b"\x03" + update.UpdateChunk(tid, 0, b"fw").encode(),
+            b"\x04" + update.Status(tid, update.UpdateState.NEED, 1, "").encode(),
+            b"\x05" + manifest.to_cbor(),
+            b"\x06" + signed,
+            b"\x07" + update.encode_package(signed, b"fw")]
 
 
 # --- EDHOC, each message at the role that receives it ------------------------------------------------
@@ -745,6 +782,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            make_hs_framing),
     Target("bodies", "application bodies: decode_telemetry, decode_command, decode_reply (strict, round trip)",
            make_bodies, bodies_seeds),
+    Target("fleet", "enrolment and update bodies, update manifests and packages (sealmq.enrol, sealmq.update)",
+           make_fleet, fleet_seeds),
     Target("edhoc_message_1", "message_1 at the responder (then message_2 is made)", make_message_1,
            lambda: edhoc_seeds("edhoc_message_1")),
     Target("edhoc_message_2", "message_2 at the initiator", lambda: make_message_2(plaintext=False),

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pki import ccs, issue, keys, layout, show, store
+from pki import ccs, claim, issue, keys, layout, release, show, store
 from pki.verify import identity_of, load_chain
 from sealmq.errors import CertificateError, PkiError, Reason
 from sealmq.identity import Role
@@ -244,3 +244,5 @@ def register(subparsers: Any) -> None:
     sp.add_argument("cert", type=Path, help="certificate or chain file (PEM)")
 
     ccs.register_cli(sub)  # sealmq pki ccs issue|register|list|revoke (EDHOC method 3)
+    claim.register_cli(sub)  # sealmq pki claim issue|list|revoke (zero-touch enrolment, issue 16)
+    release.register_cli(sub)  # sealmq pki release-key init|sign (signed updates, issue 16)

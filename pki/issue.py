@@ -243,9 +243,18 @@ def issue_leaf(
     *,
     days: int = DEFAULT_LEAF_DAYS,
     random_bytes: RandomBytes = os.urandom,
+    san_uri: str | None = None,
+    lifetime: timedelta | None = None,
 ) -> x509.Certificate:
-    """Sign a checked CSR. ``now`` may be in the past (tests issue expired certificates this way)."""
-    if not 1 <= days <= MAX_LEAF_DAYS:
+    """Sign a checked CSR. ``now`` may be in the past (tests issue expired certificates this way).
+
+    ``san_uri`` replaces the identity URI: claim certificates (:mod:`pki.claim`) name
+    ``urn:sealmq:claim:<id>``, which no verifier accepts as a device. ``lifetime`` replaces ``days``
+    for short-lived certificates (automatic renewal, tests): at least a minute, at most the maximum."""
+    if lifetime is not None:
+        if not timedelta(minutes=1) <= lifetime <= timedelta(days=MAX_LEAF_DAYS):
+            raise PkiError(Reason.POLICY_VIOLATION, f"validity must be 1 minute..{MAX_LEAF_DAYS} days")
+    elif not 1 <= days <= MAX_LEAF_DAYS:
         raise PkiError(Reason.POLICY_VIOLATION, f"validity must be 1..{MAX_LEAF_DAYS} days")
     if issuer.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -255,7 +264,7 @@ def issue_leaf(
         raise PkiError(Reason.POLICY_VIOLATION, "the CA key does not match the CA certificate")
     pub = checked.csr.public_key()
     # A leaf never outlives its CA: clip rather than issue a certificate that fails validation.
-    not_after = min(now + timedelta(days=days), issuer.not_valid_after_utc)
+    not_after = min(now + (lifetime or timedelta(days=days)), issuer.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(checked.name))
@@ -282,7 +291,7 @@ def issue_leaf(
         .add_extension(_eku(checked.role), critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(identity_uri(checked.role, checked.name))]
+                [x509.UniformResourceIdentifier(san_uri or identity_uri(checked.role, checked.name))]
             ),
             critical=False,
         )

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -231,10 +231,14 @@ def sign_csr(
     passphrase: bytes | None = None,
     now: datetime | None = None,
     expected_name: str | None = None,
+    san_uri: str | None = None,
+    index_role: str | None = None,
+    lifetime: timedelta | None = None,
 ) -> Issued:
     """Validate a CSR and issue its certificate; records it in ``ca/issued`` and the index.
 
     Writes nothing but the CA's records, and only once everything has been checked.
+    ``san_uri``/``index_role``: claim certificates (:mod:`pki.claim`).
     """
     pki = Path(pki_dir)
     role = Role(role)
@@ -242,16 +246,22 @@ def sign_csr(
     checked = issue.check_csr(issue.load_csr(csr_pem), role, expected_name)
     ca = load_ca(pki, passphrase)
     cert = issue.issue_leaf(
-        checked, ca.issuer, ca.issuer_key, when, days=issue.DEFAULT_LEAF_DAYS if days is None else days
+        checked, ca.issuer, ca.issuer_key, when, days=issue.DEFAULT_LEAF_DAYS if days is None else days,
+        san_uri=san_uri, lifetime=lifetime,
     )
     with _locked(pki):
-        _record(pki, cert, role.value, checked.name, key_type=checked.key_type, when=when)
+        _record(pki, cert, index_role or role.value, checked.name, key_type=checked.key_type, when=when)
     return Issued(cert, [cert, *ca.intermediates])
+
+
+def _side(role: Any) -> Any:
+    return "device" if role == "claim" else role
 
 
 def _holder_of_other_role(index: dict[str, Any], role: str, name: str) -> str | None:
     for e in index["certificates"]:
-        if e.get("name") == name and e.get("role") != role and not e.get("revoked_at"):
+        # a claim (pki.claim) is the device's own: the same name, the device side
+        if e.get("name") == name and _side(e.get("role")) != _side(role) and not e.get("revoked_at"):
             return str(e.get("role"))
     return None
 

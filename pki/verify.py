@@ -90,6 +90,56 @@ class _Verified:
     not_after: datetime
 
 
+@dataclass(frozen=True)
+class VerifiedClaim:
+    """A device that proved only a claim credential: it may enrol and do nothing else.
+
+    Its ``role`` is the device's (it speaks the device side of the protocol); ``claim`` is what the
+    backend checks to confine the session to enrolment.
+    """
+
+    name: str  # the device id the claim is bound to
+    certificate: x509.Certificate
+    public_key: Any
+    role: Role = Role.DEVICE
+    claim: bool = True
+
+    @property
+    def credential(self) -> str:
+        return f"claim serial {self.certificate.serial_number:x}"
+
+    @property
+    def kind(self) -> CredentialKind:
+        return CredentialKind.X509
+
+    @property
+    def credential_ref(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+
+CLAIM_URI_PREFIX = "urn:sealmq:claim:"
+
+
+def claim_uri(name: str) -> str:
+    if not valid_name(name):
+        raise PkiError(Reason.POLICY_VIOLATION, "invalid device id for a claim")
+    return CLAIM_URI_PREFIX + name
+
+
+def claim_name_of(cert: x509.Certificate) -> str | None:
+    """The device id a claim certificate is bound to, or None if it is not a claim certificate."""
+    try:
+        names = list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return None
+    if len(names) != 1 or not isinstance(names[0], x509.UniformResourceIdentifier):
+        return None
+    uri = names[0].value
+    if not uri.startswith(CLAIM_URI_PREFIX) or not valid_name(uri[len(CLAIM_URI_PREFIX):]):
+        return None
+    return uri[len(CLAIM_URI_PREFIX):]
+
+
 # --- identity ------------------------------------------------------------------------------
 def valid_name(name: str) -> bool:
     return isinstance(name, str) and bool(NAME_RE.match(name))
@@ -330,6 +380,10 @@ class TrustStore:
         return self._anchors
 
     @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]:
+        return self._crls
+
+    @property
     def checks_revocation(self) -> bool:
         return bool(self._crls)
 
@@ -386,6 +440,31 @@ class TrustStore:
                 self._verified.popitem(last=False)  # the least recently validated
         except KeyError:  # another thread evicted it meanwhile: not remembered, still correct
             pass
+
+    def verify_claim(
+        self, chain: Sequence[bytes | x509.Certificate], *, now: datetime, expected_name: str | None = None
+    ) -> VerifiedClaim:
+        """Validate a claim certificate (SAN ``urn:sealmq:claim:<id>``, device profile): the same
+        path, validity and revocation checks as :meth:`verify`, for the enrolment service only."""
+        when = _as_utc(now)
+        if isinstance(chain, bytes | bytearray | x509.Certificate) or not chain or len(chain) > MAX_CHAIN_CERTS:
+            raise CertificateError(Reason.MALFORMED, "chain must be a short non-empty sequence, leaf first")
+        certs = [load_certificate(c) for c in chain]
+        try:
+            leaf = certs[0]
+            name = claim_name_of(leaf)
+            if name is None:
+                raise CertificateError(Reason.WRONG_ROLE, "not a claim certificate")
+            if expected_name is not None and name != expected_name:
+                raise CertificateError(Reason.IDENTITY_MISMATCH, "claim names another device")
+            _check_leaf_profile(leaf, Role.DEVICE)
+            _cert_key_description(leaf)
+            path = self._build_path(leaf, certs[1:], when)
+            self._check_revocation(path, when)
+            self._library_check(leaf, path, when)
+        except PARSE_ERRORS:
+            raise CertificateError(Reason.MALFORMED, "unparsable certificate") from None
+        return VerifiedClaim(name=name, certificate=leaf, public_key=leaf.public_key())
 
     def _verify(
         self, certs: list[x509.Certificate], role: Role, now: datetime, expected_name: str | None

@@ -78,6 +78,11 @@ class Reason(StrEnum):
     UNEXPECTED_KIND = "unexpected_kind"  # an authenticated record of a kind this side has no use for
     # --- transport / broker -----------------------------------------------------------------
     NOT_AUTHORIZED = "not_authorized"
+    # fleet management (issue 16)
+    CLAIM_CONFINED = "claim_confined"  # a claim session may only enrol
+    CLAIM_EXHAUSTED = "claim_exhausted"  # a claim used as often as it may be
+    DOWNGRADE = "downgrade"  # an update whose version is not above the installed one
+    WRONG_TARGET = "wrong_target"  # an update for another device or device class
     TRANSPORT_FAILED = "transport_failed"
     # --- per-device bounds of the backend (docs/operations.md) ---------------------------------
     RATE_LIMITED = "rate_limited"  # more records per second than the device's share
@@ -196,6 +201,14 @@ class BodyError(DecodeError):
 # --- media --------------------------------------------------------------------------------
 class MediaError(RemoteProtocolError):
     """A media manifest, chunk or transfer was rejected."""
+
+
+# --- fleet: enrolment and updates ----------------------------------------------------------
+class FleetError(RemoteProtocolError):
+    """An enrolment or update message or package was refused (:mod:`sealmq.enrol`,
+    :mod:`sealmq.update`)."""
+
+    default_reason = Reason.BAD_BODY
 
 
 # --- transport ----------------------------------------------------------------------------

@@ -68,6 +68,11 @@ KIND_DIRECTIONS: dict[RecordKind, frozenset[Direction]] = {
     RecordKind.MEDIA_ACK: frozenset({Direction.DOWN}),
     RecordKind.MEDIA_CONTROL: frozenset({Direction.UP, Direction.DOWN}),
     RecordKind.ACK: frozenset({Direction.DOWN}),
+    RecordKind.ENROL_REQUEST: frozenset({Direction.UP}),
+    RecordKind.ENROL_RESPONSE: frozenset({Direction.DOWN}),
+    RecordKind.UPDATE_OFFER: frozenset({Direction.DOWN}),
+    RecordKind.UPDATE_CHUNK: frozenset({Direction.DOWN}),
+    RecordKind.UPDATE_STATUS: frozenset({Direction.UP}),
 }
 
 RandomBytes = Callable[[int], bytes]

@@ -54,6 +54,12 @@ class RecordKind(IntEnum):
     MEDIA_ACK = 7  # backend -> device, media channel
     MEDIA_CONTROL = 8  # both directions, media channel (status request, finish, abort)
     ACK = 9  # backend -> device, data channel: message ids committed (the device's outbox drops them)
+    # fleet management (issue 16), numbered apart so other additions do not collide
+    ENROL_REQUEST = 16  # device -> backend, data channel: a CSR (zero-touch enrolment, renewal)
+    ENROL_RESPONSE = 17  # backend -> device, data channel: the certificate chain or a refusal
+    UPDATE_OFFER = 18  # backend -> device, media channel: a release-signed update manifest
+    UPDATE_CHUNK = 19  # backend -> device, media channel: a piece of the update payload
+    UPDATE_STATUS = 20  # device -> backend, media channel: next chunk wanted, installed, rejected
 
 
 KIND_CHANNEL: dict[RecordKind, Channel] = {
@@ -66,6 +72,11 @@ KIND_CHANNEL: dict[RecordKind, Channel] = {
     RecordKind.MEDIA_ACK: Channel.MEDIA,
     RecordKind.MEDIA_CONTROL: Channel.MEDIA,
     RecordKind.ACK: Channel.DATA,
+    RecordKind.ENROL_REQUEST: Channel.DATA,
+    RecordKind.ENROL_RESPONSE: Channel.DATA,
+    RecordKind.UPDATE_OFFER: Channel.MEDIA,
+    RecordKind.UPDATE_CHUNK: Channel.MEDIA,
+    RecordKind.UPDATE_STATUS: Channel.MEDIA,
 }
 
 

@@ -77,7 +77,15 @@ BODY_RULE = {
     RecordKind.MEDIA_ACK: "media-ack",
     RecordKind.MEDIA_CONTROL: "media-control",
     RecordKind.ACK: "ack",
+    RecordKind.ENROL_REQUEST: "enrol-request",
+    RecordKind.ENROL_RESPONSE: "enrol-response",
+    RecordKind.UPDATE_OFFER: "update-offer",
+    RecordKind.UPDATE_CHUNK: "update-chunk",
+    RecordKind.UPDATE_STATUS: "update-status",
 }
+# enrolment and updates (issue 16) have their own end-to-end capture: tests/test_fleet_cddl.py
+FLEET_KINDS = {RecordKind.ENROL_REQUEST, RecordKind.ENROL_RESPONSE, RecordKind.UPDATE_OFFER,
+               RecordKind.UPDATE_CHUNK, RecordKind.UPDATE_STATUS}
 HS_UP = ["[ true, message_1 ]", "[ c-x, message_3 ]", "[ c-x, error ]"]
 HS_DOWN = ["[ c-x, message_2 ]", "[ c-x, error ]", "[ null, error ]"]
 
@@ -407,6 +415,8 @@ def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Pat
         check_publish(schema, topic, payload)
     kinds = [kind for kind, _ in cap.sealed]
     for kind in RecordKind:
+        if kind in FLEET_KINDS:
+            continue
         assert kind in kinds or kind is RecordKind.MEDIA_CONTROL, kind  # no status request without loss
     for kind, plaintext in cap.sealed:
         check_body(schema, kind, plaintext)

@@ -282,8 +282,11 @@ class BackendEndpoint:
             if est.peer.kind is not CredentialKind.X509:
                 continue  # a CCS is checked against the registry (the adapter's reload), not a CA
             try:
-                trust_store.verify([est.peer.credential_ref], role=Role.DEVICE, now=to_datetime(now),
-                                   expected_name=device_id)
+                if getattr(est.peer, "claim", False):  # an enrolment session (issue 16): still a valid claim?
+                    trust_store.verify_claim([est.peer.credential_ref], now=to_datetime(now), expected_name=device_id)
+                else:
+                    trust_store.verify([est.peer.credential_ref], role=Role.DEVICE, now=to_datetime(now),
+                                       expected_name=device_id)
             except SealmqError as err:
                 del self.sessions[device_id]
                 out.append(SessionLost(device_id, err.reason))
