@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -266,28 +267,8 @@ def issue_leaf(
     # A leaf never outlives its CA: clip rather than issue a certificate that fails validation.
     not_after = min(now + (lifetime or timedelta(days=days)), issuer.not_valid_after_utc)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(checked.name))
-        .issuer_name(issuer.subject)
-        .public_key(pub)
-        .serial_number(random_serial(random_bytes))
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _leaf_builder(checked.name, issuer, pub, now=now, not_after=not_after, random_bytes=random_bytes,
+                      key_encipherment=False)
         .add_extension(_eku(checked.role), critical=False)
         .add_extension(
             x509.SubjectAlternativeName(
@@ -299,6 +280,38 @@ def issue_leaf(
         .add_extension(_aki_from(issuer), critical=False)
     )
     return builder.sign(issuer_key, signing_hash(issuer_key))
+
+
+def _leaf_builder(
+    name: str, issuer: x509.Certificate, public_key: Any, *, now: datetime, not_after: datetime,
+    random_bytes: RandomBytes, key_encipherment: bool,
+) -> x509.CertificateBuilder:
+    """What every leaf (device, backend, claim, broker) shares: subject, issuer, key, random
+    serial, validity, CA:false and a critical key usage; the caller adds EKU, SAN and key ids."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(random_serial(random_bytes))
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=key_encipherment,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
 
 
 # --- broker (TLS server) certificates -------------------------------------------------------
@@ -344,28 +357,9 @@ def issue_server(
     describe_public_key(public_key)  # the leaf key types we accept anywhere
     not_after = min(now + timedelta(days=days), issuer.not_valid_after_utc)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(issuer.subject)
-        .public_key(public_key)
-        .serial_number(random_serial(random_bytes))
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        # key_encipherment: an RSA broker key serves TLS 1.2 RSA key exchange
+        _leaf_builder(name, issuer, public_key, now=now, not_after=not_after, random_bytes=random_bytes,
+                      key_encipherment=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(server_names(hosts)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
