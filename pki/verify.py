@@ -59,8 +59,22 @@ PARSE_ERRORS = (
 )
 
 
+class _X509Credential:
+    """What an identity proven by an X.509 leaf says of its credential (``certificate`` is the leaf)."""
+
+    certificate: x509.Certificate
+
+    @property
+    def kind(self) -> CredentialKind:
+        return CredentialKind.X509
+
+    @property
+    def credential_ref(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.DER)
+
+
 @dataclass(frozen=True)
-class VerifiedPeer:
+class VerifiedPeer(_X509Credential):
     """A peer whose certificate chain validated; a :class:`sealmq.identity.PeerIdentity`."""
 
     role: Role
@@ -71,14 +85,6 @@ class VerifiedPeer:
     @property
     def credential(self) -> str:
         return f"x509 serial {self.certificate.serial_number:x}"
-
-    @property
-    def kind(self) -> CredentialKind:
-        return CredentialKind.X509
-
-    @property
-    def credential_ref(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class _Verified:
 
 
 @dataclass(frozen=True)
-class VerifiedClaim:
+class VerifiedClaim(_X509Credential):
     """A device that proved only a claim credential: it may enrol and do nothing else.
 
     Its ``role`` is the device's (it speaks the device side of the protocol); ``claim`` is what the
@@ -107,14 +113,6 @@ class VerifiedClaim:
     @property
     def credential(self) -> str:
         return f"claim serial {self.certificate.serial_number:x}"
-
-    @property
-    def kind(self) -> CredentialKind:
-        return CredentialKind.X509
-
-    @property
-    def credential_ref(self) -> bytes:
-        return self.certificate.public_bytes(serialization.Encoding.DER)
 
 
 CLAIM_URI_PREFIX = "urn:sealmq:claim:"
