@@ -31,6 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run.add_argument("--pki", type=Path, required=True, help="PKI directory (ca/, backend/<name>/)")
     run.add_argument("--data", type=Path, default=Path("sealmq-data/backend"), help=_DATA_HELP)
     _add_db_argument(run)
+    scale = run.add_argument_group("several workers (docs/scaling.md)")
+    scale.add_argument("--state", default=None, metavar="URL",
+                       help="shared session state: a redis:// or rediss:// URL (Redis or Valkey) the workers share "
+                            "(needs sealmq[scale]); default: sessions stay in this process")
+    scale.add_argument("--state-key", type=Path, default=None, metavar="FILE",
+                       help="the 32-byte key that seals session snapshots in the shared state (0600; the same file "
+                            "on every worker; made if missing); default: <data>/state.key")
+    scale.add_argument("--secondary", action="store_true",
+                       help="a worker that serves handshakes and records only; the primary also serves media, queued "
+                            "commands and update pushes")
     run.add_argument("--name", default="backend", help="backend identity name (default: %(default)s)")
     quotas = run.add_argument_group("per-device bounds (docs/operations.md)")
     quotas.add_argument("--device-records-per-second", type=float, default=DeviceQuotas.records_per_second,
@@ -118,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     quotas = DeviceQuotas(records_per_second=rate or None, records_burst=max(1, int(2 * (rate or 0))),
                           stored_bytes=stored or None)
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name,
-                                             db=args.db, quotas=quotas))
+                                             db=args.db, quotas=quotas, state=args.state,
+                                             state_key=args.state_key, primary=not args.secondary))
     console = start_console(service, args, settings)  # console (issue 13)
     try:
         service.run_forever(connect_timeout=connect_limit(args))

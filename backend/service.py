@@ -35,6 +35,8 @@ from backend.media import Received as MediaReceived
 from backend.media import Reply as MediaReply
 from backend.observer import ServiceObserver, notify  # console (issue 13)
 from backend.quotas import DeviceQuotas, QuotaGuard
+from backend.session_state import STATE_KEY_FILE, open_session_state
+from backend.shared import SharedSessions
 from backend.store import open_store
 from backend.update import UpdatePusher  # fleet (issue 16)
 from pki import ccs as pki_ccs
@@ -64,6 +66,7 @@ from sealmq.endpoint import (
     HandshakeCompleted,
     Output,  # console (issue 13)
     Received,
+    SessionLost,
 )
 from sealmq.errors import ConfigError, Reason, SealmqError
 from sealmq.identity import CredentialKind, Role
@@ -101,6 +104,14 @@ class BackendSettings:
     update_chunk_size: int = 63 * 1024  # fleet (issue 16): update chunks, in flight, re-offer after a stall
     update_window: int = 16
     update_resend_after: float = 10.0
+    # Shared sessions (issue 14, backend/shared.py): None keeps them in this process (one worker,
+    # the default); a redis:// (or rediss://) URL shares them with the other workers, sealed under
+    # the key in state_key (0600, the same file on every worker; made if missing).
+    state: str | None = None
+    state_key: Path | None = None  # default: <data>/state.key
+    # With several workers, the one that also serves media, queued commands and update pushes (its
+    # subscriptions to media are its own, not shared); the others serve handshakes and records.
+    primary: bool = True
 
 
 
@@ -152,16 +163,25 @@ class BackendService(EndpointDriver):
         # the backend has a CCS of its own (`sealmq pki ccs issue --pki DIR backend`): looked for
         # at start and at every tick, so issuing one needs no restart.
         self._own_ccs = FileWatch(identity_dir / layout.CCS_CRED, seen=False)
+        if settings.state is not None:
+            # one initiator per session: the devices start key updates, no worker does on its own
+            config = replace(config, session=replace(config.session, auto_key_update=False))
         endpoint = BackendEndpoint(
             credentials=credentials, trust_store=self._load_trust_store(), config=config,
             authenticator=self._authenticator,
         )
+        self.shared: SharedSessions | None = None
+        if settings.state is not None:
+            state = open_session_state(settings.state, settings.state_key or settings.data_dir / STATE_KEY_FILE)
+            self.shared = SharedSessions(endpoint, state, lock=state.lock)
         private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = open_store(settings.db, settings.data_dir, durable=settings.durable)
         self.quotas = QuotaGuard(settings.quotas, self.storage)
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas,
                                 quarantine_ttl=settings.quarantine_ttl, quarantine_keep=settings.quarantine_keep)
         self._next_expiry = 0.0
+        self._known: set[str] = set()  # shared sessions: device ids in the store (for queued commands)
+        self._known_until = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
         audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log,
                          throttle=settings.audit_throttle)
@@ -218,10 +238,34 @@ class BackendService(EndpointDriver):
         return self.storage.queue_command(device_id, name, cbor.dumps(args), self.clock())
 
     def key_update(self, device_id: str) -> None:
-        self._run(lambda now: self.endpoint.key_update(device_id, now, self.random))
+        self._run(lambda now: self.shared.key_update(device_id, now, self.random) if self.shared is not None
+                  else self.endpoint.key_update(device_id, now, self.random))
 
     def seal_to(self, device_id: str, kind: RecordKind, plaintext: bytes) -> None:
-        self._run(lambda now: self.endpoint.seal(device_id, kind, plaintext, now))
+        self._run(lambda now: self._seal(device_id, kind, plaintext, now))
+
+    # -- shared sessions (issue 14) ------------------------------------------------------------
+    def _handle(self, topic: str, payload: bytes, now: float) -> list[Output]:
+        if self.shared is None:
+            return self.endpoint.handle(topic, payload, now, self.random)
+        return self.shared.handle(topic, payload, now, self.random)
+
+    def _seal(self, device_id: str, kind: RecordKind, body: bytes, now: float) -> list[Output]:
+        if self.shared is None:
+            return self.endpoint.seal(device_id, kind, body, now)
+        return self.shared.seal(device_id, kind, body, now)
+
+    def _on_protocol_event(self, event: str, out: Output) -> None:
+        if self.shared is not None and isinstance(out, SessionLost):
+            self.shared.session_lost(out.device_id)  # revoked, key limit: ended for every worker
+
+    def _live(self, devices: set[str] | None = None) -> set[str]:
+        """Devices (of ``devices``, or all this worker holds) with a session that is not a claim."""
+        if self.shared is not None and devices is not None:
+            devices = {d for d in devices if self.shared.has_session(d)}
+        sessions = self.endpoint.sessions
+        return {d for d in (sessions if devices is None else devices)
+                if d in sessions and not is_claim(sessions[d].peer)}
 
     # -- observers: the console's feed and the metrics (issue 13) ----------------------------
     def _after_message(self, topic: str, payload: bytes, outputs: list[Output], now: float) -> None:
@@ -254,9 +298,11 @@ class BackendService(EndpointDriver):
             self.audit.event("ccs_credential_loaded", kid=credential.ccs.kid.hex())
 
     def _on_tick(self, now: float) -> None:
-        self._send_pending_commands(now)
-        # fleet (issue 16): pending update transfers, certificate and CRL expiry warnings
-        self.updates.tick(now, {d for d, e in self.endpoint.sessions.items() if not is_claim(e.peer)}, self._send)
+        if self.settings.primary:  # with several workers, one sends commands and updates
+            self._send_pending_commands(now)
+            # fleet (issue 16): pending update transfers, certificate and CRL expiry warnings
+            self.updates.tick(now, self._live(set(self.updates.transfers) if self.shared is not None else None),
+                              self._send)
         self.enrolment.warnings(now, lambda: [(d, e.peer) for d, e in self.endpoint.sessions.items()],
                                 self.endpoint.trust_store)
         if now >= self._next_revalidation:
@@ -331,7 +377,15 @@ class BackendService(EndpointDriver):
 
     def _send_pending_commands(self, now: float) -> None:
         resend_before = now - self.settings.command_resend_after
-        live = {d for d, e in self.endpoint.sessions.items() if not is_claim(e.peer)}  # claims only enrol
+        # claims only enrol; with shared sessions, any device with queued commands may have one
+        if self.shared is not None:
+            if now >= self._known_until:  # the devices the store knows, re-read every few seconds
+                self._known_until = now + 5.0
+                self._known = {row[0] for row in self.storage.devices()}
+            queued = {c.device_id for c in self.storage.pending_commands(self._known, resend_before=resend_before)}
+            live = self._live(queued)
+        else:
+            live = self._live()
         for cmd in self.storage.pending_commands(live, resend_before=resend_before):
             try:
                 body = Command(cmd.id, cmd.name, cbor.loads(cmd.args)).encode()
@@ -340,7 +394,7 @@ class BackendService(EndpointDriver):
                 self.storage.mark_command(cmd.id, "failed", now)
                 self.audit.event("command_failed", device=cmd.device_id, id=cmd.id, reason=err.reason)
                 continue
-            self._dispatch(self.endpoint.seal(cmd.device_id, RecordKind.COMMAND, body, now))
+            self._dispatch(self._seal(cmd.device_id, RecordKind.COMMAND, body, now))
             self.storage.mark_command(cmd.id, "sent", now)
             self.audit.event("command_sent", device=cmd.device_id, command=cmd.name, id=cmd.id)
 
@@ -362,10 +416,10 @@ class BackendService(EndpointDriver):
     def _send_ack(self, device_id: str, ack: Ack, now: float) -> None:
         # without a session any more, nothing to do: the next session starts with the same ledger's ACK
         with contextlib.suppress(SealmqError):
-            self._dispatch(self.endpoint.seal(device_id, RecordKind.ACK, ack.encode(), now))
+            self._dispatch(self._seal(device_id, RecordKind.ACK, ack.encode(), now))
 
     def _send(self, device_id: str, kind: RecordKind, body: bytes) -> None:
-        self._dispatch(self.endpoint.seal(device_id, kind, body, self.clock()))
+        self._dispatch(self._seal(device_id, kind, body, self.clock()))
 
     def _on_fleet_record(self, rec: Received, now: float) -> bool:
         """Claim confinement, enrolment and renewal, update status (issue 16); True if handled."""
@@ -421,7 +475,7 @@ class BackendService(EndpointDriver):
             outputs = self.media.handle(rec.device_id, public_key, rec.kind, rec.plaintext, now)
         except MediaRejected as err:
             self.audit.event("transfer_rejected", device=rec.device_id, reason=err.reason, detail=err.detail)
-            self._dispatch(self.endpoint.seal(rec.device_id, err.reply.kind, err.reply.body, now))
+            self._dispatch(self._seal(rec.device_id, err.reply.kind, err.reply.body, now))
             return
         except SealmqError as err:
             self.audit.event("message_rejected", device=rec.device_id, stage="media", reason=err.reason,
@@ -429,7 +483,7 @@ class BackendService(EndpointDriver):
             return
         for out in outputs:
             if isinstance(out, MediaReply):
-                self._dispatch(self.endpoint.seal(rec.device_id, out.kind, out.body, now))
+                self._dispatch(self._seal(rec.device_id, out.kind, out.body, now))
             elif isinstance(out, MediaReceived):
                 r = out.record
                 # file names stay out of logs: the transfer id and hash identify the file

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from sealmq.errors import LocalProtocolError, Reason, ReplayError
+from sealmq.errors import ConfigError, LocalProtocolError, Reason, ReplayError, TransportError
 from sealmq.limits import REPLAY_WINDOW
 from sealmq.replay import ReplayWindow
 
@@ -58,6 +60,12 @@ class SessionState(Protocol):
     def get(self, kind: str, device_id: str) -> bytes | None: ...
     def delete(self, kind: str, device_id: str) -> None: ...
 
+    def lock(self, device_id: str, ttl: float = 5.0, wait: float = 5.0) -> AbstractContextManager[None]:
+        """Hold ``device_id``'s lock (every worker's) for a step that reads, changes and writes back its
+        snapshot; it expires after ``ttl`` seconds if its holder dies. Raises :class:`TransportError`
+        if it is not free within ``wait`` seconds."""
+        ...
+
     def forget_device(self, device_id: str) -> None:
         """Drop everything kept for ``device_id`` (its windows, counters, snapshots, delivery ids)."""
         ...
@@ -81,6 +89,7 @@ class MemorySessionState:
         self._next_seq: dict[tuple[str, str], int] = {}
         self._seen: dict[tuple[str, int], float] = {}  # -> expiry
         self._blobs: dict[tuple[str, str], tuple[bytes, float | None]] = {}
+        self._device_locks: dict[str, threading.Lock] = {}
 
     def accept(self, device_id: str, context: str, seq: int) -> bool:
         with self._lock:
@@ -132,6 +141,17 @@ class MemorySessionState:
         with self._lock:
             self._blobs.pop((kind, device_id), None)
 
+    @contextmanager
+    def lock(self, device_id: str, ttl: float = 5.0, wait: float = 5.0) -> Iterator[None]:
+        with self._lock:
+            lock = self._device_locks.setdefault(device_id, threading.Lock())
+        if not lock.acquire(timeout=wait):
+            raise TransportError(Reason.TRANSPORT_FAILED, f"device lock of {device_id} not free within {wait} s")
+        try:
+            yield
+        finally:
+            lock.release()
+
     def forget_device(self, device_id: str) -> None:
         with self._lock:
             self._windows = {k: v for k, v in self._windows.items() if k[0] != device_id}
@@ -141,3 +161,20 @@ class MemorySessionState:
 
     def close(self) -> None:
         pass
+
+
+STATE_KEY_FILE = "state.key"  # under the backend's data directory unless given
+
+
+def open_session_state(url: str, key_file: Path) -> SessionState:
+    """The shared session state at ``url``: ``memory`` (this process only, for tests and one worker)
+    or ``redis://`` / ``rediss://`` (Redis or Valkey; the ``[scale]`` extra), sealed under the key in
+    ``key_file`` (made, 0600, if missing)."""
+    if url == "memory":
+        return MemorySessionState()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(Reason.CONFIG_INVALID, "--state must be memory, redis://, rediss:// or unix://")
+    from backend.session_state_redis import RedisSessionState
+    from backend.state_seal import StateSealer, load_or_create_key
+
+    return RedisSessionState(url, StateSealer(load_or_create_key(key_file)))

@@ -20,13 +20,17 @@ device lives in one slot and a script touching a device's keys stays legal on a 
 from __future__ import annotations
 
 import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 
 from backend.session_state import check_kind
 from backend.state_seal import StateSealer
-from sealmq.errors import LocalProtocolError, Reason
+from sealmq.errors import LocalProtocolError, Reason, TransportError
 from sealmq.limits import REPLAY_WINDOW
 
 # KEYS[1]: hash with field h = highest accepted seq; KEYS[2]: bitmap, bit (seq mod size) = seq seen.
@@ -69,6 +73,13 @@ return result
 _MAX_SEQ = 2**52
 
 
+# Release a device lock only if it is still ours (it may have expired and been taken by another worker).
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
@@ -84,6 +95,7 @@ class RedisSessionState:
         self._sealer = sealer
         self._r: redis.Redis = redis.Redis.from_url(url, decode_responses=False)
         self._accept: Any = self._r.register_script(ACCEPT_LUA)
+        self._unlock: Any = self._r.register_script(UNLOCK_LUA)
         self._r.ping()
 
     def __repr__(self) -> str:
@@ -127,6 +139,22 @@ class RedisSessionState:
     def delete(self, kind: str, device_id: str) -> None:
         check_kind(kind)
         self._r.delete(self._key(device_id, kind))
+
+    @contextmanager
+    def lock(self, device_id: str, ttl: float = 5.0, wait: float = 5.0) -> Iterator[None]:
+        key = self._key(device_id, "lock")
+        token = secrets.token_bytes(16)
+        deadline = time.monotonic() + wait
+        delay = 0.001
+        while not self._r.set(key, token, nx=True, px=max(1, int(ttl * 1000))):
+            if time.monotonic() >= deadline:
+                raise TransportError(Reason.TRANSPORT_FAILED, f"device lock of {device_id} not free within {wait} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            self._unlock(keys=[key], args=[token])
 
     def forget_device(self, device_id: str) -> None:
         # SCAN, not KEYS: never blocks the server; the hash tag makes the pattern exact for one device

@@ -130,7 +130,7 @@ class EndpointDriver:
     def _on_message(self, topic: str, payload: bytes) -> None:
         with self._lock:
             now = self.clock()
-            outputs = self.endpoint.handle(topic, payload, now, self.random)
+            outputs = self._handle(topic, payload, now)
             self._dispatch(outputs)
             self._after_message(topic, payload, outputs, self.clock())
 
@@ -168,6 +168,10 @@ class EndpointDriver:
                     self.counters[_COUNTERS[event]] += 1
                 if event is not None:
                     self._on_protocol_event(event, out)
+
+    def _handle(self, topic: str, payload: bytes, now: float) -> list[Output]:
+        """One incoming message through the endpoint (a subclass may wrap it: shared sessions)."""
+        return self.endpoint.handle(topic, payload, now, self.random)
 
     # -- hooks (the application) -------------------------------------------------------------
     def _on_record(self, rec: Received, now: float) -> None:
