@@ -201,7 +201,7 @@ def test_the_property_run_reaches_every_part_of_the_snapshot() -> None:
     pending = restore(device)
     assert pending.key_update_pending
     out = backend.open(t_req, req, 2.0, rng("b"))
-    answer = [e for e in out if isinstance(e, Publish)][0]
+    answer = next(e for e in out if isinstance(e, Publish))
     assert restore(backend)._ku.answered is not None and restore(backend).epochs == (0, 1)
     t_cmd, cmd = backend.seal(RecordKind.COMMAND, b"new-epoch", 2.0)
     assert device.open(t_cmd, cmd, 2.0) == []  # buffered
@@ -227,7 +227,7 @@ def rich_snapshots() -> list[bytes]:
         backend.open(t, r[:-1] + bytes([r[-1] ^ 1]), 1.0)
     out = [backend.to_bytes()]
     t_req, req = device.start_key_update(b"Q" * 8, 2.0)
-    answer = [e for e in backend.open(t_req, req, 2.0, rng("x")) if isinstance(e, Publish)][0]
+    answer = next(e for e in backend.open(t_req, req, 2.0, rng("x")) if isinstance(e, Publish))
     t_cmd, cmd = backend.seal(RecordKind.COMMAND, b"c", 2.0)
     device.open(t_cmd, cmd, 2.0)
     out += [device.to_bytes(), backend.to_bytes()]  # pending + buffer; two epochs + answered
