@@ -17,10 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 
+from backend.enrol import ClaimAwareAuthenticator, is_claim
 from pki import ccs as pki_ccs
-from pki import layout, store
+from pki import claim, layout, store
+from pki.verify import load_chain
 from sealmq import cbor, topics
 from sealmq.edhoc import (
     AuthenticatedPeer,
@@ -31,6 +33,7 @@ from sealmq.edhoc import (
     MixedAuthenticator,
     PeerAuthenticator,
     X509Authenticator,
+    X509Credential,
 )
 from sealmq.endpoint import (
     BackendConfig,
@@ -73,7 +76,7 @@ def now(pki: TestPki) -> float:
 
 def backend(pki: TestPki, *, names: tuple[str, ...] = ("backend", "backend-ed", "backend-rsa"),
             config: BackendConfig | None = None,
-            wrap: Callable[[PeerAuthenticator], PeerAuthenticator] | None = None) -> BackendEndpoint:
+            wrap: Callable[[PeerAuthenticator, float], PeerAuthenticator] | None = None) -> BackendEndpoint:
     """One worker: its own trust store, CCS registry and authenticator, the deployment's credentials."""
     trust = pki.trust_store()
     registry = pki_ccs.load_registry(pki.path)
@@ -83,7 +86,7 @@ def backend(pki: TestPki, *, names: tuple[str, ...] = ("backend", "backend-ed", 
         auth = MixedAuthenticator(CcsAuthenticator(registry, Role.DEVICE, now),
                                   X509Authenticator(trust, Role.DEVICE, datetime.fromtimestamp(now, UTC),
                                                     known_chains=known))
-        return wrap(auth) if wrap is not None else auth
+        return wrap(auth, now) if wrap is not None else auth
 
     creds: list[LocalCredential] = [pki.credential("backend", n) for n in names]
     creds.append(pki_ccs.load_credential(pki.path, "backend", "backend"))
@@ -319,7 +322,7 @@ def test_import_session_refusals(pki: TestPki, now: float) -> None:
     # ID_CRED_I now resolves to another key (a re-registered credential, say): refused
 
     class OtherKey:
-        def __init__(self, inner: PeerAuthenticator) -> None:
+        def __init__(self, inner: PeerAuthenticator, now: float) -> None:
             self.inner = inner
 
         def authenticate(self, id_cred: IdCred) -> AuthenticatedPeer:
@@ -344,6 +347,34 @@ def test_a_revoked_device_session_is_not_imported(pki: TestPki, now: float) -> N
         b.import_session("cam-rev", blob, now)
     assert exc.value.reason is Reason.REVOKED
     assert not b.sessions
+
+
+def test_a_claim_session_stays_a_claim_on_another_endpoint(pki: TestPki, now: float) -> None:
+    """Enrolment sessions are confined by the identity's type (``backend.enrol.is_claim``): the
+    import gives the same type as the handshake, and a claim used up since is refused."""
+    folder = claim.issue_claim(pki.path, "fresh-1", now=datetime.fromtimestamp(now - 600, UTC))
+    key = load_pem_private_key((folder / claim.CLAIM_KEY).read_bytes(), None)
+    certs = load_chain((folder / claim.CLAIM_CHAIN).read_bytes())
+    dev = DeviceEndpoint(device_id="fresh-1", trust_store=pki.trust_store(),
+                         credential=X509Credential(key, [c.public_bytes(Encoding.DER) for c in certs]))
+
+    def claims(inner: PeerAuthenticator, when: float) -> PeerAuthenticator:
+        return ClaimAwareAuthenticator(inner, pki.trust_store(), pki.path, when)
+
+    a = backend(pki, wrap=claims)
+    run = Run(dev, a, now, counter_random(21))
+    run.run(dev.start_handshake(now, run.rnd))
+    assert is_claim(a.peer("fresh-1"))
+    blob = a.export_session("fresh-1")
+    assert blob is not None
+    b = backend(pki, wrap=claims)
+    b.import_session("fresh-1", blob, now)
+    assert is_claim(b.peer("fresh-1"))
+    assert not is_claim(backend(pki).peer("fresh-1"))  # (the check can fail: no session, no claim)
+    claim.consume(pki.path, certs[0].serial_number, "fresh-1", 1, datetime.fromtimestamp(now, UTC))
+    with pytest.raises(EdhocError) as exc:
+        backend(pki, wrap=claims).import_session("fresh-1", blob, now)
+    assert exc.value.reason is Reason.CLAIM_EXHAUSTED
 
 
 # --- mutations: sealmq errors only, and a refused import changes nothing ---------------------------
