@@ -13,6 +13,7 @@ also closes a malleability channel: the same message has exactly one valid encod
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import cbor2
@@ -215,6 +216,19 @@ def as_uint(value: Any, what: str, *, max_value: int = 2**64 - 1) -> int:
 def as_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DecodeError(Reason.WRONG_TYPE, f"{what} must be an integer")
+    return value
+
+
+def as_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise DecodeError(Reason.WRONG_TYPE, f"{what} must be true or false")
+    return value
+
+
+def as_float(value: Any, what: str) -> float:
+    """A finite float (a time, in state snapshots); an integer is refused, so each value has one encoding."""
+    if type(value) is not float or not math.isfinite(value):
+        raise DecodeError(Reason.WRONG_TYPE, f"{what} must be a finite float")
     return value
 
 

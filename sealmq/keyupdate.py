@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from sealmq import cbor, kdf, limits
-from sealmq.errors import LocalProtocolError, Reason, RecordError
+from sealmq.errors import DecodeError, LocalProtocolError, Reason, RecordError
 
 KU_REQUEST = 1
 KU_ANSWER = 2
@@ -169,3 +169,43 @@ class KeyUpdate:
 
     def state(self) -> tuple[Any, ...]:
         return (self.pending, self.answered, self.last_switch)
+
+    # --- snapshot (docs/protocol.md section 12: ku-state) ----------------------------------------
+
+    def to_cbor(self) -> list[Any]:
+        """``[pending, answered, last_switch]``, each ``null`` or an array (a CBOR-ready value)."""
+        p, a, last = self.pending, self.answered, self.last_switch
+        return [None if p is None else [p.target, p.nonce, float(p.sent_at)],
+                None if a is None else [a.target, a.nonce_a, a.nonce_b],
+                None if last is None else [last[0], last[1]]]
+
+    @classmethod
+    def from_cbor(cls, item: Any, *, is_initiator: bool, nonce_length: int) -> KeyUpdate:
+        """Inverse of :meth:`to_cbor`; shapes and ranges checked here (``DecodeError``), how the
+        state fits the session's epochs by :meth:`sealmq.session.Session.from_bytes`."""
+        pending, answered, last = cbor.as_list(item, "key update state", length=3)
+        ku = cls(is_initiator=is_initiator, nonce_length=nonce_length)
+        if pending is not None:
+            target, nonce, sent_at = cbor.as_list(pending, "pending key update", length=3)
+            ku.pending = Pending(_target(target), _nonce(nonce), cbor.as_float(sent_at, "sent_at"))
+        if answered is not None:
+            target, nonce_a, nonce_b = cbor.as_list(answered, "answered key update", length=3)
+            ku.answered = Answered(_target(target), _nonce(nonce_a), _nonce(nonce_b))
+        if last is not None:
+            target, nonce_a = cbor.as_list(last, "last key update", length=2)
+            ku.last_switch = (_target(target), _nonce(nonce_a))
+        return ku
+
+
+def _target(value: Any) -> int:
+    target = cbor.as_uint(value, "key update epoch", max_value=limits.MAX_EPOCH)
+    if target < 1:
+        raise DecodeError(Reason.WRONG_TYPE, "a key update targets epoch 1 or later")
+    return target
+
+
+def _nonce(value: Any) -> bytes:
+    nonce = cbor.as_bytes(value, "key update nonce", max_len=limits.MAX_KEY_UPDATE_NONCE)
+    if len(nonce) < limits.MIN_KEY_UPDATE_NONCE:
+        raise DecodeError(Reason.WRONG_TYPE, "key update nonce shorter than 8 bytes")
+    return nonce

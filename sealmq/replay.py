@@ -11,7 +11,7 @@ a topic, so records legitimately arrive reordered across topics.
 
 from __future__ import annotations
 
-from sealmq.errors import LocalProtocolError, Reason, ReplayError
+from sealmq.errors import DecodeError, LocalProtocolError, Reason, ReplayError
 
 
 class ReplayWindow:
@@ -25,6 +25,24 @@ class ReplayWindow:
         self.size = size
         self._highest = -1  # nothing seen yet: every sequence number is acceptable
         self._bits = 0  # bit i set <=> (highest - i) was seen
+
+    @classmethod
+    def restore(cls, size: int, highest: int, bits: int) -> ReplayWindow:
+        """A window of ``size`` in the state ``(highest, bits)`` of :meth:`state` (from a snapshot).
+
+        Refuses (``DecodeError``) a state no sequence of :meth:`mark` calls can reach: bits outside
+        the window or below sequence number 0, nothing seen but bits set, or ``highest`` not marked.
+        """
+        window = cls(size)
+        if not -1 <= highest <= 2**40 - 1 or bits < 0:
+            raise DecodeError(Reason.WRONG_TYPE, "replay window out of range")
+        if highest == -1:
+            if bits:
+                raise DecodeError(Reason.MALFORMED, "replay window: bits set but nothing seen")
+        elif not bits & 1 or bits >> min(size, highest + 1):
+            raise DecodeError(Reason.MALFORMED, "replay window: bits inconsistent with its highest")
+        window._highest, window._bits = highest, bits
+        return window
 
     @property
     def highest(self) -> int:

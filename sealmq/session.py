@@ -40,9 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sealmq import kdf, limits, oscore, record, topics
+from sealmq import cbor, kdf, limits, oscore, record, topics
 from sealmq.errors import (
     ConfigError,
+    DecodeError,
     DecryptError,
     LocalProtocolError,
     Reason,
@@ -76,6 +77,8 @@ KIND_DIRECTIONS: dict[RecordKind, frozenset[Direction]] = {
 }
 
 RandomBytes = Callable[[int], bytes]
+
+SNAPSHOT_VERSION = 1  # first element of Session.to_bytes(); docs/protocol.md section 12
 
 
 @dataclass(frozen=True)
@@ -139,10 +142,55 @@ class _Epoch:
         self.peer_switched = False  # (retired epochs) has the peer been seen on the newer epoch?
         self.new_records = 0  # (retired epochs) records accepted under the newer epoch since then
 
+    def to_cbor(self) -> list[Any]:
+        """``held-epoch`` of docs/protocol.md section 12: the keys themselves, since a retired
+        epoch's cannot be derived again (its PRK_out was overwritten)."""
+        highest, bits = self.window.state()
+        return [self.number, self.ctx.sender_key, self.ctx.recipient_key, self.ctx.common_iv,
+                float(self.created), self.next_seq, self.failed,
+                None if self.drop_at is None else float(self.drop_at), self.peer_switched, self.new_records,
+                [highest, bits.to_bytes((bits.bit_length() + 7) // 8, "big")]]
+
     def state(self) -> tuple[Any, ...]:
         return (self.number, _digest(self.ctx.sender_key + self.ctx.recipient_key + self.ctx.common_iv),
                 self.window.state(), self.next_seq, self.created, self.drop_at, self.peer_switched,
                 self.new_records)
+
+
+def _epoch_from_cbor(item: Any, session: Session, alg: oscore.AeadAlgorithm, current: int) -> _Epoch:
+    """One ``held-epoch`` (docs/protocol.md section 12). The current epoch keeps the context
+    ``session`` derived from PRK_out, whose keys the snapshot's must equal."""
+    fields = cbor.as_list(item, "held epoch", length=11)
+    number = cbor.as_uint(fields[0], "epoch", max_value=limits.MAX_EPOCH)
+    sender_key, recipient_key, common_iv = (cbor.as_bytes(fields[i], "epoch key material", max_len=64)
+                                            for i in (1, 2, 3))
+    if len(sender_key) != alg.key_length or len(recipient_key) != alg.key_length \
+            or len(common_iv) != alg.nonce_length:
+        raise DecodeError(Reason.WRONG_TYPE, "epoch key or IV of the wrong length")
+    if number == current:
+        ctx = session._epochs[0].ctx
+        if not (hmac.compare_digest(sender_key, ctx.sender_key)
+                and hmac.compare_digest(recipient_key, ctx.recipient_key)
+                and hmac.compare_digest(common_iv, ctx.common_iv)):
+            raise DecodeError(Reason.MALFORMED, "the current epoch's keys are not those of PRK_out")
+    else:
+        ctx = SecurityContext(alg=alg, sender_id=session.sender_id, recipient_id=session.recipient_id,
+                              id_context=None, sender_key=sender_key, recipient_key=recipient_key,
+                              common_iv=common_iv)
+    config = session.config
+    ep = _Epoch(number, ctx, config.replay_window, cbor.as_float(fields[4], "created"))
+    ep.next_seq = cbor.as_uint(fields[5], "next sequence number", max_value=limits.MAX_PIV + 1)
+    ep.failed = cbor.as_uint(fields[6], "failed decryptions", max_value=config.max_failed_decryptions)
+    ep.drop_at = None if fields[7] is None else cbor.as_float(fields[7], "drop_at")
+    ep.peer_switched = cbor.as_bool(fields[8], "peer_switched")
+    ep.new_records = cbor.as_uint(fields[9], "new-epoch records")
+    highest, bits = cbor.as_list(fields[10], "replay window", length=2)
+    raw = cbor.as_bytes(bits, "replay window bits", max_len=(config.replay_window + 7) // 8)
+    if raw[:1] == b"\x00":
+        raise DecodeError(Reason.NOT_DETERMINISTIC, "replay window bits with a leading zero byte")
+    ep.window = ReplayWindow.restore(config.replay_window, cbor.as_int(highest, "replay window highest"),
+                                     int.from_bytes(raw, "big"))
+    return ep
 
 
 def _digest(data: bytes | bytearray) -> str:
@@ -528,6 +576,114 @@ class Session:
     def _derive_ctx(self) -> SecurityContext:
         return oscore.from_edhoc(bytes(self._prk_out), self._c_i, self._c_r, self.is_initiator,
                                  hash_name=self._hash, app_aead=self._app_aead)
+
+    # --- snapshot (shared state between backend workers; docs/protocol.md section 12) --------------
+
+    def to_bytes(self) -> bytes:
+        """Everything that defines this session's behaviour, as deterministic CBOR (``session-snapshot``).
+
+        Holds PRK_out and every held epoch's keys: store it only sealed (``backend.state_seal``).
+        Not included: the :class:`SessionConfig` and the random source, which the restoring side
+        passes to :meth:`from_bytes` (they are its configuration, not the session's state).
+        """
+        return cbor.dumps([
+            SNAPSHOT_VERSION, self.device_id, self.is_initiator, self._c_i, self._c_r, self._hash,
+            self._app_aead, bytes(self._prk_out), self._current,
+            [ep.to_cbor() for _, ep in sorted(self._epochs.items())],
+            self._ku.to_cbor(), [[topic, data] for topic, _, data in self._buffer], self._closed])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, config: SessionConfig | None = None,
+                   random_bytes: RandomBytes | None = None) -> Session:
+        """The session :meth:`to_bytes` made, continuing exactly where it was.
+
+        Every field is checked, and so is every relation between them that a running session keeps
+        (the current epoch's keys are those of PRK_out, a key update in flight matches the held
+        epochs, a buffered record is one this session would have buffered...): anything else raises
+        :class:`~sealmq.errors.DecodeError` with a reason, never another exception.
+        """
+        try:
+            return cls._restore(data, config if config is not None else SessionConfig(), random_bytes)
+        except DecodeError:
+            raise
+        except SealmqError as exc:  # e.g. a SessionError from building a context: still a bad snapshot
+            raise DecodeError(exc.reason, f"session snapshot: {exc.detail}") from None
+
+    @classmethod
+    def _restore(cls, data: bytes, config: SessionConfig, rng: RandomBytes | None) -> Session:
+        items = cbor.as_list(cbor.loads(data), "session snapshot")
+        if not items or type(items[0]) is not int or items[0] != SNAPSHOT_VERSION:
+            raise DecodeError(Reason.UNSUPPORTED, "not a version 1 session snapshot")
+        if len(items) != 13:
+            raise DecodeError(Reason.WRONG_TYPE, "session snapshot must have 13 elements")
+        (_, device_id, is_initiator, c_i, c_r, hash_name, app_aead, prk_out, current, epoch_items,
+         ku_item, buffer_items, closed) = items
+        is_initiator = cbor.as_bool(is_initiator, "is_initiator")
+        c_i = cbor.as_bytes(c_i, "C_I", max_len=limits.MAX_KID_LENGTH)
+        c_r = cbor.as_bytes(c_r, "C_R", max_len=limits.MAX_KID_LENGTH)
+        hash_name = cbor.as_text(hash_name, "hash", max_len=16)
+        if hash_name not in (kdf.HASH_SHA256, kdf.HASH_SHA384):
+            raise DecodeError(Reason.UNSUPPORTED_ALGORITHM, "unknown hash")
+        app_aead = cbor.as_int(app_aead, "application AEAD")
+        alg = oscore.aead_algorithm(app_aead)
+        prk_out = cbor.as_bytes(prk_out, "PRK_out", max_len=kdf.hash_len(hash_name))
+        if len(prk_out) != kdf.hash_len(hash_name):
+            raise DecodeError(Reason.WRONG_TYPE, "PRK_out length is not the hash length")
+        current = cbor.as_uint(current, "current epoch", max_value=limits.MAX_EPOCH)
+        epoch_items = cbor.as_list(epoch_items, "epochs")
+        if not 1 <= len(epoch_items) <= 2:
+            raise DecodeError(Reason.WRONG_TYPE, "a session holds one or two epochs")
+        closed = cbor.as_bool(closed, "closed")
+        # The session as the handshake would make it: checks the device id, C_I/C_R and the AEAD,
+        # and derives the current epoch's context from PRK_out (epoch 0's slot, renumbered below).
+        session = cls(prk_out=prk_out, c_i=c_i, c_r=c_r, is_initiator=is_initiator,
+                      device_id=cbor.as_text(device_id, "device id", max_len=63), now=0.0,
+                      random_bytes=rng, hash_name=hash_name, app_aead=app_aead, config=config)
+        epochs = [_epoch_from_cbor(item, session, alg, current) for item in epoch_items]
+        if epochs[-1].number != current:
+            raise DecodeError(Reason.MALFORMED, "the newest held epoch must be the current one")
+        if len(epochs) == 2 and epochs[0].number + 1 != current:
+            raise DecodeError(Reason.MALFORMED, "the older held epoch must be the previous one")
+        now_ep = epochs[-1]
+        if now_ep.drop_at is not None or now_ep.peer_switched or now_ep.new_records:
+            raise DecodeError(Reason.MALFORMED, "the current epoch cannot be retired")
+        for ep in epochs[:-1]:
+            if ep.drop_at is None:
+                raise DecodeError(Reason.MALFORMED, "a previous epoch must have its drop time")
+            if not ep.peer_switched and ep.new_records:
+                raise DecodeError(Reason.MALFORMED, "new-epoch records counted before the peer switched")
+            if config.grace_records is not None and ep.new_records >= config.grace_records:
+                raise DecodeError(Reason.MALFORMED, "a previous epoch past its grace_records")
+        ku = KeyUpdate.from_cbor(ku_item, is_initiator=is_initiator, nonce_length=config.key_update_nonce_length)
+        if ku.pending is not None and (len(epochs) != 1 or ku.pending.target != current + 1):
+            raise DecodeError(Reason.MALFORMED, "a pending key update must target the next epoch")
+        if ku.answered is not None and (len(epochs) != 2 or ku.answered.target != current):
+            raise DecodeError(Reason.MALFORMED, "an answered key update must be the current epoch's")
+        if ku.last_switch is not None and ku.last_switch[0] > current:
+            raise DecodeError(Reason.MALFORMED, "a completed key update cannot be in the future")
+        session._epochs = {ep.number: ep for ep in epochs}
+        session._current = current
+        session._ku = ku
+        session._buffer = [session._buffered_from_cbor(item) for item in
+                           cbor.as_list(buffer_items, "buffered records")]
+        if len(session._buffer) > config.max_buffered:
+            raise DecodeError(Reason.TOO_LARGE, "more buffered records than max_buffered")
+        session._closed = closed
+        return session
+
+    def _buffered_from_cbor(self, item: Any) -> tuple[str, record.RecordFields, bytes]:
+        """A buffered record: on a topic we receive on, of a kind that channel carries, from our
+        peer, under the epoch of our pending key update (what :meth:`_check_record` buffers)."""
+        topic, data = cbor.as_list(item, "buffered record", length=2)
+        channel = self._recv_topics.get(cbor.as_text(topic, "topic", max_len=128))
+        if channel is None:
+            raise DecodeError(Reason.WRONG_TOPIC, "buffered record on a topic this session does not receive")
+        rec = record.decode(cbor.as_bytes(data, "buffered record"))
+        pending = self._ku.pending
+        if (self._recv_kinds.get(int(rec.kind)) is not channel or not hmac.compare_digest(rec.kid, self.recipient_id)
+                or pending is None or rec.epoch != pending.target):
+            raise DecodeError(Reason.MALFORMED, "not a record this session would have buffered")
+        return topic, (int(rec.kind), rec.kid, rec.epoch, rec.piv, rec.ciphertext), data
 
     # --- for tests and diagnostics -------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from sealmq.media import (
     decode_manifest,
     parse_signed_manifest,
 )
+from sealmq.session import Session
 from sealmq.topics import Channel, Direction, RecordKind
 from tests.cddl import CddlError, Schema, cddl_from_markdown
 from tests.pki_fixtures import TestPki, make_pki
@@ -106,6 +107,18 @@ class Capture:
     aads: list[bytes] = field(default_factory=list)  # the AEAD's associated data of every record
     handshakes: list[Any] = field(default_factory=list)  # Initiator/Responder objects, debug=True
     plaintext_4: list[bytes] = field(default_factory=list)
+    snapshots: dict[bytes, str] = field(default_factory=dict)  # state snapshots (section 12) -> their rule
+
+    def snapshot(self, backend: BackendEndpoint) -> None:
+        """Every state the backend holds now, as the snapshots another worker would continue."""
+        for device_id in backend.half_open:
+            blob = backend.export_half_open(device_id)
+            assert blob is not None
+            self.snapshots[blob] = "half-open-snapshot"
+        for device_id in backend.sessions:
+            blob = backend.export_session(device_id)
+            assert blob is not None
+            self.snapshots[blob] = "session-export"
 
 
 @contextlib.contextmanager
@@ -155,6 +168,7 @@ def deliver(net: Net, cap: Capture, outputs: list[Output],
             tamper: Callable[[Publish], Publish] | None = None) -> list[Output]:
     """Route publishes between the endpoints like Net.run, recording each one as published."""
     queue, seen = list(outputs), []
+    cap.snapshot(net.backend)
     while queue:
         out = queue.pop(0)
         if not isinstance(out, Publish):
@@ -166,6 +180,7 @@ def deliver(net: Net, cap: Capture, outputs: list[Output],
         parsed = topics.parse(out.topic)
         if parsed.direction is Direction.UP:
             queue.extend(net.backend.handle(out.topic, out.payload, net.now, os.urandom))
+            cap.snapshot(net.backend)
         elif parsed.device_id in net.devices:
             queue.extend(net.devices[parsed.device_id].handle(out.topic, out.payload, net.now, os.urandom))
     return seen
@@ -236,6 +251,11 @@ def _memory_session(cap: Capture, pki: TestPki, tmp: Path) -> None:
     net.now += 700  # past both grace windows, so that the next update may start
     deliver(net, cap, [*cam1.poll(net.now, os.urandom), *backend.poll(net.now, os.urandom)])
     assert any(e for e in deliver(net, cap, backend.key_update("cam-1", net.now, os.urandom)))
+    # a forged record (its tag changed): refused, and counted as a failed decryption of that epoch
+    status_body = Control(ControlOp.STATUS, bytes(16)).encode()
+    def flip_tag(pub: Publish) -> Publish:
+        return Publish(pub.topic, pub.payload[:-1] + bytes([pub.payload[-1] ^ 1]))
+    deliver(net, cap, cam1.seal(RecordKind.MEDIA_CONTROL, status_body, net.now), tamper=flip_tag)
     # media: a lost ack (so the device resends and asks for status), then complete
     src = tmp / "photo.png"
     src.write_bytes(os.urandom(2500))
@@ -378,6 +398,34 @@ def test_edhoc_plaintexts_and_credentials_match_the_docs(schema: Schema, memory_
         schema.validate([] if not pt else cbor.loads_seq(pt), "[ plaintext_4 ]")
 
 
+def check_snapshot(schema: Schema, blob: bytes, rule: str) -> list[Any]:
+    """A snapshot against its rule; returns it decoded, with its nested snapshot decoded in place."""
+    value = schema.validate_cbor(blob, rule)
+    inner_rule = "responder-snapshot" if rule == "half-open-snapshot" else "session-snapshot"
+    schema.validate_cbor(value[-1], inner_rule)  # (also done by .cbor: this names the failing rule)
+    return [*value[:-1], cbor.loads(value[-1])]
+
+
+def test_state_snapshots_match_the_docs(schema: Schema, memory_run: Capture) -> None:
+    """Section 12: the snapshots of every state the backend held during the run (never on the wire)."""
+    half_open = [check_snapshot(schema, b, r) for b, r in memory_run.snapshots.items() if r == "half-open-snapshot"]
+    sessions = [check_snapshot(schema, b, r) for b, r in memory_run.snapshots.items() if r == "session-export"]
+    assert len(half_open) >= 5 and len(sessions) >= 10
+    # the run reached every alternative: methods 0 and 3 (with Y), both credential kinds, every
+    # ID_CRED_I form, one and two held epochs, each key-update state, a failed decryption
+    assert {r[3][1] for r in half_open} == {0, 3}
+    assert {len(r[3][7]) for r in half_open} == {0, 32}
+    assert {s[3][0] for s in sessions} == {"x509", "ccs"}
+    id_creds = [s[3][2] for s in sessions]
+    assert any(isinstance(i, (int, bytes)) for i in id_creds)  # kid, compact
+    assert {14, 33, 34} <= {k for i in id_creds if isinstance(i, dict) for k in i}
+    snaps = [s[4] for s in sessions]
+    assert {len(s[9]) for s in snaps} == {1, 2}
+    for i in range(3):
+        assert any(s[10][i] is not None for s in snaps), ["pending", "answered", "last-switch"][i]
+    assert any(e[6] for s in snaps for e in s[9])
+
+
 # --- end to end: the real device agent and backend service over the embedded broker ------------
 
 def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Path) -> None:
@@ -473,6 +521,15 @@ def test_mutated_messages_are_refused(schema: Schema, memory_run: Capture) -> No
             with pytest.raises(CddlError):
                 schema.validate(bad, f"[ {rule} ]")
             checked += 1
+    for blob, rule in list(memory_run.snapshots.items())[:40]:
+        value = cbor.loads(blob)
+        inner = cbor.loads(value[-1])
+        inner_rule = "responder-snapshot" if rule == "half-open-snapshot" else "session-snapshot"
+        for bad, bad_rule in [*((v, rule) for v in _invalid_variants(value)),
+                              *((v, inner_rule) for v in _invalid_variants(inner))]:
+            with pytest.raises(CddlError):
+                schema.validate(bad, bad_rule)
+            checked += 1
     assert checked > 150
     # and a few targeted ones: wrong types and values in otherwise real messages
     m1 = next(cbor.loads_seq(p) for t, p in memory_run.wire if t.endswith("/hs/up") and p[:1] == b"\xf5")
@@ -499,6 +556,15 @@ NARROWED = {
     "record-binding": "record-binding = [ epoch-number, record-kind, "
                       'tstr .regexp "sealmq/v1/[a-z0-9][a-z0-9._-]{0,62}/data/(up|down)" ]',
     "suites": "suites = suite",
+    # state snapshots (section 12)
+    "ku-state": "ku-state = [ pending: null, answered: null, last-switch: null ]",
+    "retired-epoch": "retired-epoch = [ epoch-keys, epoch-counters, drop-at: float, peer-switched: true, "
+                     "new-records: uint, window: replay-window ]",  # B, after answering, before the peer switched
+    "epoch-counters": "epoch-counters = ( created: float, next-seq: 0..1099511627776, failed: 0 )",
+    "responder-snapshot": "responder-snapshot = [ version: 1, method: 0..3, suite: suite, c-i: bstr .size (0..32), "
+                          "c-r: bstr .size (1..32), th-3: bstr .size 32, prk-3e2m: bstr .size 32, y: bstr .size 0, "
+                          "id-cred-r: id-cred, ead-1: [ * ead ] ]",
+    "cred-item": "cred-item = bstr",
     "manifest": "manifest = { 1 => transfer-id, 2 => device-id, 3 => tstr, 4 => tstr, 5 => uint, 6 => bstr, "
                 "7 => uint, 8 => 2048..64512, 9 => uint }",  # the test's chunks are 1024 bytes
 }
@@ -514,6 +580,8 @@ def _all_checks(schema: Schema, cap: Capture) -> None:
         schema.validate_cbor(cbor.loads(cbor.loads(aad)[2])[4], "record-binding")
     for rule, pt in edhoc_plaintexts(cap):
         schema.validate_seq(pt, f"[ {rule} ]")
+    for blob, rule in cap.snapshots.items():
+        check_snapshot(schema, blob, rule)
 
 
 @pytest.mark.parametrize("rule", sorted(NARROWED))
@@ -572,6 +640,7 @@ def _decoders() -> dict[str, Callable[[bytes], Any]]:
         "command": bodies.decode_command,
         "reply": bodies.decode_reply,
         "ack": bodies.decode_ack,
+        "session-snapshot": Session.from_bytes,  # the memory run's SessionConfig: the default
     }
 
 
@@ -590,6 +659,18 @@ def accept_message_1(pki: TestPki) -> Callable[[bytes], Any]:
 
 
 @pytest.fixture(scope="module")
+def accept_responder_snapshot(pki: TestPki) -> Callable[[bytes], Any]:
+    """What a backend of the memory run accepts as a handshake snapshot (its credentials, methods 0 and 3)."""
+    trust = pki.trust_store()
+    creds = [pki.credential("backend", "backend"), pki_ccs.load_credential(pki.path, "backend", "backend")]
+
+    def accept(raw: bytes) -> Any:
+        return Responder.from_bytes(raw, creds, X509Authenticator(trust, Role.DEVICE, datetime.now(UTC)),
+                                    suites=(2, 0, -24), methods=(0, 3))
+    return accept
+
+
+@pytest.fixture(scope="module")
 def decoder_samples(memory_run: Capture) -> list[tuple[str, Any]]:
     rule_of_kind = {RecordKind.MEDIA_CHUNK: "media-chunk", RecordKind.MEDIA_ACK: "media-ack",
                     RecordKind.MEDIA_CONTROL: "media-control", RecordKind.KEY_UPDATE: "key-update"}
@@ -600,6 +681,9 @@ def decoder_samples(memory_run: Capture) -> list[tuple[str, Any]]:
     m1 = [cbor.loads_seq(p)[1:] for t, p in memory_run.wire if t.endswith("/hs/up") and p[:1] == b"\xf5"]
     out += [("[ message_1 ]", m) for m in m1]
     out += [(rule, cbor.loads(body.encode())) for rule, body in APP_BODIES]
+    for blob, rule in memory_run.snapshots.items():
+        inner = cbor.loads(cbor.loads(blob)[-1])
+        out.append(("responder-snapshot" if rule == "half-open-snapshot" else "session-snapshot", inner))
     return out
 
 
@@ -607,12 +691,15 @@ def decoder_samples(memory_run: Capture) -> list[tuple[str, Any]]:
 @given(data=st.data())
 def test_docs_accept_whatever_the_decoders_accept(schema: Schema, decoder_samples: list[tuple[str, Any]],
                                                   accept_message_1: Callable[[bytes], Any],
+                                                  accept_responder_snapshot: Callable[[bytes], Any],
                                                   data: st.DataObject) -> None:
     rule, seed = data.draw(st.sampled_from(decoder_samples))
     value = data.draw(mutated(seed))
     if rule == "[ message_1 ]":
         raw = cbor.dumps_seq(*value) if isinstance(value, list) and value else b""
         decode: Callable[[bytes], Any] = accept_message_1
+    elif rule == "responder-snapshot":
+        raw, decode = cbor.dumps(value), accept_responder_snapshot
     else:
         raw, decode = cbor.dumps(value), _decoders()[rule]
     try:

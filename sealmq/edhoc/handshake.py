@@ -35,6 +35,7 @@ from sealmq.edhoc.wire import (
     IdCred,
     decode_ead,
     decode_error_message,
+    decode_id_cred,
     decode_message_1,
     decode_plaintext_2,
     decode_plaintext_3,
@@ -44,12 +45,14 @@ from sealmq.edhoc.wire import (
     encode_identifier,
     encode_message_1,
 )
-from sealmq.errors import DecryptError, EdhocError, LocalProtocolError, PkiError, Reason, SealmqError
+from sealmq.errors import DecodeError, DecryptError, EdhocError, LocalProtocolError, PkiError, Reason, SealmqError
 
 # EDHOC_KDF labels (RFC 9528 4.1.2).
 _KEYSTREAM_2, _SALT_3E2M, _MAC_2, _K_3, _IV_3, _SALT_4E3M, _MAC_3, _PRK_OUT, _K_4, _IV_4 = range(10)
 
 METHODS = (0, 1, 2, 3)
+
+RESPONDER_SNAPSHOT_VERSION = 1  # first element of Responder.to_bytes(); docs/protocol.md section 12
 
 RandomBytes = Callable[[int], bytes]
 EadInput = Sequence[EadItem | tuple[int, bytes | None]]
@@ -117,6 +120,7 @@ class Message2Info:
 class Message3Info:
     peer: AuthenticatedPeer
     ead_3: tuple[EadItem, ...]
+    id_cred_i: IdCred  # as the initiator sent it: what authenticates the same credential again
 
 
 class State(Enum):
@@ -289,16 +293,7 @@ class _Party:
         return key
 
     def _authenticate(self, id_cred: IdCred) -> AuthenticatedPeer:
-        try:
-            return self.authenticator.authenticate(id_cred)
-        except EdhocError:
-            raise
-        except PkiError as exc:
-            raise EdhocError(exc.reason, "peer credential rejected") from exc
-        except SealmqError as exc:
-            raise EdhocError(
-                Reason.UNKNOWN_CREDENTIAL, f"peer credential rejected ({exc.reason.value})"
-            ) from exc
+        return authenticate(self.authenticator, id_cred)
 
     def _static_dh_with_peer(self, peer: AuthenticatedPeer) -> bytes:
         """ECDH of our ephemeral key with the peer's static DH key (G_RX or G_IY)."""
@@ -356,6 +351,18 @@ class _Party:
         self._log(name, th_4)
         self._prk_out = self._kdf(self._prk_4e3m, _PRK_OUT, th_4, self.suite.hash_length)
         self._log("PRK_out", self._prk_out)
+
+
+def authenticate(authenticator: PeerAuthenticator, id_cred: IdCred) -> AuthenticatedPeer:
+    """``authenticator.authenticate(id_cred)``, its failures as ``EdhocError`` (a PKI reason kept)."""
+    try:
+        return authenticator.authenticate(id_cred)
+    except EdhocError:
+        raise
+    except PkiError as exc:
+        raise EdhocError(exc.reason, "peer credential rejected") from exc
+    except SealmqError as exc:
+        raise EdhocError(Reason.UNKNOWN_CREDENTIAL, f"peer credential rejected ({exc.reason.value})") from exc
 
 
 def _sig_structure(id_cred: IdCred, th: bytes, cred: bytes, ead: bytes, mac: bytes) -> bytes:
@@ -751,7 +758,111 @@ class Responder(_Party):
             self._finish(th_3, plaintext_3, peer.cred, "TH_4")
             self._peer = peer
             self._private = b""  # forward secrecy: Y is not needed any more
-            return Message3Info(peer, ead_3)
+            return Message3Info(peer, ead_3, pt.id_cred_i)
+
+    # --- snapshot after message_2 (a half-open handshake another process may finish) ----------
+
+    def to_bytes(self) -> bytes:
+        """What :meth:`process_message_3` (and :meth:`create_message_4`) need, as deterministic CBOR
+        (``responder-snapshot``, docs/protocol.md section 12); only while waiting for message_3.
+
+        Holds PRK_3e2m and, for methods 2 and 3, the ephemeral private key Y (the initiator's static
+        DH key meets it in message_3): store it only sealed. Never holds our private keys: the
+        importer has its own credentials, the snapshot only names (by ID_CRED_R) the one message_2 used.
+        """
+        if self.state is not State.WAIT_M3 or self._credential is None:
+            raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, f"no snapshot in state {self.state.value}")
+        y = b"" if initiator_signs(self._method) else self._private
+        return cbor.dumps([RESPONDER_SNAPSHOT_VERSION, self._method, self.suite.ident, self._c_i, self._c_r,
+                           self._th, self._prk_3e2m, y, self._credential.id_cred.compact(),
+                           encode_ead(self._ead_received.get(1, ()))])
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        credentials: LocalCredential | Sequence[LocalCredential],
+        authenticator: PeerAuthenticator,
+        *,
+        suites: Sequence[int] = DEFAULT_SUITES,
+        methods: Sequence[int] = (0,),
+        known_ead_labels: frozenset[int] = frozenset(),
+        debug: bool = False,
+    ) -> Responder:
+        """A responder waiting for message_3, from :meth:`to_bytes` and this process's own
+        ``credentials`` (which must hold the one message_2 used) and ``authenticator``.
+
+        The method and suite must be ones this responder serves. Anything invalid raises
+        :class:`~sealmq.errors.DecodeError` with a reason, never another exception.
+        """
+        try:
+            return cls._restore(data, credentials, authenticator, suites=suites, methods=methods,
+                                known_ead_labels=known_ead_labels, debug=debug)
+        except DecodeError:
+            raise
+        except SealmqError as exc:
+            raise DecodeError(exc.reason, f"handshake snapshot: {exc.detail}") from None
+
+    @classmethod
+    def _restore(
+        cls,
+        data: bytes,
+        credentials: LocalCredential | Sequence[LocalCredential],
+        authenticator: PeerAuthenticator,
+        *,
+        suites: Sequence[int],
+        methods: Sequence[int],
+        known_ead_labels: frozenset[int],
+        debug: bool,
+    ) -> Responder:
+        items = cbor.as_list(cbor.loads(data), "handshake snapshot")
+        if not items or type(items[0]) is not int or items[0] != RESPONDER_SNAPSHOT_VERSION:
+            raise DecodeError(Reason.UNSUPPORTED, "not a version 1 handshake snapshot")
+        if len(items) != 10:
+            raise DecodeError(Reason.WRONG_TYPE, "handshake snapshot must have 10 elements")
+        _, method, suite_id, c_i, c_r, th_3, prk_3e2m, y, id_cred_r, ead_1 = items
+        method = cbor.as_uint(method, "method", max_value=255)
+        c_i = cbor.as_bytes(c_i, "C_I", max_len=MAX_CONN_ID_LEN)
+        c_r = cbor.as_bytes(c_r, "C_R", max_len=MAX_CONN_ID_LEN)
+        if not c_r:
+            raise DecodeError(Reason.WRONG_TYPE, "C_R must not be empty")
+        if c_r == c_i:
+            raise DecodeError(Reason.CONNECTION_ID_IN_USE, "C_R equals C_I")
+        responder = cls(credentials, authenticator, c_r=c_r, suites=suites, methods=methods,
+                        known_ead_labels=known_ead_labels, debug=debug)
+        if method not in responder.methods:
+            raise DecodeError(Reason.UNSUPPORTED_METHOD, f"method {method} not served here")
+        suite = get_suite(cbor.as_int(suite_id, "suite"))
+        if suite.ident not in responder.supported_suites(method):
+            raise DecodeError(Reason.UNSUPPORTED_SUITE, f"suite {suite.ident} not served here")
+        for what, value in (("TH_3", th_3), ("PRK_3e2m", prk_3e2m)):
+            if len(cbor.as_bytes(value, what, max_len=suite.hash_length)) != suite.hash_length:
+                raise DecodeError(Reason.WRONG_TYPE, f"{what} is not {suite.hash_length} bytes")
+        y = cbor.as_bytes(y, "Y", max_len=suite.point_length)
+        if initiator_signs(method) != (y == b""):
+            raise DecodeError(Reason.MALFORMED, "Y is kept exactly when the initiator uses static DH")
+        if y:
+            suite.private_key_from_bytes(y)  # a valid scalar of the suite's curve
+        id_cred = decode_id_cred(id_cred_r)
+        want = AuthKind.SIGNATURE if responder_signs(method) else AuthKind.STATIC_DH
+        credential = next((c for c in responder.credentials if c.kind is want and c.supports(suite)
+                           and c.id_cred.encoded == id_cred.encoded), None)
+        if credential is None:
+            raise DecodeError(Reason.UNKNOWN_CREDENTIAL, "message_2 used a credential this responder lacks")
+        ead_items = cbor.as_list(ead_1, "EAD_1")
+        ead = decode_ead(ead_items, responder.known_ead_labels)
+        if encode_ead(ead) != ead_items:
+            raise DecodeError(Reason.MALFORMED, "EAD_1 items")
+        responder._suite = suite
+        responder._method = method
+        responder._credential = credential
+        responder._c_i = c_i
+        responder._th = th_3
+        responder._prk_3e2m = prk_3e2m
+        responder._private = y
+        responder._ead_received = {1: ead}
+        responder.state = State.WAIT_M3
+        return responder
 
     def process_error(self, data: bytes) -> None:
         """The initiator answered message_2 with an error: always fatal."""

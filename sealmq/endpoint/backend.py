@@ -3,20 +3,29 @@ half-open state, and one session per device (sans-IO)."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
+
 from sealmq import cbor, topics
 from sealmq.edhoc import (
     PREFERRED_SUITES,
+    IdCred,
     LocalCredential,
+    PeerAuthenticator,
     Responder,
+    State,
     X509Authenticator,
     encode_error_message,
     is_error_message,
     responder_suites,
 )
+from sealmq.edhoc.handshake import authenticate
+from sealmq.edhoc.wire import decode_id_cred, encode_identifier
 from sealmq.endpoint.events import (
     AuthenticatorFactory,
     HandshakeCompleted,
@@ -51,6 +60,32 @@ class _Established:
     peer: PeerIdentity  # who the device authenticated as (certificate or CCS)
     since: float
     public_key: Any = None  # the key the handshake authenticated (signature key, or static DH key for CCS)
+    id_cred: IdCred | None = None  # ID_CRED_I as the device sent it in message_3
+    cred: bytes = b""  # CRED_I, the credential the handshake authenticated (a CBOR item)
+
+
+SNAPSHOT_VERSION = 1  # first element of the endpoint's snapshots (docs/protocol.md section 12)
+_CREDENTIAL_KINDS = {k.value: k for k in CredentialKind}
+
+
+def _spki(key: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of a peer key (P-256, Ed25519, RSA, X25519: every type EDHOC uses)."""
+    try:
+        der = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except (AttributeError, TypeError, ValueError):
+        raise LocalProtocolError(Reason.UNSUPPORTED, "the peer key has no SubjectPublicKeyInfo form") from None
+    return bytes(der)
+
+
+def _snapshot_items(blob: bytes, device_id: str, length: int, what: str) -> list[Any]:
+    items = cbor.as_list(cbor.loads(blob), what)
+    if not items or type(items[0]) is not int or items[0] != SNAPSHOT_VERSION:
+        raise DecodeError(Reason.UNSUPPORTED, f"not a version 1 {what}")
+    if len(items) != length:
+        raise DecodeError(Reason.WRONG_TYPE, f"{what} must have {length} elements")
+    if cbor.as_text(items[1], "device id", max_len=63) != device_id:
+        raise DecodeError(Reason.IDENTITY_MISMATCH, f"{what} of another device")
+    return items
 
 
 @dataclass(frozen=True)
@@ -152,13 +187,9 @@ class BackendEndpoint:
         down = topics.topic(device_id, Channel.HANDSHAKE, Direction.DOWN)
         self._admit_message_1(device_id, now)
         c_r_value = self._pick_c_r(random_bytes)
-        if self.authenticator is not None:
-            authenticator = self.authenticator(now)
-        else:
-            authenticator = X509Authenticator(self.trust_store, Role.DEVICE, to_datetime(now))
         responder = Responder(
             self.credentials,
-            authenticator,
+            self._authenticator(now),
             c_r=c_r_value,
             suites=self.config.suites,
             methods=self.config.methods,
@@ -201,7 +232,7 @@ class BackendEndpoint:
                     responder.process_error(message)
                 except EdhocError as err:
                     return [HandshakeFailed(device_id, err.reason, err.detail)]
-            responder.process_message_3(message)
+            info = responder.process_message_3(message)
             result = responder.result()
             identity = result.peer.identity
             if identity.name != device_id:
@@ -227,8 +258,116 @@ class BackendEndpoint:
             random_bytes=random_bytes,
         )
         # replaces any older session of this device
-        self.sessions[device_id] = _Established(session, identity, now, result.peer.public_key)
+        self.sessions[device_id] = _Established(session, identity, now, result.peer.public_key, info.id_cred_i,
+                                                result.peer.cred)
         return [Publish(down, c_i + message_4), HandshakeCompleted(device_id, device_id, result.suite, identity)]
+
+    def _authenticator(self, now: float) -> PeerAuthenticator:
+        """What authenticates devices at ``now``: the configured factory's, else X.509 by the trust store."""
+        if self.authenticator is not None:
+            return self.authenticator(now)
+        return X509Authenticator(self.trust_store, Role.DEVICE, to_datetime(now))
+
+    # -- snapshots: state another worker continues (docs/protocol.md section 12) -------------
+    def export_half_open(self, device_id: str) -> bytes | None:
+        """The device's handshake between message_2 and message_3 (``half-open-snapshot``), or None.
+
+        Holds handshake secrets (PRK_3e2m; for methods 2 and 3 the ephemeral key Y): store it only
+        sealed (``backend.state_seal``), for at most ``config.half_open_ttl``.
+        """
+        half = self.half_open.get(device_id)
+        if half is None or half.responder.state is not State.WAIT_M3:  # (a garbage message_3 failed it)
+            return None
+        return cbor.dumps([SNAPSHOT_VERSION, device_id, float(half.created), half.responder.to_bytes()])
+
+    def import_half_open(self, device_id: str, blob: bytes, now: float) -> None:
+        """Continue a handshake whose message_1 another endpoint (worker) answered: the device's
+        message_3 may then arrive here. Uses this endpoint's credentials (one must be the one
+        message_2 used) and authenticator (built at ``now``, so message_3's credential is checked
+        at ``now``). Replaces the device's own half-open handshake, if any.
+
+        Raises ``DecodeError`` for a blob that is not a valid snapshot of this device's handshake
+        (or names a method, suite or credential this endpoint does not serve), ``EdhocError``
+        (``handshake_timeout``) for one older than ``config.half_open_ttl``, and
+        (``too_many_handshakes``) when the half-open bound is reached.
+        """
+        try:
+            items = _snapshot_items(blob, device_id, 4, "handshake snapshot")
+            created = cbor.as_float(items[2], "created")
+            responder = Responder.from_bytes(
+                cbor.as_bytes(items[3], "responder"), self.credentials, self._authenticator(now),
+                suites=self.config.suites, methods=self.config.methods)
+        except DecodeError:
+            raise
+        except SealmqError as exc:
+            raise DecodeError(exc.reason, f"handshake snapshot: {exc.detail}") from None
+        c_i, c_r = responder.c_i or b"", responder.c_r or b""
+        if len(c_i) > AES_CCM_16_64_128.max_id_length:  # as _on_message_1 refuses it
+            raise DecodeError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
+        self._expire(now)
+        if now - created > self.config.half_open_ttl:
+            raise EdhocError(Reason.HANDSHAKE_TIMEOUT, "half-open handshake past its lifetime")
+        if device_id not in self.half_open and len(self.half_open) >= self.config.max_half_open:
+            raise EdhocError(Reason.TOO_MANY_HANDSHAKES, "too many handshakes in progress")
+        self.half_open[device_id] = _HalfOpen(responder, created, cbor.dumps(encode_identifier(c_r)),
+                                              cbor.dumps(encode_identifier(c_i)))
+
+    def export_session(self, device_id: str) -> bytes | None:
+        """The device's established session (``session-export``), or None: the session snapshot
+        (:meth:`sealmq.session.Session.to_bytes`), when it began, and the peer the handshake
+        authenticated: credential kind, name, ID_CRED_I, CRED_I and its public key (DER
+        SubjectPublicKeyInfo). Holds the session keys: store it only sealed (``backend.state_seal``).
+        """
+        est = self.sessions.get(device_id)
+        if est is None:
+            return None
+        if est.id_cred is None:
+            raise LocalProtocolError(Reason.UNSUPPORTED, "session without its handshake's ID_CRED_I")
+        peer = [est.peer.kind.value, est.peer.name, est.id_cred.compact(), est.cred, _spki(est.public_key)]
+        return cbor.dumps([SNAPSHOT_VERSION, device_id, float(est.since), peer, est.session.to_bytes()])
+
+    def import_session(self, device_id: str, blob: bytes, now: float) -> None:
+        """Continue a device's session another endpoint (worker) established; replaces this
+        endpoint's session of the device, if any.
+
+        The peer is authenticated again, by this endpoint's authenticator at ``now``, from the
+        ID_CRED_I it sent (as :meth:`revalidate` does, and with the same result types: a claim stays
+        a claim, a CCS a CCS): a credential revoked or expired since is refused like in a handshake
+        (``EdhocError`` with the PKI's reason), and one that no longer resolves to the same CRED_I,
+        name and key is refused (``unknown_credential`` / ``identity_mismatch``). A blob that is not
+        a valid snapshot of this device's backend session raises ``DecodeError``.
+        """
+        try:
+            items = _snapshot_items(blob, device_id, 5, "session export")
+            since = cbor.as_float(items[2], "since")
+            kind, name, id_cred_item, cred, spki = cbor.as_list(items[3], "peer", length=5)
+            kind = _CREDENTIAL_KINDS.get(cbor.as_text(kind, "credential kind", max_len=8))
+            if kind is None:
+                raise DecodeError(Reason.UNSUPPORTED, "unknown credential kind")
+            if cbor.as_text(name, "peer name", max_len=63) != device_id:
+                raise DecodeError(Reason.IDENTITY_MISMATCH, "the peer is another device")
+            id_cred = decode_id_cred(id_cred_item)
+            cred = cbor.as_bytes(cred, "CRED_I")
+            spki = cbor.as_bytes(spki, "public key")
+            try:
+                load_der_public_key(spki)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                raise DecodeError(Reason.MALFORMED, "public key is not a DER SubjectPublicKeyInfo") from None
+            session = Session.from_bytes(cbor.as_bytes(items[4], "session"), config=self.config.session)
+            if session.device_id != device_id or session.is_initiator:
+                raise DecodeError(Reason.IDENTITY_MISMATCH, "not the backend's session with this device")
+        except DecodeError:
+            raise
+        except SealmqError as exc:
+            raise DecodeError(exc.reason, f"session export: {exc.detail}") from None
+        peer = authenticate(self._authenticator(now), id_cred)
+        identity = peer.identity
+        if identity.name != device_id:
+            raise EdhocError(Reason.IDENTITY_MISMATCH, "certificate names another device than the topic")
+        if (identity.kind is not kind or not hmac.compare_digest(peer.cred, cred)
+                or not hmac.compare_digest(_spki(peer.public_key), spki)):
+            raise EdhocError(Reason.UNKNOWN_CREDENTIAL, "ID_CRED_I no longer names the authenticated credential")
+        self.sessions[device_id] = _Established(session, identity, since, peer.public_key, id_cred, peer.cred)
 
     def _pick_c_r(self, random_bytes: RandomBytes) -> int:
         return int.from_bytes(random_bytes(1), "big") % 48 - 24
