@@ -259,10 +259,10 @@ class BackendService(EndpointDriver):
         if self.shared is not None and isinstance(out, SessionLost):
             self.shared.session_lost(out.device_id)  # revoked, key limit: ended for every worker
 
-    def _live(self, devices: set[str] | None = None) -> set[str]:
+    def _live(self, devices: set[str] | None = None, now: float = 0.0) -> set[str]:
         """Devices (of ``devices``, or all this worker holds) with a session that is not a claim."""
         if self.shared is not None and devices is not None:
-            devices = {d for d in devices if self.shared.has_session(d)}
+            devices = {d for d in devices if self.shared.has_session(d, now)}
         sessions = self.endpoint.sessions
         return {d for d in (sessions if devices is None else devices)
                 if d in sessions and not is_claim(sessions[d].peer)}
@@ -301,7 +301,7 @@ class BackendService(EndpointDriver):
         if self.settings.primary:  # with several workers, one sends commands and updates
             self._send_pending_commands(now)
             # fleet (issue 16): pending update transfers, certificate and CRL expiry warnings
-            self.updates.tick(now, self._live(set(self.updates.transfers) if self.shared is not None else None),
+            self.updates.tick(now, self._live(set(self.updates.transfers) if self.shared is not None else None, now),
                               self._send)
         self.enrolment.warnings(now, lambda: [(d, e.peer) for d, e in self.endpoint.sessions.items()],
                                 self.endpoint.trust_store)
@@ -383,7 +383,7 @@ class BackendService(EndpointDriver):
                 self._known_until = now + 5.0
                 self._known = {row[0] for row in self.storage.devices()}
             queued = {c.device_id for c in self.storage.pending_commands(self._known, resend_before=resend_before)}
-            live = self._live(queued)
+            live = self._live(queued, now)
         else:
             live = self._live()
         for cmd in self.storage.pending_commands(live, resend_before=resend_before):

@@ -92,7 +92,7 @@ class SharedSessions:
         self.counters = {"refreshes": 0, "gate_replays": 0, "snapshots_written": 0, "handshakes_imported": 0}
 
     # -- the store --------------------------------------------------------------------------
-    def _load(self, device_id: str) -> bool:
+    def _load(self, device_id: str, now: float) -> bool:
         """Load the device's session from the store if it differs from the cached one; True if it did."""
         blob = self.state.get("session", device_id)
         cached = self._cache.get(device_id)
@@ -110,7 +110,7 @@ class SharedSessions:
                 raise DecodeError(Reason.MALFORMED, "shared session must be [id, snapshot]")
             session_id = cbor.as_bytes(items[0], "session id")
             snapshot = cbor.as_bytes(items[1], "session snapshot")
-            self.endpoint.import_session(device_id, snapshot)
+            self.endpoint.import_session(device_id, snapshot, now)
         except SealmqError as err:
             log.warning("shared session of %s unusable (%s); ignored", device_id, err.reason)
             return False
@@ -149,16 +149,16 @@ class SharedSessions:
         fields = record.decode_fast(payload)
         if fields is not None and fields[0] == RecordKind.KEY_UPDATE:
             with self._lock(device_id):
-                self._load(device_id)
+                self._load(device_id, now)
                 self._reserve(device_id)  # the answer, if any, is sealed inside the step
                 outputs = self.endpoint.handle(topic, payload, now, random_bytes)
                 outputs = self._gate(outputs)
                 self._after(device_id, outputs)
                 return outputs
         if not self._placeable(device_id, fields):
-            self._load(device_id)
+            self._load(device_id, now)
         outputs = self.endpoint.handle(topic, payload, now, random_bytes)
-        if any(isinstance(o, Rejected) and o.reason in _MISS for o in outputs) and self._load(device_id):
+        if any(isinstance(o, Rejected) and o.reason in _MISS for o in outputs) and self._load(device_id, now):
             outputs = self.endpoint.handle(topic, payload, now, random_bytes)
         outputs = self._gate(outputs)
         self._after(device_id, outputs)
@@ -243,22 +243,22 @@ class SharedSessions:
 
     def seal(self, device_id: str, kind: RecordKind, plaintext: bytes, now: float) -> list[Output]:
         """Seal under the device's current session (loaded: another worker may have replaced it)."""
-        self._load(device_id)
+        self._load(device_id, now)
         self._reserve(device_id)
         return self.endpoint.seal(device_id, kind, plaintext, now)
 
     def key_update(self, device_id: str, now: float, random_bytes: RandomBytes) -> list[Output]:
         """Start a key update (the operator's ``key_update``); its pending state is shared at once."""
         with self._lock(device_id):
-            self._load(device_id)
+            self._load(device_id, now)
             self._reserve(device_id)
             outputs = self.endpoint.key_update(device_id, now, random_bytes)
             self._save(device_id)
             return outputs
 
-    def has_session(self, device_id: str) -> bool:
+    def has_session(self, device_id: str, now: float) -> bool:
         """Whether the device has a session (in the store: loaded if this worker has not got it)."""
-        self._load(device_id)
+        self._load(device_id, now)
         return device_id in self.endpoint.sessions and device_id in self._cache
 
     def session_lost(self, device_id: str) -> None:

@@ -272,6 +272,25 @@ class Session:
         return self._current
 
     @property
+    def next_send_seq(self) -> int:
+        """The sequence number the next record sealed under the current epoch gets."""
+        return self._epochs[self._current].next_seq
+
+    def advance_send_seq(self, seq: int) -> None:
+        """Seal the next record under the current epoch with ``seq`` (skipping the numbers before it).
+
+        For several writers of one session (backend workers sharing it, ``backend/shared.py``): each
+        takes its numbers from a shared counter, so none is used twice. Only forward: a number at or
+        below one already used would reuse a nonce, and is refused with :class:`LocalProtocolError`.
+        """
+        ep = self._epochs[self._current]
+        if type(seq) is not int or seq < ep.next_seq:
+            raise LocalProtocolError(Reason.UNEXPECTED_MESSAGE, "a sender sequence number only moves forward")
+        if seq > limits.MAX_PIV:
+            raise SessionError(Reason.SEQUENCE_EXHAUSTED, "sender sequence numbers exhausted")
+        ep.next_seq = seq
+
+    @property
     def epochs(self) -> tuple[int, ...]:
         """Epochs whose keys are held (current and, during a grace window, the previous one)."""
         return tuple(sorted(self._epochs))
