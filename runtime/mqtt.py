@@ -129,6 +129,7 @@ class MqttLink:
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # every filter granted on the current connection
         self.error: TransportError | None = None  # set once, when the broker refused the credentials
         self._stopping = False
         self._attempts = 0  # failed attempts since the last successful connect
@@ -197,6 +198,8 @@ class MqttLink:
             # windowed transfer stalls about 40 ms per ack (measured: media 3-4x slower).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._generation += 1
+        self.subscribed.clear()
+        self._pending_subacks.clear()
         for topic_filter in self._subscriptions:
             result, mid = client.subscribe(topic_filter, qos=self._qos)
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
@@ -208,6 +211,7 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         if not was:
             return
         where = f"{self.settings.host}:{self.settings.port}"
@@ -223,6 +227,8 @@ class MqttLink:
         topic_filter = self._pending_subacks.pop(mid, "?")
         refused = [c for c in codes if getattr(c, "is_failure", False)]
         if not refused:
+            if not self._pending_subacks:
+                self.subscribed.set()
             return
         where = f"{self.settings.host}:{self.settings.port}"
         code = refused[0]
@@ -345,3 +351,4 @@ class MqttLink:
         finally:
             self.client.loop_stop()
             self.connected.clear()
+            self.subscribed.clear()
