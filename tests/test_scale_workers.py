@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,8 +30,11 @@ from app.bootstrap import bootstrap
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.mosquitto_config import MosquittoOptions, current_user, write_config
 from broker.passwd import load_users
+from broker.tls import TlsFiles
 from runtime import exits
-from runtime.mqtt import MQTT_5, MqttLink, MqttSettings
+from runtime.config import add_mqtt_arguments, add_share_group_arguments, mqtt_settings
+from runtime.mqtt import MQTT_5, MQTT_311, MqttLink, MqttSettings
+from sealmq.errors import ConfigError
 from tests import brokers
 from tests.e2e import wait_for
 
@@ -51,18 +56,23 @@ def deployment(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mosquitto(deployment: Path, tmp_path: Path) -> Iterator[brokers.MosquittoProcess]:
-    """A real mosquitto on the deployment's own user file and generated ACL."""
+    """A real mosquitto on the deployment's own user file and generated ACL: plain TCP on ``port``,
+    TLS with client certificates on ``tls_port``, TLS with passwords on ``tls_password_port``."""
     if brokers.MOSQUITTO is None:
         pytest.skip("mosquitto binary not installed")
-    port = brokers.free_port()
+    port, tls_port, tls_password_port = brokers.free_port(), brokers.free_port(), brokers.free_port()
     conf = Path(tempfile.mkdtemp(prefix="sealmq-mosquitto-"))
     write_config(conf, load_users(deployment / "broker" / "users"),
-                 MosquittoOptions(host=brokers.HOST, port=port, run_as=current_user()))
+                 MosquittoOptions(host=brokers.HOST, port=port, run_as=current_user(),
+                                  tls=TlsFiles.from_pki(deployment / "pki"), tls_port=tls_port,
+                                  tls_password_port=tls_password_port))
     proc = brokers.MosquittoProcess(conf, port, tmp_path / "mosquitto.log").start()
+    proc.tls_port, proc.tls_password_port = tls_port, tls_password_port  # type: ignore[attr-defined]
     try:
         yield proc
     finally:
         proc.stop()
+        shutil.rmtree(conf, ignore_errors=True)
 
 
 def test_bootstrap_workers_writes_a_secret_group_accounts_and_config(deployment: Path) -> None:
@@ -151,10 +161,10 @@ def test_workers_need_a_share_group_and_their_accounts(tmp_path: Path) -> None:
 class _Supervised:
     """``sealmq backend run --workers N`` as a child process, its output parsed as it comes."""
 
-    def __init__(self, deployment: Path, port: int, n: int) -> None:
+    def __init__(self, deployment: Path, port: int, n: int, *extra: str) -> None:
         env = {**os.environ, app_config.ENV: str(deployment / "sealmq.toml"), "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "backend", "run", "--port", str(port), "--workers", str(n)],
+            [sys.executable, "-m", "app.cli", "backend", "run", "--port", str(port), "--workers", str(n), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -198,7 +208,9 @@ def _gone(pid: int) -> bool:
 @brokers.needs_mosquitto
 def test_supervisor_starts_n_restarts_a_killed_one_and_stops_all(deployment: Path,
                                                                  mosquitto: brokers.MosquittoProcess) -> None:
-    sup = _Supervised(deployment, mosquitto.port, 2)
+    """Over TLS, as in the compose profile: the workers log in with their own passwords on the password
+    listener (the backend's certificate would log them all in as `backend`, one connection)."""
+    sup = _Supervised(deployment, mosquitto.tls_password_port, 2, "--tls")  # type: ignore[attr-defined]
     try:
         assert wait_for(lambda: sup.serving(1) and sup.serving(2), 60), sup.output()
         first = dict(sup.started())
@@ -268,3 +280,43 @@ def test_supervisor_restarts_a_crashed_worker_with_growing_delays(tmp_path: Path
             runner.join(30)
     assert [e for e in events if e[0] == "exited"][:3] == [("exited", 1, 1)] * 3
     assert "[w1] run 1" in out.read_text()  # each worker's lines, prefixed
+
+
+def _options(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_mqtt_arguments(parser)
+    add_share_group_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_worker_options_make_mqtt5_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("SEALMQ_SHARE_GROUP", "SEALMQ_SHARE_GROUP_FILE", "SEALMQ_MQTT_PASSWORD", "SEALMQ_MQTT_TLS"):
+        monkeypatch.delenv(var, raising=False)
+    group_file = tmp_path / "share-group"
+    group_file.write_text("abc123\n")
+    s = mqtt_settings(_options())
+    assert (s.protocol, s.share_group) == (MQTT_311, None)  # the default is as it always was
+    s = mqtt_settings(_options("--share-group-file", str(group_file), "--session-expiry", "30"))
+    assert (s.protocol, s.share_group, s.session_expiry) == (MQTT_5, "abc123", 30)
+    s = mqtt_settings(_options("--share-group-file", str(group_file), "--share-group", "other"))
+    assert s.share_group == "other"  # the name given wins over the file (which sealmq.toml may name)
+    assert mqtt_settings(_options("--mqtt-version", "5")).protocol == MQTT_5
+    with pytest.raises(ConfigError):
+        mqtt_settings(_options("--share-group", "g", "--mqtt-version", "3.1.1"))
+    with pytest.raises(ConfigError):
+        mqtt_settings(_options("--share-group", "a/b"))
+
+
+def test_an_explicit_password_file_is_the_login_over_tls(tmp_path: Path) -> None:
+    """A worker logs in with its own account even where its identity has a certificate."""
+    ca, chain, key, pw = (tmp_path / n for n in ("ca.crt", "chain.pem", "key.pem", "w1.password"))
+    for f in (ca, chain, key):
+        f.write_text("x")
+    pw.write_text("secret\n")
+    s = mqtt_settings(_options("--tls", "--mqtt-password-file", str(pw), "--mqtt-username", "backend-w1"),
+                      ca_file=ca, client_cert=(chain, key))
+    assert (s.username, s.password, s.tls_ca, s.tls_cert, s.tls_key) == ("backend-w1", "secret", ca, None, None)
+    s = mqtt_settings(_options("--tls"), password_file=pw, ca_file=ca, client_cert=(chain, key))
+    assert (s.password, s.tls_cert) == (None, chain)  # without it: the certificate, as before
+    with pytest.raises(ConfigError):
+        mqtt_settings(_options("--mqtt-password-file", str(tmp_path / "missing")))
