@@ -173,11 +173,11 @@ class MqttLink:
         if getattr(rc, "is_failure", False) and self.settings.protocol == MQTT_5 \
                 and getattr(rc, "value", None) == _UNSUPPORTED_PROTOCOL:
             # the embedded amqtt broker (MQTT 3.1.1 only) answers an MQTT 5 CONNECT like this
+            why = "shared subscriptions need (--share-group)" if self.settings.share_group else "was asked for"
             self._fail(TransportError(
                 Reason.UNSUPPORTED,
-                f"the broker at {where} does not speak MQTT 5, which shared subscriptions need "
-                "(--share-group); the embedded broker is MQTT 3.1.1 only: run the workers on Mosquitto 2 "
-                "(docs/scaling.md)"))
+                f"the broker at {where} does not speak MQTT 5, which {why}; the embedded broker is "
+                "MQTT 3.1.1 only: run the workers on Mosquitto 2 (docs/scaling.md)"))
             return
         if getattr(rc, "is_failure", False):
             # Wrong user name or password, client id or protocol refused: retrying cannot fix it.
