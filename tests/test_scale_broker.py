@@ -79,7 +79,8 @@ def _publish(b: BrokerHandle, numbers: range) -> None:
 class ChildWorker:
     """``tests/share_worker.py`` in its own process (so that it can be SIGKILLed mid-stream)."""
 
-    def __init__(self, b: BrokerHandle, creds: Creds, tmp: Path, *, expiry: int, ack_first: int) -> None:
+    def __init__(self, b: BrokerHandle, creds: Creds, tmp: Path, *, expiry: int, ack_first: int,
+                 cleanup: list[ChildWorker]) -> None:
         pw = tmp / f"{creds.username}.password"
         pw.write_text(creds.password)
         pw.chmod(0o600)
@@ -89,6 +90,7 @@ class ChildWorker:
             [sys.executable, "-m", "tests.share_worker", b.host, str(b.port), creds.username, str(pw), GROUP,
              str(expiry), str(ack_first)],
             stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        cleanup.append(self)  # killed after the test, whatever happens below
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         assert self.ready.wait(20), "the worker did not subscribe"
@@ -140,8 +142,7 @@ def test_killed_worker_with_a_persistent_session_gets_its_messages_when_it_retur
     ones again); nothing is lost and no message reaches both workers."""
     survivor: list[int] = []
     _worker(mosq, mosq.workers[0], survivor)
-    dying = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=600, ack_first=5)
-    children.append(dying)
+    dying = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=600, ack_first=5, cleanup=children)
     _publish(mosq, range(100))  # acknowledged by the broker: each one is assigned to a member's session
     assert wait_for(lambda: len(dying.got) > 5, 20)  # it holds unacknowledged messages now
     dying.kill()
@@ -149,8 +150,7 @@ def test_killed_worker_with_a_persistent_session_gets_its_messages_when_it_retur
     mosq.broker.wait_log(f"Client {mosq.workers[1].username} closed its connection")
     _publish(mosq, range(100, 200))
     assert wait_for(lambda: len([m for m in survivor if m >= 100]) >= 1, 10)
-    back = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=600, ack_first=-1)
-    children.append(back)
+    back = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=600, ack_first=-1, cleanup=children)
     assert wait_for(lambda: set(survivor) | set(dying.got[:5]) | set(back.got) >= set(range(200)), 20)
     assert set(survivor) | set(dying.got[:5]) | set(back.got) == set(range(200))  # none lost
     assert not set(survivor) & (set(dying.got) | set(back.got))  # no message reached both workers
@@ -170,8 +170,7 @@ def test_control_killed_worker_without_a_session_loses_its_in_flight_messages(
     This is why workers keep a session (``--session-expiry``) and the devices' outbox re-sends."""
     survivor: list[int] = []
     _worker(mosq, mosq.workers[0], survivor, expiry=0)
-    dying = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=0, ack_first=5)
-    children.append(dying)
+    dying = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=0, ack_first=5, cleanup=children)
     _publish(mosq, range(100))
     assert wait_for(lambda: len(dying.got) > 5, 20)
     dying.kill()
@@ -179,8 +178,7 @@ def test_control_killed_worker_without_a_session_loses_its_in_flight_messages(
     mosq.broker.wait_log(f"Client {mosq.workers[1].username} closed its connection")
     _publish(mosq, range(100, 200))
     assert wait_for(lambda: set(range(100, 200)) <= set(survivor), 20)  # failover of new messages: at once
-    back = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=0, ack_first=-1)
-    children.append(back)
+    back = ChildWorker(mosq, mosq.workers[1], tmp_path, expiry=0, ack_first=-1, cleanup=children)
     _publish(mosq, range(200, 210))
     assert wait_for(lambda: set(range(200, 210)) <= set(survivor) | set(back.got), 20)
     lost = set(range(200)) - set(survivor) - set(dying.got[:5]) - set(back.got)
