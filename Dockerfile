@@ -39,7 +39,7 @@ COPY img/ /usr/share/sealmq/img/
 # Mount points of the compose volumes. Created here, owned by sealmq, so that a fresh named volume
 # takes this ownership and mode when first mounted.
 RUN chmod 0755 /usr/local/bin/sealmq-bootstrap /usr/local/bin/sealmq-healthcheck \
- && install -d -o sealmq -g sealmq -m 0700 /pki /publish/backend /publish/devices /identity /broker /data /state
+ && install -d -o sealmq -g sealmq -m 0700 /pki /publish/backend /publish/devices /publish/db /identity /broker /data /state
 
 USER 10001:10001
 WORKDIR /home/sealmq

@@ -18,6 +18,14 @@ Layout under ``DIR``::
     console.password         the operator console's password, 0600 (console: issue 13)
     sealmq.toml              these paths, for SEALMQ_CONFIG (app/config.py)
     devices/<id>/            each device's state (audit log, media outbox)
+
+With ``workers=N`` (``sealmq bootstrap --workers N``, docs/scaling.md) also::
+
+    pki/backend/<name>/share-group                    the deployment's MQTT share group name: 128 random
+                                                      bits, 0600 (a device that knew it could join the group)
+    pki/backend/<name>/workers/<name>-wK.password     broker accounts <name>-w1..<name>-wN, role backend
+                                                      (Mosquitto: one connection per login)
+    sealmq.toml                                       + share_group_file, workers
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app import config
+from app import workers as scale
 from backend.console.auth import CONSOLE_MONITOR, make_hash  # console (issue 13)
 from broker.passwd import DEFAULT_ITERATIONS, AccountRole, add_user, generate_password, load_users
 from pki import layout, store
@@ -118,13 +127,19 @@ def bootstrap(
     backend_name: str = "backend",
     backend_key_types: Sequence[str] | None = None,
     broker_hosts: list[str] | None = None,
+    workers: int = 0,
 ) -> tuple[Deployment, list[str]]:
     """Create whatever is missing; returns the deployment and a list of what was created.
 
     ``backend_key_types``: the first is the backend's main certificate, each further one an extra
     certificate (``backend/<name>/extra/<type>``); default :func:`backend_key_types_for` the
     devices' ``key_type``. One per group of suites: rsa2048 and rsa3072 both sign suite -24.
+
+    ``workers``: N > 0 makes the share group and the worker accounts ``<backend_name>-w1..wN`` (see
+    the module docstring); accounts of an earlier, larger N are kept.
     """
+    if workers < 0:
+        raise ConfigError(Reason.CONFIG_INVALID, "workers: 0 or more")
     kinds = backend_key_types or backend_key_types_for(key_type)
     groups = [_SAME_SUITES.get(k, k) for k in kinds]
     if not kinds or len(set(groups)) != len(groups):
@@ -166,7 +181,33 @@ def bootstrap(
         created.append("console password")
     if config.write(dep.root) is not None:
         created.append(config.FILE_NAME)
+    if workers:
+        created += _ensure_workers(dep, backend_name, workers, iterations, existing)
     return dep, created
+
+
+def _ensure_workers(dep: Deployment, backend_name: str, n: int, iterations: int, existing: set[str]) -> list[str]:
+    """The share group (kept once made: every worker must read the same) and N worker accounts."""
+    created = []
+    group_file = scale.share_group_file(dep.pki, backend_name)
+    if not group_file.exists():
+        _write_secret(group_file, scale.new_share_group())
+        created.append("share group (128 random bits)")
+    for k in range(1, n + 1):
+        name = scale.account(backend_name, k)
+        pw_file = scale.password_file(dep.pki, backend_name, k)
+        if name in existing and pw_file.exists():
+            continue
+        password = generate_password()
+        private_dir(pw_file.parent)
+        _write_secret(pw_file, password)
+        add_user(dep.users, name, password, AccountRole.BACKEND, iterations=iterations)
+        existing.add(name)
+        created.append(f"broker user {name}")
+    written = config.set_scale(dep.root, group_file.relative_to(dep.root).as_posix(), n)
+    if written:
+        created.append(f"{config.FILE_NAME}: {', '.join(written)}")
+    return created
 
 
 def _ensure_console_password(dep: Deployment) -> bool:

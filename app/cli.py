@@ -17,7 +17,7 @@ import backend.cli
 import broker.cli
 import device.cli
 import pki.cli
-from app import config, demo
+from app import config, demo, workers
 from runtime import exits
 from sealmq import __version__
 from sealmq.errors import SealmqError
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _SUBCOMMANDS:
         module.register(sub)
+    workers.register(parser)  # scale-out (issue 14): backend run --workers N
     return parser
 
 
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sealmq: error: {exc}", file=sys.stderr)
         return exits.code_for(exc)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the supervisor's workers repeat it (app/workers.py)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                            "key type if it signs other suites: ed25519 for suite 0, rsa* for -24)")
     boot.add_argument("--broker-host", action="append", default=[],
                       help="a host name or IP the broker's TLS certificate also names (localhost, 127.0.0.1 always)")
+    boot.add_argument("--workers", type=int, default=0, metavar="N",
+                      help="also make a secret MQTT share group and broker accounts backend-w1..backend-wN for "
+                           "`sealmq backend run --workers N` on Mosquitto (docs/scaling.md); default: none")
     boot.set_defaults(func=run_bootstrap)
 
 
@@ -78,7 +81,7 @@ def device_ids(n: int) -> list[str]:
 def run_bootstrap(args: argparse.Namespace) -> int:
     ids = [*device_ids(args.devices), *args.ids]
     dep, created = bootstrap(args.dir, ids, key_type=args.key_type, backend_key_types=args.backend_key_types,
-                             broker_hosts=args.broker_host)
+                             broker_hosts=args.broker_host, workers=args.workers)
     for what in created:
         print(f"created {what}")
     print(f"deployment ready in {dep.root} ({len(dep.devices())} devices)")

@@ -14,7 +14,7 @@ from backend.quotas import DeviceQuotas
 from backend.storage import COMMAND_STATES, db_path
 from backend.store import BackendStore, open_store
 from runtime import exits
-from runtime.config import add_mqtt_arguments, connect_limit, mqtt_settings
+from runtime.config import add_mqtt_arguments, add_share_group_arguments, connect_limit, mqtt_settings
 from sealmq import cbor
 from sealmq.bodies import decode_telemetry
 from sealmq.errors import ConfigError, DecodeError, Reason
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     quotas.add_argument("--device-stored-bytes", type=int, default=DeviceQuotas.stored_bytes,
                         help="telemetry and media bytes stored per device (default: %(default)s; 0: no limit)")
     add_mqtt_arguments(run, default_username="backend", connect_timeout=None)
+    add_share_group_arguments(run)  # scale-out (issue 14): --share-group-file, MQTT 5
     add_console_arguments(run)  # console (issue 13)
     run.set_defaults(func=_run)
 

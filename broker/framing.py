@@ -108,6 +108,16 @@ def _text(raw: bytes) -> str:
     return text
 
 
+def protocol_level(body: bytes) -> int | None:
+    """The protocol level of a CONNECT whose protocol name is "MQTT" (4: 3.1.1, 5: MQTT 5); None otherwise."""
+    try:
+        name_raw, pos = _take_field(body, 0)
+        level_raw, _ = _take(body, pos, 1)
+    except ConnectParseError:
+        return None
+    return level_raw[0] if name_raw == b"MQTT" else None
+
+
 def parse_connect(body: bytes) -> ConnectInfo:
     """Parse the variable header and payload of an MQTT 3.1.1 CONNECT (after the fixed header)."""
     name_raw, pos = _take_field(body, 0)
@@ -321,6 +331,15 @@ class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         return header + body
 
     async def _connect(self, header: bytes, body: bytes) -> bytes:
+        level = protocol_level(body)
+        if level is not None and level != 4:
+            # MQTT 3.1.1 [MQTT-3.1.2-2]: CONNACK 1 (unacceptable protocol level), then close. An MQTT 5
+            # client (a backend worker with --share-group) then learns why instead of retrying forever.
+            self._stats.refused_connect += 1
+            log.warning("refused CONNECT from %s: MQTT protocol level %d (this broker speaks 3.1.1 only)",
+                        self._peer, level)
+            self.refuse(CONNACK_BAD_PROTOCOL)
+            return b""
         try:
             info = parse_connect(body)
         except ConnectParseError as exc:

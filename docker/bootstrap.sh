@@ -14,6 +14,11 @@
 #      $SEALMQ_BROKER_DIR       users (salted hashes only), pki/ (ca/ca.crt, ca/crl.pem and the broker's
 #                               TLS key and chain: broker/broker/{key,chain}.pem) and mosquitto/
 #                               (the generated Mosquitto config, with copies of those TLS files)
+#    With SEALMQ_WORKERS=N (the compose file's default is 3; 0: none) also, for the `scale` profile
+#    (docs/scaling.md): to $SEALMQ_PUBLISH_BACKEND the share group name (backend/<name>/share-group),
+#    the worker accounts' passwords (backend/<name>/workers/<name>-wK.password), the shared session
+#    state key (state.key) and the database password as a libpq password file (pgpass); to
+#    $SEALMQ_PUBLISH_DB the database password for PostgreSQL's POSTGRES_PASSWORD_FILE.
 #    A file is copied only when missing or different: a re-run after `sealmq pki revoke` or
 #    `sealmq pki crl` republishes the CRL (the backend and the embedded broker re-read it; Mosquitto
 #    needs a restart) and touches nothing else.
@@ -26,9 +31,11 @@ to_devices="${SEALMQ_PUBLISH_DEVICES:?set SEALMQ_PUBLISH_DEVICES}"
 broker="${SEALMQ_BROKER_DIR:?set SEALMQ_BROKER_DIR}"
 devices="${SEALMQ_DEVICES:-3}"
 backend_name="${SEALMQ_BACKEND_NAME:-backend}"
+workers="${SEALMQ_WORKERS:-0}"
 
 # the broker's TLS certificate names the compose service (clients reach it as "broker")
-sealmq bootstrap --dir "$deploy" --devices "$devices" --broker-host "${SEALMQ_BROKER_HOST_NAME:-broker}"
+sealmq bootstrap --dir "$deploy" --devices "$devices" --broker-host "${SEALMQ_BROKER_HOST_NAME:-broker}" \
+  --workers "$workers"
 pki="$deploy/pki"
 
 changed=0
@@ -62,6 +69,24 @@ done
 publish_identity "$pki/backend/$backend_name" "$to_backend/backend/$backend_name"
 publish "$deploy/backend/console.auth" "$to_backend/console.auth"
 publish "$deploy/broker/console-monitor.password" "$to_backend/console-monitor.password"
+if [ "$workers" -gt 0 ]; then
+  identity="$pki/backend/$backend_name"
+  publish "$identity/share-group" "$to_backend/backend/$backend_name/share-group"
+  for f in "$identity"/workers/*.password; do
+    publish "$f" "$to_backend/backend/$backend_name/workers/$(basename "$f")"
+  done
+  # one state key for every worker (sealed session snapshots), made once, never replaced
+  python3 -c 'import sys; from pathlib import Path; from backend.state_seal import load_or_create_key; load_or_create_key(Path(sys.argv[1]))' "$deploy/backend/state.key"
+  publish "$deploy/backend/state.key" "$to_backend/state.key"
+  if [ ! -f "$deploy/db.password" ]; then
+    python3 -c 'import secrets; print(secrets.token_urlsafe(24))' > "$deploy/db.password"
+  fi
+  printf 'db:5432:sealmq:sealmq:%s\n' "$(cat "$deploy/db.password")" > "$deploy/pgpass"
+  publish "$deploy/pgpass" "$to_backend/pgpass"
+  if [ -n "${SEALMQ_PUBLISH_DB:-}" ]; then
+    publish "$deploy/db.password" "$SEALMQ_PUBLISH_DB/password"
+  fi
+fi
 for dir in "$pki"/devices/*/; do
   [ -f "$dir/cert.pem" ] || continue
   id="$(basename "$dir")"

@@ -8,7 +8,8 @@ code meaning
 0    done
 1    ran, but did not finish what was asked (transfers unfinished, no session with the
      backend within ``--session-timeout``, a command not answered within ``--wait``)
-2    usage or configuration error (bad option, missing file, unknown device, bad PKI)
+2    usage or configuration error (bad option, missing file, unknown device, bad PKI, a broker
+     without what was asked of it: MQTT 5 or shared subscriptions for ``--share-group``)
 3    the broker could not be reached within ``--connect-timeout``
 4    the broker refused the credentials (wrong user name or password, not authorised)
 130  interrupted (Ctrl-C); the long-running commands stop cleanly on a signal and exit 0

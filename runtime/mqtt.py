@@ -1,8 +1,17 @@
 """The thin MQTT adapter the device agent, the backend and the tools share (paho-mqtt 2.x).
 
-It only moves bytes: connect (MQTT 3.1.1, which both amqtt and mosquitto speak), reconnect with
-exponential backoff, re-subscribe after every (re)connect, publish, and hand every received
+It only moves bytes: connect (MQTT 3.1.1 by default, which both amqtt and mosquitto speak), reconnect
+with exponential backoff, re-subscribe after every (re)connect, publish, and hand every received
 message to one callback. No protocol logic lives here.
+
+MQTT 5 (``MqttSettings.protocol = 5``) is for backend workers sharing a subscription
+(``MqttSettings.share_group``: every filter becomes ``$share/<group>/<filter>``; docs/scaling.md).
+The session then lives ``session_expiry`` seconds past a disconnect (Clean Start off, Session Expiry
+Interval set), so a worker that comes back with its own login gets its unacknowledged messages
+again; mosquitto 2.0 does not hand them to the other members of the group (measured, docs/scaling.md).
+A broker that does not speak MQTT 5 (the embedded amqtt) or refuses a subscription of a share
+group is a configuration error, not a transient fault: :attr:`MqttLink.error` holds a
+:class:`~sealmq.errors.TransportError` with ``Reason.UNSUPPORTED`` (exit code 2).
 
 What an operator sees: ``connecting to HOST:PORT as USER ...`` (INFO), every failed attempt
 (WARNING, numbered), a lost connection as lost; a requested stop is not reported as a loss. A broker
@@ -33,8 +42,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from sealmq.errors import Reason, TransportError
+from sealmq.errors import ConfigError, Reason, TransportError
 
 log = logging.getLogger("sealmq.mqtt")
 
@@ -43,6 +54,21 @@ MessageHandler = Callable[[str, bytes], None]
 # CONNACK refusals worth retrying, as paho reports them (MQTT 5 reason codes; a 3.1.1 code 3 is 136):
 # Server unavailable, Server busy. Any other refusal (credentials, client id, protocol) is final.
 _TRANSIENT_REFUSALS = frozenset({136, 137})
+_UNSUPPORTED_PROTOCOL = 132  # paho's code for a 3.1.1 broker's "unacceptable protocol level" too
+_SHARED_NOT_SUPPORTED = 158  # SUBACK: Shared Subscriptions not supported
+_NOT_AUTHORIZED = 135
+
+MQTT_311 = 4  # the protocol levels of MqttSettings.protocol
+MQTT_5 = 5
+DEFAULT_SESSION_EXPIRY = 600  # seconds an MQTT 5 session (and its queue) outlives its connection
+
+
+def check_share_group(name: str) -> str:
+    """A share group name as MQTT 5 allows it (no ``/``, ``+``, ``#``; not empty); returns it."""
+    if not name or any(c in name for c in "/+#") or not name.isprintable() or len(name) > 256:
+        raise ConfigError(Reason.CONFIG_INVALID, "a share group name is 1-256 printable characters "
+                          "without '/', '+' or '#'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,23 @@ class MqttSettings:
     tls_key: Path | None = None
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 30
+    protocol: int = MQTT_311  # MQTT_5: the backend workers of a share group (docs/scaling.md)
+    share_group: str | None = None  # subscribe through $share/<group>/...; needs protocol MQTT_5
+    session_expiry: int = DEFAULT_SESSION_EXPIRY  # MQTT 5 only; 3.1.1 sessions: the broker's setting
+
+    def __post_init__(self) -> None:
+        if self.protocol not in (MQTT_311, MQTT_5):
+            raise ConfigError(Reason.CONFIG_INVALID, f"MQTT protocol level {self.protocol}: 4 (3.1.1) or 5")
+        if self.share_group is not None:
+            check_share_group(self.share_group)
+            if self.protocol != MQTT_5:
+                raise ConfigError(Reason.CONFIG_INVALID, "shared subscriptions need MQTT 5")
+        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
+            raise ConfigError(Reason.CONFIG_INVALID, "session expiry: 0 to 4294967295 seconds")
+
+    def subscription(self, topic_filter: str) -> str:
+        """The filter as subscribed: ``$share/<group>/<filter>`` in a share group."""
+        return topic_filter if self.share_group is None else f"$share/{self.share_group}/{topic_filter}"
 
 
 class MqttLink:
@@ -79,24 +122,31 @@ class MqttLink:
         self._manual_ack = manual_ack
         self._current: tuple[int, int] | None = None  # (mid, qos) of the message being handled
         self._generation = 0  # connections so far: an ack never crosses to another connection
-        self._subscriptions = list(subscriptions)
+        self._subscriptions = [settings.subscription(f) for f in subscriptions]
+        self._pending_subacks: dict[int, str] = {}  # mid -> filter, until its SUBACK
         self._qos = qos
         self._handler = on_message
         self._on_connect_cb = on_connect
         self._on_disconnect_cb = on_disconnect
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # every filter granted on the current connection
         self.error: TransportError | None = None  # set once, when the broker refused the credentials
         self._stopping = False
         self._attempts = 0  # failed attempts since the last successful connect
         self.ever_connected = False
         self._started = time.monotonic()
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            clean_session=settings.clean_session if settings.client_id else True,
-            protocol=mqtt.MQTTv311,
-            manual_ack=manual_ack,
-        )
+        if settings.protocol == MQTT_5:
+            # paho takes Clean Start and the session expiry with connect(), not here
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                                 protocol=mqtt.MQTTv5, manual_ack=manual_ack)
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=settings.client_id,
+                clean_session=settings.clean_session if settings.client_id else True,
+                protocol=mqtt.MQTTv311,
+                manual_ack=manual_ack,
+            )
         if settings.username is not None:
             client.username_pw_set(settings.username, settings.password)
         if settings.tls_ca is not None:
@@ -110,6 +160,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self.client = client
 
     # -- paho callbacks (network thread) -------------------------------------------------------
@@ -118,6 +169,15 @@ class MqttLink:
         if getattr(rc, "is_failure", False) and getattr(rc, "value", None) in _TRANSIENT_REFUSALS:
             self._attempts += 1
             log.warning("the broker at %s is unavailable (%s, attempt %d); retrying", where, rc, self._attempts)
+            return
+        if getattr(rc, "is_failure", False) and self.settings.protocol == MQTT_5 \
+                and getattr(rc, "value", None) == _UNSUPPORTED_PROTOCOL:
+            # the embedded amqtt broker (MQTT 3.1.1 only) answers an MQTT 5 CONNECT like this
+            why = "shared subscriptions need (--share-group)" if self.settings.share_group else "was asked for"
+            self._fail(TransportError(
+                Reason.UNSUPPORTED,
+                f"the broker at {where} does not speak MQTT 5, which {why}; the embedded broker is "
+                "MQTT 3.1.1 only: run the workers on Mosquitto 2 (docs/scaling.md)"))
             return
         if getattr(rc, "is_failure", False):
             # Wrong user name or password, client id or protocol refused: retrying cannot fix it.
@@ -138,8 +198,12 @@ class MqttLink:
             # windowed transfer stalls about 40 ms per ack (measured: media 3-4x slower).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._generation += 1
+        self.subscribed.clear()
+        self._pending_subacks.clear()
         for topic_filter in self._subscriptions:
-            client.subscribe(topic_filter, qos=self._qos)
+            result, mid = client.subscribe(topic_filter, qos=self._qos)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subacks[mid] = topic_filter
         self.connected.set()
         if self._on_connect_cb:
             self._on_connect_cb()
@@ -147,6 +211,7 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         if not was:
             return
         where = f"{self.settings.host}:{self.settings.port}"
@@ -156,6 +221,39 @@ class MqttLink:
             log.warning("connection to %s lost (%s); reconnecting", where, rc)
         if self._on_disconnect_cb:
             self._on_disconnect_cb()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, codes: Sequence[object],
+                      props: object) -> None:
+        topic_filter = self._pending_subacks.pop(mid, "?")
+        refused = [c for c in codes if getattr(c, "is_failure", False)]
+        if not refused:
+            if not self._pending_subacks:
+                self.subscribed.set()
+            return
+        where = f"{self.settings.host}:{self.settings.port}"
+        code = refused[0]
+        if self.settings.share_group is None:
+            # as before MQTT 5: the link stays up (a refused filter only means nothing arrives on it)
+            log.warning("the broker at %s refused the subscription %s (%s)", where, topic_filter, code)
+            return
+        # a worker that is not in its group receives nothing: stop, say why
+        reason = Reason.NOT_AUTHORIZED if getattr(code, "value", None) == _NOT_AUTHORIZED else Reason.UNSUPPORTED
+        hint = ("the broker has no shared subscriptions" if getattr(code, "value", None) == _SHARED_NOT_SUPPORTED
+                else "a broker without shared subscriptions, or an ACL that does not grant the filter")
+        self._fail(TransportError(reason, f"the broker at {where} refused the shared subscription "
+                                          f"{self._redacted(topic_filter)} ({code}): {hint}"))
+
+    def _redacted(self, topic_filter: str) -> str:
+        """A filter fit for logs: the share group name is a secret (docs/broker.md)."""
+        if self.settings.share_group is None:
+            return topic_filter
+        return topic_filter.replace(f"$share/{self.settings.share_group}/", "$share/<group>/", 1)
+
+    def _fail(self, err: TransportError) -> None:
+        """A refusal retrying cannot fix: keep it for the caller and end paho's reconnect loop."""
+        self.error = err
+        log.error("%s; not retrying", err.detail)
+        self.client.disconnect()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._attempts += 1
@@ -200,7 +298,17 @@ class MqttLink:
         log.info("connecting to %s:%d as %s ...", self.settings.host, self.settings.port,
                  self.settings.username or "(anonymous)")
         self._started = time.monotonic()
-        self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
+        if self.settings.protocol == MQTT_5:
+            # Clean Start off on every connect, the first one too: a worker restarted after a crash
+            # gets the messages its predecessor left unacknowledged (docs/scaling.md, measured).
+            # Without a client id nobody could resume the session: none is kept (as with 3.1.1).
+            keep = not self.settings.clean_session and bool(self.settings.client_id)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
+            properties.SessionExpiryInterval = self.settings.session_expiry if keep else 0
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive,
+                                      clean_start=not keep, properties=properties)
+        else:
+            self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
         self.client.loop_start()
         if wait is not None:
             try:
@@ -243,3 +351,4 @@ class MqttLink:
         finally:
             self.client.loop_stop()
             self.connected.clear()
+            self.subscribed.clear()

@@ -79,6 +79,7 @@ class BrokerHandle:
     passwd: Path  # the sealmq user file
     broker: Any = None  # EmbeddedBroker or MosquittoProcess
     tls_port: int = 0  # the TLS listener's, when started with tls=
+    workers: list[Creds] = field(default_factory=list)  # backend-w1.. (role backend), with workers=N
     _clients: list[mqtt.Client] = field(default_factory=list)
 
     def connect(
@@ -238,6 +239,14 @@ class MosquittoProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        """Wait until ``text`` appears ``count`` times in mosquitto's log (connection_messages is on)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not seen {count} time(s) in mosquitto's log:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
 
 @contextlib.contextmanager
 def running_amqtt(directory: Path, n_devices: int = 2, **config: Any) -> Iterator[BrokerHandle]:
@@ -255,10 +264,13 @@ def running_amqtt(directory: Path, n_devices: int = 2, **config: Any) -> Iterato
 
 
 @contextlib.contextmanager
-def running_mosquitto(directory: Path, n_devices: int = 2, **options: Any) -> Iterator[BrokerHandle]:
+def running_mosquitto(directory: Path, n_devices: int = 2, workers: int = 0, **options: Any) -> Iterator[BrokerHandle]:
     if MOSQUITTO is None:
         pytest.skip("mosquitto binary not installed")
     passwd, backend, devices, monitor = make_users(directory, n_devices)
+    worker_creds = [Creds(f"backend-w{k}", secrets.token_urlsafe(12)) for k in range(1, workers + 1)]
+    for w in worker_creds:  # backend workers of a share group: one account each (docs/scaling.md)
+        add_user(passwd, w.username, w.password, AccountRole.BACKEND, iterations=TEST_ITERATIONS)
     port = options.pop("port", None) or free_port()
     if options.get("tls") is not None:
         options.setdefault("tls_port", free_port())
@@ -269,7 +281,7 @@ def running_mosquitto(directory: Path, n_devices: int = 2, **options: Any) -> It
         write_config(conf_dir, load_users(passwd), MosquittoOptions(host=HOST, port=port, **options))
         proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log").start()
         handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc,
-                              tls_port=options.get("tls_port", 0))
+                              tls_port=options.get("tls_port", 0), workers=worker_creds)
         try:
             yield handle
         finally:

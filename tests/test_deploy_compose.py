@@ -62,11 +62,16 @@ def merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, A
     return out
 
 
-def load_compose(env: Mapping[str, str], override: Path | None = None) -> dict[str, dict[str, Any]]:
+def load_compose(env: Mapping[str, str], override: Path | None = None,
+                 profiles: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The services Compose would start with these ``profiles`` active (a service with ``profiles``
+    only when one of them is)."""
     services: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text())["services"]
     if override is not None:
         for name, svc in yaml.safe_load(override.read_text())["services"].items():
             services[name] = merge_service(services[name], svc)
+    services = {name: svc for name, svc in services.items()
+                if not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
     return interpolate(services, env)
 
 
@@ -284,12 +289,14 @@ def test_compose_config_validates(variant: str) -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
-    assert set(services) == {"pki", "broker", "backend", "simulator"}
+    # docker-compose 1.29 lists every service, those of inactive profiles too
+    assert {n for n, svc in services.items() if not svc.get("profiles")} == {"pki", "broker", "backend", "simulator"}
     assert services["pki"]["environment"]["SEALMQ_DEVICES"] == "5"
     # docker-compose's own reading agrees with ours (so the end-to-end test runs what Docker runs)
-    ours = load_compose({"SEALMQ_DEVICES": "5"}, MOSQUITTO_OVERRIDE if variant == "mosquitto" else None)
+    ours = load_compose({"SEALMQ_DEVICES": "5"}, MOSQUITTO_OVERRIDE if variant == "mosquitto" else None,
+                        profiles=("scale",))
     for name, svc in services.items():
-        assert [str(a) for a in svc["command"]] == [str(a) for a in ours[name]["command"]], name
+        assert [str(a) for a in svc.get("command") or []] == [str(a) for a in ours[name].get("command") or []], name
     broker = services["broker"]
     assert broker["image"] == ("eclipse-mosquitto:2" if variant == "mosquitto" else "sealmq:local")
     assert "build" not in broker  # an override must never build our Dockerfile under mosquitto's name
@@ -301,7 +308,7 @@ def test_compose_config_validates(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", sorted(COMPOSE_FILES))
 def test_compose_least_privilege(variant: str) -> None:
-    services = load_compose({}, MOSQUITTO_OVERRIDE if variant == "mosquitto" else None)
+    services = load_compose({}, MOSQUITTO_OVERRIDE if variant == "mosquitto" else None, profiles=("scale",))
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
@@ -334,3 +341,58 @@ def test_compose_builds_one_image_and_mounts_only_image_dirs() -> None:
 def test_startup_order_follows_depends_on() -> None:
     order = startup_order(load_compose({}))
     assert order.index("pki") < order.index("broker") < order.index("backend") < order.index("simulator")
+
+
+# -- profile `scale` (docs/scaling.md) -------------------------------------------------------------
+SCALE_SERVICES = {"backend-w1", "backend-w2", "backend-w3", "state", "db"}
+
+
+def _option(command: list[str], flag: str) -> str:
+    return str(command[command.index(flag) + 1])
+
+
+def test_compose_scale_profile_validates() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (scripts/setup --test installs it)")
+    result = subprocess.run([exe, "-f", str(COMPOSE), "-f", str(MOSQUITTO_OVERRIDE), "--profile", "scale", "config"],
+                            capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {n for n, svc in services.items() if "scale" in (svc.get("profiles") or [])} == SCALE_SERVICES
+    ours = load_compose({}, MOSQUITTO_OVERRIDE, profiles=("scale",))
+    for name in SCALE_SERVICES:
+        assert [str(a) for a in services[name].get("command") or []] == \
+            [str(a) for a in ours[name].get("command") or []], name
+    # without the profile, none of them runs
+    assert not SCALE_SERVICES & set(load_compose({}, MOSQUITTO_OVERRIDE))
+
+
+def test_compose_scale_workers_each_have_their_own_account_in_one_share_group() -> None:
+    services = load_compose({}, MOSQUITTO_OVERRIDE, profiles=("scale",))
+    workers = sorted(n for n in services if n.startswith("backend-w"))
+    assert workers == ["backend-w1", "backend-w2", "backend-w3"]
+    commands = [services[w]["command"] for w in workers]
+    # the pki service makes at least as many worker accounts as there are worker services
+    assert int(services["pki"]["environment"]["SEALMQ_WORKERS"]) >= len(workers)
+    assert [_option(c, "--mqtt-username") for c in commands] == workers
+    assert [_option(c, "--mqtt-password-file") for c in commands] == \
+        [f"/identity/backend/backend/workers/{w}.password" for w in workers]
+    assert {_option(c, "--share-group-file") for c in commands} == {"/identity/backend/backend/share-group"}
+    assert {_option(c, "--db") for c in commands} == {"postgresql://sealmq@db/sealmq"}  # no password in it
+    assert {_option(c, "--state") for c in commands} == {"redis://state:6379/0"}
+    assert all("--share-group" not in c for c in commands)  # the group name never on a command line
+    for w in workers:
+        env = services[w]["environment"]
+        # the worker account's password login: the broker's TLS password listener
+        assert env["SEALMQ_MQTT_PORT"] == "8884" and env["SEALMQ_MQTT_TLS"] == "1"
+        assert env["PGPASSFILE"].startswith("/identity/")
+        assert set(services[w]["networks"]) == {"default", "state"}
+        assert "backend-identity:/identity:ro" in services[w]["volumes"]
+    # Valkey and PostgreSQL: only on the internal network with the workers, nothing published
+    assert yaml.safe_load(COMPOSE.read_text())["networks"]["state"]["internal"] is True
+    for name in ("state", "db"):
+        assert services[name]["networks"] == ["state"] and not services[name].get("ports"), name
+    for name in ("broker", "simulator", "pki"):
+        assert "state" not in (services[name].get("networks") or []), name
+    assert services["db"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/secrets/password"

@@ -211,21 +211,31 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
     backend, devices, broker = mounts["/publish/backend"], mounts["/publish/devices"], mounts["/broker"]
     # each service gets its own identity, the trust anchor and the CRL, and nothing else; the backend also
     # gets the console password's hash (never the password) and its broker view's read-only login
+    # for the `scale` profile (SEALMQ_WORKERS, default 3): the share group, the worker accounts' passwords,
+    # the session state key and the database password (a libpq password file); PostgreSQL gets that password
     assert sorted(_digests(backend)) == [
         "backend/backend/cert.pem", "backend/backend/chain.pem", "backend/backend/key.pem",
-        "backend/backend/mqtt.password", "ca/ca.crt", "ca/crl.pem", "console-monitor.password", "console.auth"]
+        "backend/backend/mqtt.password", "backend/backend/share-group",
+        *[f"backend/backend/workers/backend-w{k}.password" for k in (1, 2, 3)],
+        "ca/ca.crt", "ca/crl.pem", "console-monitor.password", "console.auth", "pgpass", "state.key"]
+    db_password = (mounts["/publish/db"] / "password").read_text().strip()
+    assert sorted(_digests(mounts["/publish/db"])) == ["password"]
+    assert (backend / "pgpass").read_text() == f"db:5432:sealmq:sealmq:{db_password}\n"
+    assert len((backend / "state.key").read_bytes()) == 32
     console_password = (mounts["/pki"] / "console.password").read_text().strip()
     assert console_password not in (backend / "console.auth").read_text()
     assert sorted({p.split("/")[1] for p in _digests(devices) if p.startswith("devices/")}) == ["dev-001", "dev-002"]
-    for published in (backend, devices, broker):
+    for published in (backend, devices, broker, mounts["/publish/db"]):
         for path in published.rglob("*"):
-            assert not path.name.endswith(".key") and path.name != "csr.pem", path
+            # no CA key, no CSR; the workers' session state key is the one .key file, for them
+            assert not path.name.endswith(".key") or path == backend / "state.key", path
+            assert path.name != "csr.pem", path
             if path.is_file():
                 assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
     users = (broker / "users").read_text()
     assert sorted(line.split(":")[:2] for line in users.splitlines() if not line.startswith("#")) == [
-        ["backend", "backend"], ["console-monitor", "monitor"], ["dev-001", "device"], ["dev-002", "device"],
-        ["monitor", "monitor"]]
+        ["backend", "backend"], ["backend-w1", "backend"], ["backend-w2", "backend"], ["backend-w3", "backend"],
+        ["console-monitor", "monitor"], ["dev-001", "device"], ["dev-002", "device"], ["monitor", "monitor"]]
     assert all(":$7$" in line for line in users.splitlines() if not line.startswith("#"))  # hashes only
     assert "0.0.0.0" not in (broker / "mosquitto" / "mosquitto.conf").read_text()  # mapped to loopback here
     conf = (broker / "mosquitto" / "mosquitto.conf").read_text()
@@ -236,8 +246,10 @@ def test_bootstrap_publishes_least_privilege_and_is_idempotent(tmp_path: Path) -
     assert sorted(p for p in _digests(broker) if p.startswith("pki/")) == [
         "pki/broker/broker/chain.pem", "pki/broker/broker/key.pem", "pki/ca/ca.crt", "pki/ca/crl.pem"]
     # passwords are in files only: never printed
-    for pw_file in [*devices.rglob("mqtt.password"), *backend.rglob("mqtt.password")]:
+    secrets = [*devices.rglob("mqtt.password"), *backend.rglob("*.password"), backend / "backend/backend/share-group"]
+    for pw_file in secrets:
         assert pw_file.read_text().strip() not in first.stdout + first.stderr
+    assert db_password not in first.stdout + first.stderr
 
     before = {name: _digests(path) for name, path in mounts.items()}
     again = dep.run_service("pki")

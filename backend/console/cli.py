@@ -10,7 +10,7 @@ from typing import Any
 
 from backend.console.auth import CONSOLE_MONITOR
 from runtime.config import read_secret_file
-from runtime.mqtt import MqttSettings
+from runtime.mqtt import MQTT_311, MqttSettings
 
 
 def add_console_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,8 @@ def start_console(service: Any, args: argparse.Namespace, mqtt: MqttSettings) ->
         # the backend itself and disconnect the backend): on TLS, the broker's password listener
         monitor = replace(mqtt, username=args.monitor_username,
                           password=read_secret_file(Path(args.monitor_password_file)), client_id="",
-                          tls_cert=None, tls_key=None, port=args.monitor_port or mqtt.port)
+                          tls_cert=None, tls_key=None, port=args.monitor_port or mqtt.port,
+                          protocol=MQTT_311, share_group=None)  # a worker's share group is not the monitor's
     console = Console(service, ConsoleSettings(host=host, port=port, auth_file=args.console_auth, monitor=monitor,
                                                tls_cert=args.https_cert, tls_key=args.https_key)).start()
     print(f"console: {console.url}", flush=True)
