@@ -47,7 +47,7 @@ from runtime.audit import AuditLog, AuditThrottle
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
-from sealmq import cbor
+from sealmq import cbor, topics
 from sealmq.bodies import Ack, Command
 from sealmq.edhoc import (
     AuthKind,
@@ -71,7 +71,7 @@ from sealmq.endpoint import (
 from sealmq.errors import ConfigError, Reason, SealmqError
 from sealmq.identity import CredentialKind, Role
 from sealmq.media_receiver import MediaLimits
-from sealmq.topics import RecordKind
+from sealmq.topics import Channel, Direction, RecordKind
 
 log = logging.getLogger("sealmq.backend")
 
@@ -190,8 +190,17 @@ class BackendService(EndpointDriver):
         self.enrolment = EnrolmentService(settings.pki_dir, audit, settings.enrol_policy, passphrase)  # issue 16
         self.updates = UpdatePusher(settings.data_dir, audit, chunk_size=settings.update_chunk_size,  # issue 16
                                     window=settings.update_window, resend_after=settings.update_resend_after)
+        mqtt = settings.mqtt
+        if mqtt.share_group is not None:
+            # Media transfers keep per-transfer state (the .part file, its hash, the window) in one
+            # process: the primary subscribes to media on its own, the others not at all (docs/scaling.md).
+            media = topics.subscription(Channel.MEDIA, Direction.UP)
+            if settings.primary:
+                mqtt = replace(mqtt, unshared=(*mqtt.unshared, media))
+            else:
+                endpoint.subscriptions = [f for f in endpoint.subscriptions if f != media]
         super().__init__(
-            endpoint, settings.mqtt, audit, role="backend", timer_name="backend-timer",
+            endpoint, mqtt, audit, role="backend", timer_name="backend-timer",
             default_client_id=f"{settings.mqtt.username or 'backend'}:{settings.name}",
             poll_interval=settings.poll_interval, log=log, manual_ack=True,
         )

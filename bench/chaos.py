@@ -1,6 +1,6 @@
 """The chaos run (issue 12): nothing measured may disappear, nothing may arrive twice.
 
-``python3 -m bench.chaos [--broker amqtt|mosquitto|both] [--seconds S] [--devices N] [--rate R]``
+``python3 -m bench.chaos [--broker amqtt|mosquitto|both] [--seconds S] [--devices N] [--rate R] [--workers W]``
 
 Several devices (each its own process, a real ``DeviceAgent`` with its state on disk) send
 numbered telemetry and a few files through a real broker (the embedded amqtt in its own process,
@@ -17,6 +17,12 @@ every transfer done), and the run counts from the files on disk:
   application would see twice);
 * **files verified**: files the backend stored whose SHA-256 is the sent file's and whose device
   signature verified.
+
+With ``--workers W`` (W >= 2, mosquitto only; issue 14) the backend is W worker processes in one
+MQTT 5 share group (accounts ``backend-w1..wW`` from ``bootstrap --workers``), sharing their sessions
+in a real ``redis-server`` (sealed under one state key) and one SQLite database under the shared data
+directory; worker 1 is the primary (media, commands). The SIGKILLs then pick a worker each time the
+backend is chosen, so workers die mid-stream while the others go on.
 
 Exit status 0 only with 0 lost, 0 duplicated and every file verified. ``run_chaos`` is what
 ``tests/test_chaos.py`` calls with a short duration. The processes are this module with
@@ -72,18 +78,29 @@ def role_broker(root: Path, port: int) -> None:
     broker.stop()
 
 
-def role_backend(root: Path, port: int, max_batch: int, max_delay: float, idle: float) -> None:
+def role_backend(root: Path, port: int, max_batch: int, max_delay: float, idle: float, worker: int = 0,
+                 state: str | None = None) -> None:
     from app.bootstrap import Deployment
     from backend.ingest import IngestSettings
     from backend.service import BackendService, BackendSettings
-    from runtime.mqtt import MqttSettings
+    from runtime.mqtt import MQTT_5, MqttSettings
 
     dep = Deployment(root)
     done = _stop_event()
-    mqtt = MqttSettings(host=HOST, port=port, username="backend", password=dep.password("backend", "backend"),
-                        reconnect_min_delay=1, reconnect_max_delay=2)
+    if worker:  # one of several workers: its own account, the deployment's share group
+        from app.workers import account, password_file, share_group_file
+
+        user = account("backend", worker)
+        mqtt = MqttSettings(host=HOST, port=port, username=user, client_id=f"{user}:chaos",
+                            password=password_file(dep.pki, "backend", worker).read_text().strip(),
+                            protocol=MQTT_5, share_group=share_group_file(dep.pki, "backend").read_text().strip(),
+                            reconnect_min_delay=1, reconnect_max_delay=2)
+    else:
+        mqtt = MqttSettings(host=HOST, port=port, username="backend", password=dep.password("backend", "backend"),
+                            reconnect_min_delay=1, reconnect_max_delay=2)
     svc = BackendService(BackendSettings(pki_dir=dep.pki, data_dir=dep.backend_data, mqtt=mqtt, poll_interval=0.1,
-                                         ingest=IngestSettings(max_batch=max_batch, max_delay=max_delay, idle=idle)))
+                                         ingest=IngestSettings(max_batch=max_batch, max_delay=max_delay, idle=idle),
+                                         state=state, state_key=root / "state.key", primary=worker <= 1))
     svc.start(wait=None)
     status, mine = root / "backend-status.json", root / f"backend-status-{os.getpid()}.json"
     while not done.wait(0.2):
@@ -179,6 +196,7 @@ class ChaosResult:
     kills: dict[str, int] = field(default_factory=dict)
     settled: bool = False
     backend_duplicates_dropped: int = 0
+    workers: int = 1
 
     @property
     def ok(self) -> bool:
@@ -187,7 +205,8 @@ class ChaosResult:
 
     def line(self) -> str:
         kills = ", ".join(f"{k} {v}" for k, v in sorted(self.kills.items()))
-        return (f"{self.broker}: {self.seconds:.0f} s, sent {self.sent}, stored {self.stored}, lost {self.lost}, "
+        backend = f"{self.broker}, {self.workers} workers" if self.workers > 1 else self.broker
+        return (f"{backend}: {self.seconds:.0f} s, sent {self.sent}, stored {self.stored}, lost {self.lost}, "
                 f"duplicated {self.duplicated}, files verified {self.files_verified}/{self.files_sent} "
                 f"(SIGKILLs: {kills}; repeats the backend dropped: at least {self.backend_duplicates_dropped}"
                 f"{'' if self.settled else '; DID NOT SETTLE'})")
@@ -251,28 +270,51 @@ def _device_status(root: Path, device_id: str) -> dict[str, Any] | None:
 
 def run_chaos(root: Path, *, broker: str = "amqtt", seconds: float = 20.0, devices: int = 3, rate: float = 20.0,
               files: int = 1, seed: int | None = None, mean_gap: float = 2.0, settle_timeout: float = 90.0,
-              say: Callable[[str], None] = print) -> ChaosResult:
+              say: Callable[[str], None] = print, workers: int = 1) -> ChaosResult:
     """One chaos run in ``root`` (a fresh directory); see the module docstring."""
     from app.bootstrap import bootstrap
 
+    if workers > 1 and broker != "mosquitto":
+        raise ValueError("several workers need MQTT 5 shared subscriptions: mosquitto")
     rng = random.Random(seed)
     ids = [f"chaos-{i}" for i in range(devices)]
-    bootstrap(root, ids, iterations=1000)
+    bootstrap(root, ids, iterations=1000, workers=workers if workers > 1 else 0)
     port = _free_port()
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     common = ["--root", str(root), "--port", str(port)]
     broker_proc = Proc("broker", _mosquitto(root, port) if broker == "mosquitto"
                        else lambda: _spawn(["--role", "broker", *common], logs / "broker.log"))
-    backend = Proc("backend", lambda: _spawn(["--role", "backend", *common], logs / "backend.log"))
+    redis_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(None)
+    if workers > 1:
+        from tests.redis_server import redis_server
+
+        redis_ctx = redis_server()
     devs = [Proc(d, lambda d=d: _spawn(["--role", "device", *common, "--device", d, "--rate", str(rate),  # type: ignore[misc]
                                          "--files", str(files)], logs / f"{d}.log")) for d in ids]
-    procs = [broker_proc, backend, *devs]
-    result = ChaosResult(broker, seconds)
+    result = ChaosResult(broker, seconds, workers=workers)
+    with redis_ctx as redis:
+        if redis is None:
+            backends = [Proc("backend", lambda: _spawn(["--role", "backend", *common], logs / "backend.log"))]
+        else:
+            backends = [Proc(f"backend-w{k}", lambda k=k: _spawn(  # type: ignore[misc]
+                ["--role", "backend", *common, "--worker", str(k), "--state", redis.url], logs / f"backend-w{k}.log"))
+                for k in range(1, workers + 1)]
+        _chaos(root, ids, broker, seconds, rng, mean_gap, settle_timeout, say, port, broker_proc, backends, devs,
+               result, files, rate)
+    _count(root, ids, result)
+    return result
+
+
+def _chaos(root: Path, ids: list[str], broker: str, seconds: float, rng: random.Random, mean_gap: float,
+           settle_timeout: float, say: Callable[[str], None], port: int, broker_proc: Proc, backends: list[Proc],
+           devs: list[Proc], result: ChaosResult, files: int, rate: float) -> None:
+    devices = len(devs)
+    procs = [broker_proc, *backends, *devs]
     try:
         broker_proc.run()
         _wait_port(port)
-        for p in (backend, *devs):
+        for p in (*backends, *devs):
             p.run()
         say(f"[chaos {broker}] {devices} devices, {rate:g} records/s each, {files} file(s) each, {seconds:.0f} s "
             f"of SIGKILLs (mean gap {mean_gap:g} s)")
@@ -281,7 +323,7 @@ def run_chaos(root: Path, *, broker: str = "amqtt", seconds: float = 20.0, devic
             time.sleep(min(rng.expovariate(1.0 / mean_gap), max(end - time.monotonic(), 0)))
             if time.monotonic() >= end:
                 break
-            victim = rng.choice([broker_proc, backend, rng.choice(devs)])
+            victim = rng.choice([broker_proc, rng.choice(backends), rng.choice(devs)])
             victim.kill()
             time.sleep(rng.uniform(0.1, 1.5))
             victim.run()
@@ -299,10 +341,8 @@ def run_chaos(root: Path, *, broker: str = "amqtt", seconds: float = 20.0, devic
     finally:
         for p in reversed(procs):
             p.terminate()
-    result.kills = {"broker": broker_proc.kills, "backend": backend.kills,
+    result.kills = {"broker": broker_proc.kills, "backend": sum(p.kills for p in backends),
                     "devices": sum(p.kills for p in devs)}
-    _count(root, ids, result)
-    return result
 
 
 def _count(root: Path, ids: list[str], result: ChaosResult) -> None:
@@ -352,11 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mean-gap", type=float, default=2.0, help="mean seconds between SIGKILLs")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="run here and keep the directory")
+    ap.add_argument("--workers", type=int, default=1, help="backend workers (>= 2: mosquitto, redis-server)")
     # internal: the processes of a run
     ap.add_argument("--role", choices=["broker", "backend", "device"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--device", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--state", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--max-delay", type=float, default=0.005, help=argparse.SUPPRESS)
     ap.add_argument("--idle", type=float, default=0.0005, help=argparse.SUPPRESS)
@@ -365,19 +408,21 @@ def main(argv: list[str] | None = None) -> int:
         role_broker(args.root, args.port)
         return 0
     if args.role == "backend":
-        role_backend(args.root, args.port, args.max_batch, args.max_delay, args.idle)
+        role_backend(args.root, args.port, args.max_batch, args.max_delay, args.idle, args.worker, args.state)
         return 0
     if args.role == "device":
         role_device(args.root, args.port, args.device, args.rate, args.files)
         return 0
     brokers = ["amqtt", "mosquitto"] if args.broker == "both" else [args.broker]
+    if args.workers > 1:
+        brokers = ["mosquitto"]  # MQTT 5 shared subscriptions
     ok = True
     for b in brokers:
         with tempfile.TemporaryDirectory(prefix=f"sealmq-chaos-{b}-") as tmp:
             root = args.keep / b if args.keep else Path(tmp)
             root.mkdir(parents=True, exist_ok=True)
             result = run_chaos(root, broker=b, seconds=args.seconds, devices=args.devices, rate=args.rate,
-                               files=args.files, seed=args.seed, mean_gap=args.mean_gap)
+                               files=args.files, seed=args.seed, mean_gap=args.mean_gap, workers=args.workers)
             print(result.line(), flush=True)
             ok = ok and result.ok
     return 0 if ok else 1

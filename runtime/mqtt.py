@@ -99,9 +99,14 @@ class MqttSettings:
         if not 0 <= self.session_expiry <= 0xFFFFFFFF:
             raise ConfigError(Reason.CONFIG_INVALID, "session expiry: 0 to 4294967295 seconds")
 
+    # Filters subscribed as they are even in a share group: one worker's own (the primary's media).
+    unshared: tuple[str, ...] = ()
+
     def subscription(self, topic_filter: str) -> str:
-        """The filter as subscribed: ``$share/<group>/<filter>`` in a share group."""
-        return topic_filter if self.share_group is None else f"$share/{self.share_group}/{topic_filter}"
+        """The filter as subscribed: ``$share/<group>/<filter>`` in a share group (unless unshared)."""
+        if self.share_group is None or topic_filter in self.unshared:
+            return topic_filter
+        return f"$share/{self.share_group}/{topic_filter}"
 
 
 class MqttLink:
