@@ -57,7 +57,6 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     msg_id INTEGER                              -- the device's message id (sealmq.bodies)
 );
-CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at);
 CREATE TABLE IF NOT EXISTS ledgers (
     device_id TEXT PRIMARY KEY,
     ledger BLOB NOT NULL                        -- sealmq.delivery.Ledger.encode()
@@ -93,8 +92,11 @@ CREATE TABLE IF NOT EXISTS media (
 
 # The backstop of exactly-once storage: one row per device and message id (NULL ids, rows stored
 # before message ids existed, do not collide). Created by Storage._migrate, not by SCHEMA: an older
-# database may hold repeats, which must be set aside first.
+# database may hold repeats, which must be set aside first. It also serves every per-device query,
+# so it replaces the older index messages_device(device_id, received_at), which nothing filtered or
+# sorted by time with: one index to maintain per row, as before.
 MESSAGE_ID_INDEX = "messages_msg_id"
+OLD_DEVICE_INDEX = "messages_device"
 # Where the migration sets those repeats aside (every row of a device and message id but the first).
 REPEATED_TABLE = "messages_repeated"
 _REPEATED_SCHEMA = f"""CREATE TABLE IF NOT EXISTS {REPEATED_TABLE} (
@@ -278,6 +280,7 @@ class Storage:
                 log.warning("%d repeated messages (same device and message id as an earlier row) moved to table %s",
                             len(repeats), REPEATED_TABLE)
             db.execute(f"CREATE UNIQUE INDEX {MESSAGE_ID_INDEX} ON messages(device_id, msg_id)")
+            db.execute(f"DROP INDEX IF EXISTS {OLD_DEVICE_INDEX}")
             return len(repeats)
 
     @contextmanager
@@ -336,8 +339,10 @@ class Storage:
         and no other writer can pass the same check before this one commits."""
         devices = ledger_devices(messages, replies)
         with self._tx() as db:
-            read = {d: _blob(db.execute("SELECT ledger FROM ledgers WHERE device_id=?", (d,)).fetchone())
-                    for d in devices}
+            marks = ", ".join("?" * len(devices))
+            found = dict(db.execute(f"SELECT device_id, ledger FROM ledgers WHERE device_id IN ({marks})",  # noqa: S608
+                                    devices).fetchall())
+            read = {d: None if found.get(d) is None else bytes(found[d]) for d in devices}
             ledgers = {d: decode_ledger(data) for d, data in read.items()}
             new, new_replies, duplicates = record_ids(ledgers, messages, replies)
             stored = _insert_messages(db, new, duplicates)
@@ -431,9 +436,12 @@ class Storage:
         if status not in COMMAND_STATES:
             raise ValueError(f"command state must be one of {', '.join(COMMAND_STATES)}")
         column = "sent_at" if status in ("sent", "queued") else "replied_at"
+        # replied is final: a reply committed by the ingest (outside the service's lock, or on
+        # another worker) just before the service marks the command sent again stays
+        final = "" if status == "replied" else " AND status<>'replied'"
         with self._tx() as db:
             db.execute(
-                f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?",  # noqa: S608
+                f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?{final}",  # noqa: S608
                 (status, now, reply, command_id),
             )
 
@@ -517,10 +525,6 @@ class Storage:
 
 _INSERT_MESSAGE = ("INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id, msg_id) DO NOTHING")
-
-
-def _blob(row: tuple[Any, ...] | None) -> bytes | None:
-    return None if row is None else bytes(row[0])
 
 
 def _insert_messages(db: sqlite3.Connection, new: list[NewMessage],

@@ -27,6 +27,7 @@ import psycopg
 from backend.storage import (
     COMMAND_STATES,
     MESSAGE_ID_INDEX,
+    OLD_DEVICE_INDEX,
     REPEATED_TABLE,
     REPEATS_QUERY,
     Command,
@@ -65,7 +66,6 @@ SCHEMA = (
         payload BYTEA NOT NULL,
         msg_id BIGINT
     )""",
-    "CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at)",
     """CREATE TABLE IF NOT EXISTS ledgers (
         device_id TEXT PRIMARY KEY,
         ledger BYTEA NOT NULL
@@ -170,6 +170,7 @@ class PostgresStorage:
             log.warning("%d repeated messages (same device and message id as an earlier row) moved to table %s",
                         repeats, REPEATED_TABLE)
         cur.execute(f"CREATE UNIQUE INDEX {MESSAGE_ID_INDEX} ON messages(device_id, msg_id)")
+        cur.execute(f"DROP INDEX IF EXISTS {OLD_DEVICE_INDEX}")  # replaced (see backend.storage.MESSAGE_ID_INDEX)
         return repeats
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
@@ -356,9 +357,10 @@ class PostgresStorage:
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:
         _check_state(status)
         column = "sent_at" if status in ("sent", "queued") else "replied_at"
+        final = "" if status == "replied" else " AND status<>'replied'"  # replied is final (see Storage)
         with self._tx() as cur:
             cur.execute(
-                f"UPDATE commands SET status=%s, {column}=%s, reply=COALESCE(%s, reply) WHERE id=%s",  # noqa: S608
+                f"UPDATE commands SET status=%s, {column}=%s, reply=COALESCE(%s, reply) WHERE id=%s{final}",  # noqa: S608
                 (status, now, reply, command_id),
             )
 

@@ -201,6 +201,18 @@ def test_batches_store_what_is_new_and_merge_the_ledgers(store: BackendStore) ->
     assert (empty.stored, empty.duplicates, empty.ledgers) == ([], [], {})
 
 
+def test_a_replied_command_stays_replied(store: BackendStore) -> None:
+    # the service marks a command sent (a resend, under its lock) just after the ingest committed
+    # the command's reply (outside that lock, or on another worker): the reply wins
+    cid = store.queue_command("dev-1", "x", b"", 1.0)
+    store.mark_command(cid, "sent", 2.0)
+    store.commit_batch([], [NewReply("dev-1", cid, 3.0, b"\xf6", 1)])
+    for status in ("sent", "queued", "failed"):
+        store.mark_command(cid, status, 4.0)
+    cmd = store.command(cid)
+    assert cmd is not None and (cmd.status, cmd.reply, cmd.sent_at, cmd.replied_at) == ("replied", b"\xf6", 2.0, 3.0)
+
+
 def test_a_failed_batch_records_nothing(store: BackendStore) -> None:
     # the second message violates NOT NULL: the first one, and both ids, are rolled back
     with pytest.raises(Exception):  # noqa: B017 - each engine's driver raises its own error type
@@ -261,7 +273,8 @@ def test_an_older_database_with_repeats_starts_and_sets_them_aside(location: str
     rows = [("dev-1", 1.0, 1, b"a", 1), ("dev-1", 2.0, 2, b"b", 2), ("dev-1", 3.0, 3, b"a'", 1),
             ("dev-2", 4.0, 1, b"c", 1), ("dev-1", 5.0, 4, b"a''", 1), ("dev-1", 6.0, 5, b"x", None),
             ("dev-1", 7.0, 6, b"y", None), ("dev-2", 8.0, 2, b"c'", 1)]
-    _sql(location, kind, [("DROP INDEX messages_msg_id", ()),
+    _sql(location, kind, [("DROP INDEX messages_msg_id", ()),  # the indexes of an older version
+                          ("CREATE INDEX messages_device ON messages(device_id, received_at)", ()),
                           *[(row, (d, at, "telemetry", 0, seq, len(p), p, mid)) for d, at, seq, p, mid in rows]])
     s = open_store(location, tmp_path)
     try:
@@ -275,12 +288,17 @@ def test_an_older_database_with_repeats_starts_and_sets_them_aside(location: str
     if kind == "sqlite":
         with sqlite3.connect(location) as lite:
             aside = lite.execute("SELECT payload, received_at FROM messages_repeated ORDER BY id").fetchall()
+            indexes = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE tbl_name='messages'"
+                                                  " AND type='index' AND sql IS NOT NULL")}
     else:
         import psycopg
 
         with psycopg.connect(location) as conn:
             aside = conn.execute("SELECT payload, received_at FROM messages_repeated ORDER BY id").fetchall()
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename='messages'"
+                                                  " AND indexname <> 'messages_pkey'")}
     assert [(bytes(p), at) for p, at in aside] == [(b"a'", 3.0), (b"a''", 5.0), (b"c'", 8.0)]
+    assert indexes == {"messages_msg_id"}  # it replaces messages_device (device_id, received_at)
     again = open_store(location, tmp_path)  # the index is there: nothing to do
     try:
         assert again.set_aside == 0  # type: ignore[attr-defined]
