@@ -2,18 +2,21 @@
 
 Opened records are not stored one by one: :class:`Ingest` collects them and commits a batch (at
 ``max_batch`` records, ``max_delay`` seconds after the first one, or when no record came for
-``idle`` seconds) in one SQLite transaction,
-together with each touched device's :class:`sealmq.delivery.Ledger`. Only after the commit:
+``idle`` seconds) in one transaction of the store (:meth:`backend.store.BackendStore.commit_batch`),
+which checks every message id against the device's :class:`sealmq.delivery.Ledger` as committed by
+every worker sharing the database (read under a lock in that transaction, never a copy kept here),
+writes only the new ones and merges them into the ledger. Only after the commit:
 
 1. the QoS 1 PUBLISHes that carried the batch are acknowledged to the broker (paho's manual
    acknowledgement), so a crash between receipt and commit loses nothing: the broker delivers them
    again, and the ledger (or, within a session, the replay window) drops what was already stored;
-2. each device gets one sealed ACK record with its ledger (what is committed), so its outbox drops
-   those messages; until then it re-sends them, and the ledger makes the repeats harmless.
+2. each device gets one sealed ACK record with its merged ledger (what is committed, by this
+   worker or another), so its outbox drops those messages; until then it re-sends them, and the
+   ledger makes the repeats harmless.
 
 A message id already in the ledger is a repeat: not stored again, but acknowledged again (the
-device's ACK may have been lost). Everything here runs under the service's lock except the
-commit itself, so records keep being opened while a batch is written.
+device's ACK may have been lost, or another worker stored it). Everything here runs under the
+service's lock except the commit itself, so records keep being opened while a batch is written.
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backend.storage import NewMessage, NewReply
+from backend.storage import CommitResult, NewMessage, NewReply, decode_ledger
 from backend.store import BackendStore
 from runtime.audit import AuditLog
 from sealmq.bodies import Ack, decode_reply, decode_telemetry
-from sealmq.delivery import Ledger
 from sealmq.endpoint import Received
 from sealmq.errors import DecodeError, Reason
 from sealmq.topics import RecordKind
@@ -67,18 +69,14 @@ class IngestCounters:
 
 @dataclass
 class _Prepared:
-    """A batch checked against the ledgers, ready to commit."""
+    """A batch ready to commit."""
 
     broker_acks: list[AckBroker]
     records: int
     now: float
     messages: list[NewMessage] = field(default_factory=list)
     replies: list[NewReply] = field(default_factory=list)
-    audits: list[tuple[str, dict[str, object]]] = field(default_factory=list)
-    duplicates: int = 0
-    ledgers: dict[str, bytes] = field(default_factory=dict)
-    acks: dict[str, Ack] = field(default_factory=dict)
-    rejected: list[Received] = field(default_factory=list)  # replies to no command of their device
+    items: dict[tuple[str, int], _Item] = field(default_factory=dict)  # (device, message id): the first item
 
 
 @dataclass
@@ -106,7 +104,6 @@ class Ingest:
         self._lock = lock
         self._send_ack = send_ack
         self._reject = reject or self._audit_reject
-        self._ledgers: dict[str, Ledger] = {}
         self._batch = _Batch()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -115,7 +112,6 @@ class Ingest:
         self._last_add = 0.0
         self._full = False
         self._flushing = threading.Lock()  # one flush at a time
-        self._committed: dict[str, Ack] = {}  # per device: the ACK of its last committed batch
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,14 +146,6 @@ class Ingest:
         self.audit.event("message_rejected", device=rec.device_id, stage=stage, reason=reason, detail=detail)
 
     # -- records ------------------------------------------------------------------------------
-    def ledger(self, device_id: str) -> Ledger:
-        ledger = self._ledgers.get(device_id)
-        if ledger is None:
-            data = self.storage.ledger(device_id)
-            ledger = Ledger.decode(data) if data is not None else Ledger()
-            self._ledgers[device_id] = ledger
-        return ledger
-
     def add(self, rec: Received, now: float, broker_ack: AckBroker | None) -> None:
         """Queue an opened TELEMETRY or REPLY record; ``broker_ack`` runs once it is committed.
         A body that does not decode is refused (audited) and acknowledged at once."""
@@ -183,9 +171,9 @@ class Ingest:
     def flush(self) -> None:
         """Commit the pending batch, then acknowledge it to the broker and to the devices.
 
-        One flush at a time. The batch is taken and checked against the ledgers under the service's
-        lock, committed without it (records keep arriving and being opened meanwhile, into the next
-        batch), and acknowledged under it again.
+        One flush at a time. The batch is taken under the service's lock, committed without it
+        (records keep arriving and being opened meanwhile, into the next batch; the store decides
+        what is new), and acknowledged under it again.
         """
         with self._flushing:
             with self._lock:
@@ -193,17 +181,15 @@ class Ingest:
             if prepared is None:
                 return
             try:
-                self.storage.commit_batch(prepared.messages, prepared.replies, prepared.ledgers)
+                result = self.storage.commit_batch(prepared.messages, prepared.replies)
             except Exception:
                 with self._lock:
-                    # nothing is acknowledged: the ledgers go back to what is on disk; the devices
-                    # send the batch again (no ACK), the broker after the next reconnect
-                    for device_id in prepared.ledgers:
-                        self._ledgers.pop(device_id, None)
+                    # nothing is acknowledged and no id was recorded: the devices send the batch
+                    # again (no ACK), the broker after the next reconnect
                     self.audit.event("ingest_failed", records=prepared.records)
                 raise
             with self._lock:
-                self._finish(prepared)
+                self._finish(prepared, result)
 
     def _prepare(self) -> _Prepared | None:
         batch, self._batch = self._batch, _Batch()
@@ -213,52 +199,35 @@ class Ingest:
                 ack()
             return None
         out = _Prepared(batch.broker_acks, len(batch.items), now=max(item.now for item in batch.items))
-        touched: dict[str, Ledger] = {}
         for item in batch.items:
             rec = item.rec
-            ledger = touched.get(rec.device_id) or self.ledger(rec.device_id)
-            touched[rec.device_id] = ledger
-            if not ledger.add(item.msg_id):
-                out.duplicates += 1
-                continue
+            out.items.setdefault((rec.device_id, item.msg_id), item)
             if item.command_id is None:
                 out.messages.append(NewMessage(rec.device_id, item.now, "telemetry", rec.epoch, rec.seq,
                                                rec.plaintext, item.msg_id))
-                continue
-            cmd = self.storage.command(item.command_id)
-            if cmd is None or cmd.device_id != rec.device_id:
-                out.rejected.append(rec)
-            elif cmd.status != "replied":
-                out.replies.append(NewReply(item.command_id, item.now, rec.plaintext))
-                out.audits.append(("command_replied", {"device": rec.device_id, "id": item.command_id,
-                                                       "ok": item.ok}))
-        # snapshots: the next batch may change the ledgers while this one is being committed
-        out.ledgers = {d: led.encode() for d, led in touched.items()}
-        out.acks = {d: led.ack() for d, led in touched.items()}
+            else:
+                out.replies.append(NewReply(rec.device_id, item.command_id, item.now, rec.plaintext, item.msg_id))
         return out
 
-    def _finish(self, done: _Prepared) -> None:
+    def _finish(self, done: _Prepared, result: CommitResult) -> None:
         for ack in done.broker_acks:
             ack()
-        for event, fields in done.audits:
-            self.audit.event(event, **fields)
-        for rec in done.rejected:
-            self._reject(rec, "reply", Reason.UNKNOWN_COMMAND, "")
+        for reply in result.replied:
+            ok = done.items[(reply.device_id, reply.msg_id)].ok
+            self.audit.event("command_replied", device=reply.device_id, id=reply.command_id, ok=ok)
+        for reply in result.unknown:
+            self._reject(done.items[(reply.device_id, reply.msg_id)].rec, "reply", Reason.UNKNOWN_COMMAND, "")
         self.counters.batches += 1
-        self.counters.stored += len(done.messages)
-        self.counters.replies += len(done.replies)
-        self.counters.duplicates += done.duplicates
-        for device_id, device_ack in done.acks.items():
-            self._committed[device_id] = device_ack
-            self._send_ack(device_id, device_ack, done.now)
+        self.counters.stored += len(result.stored)
+        self.counters.replies += len(result.replied)
+        self.counters.duplicates += len(result.duplicates)
+        for device_id, ledger in result.ledgers.items():
+            self._send_ack(device_id, ledger.ack(), done.now)
             self.counters.acks += 1
 
     def acknowledge(self, device_id: str, now: float) -> None:
-        """Send ``device_id`` the ids committed so far (when its session starts): what the last
-        commit said, or the ledger on disk; never what a batch being committed holds."""
-        ack = self._committed.get(device_id)
-        if ack is None:
-            data = self.storage.ledger(device_id)
-            ack = (Ledger.decode(data) if data is not None else Ledger()).ack()
-        self._send_ack(device_id, ack, now)
+        """Send ``device_id`` the ids committed so far (when its session starts): the ledger in the
+        store, which every worker's commits have merged into; never what a batch being committed
+        holds."""
+        self._send_ack(device_id, decode_ledger(self.storage.ledger(device_id)).ack(), now)
         self.counters.acks += 1

@@ -6,8 +6,12 @@ This class owns the database: nothing else opens the file (``DB_FILE`` under the
 Decrypted payloads go here (and to handlers), never to logs. The database is opened in WAL
 mode so that ``sealmq backend ...`` tools can read while the service writes; the service is
 the only writer. Data survives restarts: the file is the state. Received messages are written
-in batches (:meth:`Storage.commit_batch`), each in one transaction together with the ledgers of the
-devices it touches, so a message is stored exactly once across repeats and restarts.
+in batches (:meth:`Storage.commit_batch`): in one transaction, the ledgers of the devices the batch
+touches are read, the batch's message ids are checked against them and merged in, only the new
+messages are written, and the merged ledgers are written back; so a message is stored exactly once
+across repeats, restarts and writers (``BEGIN IMMEDIATE`` serialises writers, also two processes
+on one file). A unique index on ``messages(device_id, msg_id)`` backs this up (see
+:meth:`Storage._migrate` for a database made before it, which may hold repeats).
 
 Commands move through states (:data:`COMMAND_STATES`): ``queued`` (waiting for the device to have
 a session) -> ``sent`` (sealed under a session; back to ``queued`` when the device opens a new one,
@@ -19,15 +23,19 @@ it cannot be sent at all (a body the device would refuse). Read them with
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.files import private_database
+from sealmq.delivery import Ledger
+
+log = logging.getLogger("sealmq.backend.storage")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -49,7 +57,6 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL,
     msg_id INTEGER                              -- the device's message id (sealmq.bodies)
 );
-CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at);
 CREATE TABLE IF NOT EXISTS ledgers (
     device_id TEXT PRIMARY KEY,
     ledger BLOB NOT NULL                        -- sealmq.delivery.Ledger.encode()
@@ -82,6 +89,30 @@ CREATE TABLE IF NOT EXISTS media (
     UNIQUE (device, transfer_id)
 );
 """
+
+# The backstop of exactly-once storage: one row per device and message id (NULL ids, rows stored
+# before message ids existed, do not collide). Created by Storage._migrate, not by SCHEMA: an older
+# database may hold repeats, which must be set aside first. It also serves every per-device query,
+# so it replaces the older index messages_device(device_id, received_at), which nothing filtered or
+# sorted by time with: one index to maintain per row, as before.
+MESSAGE_ID_INDEX = "messages_msg_id"
+OLD_DEVICE_INDEX = "messages_device"
+# Where the migration sets those repeats aside (every row of a device and message id but the first).
+REPEATED_TABLE = "messages_repeated"
+_REPEATED_SCHEMA = f"""CREATE TABLE IF NOT EXISTS {REPEATED_TABLE} (
+    id INTEGER PRIMARY KEY,                     -- its id in messages
+    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    msg_id INTEGER
+)"""
+# The ids of those repeats (both engines have window functions; one sort, no quadratic scan).
+REPEATS_QUERY = ("SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY device_id, msg_id ORDER BY id) AS n"
+                 " FROM messages WHERE msg_id IS NOT NULL) AS numbered WHERE n > 1")
 
 # The database's file name inside the backend's data directory (``--data``).
 DB_FILE = "backend.sqlite3"
@@ -158,11 +189,53 @@ class NewMessage:
 
 @dataclass(frozen=True)
 class NewReply:
-    """A command reply to store: command ``command_id`` becomes ``replied``."""
+    """A command reply to store: command ``command_id`` (of ``device_id``) becomes ``replied``.
+    ``msg_id`` is the reply's message id, recorded in the device's ledger like a message's."""
 
+    device_id: str
     command_id: int
     received_at: float
     payload: bytes
+    msg_id: int
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :meth:`Storage.commit_batch` did, decided under the devices' ledgers as committed by
+    every writer (worker) so far. Every item given is in exactly one of the four lists."""
+
+    stored: list[NewMessage]  # written
+    replied: list[NewReply]  # written: their commands are now ``replied``
+    unknown: list[NewReply]  # replies to no command of their device: id recorded, nothing written
+    duplicates: list[NewMessage | NewReply]  # committed before (by any writer), or a replied command's
+    ledgers: dict[str, Ledger]  # every touched device's ledger after the commit (what to acknowledge)
+
+
+def ledger_devices(messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> list[str]:
+    """The devices whose ledgers a batch touches, sorted: the order in which writers lock them."""
+    return sorted({m.device_id for m in messages if m.msg_id is not None} | {r.device_id for r in replies})
+
+
+def record_ids(ledgers: dict[str, Ledger], messages: Sequence[NewMessage], replies: Sequence[NewReply],
+               ) -> tuple[list[NewMessage], list[NewReply], list[NewMessage | NewReply]]:
+    """Record the batch's message ids in ``ledgers`` (the devices' ledgers as read, locked, in the
+    commit's transaction): the messages and replies whose id is new, and the repeats (including a
+    repeat within the batch). A message without an id (``None``) is always new."""
+    new: list[NewMessage] = []
+    duplicates: list[NewMessage | NewReply] = []
+    for m in messages:
+        (new if m.msg_id is None or ledgers[m.device_id].add(m.msg_id) else duplicates).append(m)
+    new_replies: list[NewReply] = []
+    for r in replies:
+        if ledgers[r.device_id].add(r.msg_id):
+            new_replies.append(r)
+        else:
+            duplicates.append(r)
+    return new, new_replies, duplicates
+
+
+def decode_ledger(data: bytes | None) -> Ledger:
+    return Ledger() if data is None else Ledger.decode(data)
 
 
 class Storage:
@@ -175,15 +248,40 @@ class Storage:
         # FULL: a committed batch is on disk before its messages are acknowledged to anyone
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(SCHEMA)
-        self._migrate()
+        self.set_aside = self._migrate()
 
-    def _migrate(self) -> None:
-        """Bring a database made by an older version up to this schema."""
+    def _migrate(self) -> int:
+        """Bring a database made by an older version up to this schema; returns the number of
+        repeated rows set aside (see below), 0 on every start but the one that adds the index.
+
+        The unique index on ``messages(device_id, msg_id)`` cannot be created while two rows share
+        a device and message id, which a database written before it may hold (two workers racing,
+        before ledgers were locked). Refusing to start would leave the operator with a backend that
+        does not run; deleting rows would destroy data nobody looked at. So the repeats (every row
+        of a device and message id but the first, which the device's ACK covered) move, in the
+        same transaction as the index's creation, to the table ``messages_repeated`` (same columns,
+        same ids), a warning says how many, and the backend starts. docs/operations.md says how to
+        look at them and drop the table.
+        """
         with self._tx() as db:
             columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
             if "msg_id" not in columns:
                 db.execute("ALTER TABLE messages ADD COLUMN msg_id INTEGER")
             db.execute("UPDATE commands SET status='queued' WHERE status='pending'")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='index' AND name=?",
+                          (MESSAGE_ID_INDEX,)).fetchone() is not None:
+                return 0
+            repeats = [int(r[0]) for r in db.execute(REPEATS_QUERY)]
+            if repeats:
+                db.execute(_REPEATED_SCHEMA)
+                db.execute(f"INSERT INTO {REPEATED_TABLE} SELECT id, device_id, received_at, kind, epoch, seq,"  # noqa: S608
+                           f" size, payload, msg_id FROM messages WHERE id IN ({REPEATS_QUERY})")
+                db.execute(f"DELETE FROM messages WHERE id IN (SELECT id FROM {REPEATED_TABLE})")  # noqa: S608
+                log.warning("%d repeated messages (same device and message id as an earlier row) moved to table %s",
+                            len(repeats), REPEATED_TABLE)
+            db.execute(f"CREATE UNIQUE INDEX {MESSAGE_ID_INDEX} ON messages(device_id, msg_id)")
+            db.execute(f"DROP INDEX IF EXISTS {OLD_DEVICE_INDEX}")
+            return len(repeats)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -234,24 +332,41 @@ class Storage:
             db.execute("UPDATE devices SET last_seen=? WHERE device_id=?", (now, device_id))
             return int(cur.lastrowid or 0)
 
-    def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
-        """Store a batch of messages and replies and the devices' ledgers, in one transaction."""
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+        """Store what is new in a batch and merge its message ids into the devices' ledgers, in one
+        ``BEGIN IMMEDIATE`` transaction: it holds the database's write lock from its first read, so
+        the ledgers read are the latest (whoever wrote them, this or another connection or process)
+        and no other writer can pass the same check before this one commits."""
+        devices = ledger_devices(messages, replies)
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m.device_id, m.received_at, m.kind, m.epoch, m.seq, len(m.payload), m.payload, m.msg_id)
-                 for m in messages],
-            )
-            db.executemany(
-                "UPDATE commands SET status='replied', replied_at=?, reply=? WHERE id=?",
-                [(r.received_at, r.payload, r.command_id) for r in replies],
-            )
-            if messages:
-                last = max(m.received_at for m in messages)
+            marks = ", ".join("?" * len(devices))
+            found = dict(db.execute(f"SELECT device_id, ledger FROM ledgers WHERE device_id IN ({marks})",  # noqa: S608
+                                    devices).fetchall())
+            read = {d: None if found.get(d) is None else bytes(found[d]) for d in devices}
+            ledgers = {d: decode_ledger(data) for d, data in read.items()}
+            new, new_replies, duplicates = record_ids(ledgers, messages, replies)
+            stored = _insert_messages(db, new, duplicates)
+            replied: list[NewReply] = []
+            unknown: list[NewReply] = []
+            for r in sorted(new_replies, key=lambda r: r.command_id):
+                if db.execute("UPDATE commands SET status='replied', replied_at=?, reply=?"
+                              " WHERE id=? AND device_id=? AND status<>'replied'",
+                              (r.received_at, r.payload, r.command_id, r.device_id)).rowcount:
+                    replied.append(r)
+                elif db.execute("SELECT 1 FROM commands WHERE id=? AND device_id=?",
+                                (r.command_id, r.device_id)).fetchone() is not None:
+                    duplicates.append(r)  # its command has its reply already
+                else:
+                    unknown.append(r)
+            if stored:
+                last = max(m.received_at for m in stored)
                 db.executemany("UPDATE devices SET last_seen=? WHERE device_id=?",
-                               [(last, d) for d in {m.device_id for m in messages}])
-            db.executemany("INSERT OR REPLACE INTO ledgers(device_id, ledger) VALUES (?, ?)", list(ledgers.items()))
+                               [(last, d) for d in sorted({m.device_id for m in stored})])
+            encoded = {d: ledger.encode() for d, ledger in ledgers.items()}
+            db.executemany("INSERT INTO ledgers(device_id, ledger) VALUES (?, ?)"
+                           " ON CONFLICT(device_id) DO UPDATE SET ledger=excluded.ledger",
+                           [(d, data) for d, data in encoded.items() if data != read[d]])
+        return CommitResult(stored, replied, unknown, duplicates, ledgers)
 
     def ledger(self, device_id: str) -> bytes | None:
         """The device's persisted ledger (``sealmq.delivery.Ledger.encode()``), if any."""
@@ -321,9 +436,12 @@ class Storage:
         if status not in COMMAND_STATES:
             raise ValueError(f"command state must be one of {', '.join(COMMAND_STATES)}")
         column = "sent_at" if status in ("sent", "queued") else "replied_at"
+        # replied is final: a reply committed by the ingest (outside the service's lock, or on
+        # another worker) just before the service marks the command sent again stays
+        final = "" if status == "replied" else " AND status<>'replied'"
         with self._tx() as db:
             db.execute(
-                f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?",  # noqa: S608
+                f"UPDATE commands SET status=?, {column}=?, reply=COALESCE(?, reply) WHERE id=?{final}",  # noqa: S608
                 (status, now, reply, command_id),
             )
 
@@ -403,6 +521,28 @@ class Storage:
             CommandRow(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5], r[6], bytes(r[7]) if r[7] is not None else None)
             for r in rows
         ]
+
+
+_INSERT_MESSAGE = ("INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id, msg_id) DO NOTHING")
+
+
+def _insert_messages(db: sqlite3.Connection, new: list[NewMessage],
+                     duplicates: list[NewMessage | NewReply]) -> list[NewMessage]:
+    """Insert the messages the ledgers found new; returns those written. A row the unique index
+    refuses (already there although its ledger did not say so: a ledger reset by hand) joins
+    ``duplicates`` instead of failing the batch, which would fail again on every delivery."""
+    rows = [(m.device_id, m.received_at, m.kind, m.epoch, m.seq, len(m.payload), m.payload, m.msg_id) for m in new]
+    db.execute("SAVEPOINT batch_messages")
+    if db.executemany(_INSERT_MESSAGE, rows).rowcount == len(rows):  # one call: the common case
+        db.execute("RELEASE batch_messages")
+        return new
+    db.execute("ROLLBACK TO batch_messages")  # learn which one(s), row by row
+    stored: list[NewMessage] = []
+    for m, row in zip(new, rows, strict=True):
+        (stored if db.execute(_INSERT_MESSAGE, row).rowcount else duplicates).append(m)
+    db.execute("RELEASE batch_messages")
+    return stored
 
 
 # -- the operator's view of commands (``sealmq backend command`` / ``commands``) -------------------

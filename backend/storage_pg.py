@@ -4,7 +4,11 @@
 as :class:`backend.storage.Storage` (``tests/test_storage_contract.py``). It is for a deployment of several
 backend workers behind MQTT 5 shared subscriptions (issue 14, docs/scaling.md): every worker opens its
 own connection to one database, and every write is one transaction, so two workers never interleave
-half-written rows. Ids come from identity columns, unique across workers.
+half-written rows. Ids come from identity columns, unique across workers. A batch of received
+messages (:meth:`PostgresStorage.commit_batch`) locks the ledger rows of the devices it touches
+(``SELECT ... FOR UPDATE``), so two workers committing the same device's messages take turns and each
+checks its message ids against what the other committed: every message is stored once. A unique
+index on ``messages(device_id, msg_id)`` backs this up.
 
 Needs psycopg 3 (``pip install 'sealmq[scale]'``). Like the SQLite store, it keeps decrypted payloads in
 the database and never logs them; the connection URL is never logged either (it may hold a password).
@@ -12,14 +16,34 @@ the database and never logs them; the connection URL is never logged either (it 
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 
-from backend.storage import COMMAND_STATES, Command, CommandRow, MediaRecord, NewMessage, NewReply, StoredMessage
+from backend.storage import (
+    COMMAND_STATES,
+    MESSAGE_ID_INDEX,
+    OLD_DEVICE_INDEX,
+    REPEATED_TABLE,
+    REPEATS_QUERY,
+    Command,
+    CommandRow,
+    CommitResult,
+    MediaRecord,
+    NewMessage,
+    NewReply,
+    StoredMessage,
+    decode_ledger,
+    ledger_devices,
+    record_ids,
+)
+from sealmq.delivery import Ledger
+
+log = logging.getLogger("sealmq.backend.storage")
 
 # Column types follow SQLite's: REAL -> DOUBLE PRECISION, BLOB -> BYTEA, INTEGER ids -> identity.
 SCHEMA = (
@@ -42,7 +66,6 @@ SCHEMA = (
         payload BYTEA NOT NULL,
         msg_id BIGINT
     )""",
-    "CREATE INDEX IF NOT EXISTS messages_device ON messages(device_id, received_at)",
     """CREATE TABLE IF NOT EXISTS ledgers (
         device_id TEXT PRIMARY KEY,
         ledger BYTEA NOT NULL
@@ -74,6 +97,20 @@ SCHEMA = (
         UNIQUE (device, transfer_id)
     )""",
 )
+
+# Where the unique index's migration sets repeated rows aside (see backend.storage.Storage._migrate).
+_REPEATED_SCHEMA = f"""CREATE TABLE IF NOT EXISTS {REPEATED_TABLE} (
+    id BIGINT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    kind TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BYTEA NOT NULL,
+    msg_id BIGINT
+)"""
+_EMPTY_LEDGER = Ledger().encode()
 
 # Workers starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation in the
 # catalogue): the schema is created under this transaction-scoped advisory lock. Any constant; "sealmq".
@@ -110,6 +147,31 @@ class PostgresStorage:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in SCHEMA:
                 cur.execute(statement)
+            self.set_aside = self._migrate(cur)
+
+    @staticmethod
+    def _migrate(cur: psycopg.Cursor[tuple[Any, ...]]) -> int:
+        """The unique index on ``messages(device_id, msg_id)``, added to a database made before it:
+        repeated rows move to ``messages_repeated`` first (the same choice and reasons as SQLite's,
+        :meth:`backend.storage.Storage._migrate`). Runs under the schema lock; the index build
+        blocks writes to ``messages`` while it runs, once."""
+        cur.execute("SELECT to_regclass(%s)", (MESSAGE_ID_INDEX,))
+        row = cur.fetchone()
+        if row is not None and row[0] is not None:
+            return 0
+        cur.execute(f"SELECT count(*) FROM ({REPEATS_QUERY}) AS repeats")  # noqa: S608
+        count = cur.fetchone()
+        repeats = int(count[0]) if count is not None else 0
+        if repeats:
+            cur.execute(_REPEATED_SCHEMA)
+            cur.execute(f"WITH moved AS (DELETE FROM messages WHERE id IN ({REPEATS_QUERY})"  # noqa: S608
+                        f" RETURNING {_MESSAGE_COLUMNS}) INSERT INTO {REPEATED_TABLE} ({_MESSAGE_COLUMNS})"
+                        f" SELECT {_MESSAGE_COLUMNS} FROM moved")
+            log.warning("%d repeated messages (same device and message id as an earlier row) moved to table %s",
+                        repeats, REPEATED_TABLE)
+        cur.execute(f"CREATE UNIQUE INDEX {MESSAGE_ID_INDEX} ON messages(device_id, msg_id)")
+        cur.execute(f"DROP INDEX IF EXISTS {OLD_DEVICE_INDEX}")  # replaced (see backend.storage.MESSAGE_ID_INDEX)
+        return repeats
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout)
@@ -199,27 +261,58 @@ class PostgresStorage:
         media = self._rows("SELECT COALESCE(SUM(size), 0) FROM media WHERE device=%s", (device_id,))
         return int(messages[0][0]) + int(media[0][0])
 
-    def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
-        """Store a batch of messages and replies and the devices' ledgers, in one transaction."""
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+        """Store what is new in a batch and merge its message ids into the devices' ledgers, in one
+        transaction that holds the touched devices' ledger rows locked from before it reads them
+        until it commits.
+
+        A device's first batch has no ledger row to lock: the row is inserted first (``ON CONFLICT
+        DO NOTHING``: a worker inserting it at the same time waits for the other's commit), then
+        every touched row is locked with ``SELECT ... FOR UPDATE`` and read (the latest committed
+        version, by any worker). Every transaction takes these locks in device order, and command
+        rows in id order, so two batches never wait for each other in a circle.
+        """
+        devices = ledger_devices(messages, replies)
         with self._tx() as cur:
-            if messages:
+            read: dict[str, bytes] = {}
+            if devices:
+                cur.execute("INSERT INTO ledgers(device_id, ledger) SELECT d, %s FROM unnest(%s::text[]) AS d"
+                            " ON CONFLICT (device_id) DO NOTHING", (_EMPTY_LEDGER, devices))
+                cur.execute("SELECT device_id, ledger FROM ledgers WHERE device_id = ANY(%s)"
+                            " ORDER BY device_id FOR UPDATE", (devices,))
+                read = {str(d): bytes(data) for d, data in cur.fetchall()}
+            ledgers = {d: decode_ledger(read[d]) for d in devices}
+            new, new_replies, duplicates = record_ids(ledgers, messages, replies)
+            stored: list[NewMessage] = []
+            if new:
                 cur.executemany(
                     "INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (device_id, msg_id) DO NOTHING RETURNING id",
                     [(m.device_id, m.received_at, m.kind, m.epoch, m.seq, len(m.payload), m.payload, m.msg_id)
-                     for m in messages],
-                )
-            if replies:
-                cur.executemany("UPDATE commands SET status='replied', replied_at=%s, reply=%s WHERE id=%s",
-                                [(r.received_at, r.payload, r.command_id) for r in replies])
-            if messages:
-                last = max(m.received_at for m in messages)
+                     for m in new], returning=True)
+                for m in new:  # one result per row: empty if the unique index refused it
+                    # (there although its ledger did not say so: a ledger reset by hand)
+                    (stored if cur.fetchone() is not None else duplicates).append(m)
+                    cur.nextset()
+            replied: list[NewReply] = []
+            unknown: list[NewReply] = []
+            for r in sorted(new_replies, key=lambda r: r.command_id):
+                cur.execute("UPDATE commands SET status='replied', replied_at=%s, reply=%s"
+                            " WHERE id=%s AND device_id=%s AND status<>'replied'",
+                            (r.received_at, r.payload, r.command_id, r.device_id))
+                if cur.rowcount:
+                    replied.append(r)
+                    continue
+                cur.execute("SELECT 1 FROM commands WHERE id=%s AND device_id=%s", (r.command_id, r.device_id))
+                (duplicates if cur.fetchone() is not None else unknown).append(r)  # replied already, or no such
+            if stored:
+                last = max(m.received_at for m in stored)
                 cur.executemany("UPDATE devices SET last_seen=%s WHERE device_id=%s",
-                                [(last, d) for d in sorted({m.device_id for m in messages})])
-            if ledgers:
-                cur.executemany("INSERT INTO ledgers(device_id, ledger) VALUES (%s, %s)"
-                                " ON CONFLICT(device_id) DO UPDATE SET ledger=excluded.ledger",
-                                sorted(ledgers.items()))
+                                [(last, d) for d in sorted({m.device_id for m in stored})])
+            changed = [(data, d) for d in devices if (data := ledgers[d].encode()) != read[d]]
+            if changed:
+                cur.executemany("UPDATE ledgers SET ledger=%s WHERE device_id=%s", changed)
+        return CommitResult(stored, replied, unknown, duplicates, ledgers)
 
     def ledger(self, device_id: str) -> bytes | None:
         """The device's persisted ledger (``sealmq.delivery.Ledger.encode()``), if any."""
@@ -264,9 +357,10 @@ class PostgresStorage:
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:
         _check_state(status)
         column = "sent_at" if status in ("sent", "queued") else "replied_at"
+        final = "" if status == "replied" else " AND status<>'replied'"  # replied is final (see Storage)
         with self._tx() as cur:
             cur.execute(
-                f"UPDATE commands SET status=%s, {column}=%s, reply=COALESCE(%s, reply) WHERE id=%s",  # noqa: S608
+                f"UPDATE commands SET status=%s, {column}=%s, reply=COALESCE(%s, reply) WHERE id=%s{final}",  # noqa: S608
                 (status, now, reply, command_id),
             )
 

@@ -15,10 +15,21 @@ directory (unchanged behaviour); a ``postgresql://`` URL means PostgreSQL.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from backend.storage import Command, CommandRow, MediaRecord, NewMessage, NewReply, Storage, StoredMessage, db_path
+from backend.storage import (
+    Command,
+    CommandRow,
+    CommitResult,
+    MediaRecord,
+    NewMessage,
+    NewReply,
+    Storage,
+    StoredMessage,
+    db_path,
+)
 
 if TYPE_CHECKING:
     from backend.storage_pg import PostgresStorage
@@ -47,10 +58,16 @@ class BackendStore(Protocol):
     def recent_messages(self, device_id: str, kind: str, limit: int = 200) -> list[StoredMessage]: ...
     def count_messages(self, device_id: str | None = None) -> int: ...
     def stored_bytes(self, device_id: str) -> int: ...
-    def commit_batch(self, messages: list[NewMessage], replies: list[NewReply], ledgers: dict[str, bytes]) -> None:
-        """Messages, replies and the devices' delivery ledgers, in one transaction."""
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+        """Exactly once, across every writer of the database: in one transaction that holds the
+        touched devices' ledgers locked, check each message id against the ledger as committed by
+        anyone, write the new messages and replies (a reply's command becomes ``replied``), merge
+        the ids into the ledgers and write them back. The result says what was written, what was
+        a repeat, and the merged ledgers (what to acknowledge to the devices)."""
         ...
-    def ledger(self, device_id: str) -> bytes | None: ...
+    def ledger(self, device_id: str) -> bytes | None:
+        """The device's committed ledger (``sealmq.delivery.Ledger.encode()``), if any."""
+        ...
 
     # commands
     def queue_command(self, device_id: str, name: str, args: bytes, now: float) -> int: ...

@@ -8,14 +8,20 @@ connection that survives a server restart.
 
 from __future__ import annotations
 
+import itertools
+import random
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from backend.storage import MediaRecord, NewMessage, NewReply, Storage, db_path
+from backend.storage import CommitResult, MediaRecord, NewMessage, NewReply, Storage, db_path
 from backend.store import BackendStore, open_store
+from sealmq.delivery import Ledger
 from tests.postgres import PostgresProcess, needs_postgres, postgres
 
 __all__ = ["postgres"]  # the session fixture, imported for pytest
@@ -154,36 +160,277 @@ def test_commands_listed_requeued_and_expired(store: BackendStore) -> None:
     assert [c.id for c in store.commands(state="sent")] == [c3]
 
 
-def test_batches_store_messages_replies_and_ledgers_at_once(store: BackendStore) -> None:
+def test_batches_store_what_is_new_and_merge_the_ledgers(store: BackendStore) -> None:
     store.record_handshake("dev-1", 1.0, "00" * 32)
     cid = store.queue_command("dev-1", "x", b"", 1.5)
+    other = store.queue_command("dev-2", "y", b"", 1.5)
     assert store.ledger("dev-1") is None
-    store.commit_batch(
-        [NewMessage("dev-1", 2.0, "telemetry", 0, 5, b"a", 17),
-         NewMessage("dev-1", 3.0, "telemetry", 0, 6, b"b", None)],
-        [NewReply(cid, 3.5, b"\xf6")],
-        {"dev-1": b"ledger-1", "dev-2": b"ledger-2"},
-    )
+    a = NewMessage("dev-1", 2.0, "telemetry", 0, 5, b"a", 17)
+    legacy = NewMessage("dev-1", 3.0, "telemetry", 0, 6, b"b", None)  # no id: always stored
+    again = NewMessage("dev-1", 3.1, "telemetry", 0, 7, b"a", 17)  # a repeat within the batch
+    b = NewMessage("dev-2", 3.2, "telemetry", 0, 1, b"c", 1)
+    reply = NewReply("dev-1", cid, 3.5, b"\xf6", 18)
+    stray = NewReply("dev-1", other, 3.6, b"\xf6", 19)  # another device's command
+    nowhere = NewReply("dev-2", cid + other + 100, 3.7, b"\xf6", 2)  # no such command
+    result = store.commit_batch([a, legacy, again, b], [reply, stray, nowhere])
+    assert result.stored == [a, legacy, b] and result.duplicates == [again]
+    assert result.replied == [reply] and sorted(result.unknown, key=lambda r: r.msg_id) == [nowhere, stray]
+    assert sorted(result.ledgers) == ["dev-1", "dev-2"]
+    assert (result.ledgers["dev-1"].mark, result.ledgers["dev-1"].above) == (0, {17, 18, 19})
+    assert (result.ledgers["dev-2"].mark, result.ledgers["dev-2"].above) == (2, set())
     got = store.messages("dev-1")
     assert [(m.seq, m.payload, m.msg_id) for m in got] == [(5, b"a", 17), (6, b"b", None)]
-    reply = store.command(cid)
-    assert reply is not None and (reply.status, reply.reply, reply.replied_at) == ("replied", b"\xf6", 3.5)
-    assert store.ledger("dev-1") == b"ledger-1" and store.ledger("dev-2") == b"ledger-2"
-    assert store.devices()[0][2] == 3.0  # last_seen follows the batch
-    store.commit_batch([], [], {"dev-1": b"ledger-1b"})
-    assert store.ledger("dev-1") == b"ledger-1b"
-    store.commit_batch([], [], {})
-    assert store.count_messages() == 2
+    replied = store.command(cid)
+    assert replied is not None and (replied.status, replied.reply, replied.replied_at) == ("replied", b"\xf6", 3.5)
+    untouched = store.command(other)
+    assert untouched is not None and untouched.status == "queued"
+    assert store.ledger("dev-1") == result.ledgers["dev-1"].encode()
+    assert store.ledger("dev-2") == result.ledgers["dev-2"].encode()
+    assert store.devices()[0][2] == 3.2  # last_seen follows the batch (its newest stored message)
+
+    # everything again, plus one new message and a second reply (new id) to the replied command
+    late = NewReply("dev-1", cid, 4.0, b"\xf5", 20)
+    c = NewMessage("dev-1", 4.1, "telemetry", 0, 8, b"d", 21)
+    result = store.commit_batch([a, b, c], [reply, late])
+    assert result.stored == [c] and result.replied == [] and result.unknown == []
+    assert sorted(map(id, result.duplicates)) == sorted(map(id, [a, b, reply, late]))
+    assert store.command(cid).reply == b"\xf6"  # type: ignore[union-attr]  # the first reply stays
+    assert result.ledgers["dev-1"].above == {17, 18, 19, 20, 21}
+    assert store.count_messages() == 4
+    empty = store.commit_batch([], [])
+    assert (empty.stored, empty.duplicates, empty.ledgers) == ([], [], {})
 
 
-def test_a_failed_batch_stores_nothing(store: BackendStore) -> None:
-    # the ledger (written last) violates NOT NULL: the messages inserted before it are rolled back
+def test_a_replied_command_stays_replied(store: BackendStore) -> None:
+    # the service marks a command sent (a resend, under its lock) just after the ingest committed
+    # the command's reply (outside that lock, or on another worker): the reply wins
+    cid = store.queue_command("dev-1", "x", b"", 1.0)
+    store.mark_command(cid, "sent", 2.0)
+    store.commit_batch([], [NewReply("dev-1", cid, 3.0, b"\xf6", 1)])
+    for status in ("sent", "queued", "failed"):
+        store.mark_command(cid, status, 4.0)
+    cmd = store.command(cid)
+    assert cmd is not None and (cmd.status, cmd.reply, cmd.sent_at, cmd.replied_at) == ("replied", b"\xf6", 2.0, 3.0)
+
+
+def test_a_failed_batch_records_nothing(store: BackendStore) -> None:
+    # the second message violates NOT NULL: the first one, and both ids, are rolled back
     with pytest.raises(Exception):  # noqa: B017 - each engine's driver raises its own error type
-        store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)], [],
-                           {"dev-1": None})  # type: ignore[dict-item]
+        store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1),
+                            NewMessage("dev-1", 1.0, None, 0, 2, b"b", 2)], [])  # type: ignore[arg-type]
     assert store.count_messages() == 0 and store.ledger("dev-1") is None
-    store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)], [], {"dev-1": b"L"})
-    assert store.count_messages() == 1  # the store is usable after the failure
+    result = store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)], [])
+    assert len(result.stored) == 1 and store.count_messages() == 1  # usable after the failure; id 1 is new
+
+
+_ROW = ("INSERT INTO messages(device_id, received_at, kind, epoch, seq, size, payload, msg_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def _sql(location: str, kind: str, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    """Run statements on the store's database behind its back (one transaction), as an operator could."""
+    if kind == "sqlite":
+        with sqlite3.connect(location) as lite:
+            for statement, params in statements:
+                lite.execute(statement, params)
+        return
+    import psycopg
+
+    with psycopg.connect(location) as conn:
+        for statement, params in statements:
+            conn.execute(statement.replace("?", "%s"), params)
+
+
+def test_a_row_its_ledger_does_not_know_is_a_duplicate_not_a_failure(store: BackendStore, location: str,
+                                                                      kind: str) -> None:
+    first = NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 1)
+    store.commit_batch([first], [])
+    _sql(location, kind, [("DELETE FROM ledgers WHERE device_id=?", ("dev-1",))])  # a ledger reset by hand
+    second = NewMessage("dev-1", 2.0, "telemetry", 0, 2, b"b", 2)
+    result = store.commit_batch([first, second], [])  # the unique index refuses id 1 again
+    assert result.stored == [second] and result.duplicates == [first]
+    assert result.ledgers["dev-1"].mark == 2
+    assert [m.msg_id for m in store.messages()] == [1, 2]
+
+
+def test_the_unique_index_holds_even_behind_the_stores_back(store: BackendStore, location: str, kind: str) -> None:
+    store.commit_batch([NewMessage("dev-1", 1.0, "telemetry", 0, 1, b"a", 7)], [])
+    row = _ROW
+    with pytest.raises(Exception, match=r"(?i)unique"):
+        _sql(location, kind, [(row, ("dev-1", 2.0, "telemetry", 0, 2, 1, b"b", 7))])
+    _sql(location, kind, [(row, ("dev-1", 2.0, "telemetry", 0, 2, 1, b"b", None)),  # ids NULL: rows from
+                          (row, ("dev-1", 2.0, "telemetry", 0, 3, 1, b"c", None))])  # before ids existed
+    assert store.count_messages() == 3
+
+
+def test_an_older_database_with_repeats_starts_and_sets_them_aside(location: str, kind: str, tmp_path: Path) -> None:
+    """A database made before the unique index, holding rows repeated by workers that raced: the
+    store starts, the repeats (all but the first row of a device and id) move to
+    messages_repeated, and the index is then in place."""
+    s = open_store(location, tmp_path)
+    s.close()
+    row = _ROW
+    rows = [("dev-1", 1.0, 1, b"a", 1), ("dev-1", 2.0, 2, b"b", 2), ("dev-1", 3.0, 3, b"a'", 1),
+            ("dev-2", 4.0, 1, b"c", 1), ("dev-1", 5.0, 4, b"a''", 1), ("dev-1", 6.0, 5, b"x", None),
+            ("dev-1", 7.0, 6, b"y", None), ("dev-2", 8.0, 2, b"c'", 1)]
+    _sql(location, kind, [("DROP INDEX messages_msg_id", ()),  # the indexes of an older version
+                          ("CREATE INDEX messages_device ON messages(device_id, received_at)", ()),
+                          *[(row, (d, at, "telemetry", 0, seq, len(p), p, mid)) for d, at, seq, p, mid in rows]])
+    s = open_store(location, tmp_path)
+    try:
+        assert s.set_aside == 3  # type: ignore[attr-defined]
+        assert [(m.device_id, m.payload, m.msg_id) for m in s.messages()] == [
+            ("dev-1", b"a", 1), ("dev-1", b"b", 2), ("dev-2", b"c", 1), ("dev-1", b"x", None), ("dev-1", b"y", None)]
+        with pytest.raises(Exception, match=r"(?i)unique"):
+            _sql(location, kind, [(row, ("dev-1", 9.0, "telemetry", 0, 9, 1, b"z", 2))])
+    finally:
+        s.close()
+    if kind == "sqlite":
+        with sqlite3.connect(location) as lite:
+            aside = lite.execute("SELECT payload, received_at FROM messages_repeated ORDER BY id").fetchall()
+            indexes = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE tbl_name='messages'"
+                                                  " AND type='index' AND sql IS NOT NULL")}
+    else:
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            aside = conn.execute("SELECT payload, received_at FROM messages_repeated ORDER BY id").fetchall()
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename='messages'"
+                                                  " AND indexname <> 'messages_pkey'")}
+    assert [(bytes(p), at) for p, at in aside] == [(b"a'", 3.0), (b"a''", 5.0), (b"c'", 8.0)]
+    assert indexes == {"messages_msg_id"}  # it replaces messages_device (device_id, received_at)
+    again = open_store(location, tmp_path)  # the index is there: nothing to do
+    try:
+        assert again.set_aside == 0  # type: ignore[attr-defined]
+    finally:
+        again.close()
+
+
+# -- exactly once across writers: two connections (two workers) on one database -------------------
+
+_example = itertools.count()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1), st.lists(st.tuples(st.integers(0, 2), st.integers(1, 40),
+                                                                 st.booleans()), max_size=12)),
+                min_size=1, max_size=12))
+def test_batches_through_two_connections_agree_with_a_model(location: str, tmp_path: Path,
+                                                            batches: list[tuple[int, list[tuple[int, int, bool]]]],
+                                                            ) -> None:
+    """Batches (with repeats within and across them, telemetry and replies of one id space per
+    device) committed alternately through two connections: each id is new exactly once, whichever
+    connection committed it before, and the results, ledgers and rows agree with a plain set."""
+    n = next(_example)  # fresh devices per example, on the same database
+    writers = [open_store(location, tmp_path), open_store(location, tmp_path)]
+    try:
+        devices = [f"h{n}-dev-{d}" for d in range(3)]
+        command = {d: writers[0].queue_command(d, "c", b"", 0.0) for d in devices}
+        seen: dict[str, set[int]] = {d: set() for d in devices}
+        replied: set[str] = set()
+        for w, items in batches:
+            messages = [NewMessage(devices[d], 1.0, "telemetry", 0, i, b"p", i) for d, i, is_reply in items
+                        if not is_reply]
+            replies = [NewReply(devices[d], command[devices[d]], 1.0, b"r", i) for d, i, is_reply in items if is_reply]
+            result = writers[w].commit_batch(messages, replies)
+            given_: list[NewMessage | NewReply] = [*messages, *replies]  # the order the store takes them in
+            outcome = [*result.stored, *result.replied, *result.unknown, *result.duplicates]
+            assert sorted(map(id, outcome)) == sorted(map(id, given_))  # each item in exactly one list
+            assert result.unknown == []
+            for item in given_:
+                first = item.msg_id not in seen[item.device_id]
+                seen[item.device_id].add(item.msg_id)  # type: ignore[arg-type]
+                if isinstance(item, NewMessage):
+                    assert any(item is m for m in result.stored) is first
+                else:
+                    assert any(item is r for r in result.replied) is (first and item.device_id not in replied)
+                    if first:
+                        replied.add(item.device_id)
+            assert sorted(result.ledgers) == sorted({item.device_id for item in given_})
+            for d, ledger in result.ledgers.items():
+                assert all(ledger.seen(i) for i in seen[d]) and ledger.above | set(range(1, ledger.mark + 1)) == seen[d]
+        for d in devices:
+            rows = writers[1].messages(d, limit=10_000)
+            assert len(rows) == len({m.msg_id for m in rows})
+            data = writers[0].ledger(d)
+            if seen[d]:
+                assert data is not None and all(Ledger.decode(data).seen(i) for i in seen[d])
+    finally:
+        for s in writers:
+            s.close()
+
+
+def test_two_workers_committing_the_same_device_at_once_store_each_message_once(location: str,
+                                                                               tmp_path: Path) -> None:
+    """Two writers (connections, as two workers have), each in its own thread, commit overlapping
+    batches of the same devices' messages and replies at the same moment, round after round: every
+    id is stored exactly once, every commit result is consistent, the final ledgers cover every id
+    and the two never deadlock (PostgreSQL: devices and commands are locked in one order)."""
+    rng = random.Random(14)
+    writers = [open_store(location, tmp_path), open_store(location, tmp_path)]
+    devices = ["dev-a", "dev-b", "dev-c"]
+    rounds, per_round = 40, 60  # a round's ids are within one window (MESSAGE_WINDOW = 256)
+    telemetry = {d: set[int]() for d in devices}  # every telemetry id sent, to one worker or both
+    plans: list[list[list[tuple[list[NewMessage], list[NewReply]]]]] = [[], []]
+    commands: list[int] = []
+    for r in range(rounds):
+        ids = range(r * per_round + 1, (r + 1) * per_round)  # the round's last id: dev-b's reply
+        for d in devices:
+            telemetry[d] |= set(ids)
+        cmd = writers[0].queue_command("dev-b", "c", b"", float(r))
+        commands.append(cmd)
+        for w in (0, 1):
+            # worker i % 2 always gets id i, the other one most of the time; and a few old ids again
+            messages = [NewMessage(d, float(r), "telemetry", w, i, bytes([w]), i) for d in devices for i in ids
+                        if w == i % 2 or rng.random() < 0.6]
+            messages += [NewMessage(d, float(r), "telemetry", w, i, b"old", i) for d in devices
+                         for i in rng.sample(sorted(telemetry[d] - set(ids)), min(r * (per_round - 1), 5))]
+            rng.shuffle(messages)
+            reply = NewReply("dev-b", cmd, float(r), bytes([w]), (r + 1) * per_round)  # to both workers
+            cut = rng.randrange(len(messages) + 1)
+            plans[w].append([(messages[:cut], [reply]), (messages[cut:], [])])
+    results: list[list[tuple[list[NewMessage | NewReply], CommitResult]]] = [[], []]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2, timeout=60)
+
+    def work(w: int) -> None:
+        try:
+            for batches in plans[w]:
+                barrier.wait()  # both workers commit the round at the same moment
+                for messages, replies in batches:
+                    results[w].append(([*messages, *replies], writers[w].commit_batch(messages, replies)))
+        except BaseException as e:  # asserted below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    try:
+        assert errors == [] and not any(t.is_alive() for t in threads)
+        stored: dict[str, list[int]] = {d: [] for d in devices}
+        replied: list[int] = []
+        for given_, result in results[0] + results[1]:
+            outcome = [*result.stored, *result.replied, *result.unknown, *result.duplicates]
+            assert sorted(map(id, outcome)) == sorted(map(id, given_))  # each item in exactly one list
+            assert result.unknown == []
+            for m in result.stored:
+                stored[m.device_id].append(m.msg_id or 0)
+            replied += [r.command_id for r in result.replied]
+            # the ACK a worker sends covers everything it was given, whoever committed it
+            assert all(result.ledgers[item.device_id].seen(item.msg_id or 0) for item in given_)
+        for d in devices:
+            assert sorted(stored[d]) == sorted(telemetry[d])  # each id stored by exactly one worker
+            assert sorted(m.msg_id or 0 for m in writers[0].messages(d, limit=100_000)) == sorted(telemetry[d])
+            final = Ledger.decode(writers[1].ledger(d) or b"")
+            assert all(final.seen(i) for i in telemetry[d])
+        assert sorted(replied) == commands  # each command replied once, by one of the two workers
+        assert {c.state for c in writers[1].commands(device_id="dev-b")} == {"replied"}
+    finally:
+        for s in writers:
+            s.close()
 
 
 def _media(device: str, tid: str, at: float, name: str = "img.jpg") -> MediaRecord:
