@@ -63,7 +63,7 @@ def _stop_event() -> threading.Event:
 
 
 def _write_status(path: Path, status: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several writers (workers) of one status file
     tmp.write_text(json.dumps(status))
     tmp.replace(path)
 
@@ -197,6 +197,7 @@ class ChaosResult:
     settled: bool = False
     backend_duplicates_dropped: int = 0
     workers: int = 1
+    backends_storing: int = 0  # backend processes (workers, restarts) that committed records
 
     @property
     def ok(self) -> bool:
@@ -270,7 +271,8 @@ def _device_status(root: Path, device_id: str) -> dict[str, Any] | None:
 
 def run_chaos(root: Path, *, broker: str = "amqtt", seconds: float = 20.0, devices: int = 3, rate: float = 20.0,
               files: int = 1, seed: int | None = None, mean_gap: float = 2.0, settle_timeout: float = 90.0,
-              say: Callable[[str], None] = print, workers: int = 1) -> ChaosResult:
+              say: Callable[[str], None] = print, workers: int = 1,
+              victims: tuple[str, ...] = ("broker", "backend", "device")) -> ChaosResult:
     """One chaos run in ``root`` (a fresh directory); see the module docstring."""
     from app.bootstrap import bootstrap
 
@@ -301,14 +303,14 @@ def run_chaos(root: Path, *, broker: str = "amqtt", seconds: float = 20.0, devic
                 ["--role", "backend", *common, "--worker", str(k), "--state", redis.url], logs / f"backend-w{k}.log"))
                 for k in range(1, workers + 1)]
         _chaos(root, ids, broker, seconds, rng, mean_gap, settle_timeout, say, port, broker_proc, backends, devs,
-               result, files, rate)
+               result, files, rate, victims)
     _count(root, ids, result)
     return result
 
 
 def _chaos(root: Path, ids: list[str], broker: str, seconds: float, rng: random.Random, mean_gap: float,
            settle_timeout: float, say: Callable[[str], None], port: int, broker_proc: Proc, backends: list[Proc],
-           devs: list[Proc], result: ChaosResult, files: int, rate: float) -> None:
+           devs: list[Proc], result: ChaosResult, files: int, rate: float, victims: tuple[str, ...]) -> None:
     devices = len(devs)
     procs = [broker_proc, *backends, *devs]
     try:
@@ -323,7 +325,9 @@ def _chaos(root: Path, ids: list[str], broker: str, seconds: float, rng: random.
             time.sleep(min(rng.expovariate(1.0 / mean_gap), max(end - time.monotonic(), 0)))
             if time.monotonic() >= end:
                 break
-            victim = rng.choice([broker_proc, rng.choice(backends), rng.choice(devs)])
+            kind = rng.choice(victims)
+            victim = (broker_proc if kind == "broker" else rng.choice(backends) if kind == "backend"
+                      else rng.choice(devs))
             victim.kill()
             time.sleep(rng.uniform(0.1, 1.5))
             victim.run()
@@ -379,7 +383,9 @@ def _count(root: Path, ids: list[str], result: ChaosResult) -> None:
         storage.close()
     for path in root.glob("backend-status-*.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):
-            result.backend_duplicates_dropped += int(json.loads(path.read_text())["duplicates"])
+            status = json.loads(path.read_text())
+            result.backend_duplicates_dropped += int(status["duplicates"])
+            result.backends_storing += int(status["stored"]) > 0
 
 
 def main(argv: list[str] | None = None) -> int:
