@@ -62,6 +62,7 @@ from sealmq.media import (
     verify_manifest,
 )
 from sealmq.media_receiver import MediaLimits, MediaReceiver, accept_manifest
+from sealmq.session import Session
 from sealmq.topics import Channel, Direction, RecordKind
 
 Harness = Callable[[bytes], object]
@@ -771,6 +772,63 @@ def endpoint_seeds(role: str) -> list[bytes]:
     return out
 
 
+# --- state snapshots (issue 14): what a worker loads from the shared state store -------------------------
+class SnapshotHarness:
+    """Byte 0 % 3: a session snapshot (``Session.from_bytes``), a half-open handshake
+    (``BackendEndpoint.import_half_open``) or an established session (``import_session``) of the
+    fuzz device. What loads must snapshot to the same bytes; a refused blob leaves the backend's
+    session of the device as it was, and that session must still work."""
+
+    def __init__(self) -> None:
+        self.ep = world.endpoints()
+        self.count = 0
+
+    def __call__(self, data: bytes) -> None:
+        sel, body = _first(data)
+        self.count += 1
+        ep = self.ep
+        which = sel % 3
+        if which == 0:
+            try:
+                restored = Session.from_bytes(body)
+            except SealmqError:
+                return
+            _check(restored.to_bytes() == body, "Session.from_bytes accepted bytes it does not write")
+            return
+        before = ep.backend.export_session(world.DEVICE)
+        try:
+            if which == 1:
+                ep.backend.import_half_open(world.DEVICE, body, ep.now)
+            else:
+                ep.backend.import_session(world.DEVICE, body, ep.now)
+        except SealmqError:
+            _check(ep.backend.export_session(world.DEVICE) == before, "a refused snapshot changed the session")
+            if self.count % CHECK_EVERY == 0:
+                got = ep.route(ep.device.seal(RecordKind.TELEMETRY, b"liveness", ep.now))
+                _check(any(isinstance(e, Received) and e.plaintext == b"liveness" for e in got),
+                       "the session no longer opens records after a refused snapshot")
+            return
+        if which == 2:
+            _check(ep.backend.export_session(world.DEVICE) == body, "import_session accepted bytes it does not write")
+        self.ep = world.endpoints()  # an accepted snapshot replaced the pair's state: start again
+
+
+def snapshot_seeds() -> list[bytes]:
+    ep = world.endpoints()
+    out = [bytes([0]) + world.session_pair()[1].to_bytes()]
+    session = ep.backend.export_session(world.DEVICE)
+    if session is not None:
+        out.append(bytes([2]) + session)
+    ep.route(ep.device.seal(RecordKind.TELEMETRY, b"seed", ep.now))
+    for o in ep.device.start_handshake(ep.now, ep.random_bytes):  # message_1 only: the backend half-opens
+        if isinstance(o, Publish):
+            ep.backend.handle(o.topic, o.payload, ep.now, ep.random_bytes)
+    half = ep.backend.export_half_open(world.DEVICE)
+    if half is not None:
+        out.append(bytes([1]) + half)
+    return out
+
+
 # --- the registry ------------------------------------------------------------------------------------
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("cbor", "strict CBOR: sealmq.cbor.loads and loads_seq (and that they accept canonical bytes only)",
@@ -824,6 +882,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lambda: EndpointHarness("backend"), lambda: endpoint_seeds("backend")),
     Target("device_endpoint", "DeviceEndpoint.handle: any topic, any bytes; the session must live",
            lambda: EndpointHarness("device"), lambda: endpoint_seeds("device")),
+    Target("state_snapshot", "state snapshots a worker loads (issue 14): Session.from_bytes, "
+           "BackendEndpoint.import_half_open and import_session", SnapshotHarness, snapshot_seeds),
 ]}
 
 
