@@ -183,7 +183,10 @@ class BackendService(EndpointDriver):
         self._known: set[str] = set()  # shared sessions: device ids in the store (for queued commands)
         self._known_until = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
-        audit = AuditLog(settings.data_dir / "audit" / "server_log.jsonl", component="backend", echo=log,
+        # one file per writer: the workers of a share group each keep their own (rotation is per process)
+        log_name = ("server_log.jsonl" if settings.mqtt.share_group is None
+                    else f"server_log.{settings.mqtt.username or settings.name}.jsonl")
+        audit = AuditLog(settings.data_dir / "audit" / log_name, component="backend", echo=log,
                          throttle=settings.audit_throttle)
         self.handlers: dict[RecordKind, Callable[[Received], None]] = {}
         self.observers: list[ServiceObserver] = []  # console (issue 13): backend.observer.attach
