@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     scale.add_argument("--state-key", type=Path, default=None, metavar="FILE",
                        help="the 32-byte key that seals session snapshots in the shared state (0600; the same file "
                             "on every worker; made if missing); default: <data>/state.key")
+    scale.add_argument("--state-password-file", type=Path, default=None, metavar="FILE",
+                       help="the state server's password (first line); keeps it out of the URL and the process list")
     scale.add_argument("--secondary", action="store_true",
                        help="a worker that serves handshakes and records only; the primary also serves media, queued "
                             "commands and update pushes")
@@ -130,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
                           stored_bytes=stored or None)
     service = BackendService(BackendSettings(pki_dir=args.pki, data_dir=args.data, mqtt=settings, name=args.name,
                                              db=args.db, quotas=quotas, state=args.state,
-                                             state_key=args.state_key, primary=not args.secondary))
+                                             state_key=args.state_key, primary=not args.secondary,
+                                             state_password_file=args.state_password_file))
     console = start_console(service, args, settings)  # console (issue 13)
     try:
         service.run_forever(connect_timeout=connect_limit(args))

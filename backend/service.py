@@ -109,6 +109,7 @@ class BackendSettings:
     # the key in state_key (0600, the same file on every worker; made if missing).
     state: str | None = None
     state_key: Path | None = None  # default: <data>/state.key
+    state_password_file: Path | None = None  # the state server's password (not in the URL: ps shows it)
     # With several workers, the one that also serves media, queued commands and update pushes (its
     # subscriptions to media are its own, not shared); the others serve handshakes and records.
     primary: bool = True
@@ -172,7 +173,8 @@ class BackendService(EndpointDriver):
         )
         self.shared: SharedSessions | None = None
         if settings.state is not None:
-            state = open_session_state(settings.state, settings.state_key or settings.data_dir / STATE_KEY_FILE)
+            state = open_session_state(settings.state, settings.state_key or settings.data_dir / STATE_KEY_FILE,
+                                       settings.state_password_file)
             self.shared = SharedSessions(endpoint, state, lock=state.lock)
         private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
         self.storage = open_store(settings.db, settings.data_dir, durable=settings.durable)

@@ -166,10 +166,11 @@ class MemorySessionState:
 STATE_KEY_FILE = "state.key"  # under the backend's data directory unless given
 
 
-def open_session_state(url: str, key_file: Path) -> SessionState:
+def open_session_state(url: str, key_file: Path, password_file: Path | None = None) -> SessionState:
     """The shared session state at ``url``: ``memory`` (this process only, for tests and one worker)
     or ``redis://`` / ``rediss://`` (Redis or Valkey; the ``[scale]`` extra), sealed under the key in
-    ``key_file`` (made, 0600, if missing)."""
+    ``key_file`` (made, 0600, if missing). The server's password, if any, is best kept in
+    ``password_file`` (its first line) rather than in the URL, which the process list shows."""
     if url == "memory":
         return MemorySessionState()
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -177,4 +178,10 @@ def open_session_state(url: str, key_file: Path) -> SessionState:
     from backend.session_state_redis import RedisSessionState
     from backend.state_seal import StateSealer, load_or_create_key
 
-    return RedisSessionState(url, StateSealer(load_or_create_key(key_file)))
+    password = None
+    if password_file is not None:
+        try:
+            password = password_file.read_text(encoding="utf-8").splitlines()[0].strip() or None
+        except (OSError, UnicodeDecodeError, IndexError):
+            raise ConfigError(Reason.CONFIG_INVALID, f"cannot read a password from {password_file}") from None
+    return RedisSessionState(url, StateSealer(load_or_create_key(key_file)), password=password)

@@ -88,12 +88,13 @@ class RedisSessionState:
     """One worker's connection to the shared session state."""
 
     def __init__(self, url: str, sealer: StateSealer, *, window: int = REPLAY_WINDOW, prefix: str = "sealmq:",
-                 context_ttl: int = 7 * 24 * 3600) -> None:
+                 context_ttl: int = 7 * 24 * 3600, password: str | None = None) -> None:
         self.window = window
         self.prefix = prefix
         self.context_ttl = context_ttl  # windows and counters of a key context nobody used for this long go
         self._sealer = sealer
-        self._r: redis.Redis = redis.Redis.from_url(url, decode_responses=False)
+        extra = {} if password is None else {"password": password}  # else: the URL's, if it has one
+        self._r: redis.Redis = redis.Redis.from_url(url, decode_responses=False, **extra)
         self._accept: Any = self._r.register_script(ACCEPT_LUA)
         self._unlock: Any = self._r.register_script(UNLOCK_LUA)
         self._r.ping()

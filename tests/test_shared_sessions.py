@@ -245,3 +245,26 @@ def test_a_sender_number_only_moves_forward(pki: TestPki) -> None:
         with pytest.raises(LocalProtocolError):
             session.advance_send_seq(back)
     assert session.next_send_seq == 41
+
+
+def test_open_session_state_takes_the_password_from_a_file(redis_proc: object, tmp_path: Path) -> None:
+    from backend.session_state import open_session_state
+    from sealmq.errors import ConfigError
+
+    proc = redis_proc
+    url = f"redis://127.0.0.1:{proc.port}/0"  # type: ignore[attr-defined]  # no password in the URL
+    secret = tmp_path / "redis.password"
+    secret.write_text(proc.password + "\n")  # type: ignore[attr-defined]
+    st = open_session_state(url, tmp_path / "state.key", secret)
+    try:
+        st.put("session", "cam-1", b"blob")
+        assert st.get("session", "cam-1") == b"blob"
+    finally:
+        st.close()
+    assert (tmp_path / "state.key").stat().st_mode & 0o777 == 0o600  # made, owner only
+    with pytest.raises(ConfigError):
+        open_session_state("http://example.invalid/", tmp_path / "state.key")
+    (tmp_path / "loose.key").write_bytes(os.urandom(32))
+    (tmp_path / "loose.key").chmod(0o644)
+    with pytest.raises(ConfigError):
+        open_session_state(url, tmp_path / "loose.key", secret)
