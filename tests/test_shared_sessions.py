@@ -36,7 +36,9 @@ from sealmq.errors import Reason
 from sealmq.session import SessionConfig
 from sealmq.topics import RecordKind
 from tests.pki_fixtures import TestPki, make_pki
-from tests.redis_server import redis_proc  # noqa: F401 - the fixture
+from tests.redis_server import RedisProcess, redis_proc
+
+__all__ = ["redis_proc"]  # the session fixture, imported for pytest
 
 NO_AUTO = SessionConfig(auto_key_update=False)
 
@@ -247,14 +249,14 @@ def test_a_sender_number_only_moves_forward(pki: TestPki) -> None:
     assert session.next_send_seq == 41
 
 
-def test_open_session_state_takes_the_password_from_a_file(redis_proc: object, tmp_path: Path) -> None:
+def test_open_session_state_takes_the_password_from_a_file(redis_proc: RedisProcess, tmp_path: Path) -> None:
     from backend.session_state import open_session_state
     from sealmq.errors import ConfigError
 
     proc = redis_proc
-    url = f"redis://127.0.0.1:{proc.port}/0"  # type: ignore[attr-defined]  # no password in the URL
+    url = f"redis://127.0.0.1:{proc.port}/0"  # no password in the URL
     secret = tmp_path / "redis.password"
-    secret.write_text(proc.password + "\n")  # type: ignore[attr-defined]
+    secret.write_text(proc.password + "\n")
     st = open_session_state(url, tmp_path / "state.key", secret)
     try:
         st.put("session", "cam-1", b"blob")
