@@ -5,7 +5,7 @@ This class owns the database: nothing else opens the file (``DB_FILE`` under the
 
 Decrypted payloads go here (and to handlers), never to logs. The database is opened in WAL
 mode so that ``sealmq backend ...`` tools can read while the service writes; the service is
-the only writer. Data survives restarts: the file is the state. Received messages are written
+the writer. Data survives restarts: the file is the state. Received messages are written
 in batches (:meth:`Storage.commit_batch`): in one transaction, the ledgers of the devices the batch
 touches are read, the batch's message ids are checked against them and merged in, only the new
 messages are written, and the merged ledgers are written back; so a message is stored exactly once
@@ -235,6 +235,7 @@ def record_ids(ledgers: dict[str, Ledger], messages: Sequence[NewMessage], repli
 
 
 def decode_ledger(data: bytes | None) -> Ledger:
+    """A stored ledger (``None``: the device has none yet, so nothing is committed)."""
     return Ledger() if data is None else Ledger.decode(data)
 
 

@@ -12,10 +12,10 @@ import argparse
 import sys
 import time
 
-from bench import bench_media, bench_method3, broker, handshake, memory, records, shared_state
+from bench import bench_media, bench_method3, broker, handshake, ingest, memory, records, shared_state
 from bench.stats import machine
 
-PARTS = ("handshake", "method3", "records", "memory", "broker", "media", "state")
+PARTS = ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     if "state" in parts:
         print(shared_state.run(quick=args.quick))
+        sys.stdout.flush()
+    if "ingest" in parts:
+        print(ingest.run(quick=args.quick))
     print(f"_total benchmark time: {time.monotonic() - started:.0f} s_")
     return 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import broker, handshake, memory, records, run
+from bench import broker, handshake, ingest, memory, records, run
 from bench.stats import percentile, table
 
 
@@ -51,6 +51,13 @@ def test_records_bench_quick() -> None:
     assert "65,000 B" in out
 
 
+def test_ingest_bench_quick_stores_nothing_twice() -> None:
+    out = ingest.run(quick=True)
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith(("| SQLite", "| PostgreSQL"))]
+    assert len(rows) >= 2  # SQLite's two cases (PostgreSQL's two when it is installed)
+    assert all(cells[-1].strip() == "0" for cells in rows)  # two workers on one device included
+
+
 @pytest.mark.slow
 def test_broker_bench_quick_amqtt() -> None:
     out = broker.run(messages=30, repeats=1, devices=3, brokers=("amqtt",))
@@ -64,7 +71,7 @@ def test_broker_bench_quick_amqtt() -> None:
 
 
 def test_run_entry_point_parses() -> None:
-    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state")
+    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest")
 
 
 def test_memory_bench_quick() -> None:
