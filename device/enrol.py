@@ -209,6 +209,7 @@ class Renewer:
         self.retry_after = retry_after
         self._pending: tuple[PrivateKey, enrol_bodies.EnrolRequest, float] | None = None
         self._not_before_retry = 0.0
+        self._cert = identity_dir / layout.CERT
         self._due: tuple[tuple[int, int, int], float] | None = None  # (cert.pem's stat, due_at)
 
     def due_at(self) -> float:
@@ -217,7 +218,7 @@ class Renewer:
         Asked at every timer tick: the certificate is read and parsed again only when cert.pem
         changed (a renewal or a re-enrolment replaces the file), otherwise one stat() answers.
         """
-        path = self.identity_dir / layout.CERT
+        path = self._cert
         try:
             st = os.stat(path)
         except OSError:
