@@ -391,7 +391,13 @@ def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results
         done = time.monotonic()
         cpu = time.process_time() - cpu0
         report = prof.report() if prof is not None else None
-        results.put(("sim", connected, done, sim.established(), cpu, report))
+        # Then the devices sit idle with their sessions: what their timers cost (cores busy).
+        idle = 0.0
+        if not cfg["profile"] and cfg["idle"] > 0:
+            i0 = time.process_time()
+            time.sleep(cfg["idle"])
+            idle = (time.process_time() - i0) / cfg["idle"]
+        results.put(("sim", connected, done, sim.established(), cpu, report, idle))
     finally:
         sim.stop()
 
@@ -461,6 +467,7 @@ class Storm:
     backend_cpu: float  # CPU seconds the backend service used during the storm
     sim_cpu: float  # CPU seconds of the simulator processes
     broker_cpu: float  # CPU seconds of the broker
+    sim_idle: float  # cores the simulator processes kept busy afterwards, every device idle with a session
     # profiled runs only: party -> (profiled CPU seconds, markdown table of the top functions)
     profiles: dict[str, tuple[float, str]] = field(default_factory=dict)
 
@@ -486,7 +493,7 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
     """
     _runs[0] += 1
     cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout,
-           "tls": VARIANTS[kind][1], "profile": profile, "run": _runs[0]}
+           "tls": VARIANTS[kind][1], "profile": profile, "run": _runs[0], "idle": min(2.0, timeout / 15)}
     results = ctx.Queue()
     ready, stop, go = ctx.Event(), ctx.Event(), ctx.Event()
     backend = ctx.Process(target=_backend_service, args=(cfg, ready, go, stop, results))
@@ -527,7 +534,8 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
     if broker_profile:
         profiles["mosquitto (perf)"] = broker_profile[0]
     return Storm(kind, len(device_ids), procs, max(g[1] for g in got) - t0, max(g[2] for g in got) - t0,
-                 sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used, profiles)
+                 sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used,
+                 sum(g[6] for g in got), profiles)
 
 
 @contextmanager
@@ -619,10 +627,12 @@ def storm_table(storms: list[Storm]) -> str:
                      " / ".join(fmt(x, 2) for x in secs) if len(runs) > 1 else "-",
                      fmt(median([r.seconds / max(1, r.established) for r in runs]) * 1e3, 1),
                      fmt(median([r.backend_cpu for r in runs]), 2), fmt(median([r.broker_cpu for r in runs]), 2),
-                     fmt(median([r.sim_cpu for r in runs]), 2), LOGINS[kind]])
+                     fmt(median([r.sim_cpu for r in runs]), 2),
+                     f"{100 * median([r.sim_idle for r in runs]):.0f}", LOGINS[kind]])
     return table(["broker", "devices", "simulator processes", "established", "backend handshakes",
                   "s until all connected", "s until all established", "each run (s)", "ms per device",
-                  "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)", "device and backend login"], rows)
+                  "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)",
+                  "simulator idle afterwards (% of a core)", "device and backend login"], rows)
 
 
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
@@ -700,7 +710,9 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    "and backend log in with the certificate they use for EDHOC (`require_certificate`, "
                    "`use_identity_as_username`, CRL). Storms of up to 100 devices: median of "
                    f"{s_reps} run(s), the variants alternating. CPU columns: seconds of CPU each party used "
-                   "during the storm (2 cores: wall time cannot go below their sum / 2).\n\n"
+                   "during the storm (2 cores: wall time cannot go below their sum / 2); then, with every "
+                   "device idle on its session, the share of a core the simulator processes kept busy "
+                   "(the devices' timers).\n\n"
                    f"{storm_table(storms)}\n")
     for st in profiled:
         parts = [f"### Where the CPU goes: one profiled storm, {st.broker}, {st.devices} devices, "

@@ -100,4 +100,4 @@ def test_broker_storm_quick_mosquitto_password_and_tls() -> None:
         # 3 devices, 1 process, all 3 established in both runs, 3 handshakes each time
         assert cells[2:6] == ["3", "1", "3", "3"]
         assert len(cells[8].split(" / ")) == 2  # both runs shown
-    assert "client certificate" in rows["mosquitto-tls"][13] and "PBKDF2" in rows["mosquitto"][13]
+    assert "client certificate" in rows["mosquitto-tls"][14] and "PBKDF2" in rows["mosquitto"][14]
