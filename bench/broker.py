@@ -20,14 +20,22 @@ Rate = messages / (last message opened at the subscriber - first publish), on on
 clock shared by the processes. Every message must arrive; a run that loses any says so.
 
 Handshakes. ``device.simulator.Simulator`` with N enrolled devices, each with its own broker
-user and connection, against a ``BackendService`` in its own process: the time from the first
-CONNECT until every device holds a session.
+login and connection, against a ``BackendService`` in its own process: the time from the first
+CONNECT until every device holds a session. Three variants (``VARIANTS``): amqtt and mosquitto
+with password logins (PBKDF2, production strength), and ``mosquitto-tls``: the same mosquitto
+process's TLS listener as the product deploys it (``MosquittoOptions.tls``, broker certificate
+from the PKI, ``require_certificate`` + ``use_identity_as_username``, the CRL), where the devices
+and the backend log in with the certificates they use for EDHOC (``--tls`` on their commands).
+Password and TLS storms alternate run by run. ``--profile`` adds one profiled 100-device storm
+per variant: cProfile on every thread of the backend and the simulator (``bench/threadprof.py``)
+and ``perf record`` on mosquitto when perf is installed.
 
 Brokers: the embedded hardened amqtt (``broker.embedded.EmbeddedBroker``, in this process) and a
 mosquitto child process on a generated config (``broker.mosquitto_config.write_config``), both on
 127.0.0.1 and an ephemeral port.
 
-Run alone: ``python3 -m bench.broker [--quick] [--messages N] [--devices N]``.
+Run alone: ``python3 -m bench.broker [--quick] [--messages N] [--devices N] [--storm-only]
+[--broker amqtt|mosquitto|mosquitto-tls ...] [--storm-repeats N] [--profile]``.
 """
 
 from __future__ import annotations
@@ -35,14 +43,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +78,9 @@ def _free_port() -> int:
 _broker_cpu: list[Any] = [lambda: 0.0]
 
 
+_broker_pid: list[int | None] = [None]  # the mosquitto child's, for perf
+
+
 def broker_cpu() -> float:
     return float(_broker_cpu[0]())
 
@@ -77,8 +91,14 @@ def _proc_cpu(pid: int) -> float:
 
 
 @contextmanager
-def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
-    """Start ``kind`` ("amqtt" or "mosquitto") on a free 127.0.0.1 port; yield the port; stop it."""
+def running_broker(kind: str, users: Path, root: Path, *, tls_port: int | None = None) -> Iterator[int]:
+    """Start ``kind`` ("amqtt" or "mosquitto") on a free 127.0.0.1 port; yield the port; stop it.
+
+    With ``tls_port`` mosquitto also serves the product's TLS listener there (``MosquittoOptions.tls``
+    from the PKI's standard layout, as ``sealmq broker mosquitto-config --tls-pki`` writes it: the
+    broker certificate ``bootstrap`` issued like ``sealmq pki issue-broker``, client certificates as
+    logins, ``use_identity_as_username``, the CRL), the way tests/e2e.py starts it.
+    """
     port = _free_port()
     if kind == "amqtt":
         _broker_cpu[0] = time.process_time
@@ -93,19 +113,24 @@ def running_broker(kind: str, users: Path, root: Path) -> Iterator[int]:
         return
     from broker.mosquitto_config import MosquittoOptions, current_user, write_config
     from broker.passwd import load_users
+    from broker.tls import TlsFiles
     from tests.brokers import MosquittoProcess
 
     conf_dir = root / f"mosquitto-{port}"
     # room for a 1,000-device storm plus the backend (the shipped default is 1,000 connections)
-    write_config(conf_dir, load_users(users),
-                 MosquittoOptions(host=HOST, port=port, run_as=current_user(), max_connections=4096))
+    opts = MosquittoOptions(host=HOST, port=port, run_as=current_user(), max_connections=4096)
+    if tls_port is not None:
+        opts = replace(opts, tls=TlsFiles.from_pki(root / "pki"), tls_port=tls_port)
+    write_config(conf_dir, load_users(users), opts)
     proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
     popen = proc.proc
     if popen is not None:
         _broker_cpu[0] = lambda: _proc_cpu(popen.pid)
+        _broker_pid[0] = popen.pid
     try:
         yield port
     finally:
+        _broker_pid[0] = None
         proc.stop()
 
 
@@ -287,36 +312,71 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     link.stop()
 
 
-def _backend_service(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) -> None:
+def _storm_mqtt(cfg: dict[str, Any], role: str, user: str | None, suffix: str) -> Any:
+    """The settings a storm's party connects with: the password login on the plain listener, or
+    (``cfg["tls"]``) the TLS listener, the broker checked against the CA and the party's own EDHOC
+    certificate as its login, as ``sealmq backend run --tls`` / ``sealmq device simulate --tls`` do."""
+    from pki import layout
+    from runtime.mqtt import MqttSettings
+
+    if not cfg["tls"]:
+        if user is None:  # the simulator: each device's own password (password_for)
+            return MqttSettings(host=HOST, port=cfg["port"], clean_session=True)
+        return _settings(cfg, user, role, suffix)
+    pki = Path(cfg["root"]) / "pki"
+    if user is None:  # the simulator gives each device its own chain.pem / key.pem
+        return MqttSettings(host=HOST, port=cfg["port"], clean_session=True, tls_ca=layout.anchor(pki))
+    ident = layout.backend_dir(pki, user)
+    return MqttSettings(host=HOST, port=cfg["port"], username=user, client_id=f"{user}:{suffix}",
+                        clean_session=True, tls_ca=layout.anchor(pki), tls_cert=ident / layout.CHAIN,
+                        tls_key=ident / layout.KEY)
+
+
+def _backend_service(cfg: dict[str, Any], ready: Any, go: Any, stop: Any, results: Any) -> None:
     from backend.service import BackendService, BackendSettings
     from sealmq.endpoint import BackendConfig
 
-    settings = _settings(cfg, "backend", "backend", "bench-hs")
+    prof = None
+    if cfg["profile"]:
+        from bench.threadprof import ThreadProfiler
+
+        prof = ThreadProfiler()
+        prof.install(here=False)  # before start(), which starts paho's thread and the timer
+    settings = _storm_mqtt(cfg, "backend", "backend", "bench-hs")
     # Every device connects at once: let the half-open bound and per-device admission fit them.
     endpoint = BackendConfig(max_half_open=max(1024, 2 * cfg["devices"]))
     svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki",
-                                         data_dir=Path(cfg["root"]) / f"backend-hs-{cfg['port']}",
+                                         data_dir=Path(cfg["root"]) / f"backend-hs-{cfg['run']}",
                                          mqtt=settings, endpoint=endpoint, poll_interval=0.1))
     svc.start()
-    cpu0 = time.process_time()
     ready.set()
+    go.wait(cfg["timeout"] + 120)
+    cpu0 = time.process_time()
+    if prof is not None:
+        prof.mark()
     stop.wait(cfg["timeout"] + 30)
-    results.put(("backend", svc.counters["handshakes"], time.process_time() - cpu0))
+    cpu = time.process_time() - cpu0
+    report = prof.report() if prof is not None else None
+    results.put(("backend", svc.counters["handshakes"], cpu, report))
     svc.stop()
 
 
 def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results: Any) -> None:
     from app.bootstrap import Deployment
     from device.simulator import Simulator
-    from runtime.mqtt import MqttSettings
 
     dep = Deployment(Path(cfg["root"]))
-    sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['port']}", ids,
-                    MqttSettings(host=HOST, port=cfg["port"], clean_session=True),
-                    password_for=lambda d: dep.password("device", d))
+    sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['run']}", ids, _storm_mqtt(cfg, "device", None, ""),
+                    password_for=None if cfg["tls"] else (lambda d: dep.password("device", d)))
     try:
         ready.set()
         go.wait(cfg["timeout"])
+        prof = None
+        if cfg["profile"]:
+            from bench.threadprof import ThreadProfiler
+
+            prof = ThreadProfiler()
+            prof.install()  # this thread, and paho's and the timers' threads started below
         # Every device starts connecting at once; then: when was the last one connected, and
         # when did the last one hold a session (one monotonic clock for all processes).
         cpu0 = time.process_time()
@@ -328,7 +388,16 @@ def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results
         connected = time.monotonic()
         for agent in sim.agents:
             agent.wait_established(max(0.0, deadline - time.monotonic()))
-        results.put(("sim", connected, time.monotonic(), sim.established(), time.process_time() - cpu0))
+        done = time.monotonic()
+        cpu = time.process_time() - cpu0
+        report = prof.report() if prof is not None else None
+        # Then the devices sit idle with their sessions: what their timers cost (cores busy).
+        idle = 0.0
+        if not cfg["profile"] and cfg["idle"] > 0:
+            i0 = time.process_time()
+            time.sleep(cfg["idle"])
+            idle = (time.process_time() - i0) / cfg["idle"]
+        results.put(("sim", connected, done, sim.established(), cpu, report, idle))
     finally:
         sim.stop()
 
@@ -388,7 +457,7 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
 
 @dataclass
 class Storm:
-    broker: str
+    broker: str  # a storm variant (VARIANTS): the broker and how devices log in
     devices: int
     procs: int
     connected: float  # seconds from "go" until the last device was connected
@@ -398,17 +467,39 @@ class Storm:
     backend_cpu: float  # CPU seconds the backend service used during the storm
     sim_cpu: float  # CPU seconds of the simulator processes
     broker_cpu: float  # CPU seconds of the broker
+    sim_idle: float  # cores the simulator processes kept busy afterwards, every device idle with a session
+    # profiled runs only: party -> (profiled CPU seconds, markdown table of the top functions)
+    profiles: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
+# Storm variants: (broker process, devices and backend log in over TLS with their certificates).
+# "mosquitto" and "mosquitto-tls" are two listeners of one mosquitto process (the product's config
+# with --tls-pki: plain TCP with passwords beside mqtts with client certificates), so their storms
+# can alternate run by run.
+VARIANTS = {"amqtt": ("amqtt", False), "mosquitto": ("mosquitto", False), "mosquitto-tls": ("mosquitto", True)}
+LOGINS = {"amqtt": "password (PBKDF2)", "mosquitto": "password (PBKDF2)",
+          "mosquitto-tls": "TLS 1.3, client certificate (P-256)"}
+
+_runs = [0]  # storms so far in this process: each gets fresh backend and device state directories
 
 
 def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list[str], timeout: float,
-                    procs: int = 1) -> Storm:
-    """All devices, spread over ``procs`` simulator processes, connect and handshake at once."""
-    cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout}
+                    procs: int = 1, *, profile: bool = False) -> Storm:
+    """All devices, spread over ``procs`` simulator processes, connect and handshake at once.
+
+    ``kind`` is a storm variant (``VARIANTS``), ``port`` the listener it uses. With ``profile``
+    the backend and simulator processes are profiled (``bench.threadprof``) and, when ``perf``
+    is installed, the mosquitto process is sampled: slower, for where the CPU goes only.
+    """
+    _runs[0] += 1
+    cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout,
+           "tls": VARIANTS[kind][1], "profile": profile, "run": _runs[0], "idle": min(2.0, timeout / 15)}
     results = ctx.Queue()
     ready, stop, go = ctx.Event(), ctx.Event(), ctx.Event()
-    backend = ctx.Process(target=_backend_service, args=(cfg, ready, stop, results))
+    backend = ctx.Process(target=_backend_service, args=(cfg, ready, go, stop, results))
     backend.start()
     sims: list[Any] = []
+    perf_out = root / f"perf-{_runs[0]}.data"
     try:
         if not ready.wait(60):
             raise RuntimeError("backend service did not start")
@@ -419,13 +510,14 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
             sims.append(sim)
             if not sim_ready.wait(timeout + 120):
                 raise RuntimeError("simulator did not start")
-        cpu0 = broker_cpu()
-        t0 = time.monotonic()
-        go.set()
-        got = _collect(results, procs, timeout + 120)
+        with _perf(_broker_pid[0] if profile else None, perf_out) as broker_profile:
+            cpu0 = broker_cpu()
+            t0 = time.monotonic()
+            go.set()
+            got = _collect(results, procs, timeout + 120)
+            used = broker_cpu() - cpu0
         stop.set()
-        _, handshakes, backend_cpu = _collect(results, 1, 60)[0]
-        used = broker_cpu() - cpu0
+        _, handshakes, backend_cpu, backend_profile = _collect(results, 1, 60)[0]
     finally:
         stop.set()
         go.set()
@@ -434,45 +526,149 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+    profiles: dict[str, tuple[float, str]] = {}
+    if backend_profile is not None:
+        profiles["backend service"] = backend_profile
+    if got[0][5] is not None:
+        profiles["simulator" if procs == 1 else "simulator (first process)"] = got[0][5]
+    if broker_profile:
+        profiles["mosquitto (perf)"] = broker_profile[0]
     return Storm(kind, len(device_ids), procs, max(g[1] for g in got) - t0, max(g[2] for g in got) - t0,
-                 sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used)
+                 sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used,
+                 sum(g[6] for g in got), profiles)
+
+
+@contextmanager
+def _perf(pid: int | None, out: Path) -> Iterator[list[tuple[float, str]]]:
+    """Sample ``pid`` with ``perf record`` (CPU clock) while the block runs; afterwards the list
+    holds (sampled CPU seconds, a markdown table of the shared objects and symbols by share)."""
+    found: list[tuple[float, str]] = []
+    perf = shutil.which("perf")
+    if pid is None or perf is None:
+        yield found
+        return
+    freq = 4000
+    rec = subprocess.Popen([perf, "record", "-q", "-e", "cpu-clock", "-F", str(freq), "-p", str(pid), "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # perf attaches
+    try:
+        yield found
+    finally:
+        rec.send_signal(signal.SIGINT)
+        try:
+            rec.wait(30)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            rec.wait(5)
+    rep = subprocess.run([perf, "report", "-i", str(out), "--stdio", "--no-children", "--sort", "dso,sym",
+                          "--percent-limit", "1.5"], capture_output=True, text=True, timeout=120, check=False)
+    count = re.search(r"# Event count \(approx\.\): (\d+)", rep.stdout)  # cpu-clock: nanoseconds
+    rows = []
+    for line in rep.stdout.splitlines():
+        m = re.match(r"\s+([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.+)", line)
+        if m:
+            rows.append([m.group(1), m.group(2), m.group(3).strip().replace("|", "/")])
+    by_dso = subprocess.run([perf, "report", "-i", str(out), "--stdio", "--no-children", "--sort", "dso",
+                             "--percent-limit", "1"], capture_output=True, text=True, timeout=120, check=False)
+    dsos = [f"{m.group(2)} {m.group(1)} %" for m in
+            (re.match(r"\s+([\d.]+)%\s+(\S+)", line) for line in by_dso.stdout.splitlines()) if m]
+    if count and rows:
+        found.append((int(count.group(1)) / 1e9, "by shared object: " + ", ".join(dsos) + "\n\n"
+                      + table(["% of samples", "shared object", "symbol"], rows[:15])))
 
 
 def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int]]:
     """(devices, simulator processes) per storm. Each simulated device has two threads (paho's loop
     and the agent's timer): one process copes with about 100 devices; with 300 in one process the
     threads starve each other (connections time out and retry), so larger storms use one simulator
-    process per 100 devices."""
+    process per 100 devices. 100 devices also run on 2 processes (the machine's cores) and 4."""
     if devices is not None:
         if devices < 8:
             return [(devices, 1)]
         return [(devices, 1), (devices, 4)] if devices <= 100 else [(devices, -(-devices // 100))]
-    return [(5, 1), (6, 2)] if quick else [(100, 1), (100, 4), (1000, 10)]
+    return [(5, 1), (6, 2)] if quick else [(100, 1), (100, 2), (100, 4), (1000, 10)]
+
+
+def _rotated(items: list[str], k: int) -> list[str]:
+    k %= max(1, len(items))
+    return items[k:] + items[:k]
+
+
+def run_storms(ctx: Any, kinds: list[str], root: Path, ports: dict[str, int], ids: list[str],
+               cases: list[tuple[int, int]], reps: int, timeout: float) -> list[Storm]:
+    """Storms of the variants ``kinds`` (served by one broker process), alternating: each round
+    runs every case with every variant, the variants in a rotating order, so that drift in the
+    machine's load does not favour one login. Storms of more than 100 devices run once."""
+    storms: list[Storm] = []
+    small = [c for c in cases if c[0] <= 100]
+    for rep in range(reps):
+        for i, (n, procs) in enumerate(small):
+            for kind in _rotated(kinds, rep + i):
+                storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs))
+    for n, procs in (c for c in cases if c[0] > 100):
+        for kind in kinds:
+            storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs))
+    return storms
+
+
+def storm_table(storms: list[Storm]) -> str:
+    groups: dict[tuple[str, int, int], list[Storm]] = {}
+    for st in storms:
+        groups.setdefault((st.broker, st.devices, st.procs), []).append(st)
+    order = list(VARIANTS)
+    rows = []
+    for (kind, n, procs), runs in sorted(groups.items(), key=lambda g: (g[0][1], g[0][2], order.index(g[0][0]))):
+        def same(values: list[int]) -> str:
+            return str(values[0]) if len(set(values)) == 1 else "/".join(str(v) for v in values)
+
+        secs = [r.seconds for r in runs]
+        rows.append([kind, n, procs, same([r.established for r in runs]), same([r.handshakes for r in runs]),
+                     fmt(median([r.connected for r in runs]), 2), fmt(median(secs), 2),
+                     " / ".join(fmt(x, 2) for x in secs) if len(runs) > 1 else "-",
+                     fmt(median([r.seconds / max(1, r.established) for r in runs]) * 1e3, 1),
+                     fmt(median([r.backend_cpu for r in runs]), 2), fmt(median([r.broker_cpu for r in runs]), 2),
+                     fmt(median([r.sim_cpu for r in runs]), 2),
+                     f"{100 * median([r.sim_idle for r in runs]):.0f}", LOGINS[kind]])
+    return table(["broker", "devices", "simulator processes", "established", "backend handshakes",
+                  "s until all connected", "s until all established", "each run (s)", "ms per device",
+                  "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)",
+                  "simulator idle afterwards (% of a core)", "device and backend login"], rows)
 
 
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
-        devices: int | None = None, brokers: tuple[str, ...] = ("amqtt", "mosquitto"),
-        throughput: bool = True, storm: bool = True) -> str:
+        devices: int | None = None, brokers: tuple[str, ...] = tuple(VARIANTS),
+        throughput: bool = True, storm: bool = True, storm_repeats: int | None = None,
+        profile: bool = False) -> str:
+    """Throughput (password logins) on each broker in ``brokers``, and the handshake storms of every
+    variant in it. ``profile`` adds one profiled 100-device storm per variant (see handshakes_once)."""
     from app.bootstrap import bootstrap
 
     n = messages or (200 if quick else 10_000)
     reps = repeats or (1 if quick else 3)
+    s_reps = storm_repeats or repeats or (1 if quick else 3)
     cases = storm_cases(quick, devices) if storm else []
     n_dev = max((c[0] for c in cases), default=0)
     timeout = 30.0 if quick else 300.0
-    kinds = [b for b in brokers if b != "mosquitto" or mosquitto_available()]
+    kinds = [b for b in brokers if VARIANTS[b][0] != "mosquitto" or mosquitto_available()]
+    processes = list(dict.fromkeys(VARIANTS[k][0] for k in kinds))
     ctx = mp.get_context("spawn")
     sim_ids = [f"sim-{i:04d}" for i in range(n_dev)]
     storms: list[Storm] = []
+    profiled: list[Storm] = []
     rows: list[Throughput] = []
     with tempfile.TemporaryDirectory(prefix="sealmq-bench-broker-") as tmp:
         root = Path(tmp)
         # Production PBKDF2 strength for broker users unless --quick (then the floor, 1,000).
+        # bootstrap also issues the broker's TLS certificate (P-256, as `sealmq pki issue-broker`).
         dep, _ = bootstrap(root, [DEVICE, *sim_ids], iterations=1_000 if quick else 10_000)
-        for kind in kinds:
-            with running_broker(kind, dep.users, root) as port:
+        for kind in processes:
+            variants = [k for k in kinds if VARIANTS[k][0] == kind]
+            tls_port = _free_port() if any(VARIANTS[k][1] for k in variants) else None
+            with running_broker(kind, dep.users, root, tls_port=tls_port) as port:
+                ports = {k: tls_port if VARIANTS[k][1] and tls_port is not None else port for k in variants}
                 by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in MODES}
-                for rep in range(reps if throughput else 0):
+                do_throughput = throughput and kind in variants  # over the password listener
+                for rep in range(reps if do_throughput else 0):
                     # Interleaved, and in a rotating order, so that drift in the machine's load
                     # (shared with other work) does not favour one path.
                     for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
@@ -481,12 +677,16 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                         row.rates.append(rate)
                         row.received.append(count)
                         row.wire = wire
-                if throughput:
+                if do_throughput:
                     rows.extend(by_mode.values())
-                for n_storm, procs in cases:
-                    storms.append(handshakes_once(ctx, kind, root, port, sim_ids[:n_storm], timeout, procs))
+                storms += run_storms(ctx, variants, root, ports, sim_ids, cases, s_reps, timeout)
+                if profile and cases:
+                    n_prof = min(100, n_dev)
+                    for k in variants:
+                        profiled.append(handshakes_once(ctx, k, root, ports[k], sim_ids[:n_prof], timeout, 1,
+                                                        profile=True))
     out = []
-    if throughput:
+    if rows:
         plain = {r.broker: median(r.rates) for r in rows if r.mode == "plaintext"}
         t_rows = []
         for r in rows:
@@ -503,17 +703,26 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
         out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
                    f"median of {reps} runs\n\n{throughput_table}\n")
     if storms:
-        hs = table(["broker", "devices", "simulator processes", "established", "backend handshakes",
-                    "s until all connected", "s until all established", "ms per device",
-                    "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)"],
-                   [[st.broker, st.devices, st.procs, st.established, st.handshakes, fmt(st.connected, 2),
-                     fmt(st.seconds, 2), fmt(st.seconds / max(1, st.established) * 1e3, 1),
-                     fmt(st.backend_cpu, 2), fmt(st.broker_cpu, 2), fmt(st.sim_cpu, 2)] for st in storms])
         out.append("### Handshake storm: simulated devices connecting and handshaking at once\n\n"
-                   "Each device is a real `DeviceAgent` (own key, certificate, broker user with PBKDF2 "
-                   "login, paho connection); all start at once. CPU columns: seconds of CPU each party "
-                   "used during the storm (2 cores: wall time cannot go below their sum / 2).\n\n"
-                   f"{hs}\n")
+                   "Each device is a real `DeviceAgent` (own key, certificate and paho connection); all "
+                   "start at once. Login: a broker user with a PBKDF2 password on the plain listener, or "
+                   "(mosquitto-tls) the product's TLS listener of the same mosquitto process, where devices "
+                   "and backend log in with the certificate they use for EDHOC (`require_certificate`, "
+                   "`use_identity_as_username`, CRL). Storms of up to 100 devices: median of "
+                   f"{s_reps} run(s), the variants alternating. CPU columns: seconds of CPU each party used "
+                   "during the storm (2 cores: wall time cannot go below their sum / 2); then, with every "
+                   "device idle on its session, the share of a core the simulator processes kept busy "
+                   "(the devices' timers).\n\n"
+                   f"{storm_table(storms)}\n")
+    for st in profiled:
+        parts = [f"### Where the CPU goes: one profiled storm, {st.broker}, {st.devices} devices, "
+                 f"1 simulator process\n\nProfiled run (cProfile on every thread, CPU clock; slower than "
+                 f"the runs above, so only the shares count): {st.established} established in "
+                 f"{st.seconds:.2f} s; CPU: backend {st.backend_cpu:.2f} s, simulator {st.sim_cpu:.2f} s, "
+                 f"broker {st.broker_cpu:.2f} s.\n"]
+        for party, (total, text) in st.profiles.items():
+            parts.append(f"{party}: {total:.3f} s of CPU profiled, top entries by own CPU time\n\n{text}\n")
+        out.append("\n".join(parts))
     return "\n".join(out)
 
 
@@ -523,13 +732,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--messages", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--devices", type=int)
-    ap.add_argument("--broker", choices=["amqtt", "mosquitto"], action="append")
+    ap.add_argument("--broker", choices=list(VARIANTS), action="append",
+                    help="repeatable; mosquitto-tls: storms over the TLS listener with client certificates")
+    ap.add_argument("--storm-repeats", type=int, help="runs of each storm of up to 100 devices (default 3)")
+    ap.add_argument("--profile", action="store_true",
+                    help="add one profiled 100-device storm per variant (cProfile; perf on mosquitto)")
     ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
     args = ap.parse_args(argv)
     print(run(quick=args.quick, messages=args.messages, repeats=args.repeats, devices=args.devices,
-              brokers=tuple(args.broker or ("amqtt", "mosquitto")), throughput=not args.storm_only,
-              storm=not args.throughput_only))
+              brokers=tuple(args.broker or VARIANTS), throughput=not args.storm_only,
+              storm=not args.throughput_only, storm_repeats=args.storm_repeats, profile=args.profile))
 
 
 if __name__ == "__main__":

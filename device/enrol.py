@@ -209,12 +209,28 @@ class Renewer:
         self.retry_after = retry_after
         self._pending: tuple[PrivateKey, enrol_bodies.EnrolRequest, float] | None = None
         self._not_before_retry = 0.0
+        self._cert = identity_dir / layout.CERT
+        self._due: tuple[tuple[int, int, int], float] | None = None  # (cert.pem's stat, due_at)
 
     def due_at(self) -> float:
-        """When the current certificate should be renewed (seconds since 1970)."""
-        leaf = load_chain(read_bytes(self.identity_dir / layout.CERT, "certificate", CertificateError))[0]
+        """When the current certificate should be renewed (seconds since 1970).
+
+        Asked at every timer tick: the certificate is read and parsed again only when cert.pem
+        changed (a renewal or a re-enrolment replaces the file), otherwise one stat() answers.
+        """
+        path = self._cert
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+        if stamp is not None and self._due is not None and self._due[0] == stamp:
+            return self._due[1]
+        leaf = load_chain(read_bytes(path, "certificate", CertificateError))[0]
         start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
-        return start + (end - start) * self.renew_at
+        due = start + (end - start) * self.renew_at
+        self._due = (stamp, due) if stamp is not None else None
+        return due
 
     def tick(self, agent: DeviceAgent, now: float) -> None:
         if not agent.endpoint.established or now < self._not_before_retry:

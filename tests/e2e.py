@@ -165,7 +165,7 @@ class System:
 
     def agent(self, device_id: str, *, broker_user: str | None = None, identity: str | None = None,
               pki_dir: Path | None = None, endpoint: EndpointConfig | None = None, start: bool = True,
-              wait: bool = True) -> DeviceAgent:
+              wait: bool = True, poll_interval: float = 0.05) -> DeviceAgent:
         user = broker_user or device_id
         cfg = DeviceConfig(
             device_id=device_id,
@@ -173,7 +173,7 @@ class System:
             pki_dir=self.dep.pki,
             state_dir=self.dep.device_state(device_id),
             mqtt=self.mqtt("device", user, client_id=f"{user}:{identity or 'agent'}-{len(self.agents)}"),
-            poll_interval=0.05,
+            poll_interval=poll_interval,
             endpoint=endpoint or EndpointConfig(handshake_timeout=3.0),
         )
         if identity is not None:

@@ -13,6 +13,7 @@ import pytest
 
 from bench import broker, handshake, ingest, memory, records, run
 from bench.stats import percentile, table
+from tests.brokers import needs_mosquitto
 
 
 def test_stats_helpers() -> None:
@@ -91,3 +92,19 @@ def test_shared_state_bench_quick() -> None:
         assert "| replay gate, Redis Lua script |" in out and "| sender number, Redis INCRBY |" in out
     if BINDIR is not None:
         assert "| store one record, PostgreSQL |" in out
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+@needs_mosquitto
+def test_broker_storm_quick_mosquitto_password_and_tls() -> None:
+    """The storm on mosquitto's password listener and on its TLS listener (certificate logins)."""
+    out = broker.run(devices=3, brokers=("mosquitto", "mosquitto-tls"), throughput=False, storm_repeats=2)
+    rows = {c[1]: c for c in ([x.strip() for x in line.split("|")] for line in out.splitlines()
+                              if line.startswith("| mosquitto"))}
+    assert set(rows) == {"mosquitto", "mosquitto-tls"}
+    for cells in rows.values():
+        # 3 devices, 1 process, all 3 established in both runs, 3 handshakes each time
+        assert cells[2:6] == ["3", "1", "3", "3"]
+        assert len(cells[8].split(" / ")) == 2  # both runs shown
+    assert "client certificate" in rows["mosquitto-tls"][14] and "PBKDF2" in rows["mosquitto"][14]

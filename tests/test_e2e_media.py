@@ -142,6 +142,22 @@ def test_device_restart_mid_transfer(system: System, tmp_path: Path) -> None:
     assert len(received(system)) == 1
 
 
+def test_an_interrupted_transfer_resumes_with_the_new_session_not_at_a_timer_tick(system: System,
+                                                                                 tmp_path: Path) -> None:
+    """The restarted device's timer never ticks here (one hour): the new session itself resumes the
+    transfer from the persisted outbox, as it re-sends the message outbox."""
+    backend = system.start_backend()
+    agent = system.agent("cam-1")
+    f = random_file(tmp_path / "clip.bin", 4 * 1024 * 1024)
+    agent.send_file(f)
+    assert wait_for(lambda: any(n > 5 for _, _, n in backend.media.open_transfers()), 30)
+    agent.stop()
+    agent2 = system.agent("cam-1", poll_interval=3600.0)
+    assert agent2.pending_transfers() == 1
+    assert agent2.wait_transfers(60)
+    assert_stored(system, f)
+
+
 def test_two_devices_in_parallel_and_a_finished_transfer_resent(system: System, tmp_path: Path) -> None:
     system.start_backend()
     a = system.agent("cam-1")

@@ -431,3 +431,36 @@ def test_enrolment_with_the_root_key_offline(tmp_path: Path) -> None:
     assert exc.value.reason is Reason.REVOKED
     assert not layout.root_key(pki).exists()
     audit.close()
+
+
+def test_renewal_due_time_is_read_again_only_when_the_certificate_file_changes(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Renewer.due_at`` is asked at every timer tick: it parses cert.pem once, then again only
+    after the file was replaced (a renewal's install, a re-enrolment)."""
+    import device.enrol as device_enrol
+    from device.enrol import Renewer
+
+    pki = tmp_path / "pki"
+    store.init_ca(pki)
+    d = store.enroll(pki, "device", "cam-6")
+    parsed: list[int] = []
+    real = device_enrol.load_chain
+    monkeypatch.setattr(device_enrol, "load_chain", lambda data: parsed.append(1) or real(data))
+    renewer = Renewer(d, "cam-6", renew_at=0.5)
+    first = renewer.due_at()
+    leaf = load_chain((d / layout.CERT).read_bytes())[0]
+    start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    assert first == start + (end - start) * 0.5
+    assert [renewer.due_at() for _ in range(5)] == [first] * 5 and len(parsed) == 1
+    # a new certificate with another lifetime replaces the file (as install() does: a rename)
+    other = store.enroll(pki, "device", "cam-6b", days=30)
+    tmp = d / (layout.CERT + ".new")
+    tmp.write_bytes((other / layout.CERT).read_bytes())
+    os.replace(tmp, d / layout.CERT)
+    leaf = load_chain((d / layout.CERT).read_bytes())[0]
+    start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    assert renewer.due_at() == start + (end - start) * 0.5 != first
+    assert len(parsed) == 2
+    (d / layout.CERT).unlink()
+    with pytest.raises(SealmqError):  # a missing certificate is an error, never the cached answer
+        renewer.due_at()

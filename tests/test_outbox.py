@@ -148,3 +148,20 @@ def test_bad_ack_or_body_is_audited_and_harms_nothing(tmp_path: Path) -> None:
     audit.close()
     assert [e["stage"] for e in read_audit(tmp_path / "be.jsonl")] == ["telemetry"] * 3 + ["reply"]
     storage.close()
+
+
+def test_an_empty_outbox_answers_the_timer_without_touching_the_database(tmp_path: Path) -> None:
+    """``due`` runs at every timer tick of every device and ``expire`` every 10 s: with nothing in
+    the outbox neither runs a statement (a fleet of idle simulated devices did thousands a second)."""
+    box = MessageOutbox(tmp_path, now=NOW)
+    statements: list[str] = []
+    box._db.set_trace_callback(statements.append)
+    assert box.due(1, NOW) == [] and box.expire(NOW + 1e9) == []
+    assert statements == []
+    ids = _add(box, 2)
+    statements.clear()
+    assert [p.msg_id for p in box.due(1, NOW)] == ids  # not empty: the query runs again
+    assert any(s.startswith("SELECT msg_id, kind, body") for s in statements)
+    box.ack(Ack(ids[-1]))
+    statements.clear()
+    assert box.due(2, NOW) == [] and statements == []
