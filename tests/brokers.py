@@ -200,9 +200,10 @@ def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
 class MosquittoProcess:
     """A mosquitto child process on a generated config; stop() waits for it to exit."""
 
-    def __init__(self, conf_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(self, conf_dir: Path, port: int, log_path: Path, also: tuple[int, ...] = ()) -> None:
         self.conf = conf_dir / "mosquitto.conf"
         self.port = port
+        self.also = tuple(p for p in also if p)  # further listeners (TLS) to wait for
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -214,7 +215,8 @@ class MosquittoProcess:
         finally:
             log.close()
         try:
-            wait_listening(HOST, self.port)
+            for port in (self.port, *self.also):  # mosquitto binds its listeners one after the other
+                wait_listening(HOST, port)
         except OSError:
             self.stop()
             raise AssertionError(f"mosquitto did not start:\n{self.log()}") from None
@@ -279,7 +281,8 @@ def running_mosquitto(directory: Path, n_devices: int = 2, workers: int = 0, **o
     conf_dir = Path(tempfile.mkdtemp(prefix="sealmq-mosquitto-"))
     try:
         write_config(conf_dir, load_users(passwd), MosquittoOptions(host=HOST, port=port, **options))
-        proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log").start()
+        also = (int(options.get("tls_port") or 0), int(options.get("tls_password_port") or 0))
+        proc = MosquittoProcess(conf_dir, port, directory / "mosquitto.log", also).start()
         handle = BrokerHandle("mosquitto", HOST, port, backend, devices, monitor, passwd, proc,
                               tls_port=options.get("tls_port", 0), workers=worker_creds)
         try:
