@@ -10,8 +10,10 @@ The backend cases (:data:`CASES`):
 
 * ``1 worker, in-process sessions``: today's default: one ``BackendService``, account ``backend``,
   MQTT 3.1.1, sessions in the process;
-* ``1 worker, shared state (redis)``: one worker (``backend-w1``) in an MQTT 5 share group of one, its
-  sessions in redis-server (``--state redis://...``): the cost of sharing, with nothing to share it with;
+* ``1 worker, MQTT 5 share group, in-process sessions``: one worker (``backend-w1``) in an MQTT 5 share
+  group of one, sessions in the process: what MQTT 5 and the group cost by themselves;
+* ``1 worker, shared state (redis)``: the same with its sessions in redis-server (``--state redis://...``):
+  the cost of sharing, with nothing to share it with;
 * ``2 workers`` and ``4 workers``: ``backend-w1..wN`` in one share group, sessions in redis-server,
   worker 1 the primary (docs/scaling.md).
 
@@ -79,14 +81,17 @@ LOAD_PROCS = 2
 class Case:
     label: str
     workers: int
-    shared: bool  # MQTT 5 share group + sessions in redis-server
+    group: bool  # MQTT 5, accounts backend-wK in one share group
+    state: bool  # sessions in redis-server (BackendSettings.state)
 
 
 CASES = (
-    Case("1 worker, in-process sessions", 1, False),
-    Case("1 worker, shared state (redis)", 1, True),
-    Case("2 workers", 2, True),
-    Case("4 workers", 4, True),
+    Case("1 worker, in-process sessions", 1, group=False, state=False),
+    # the two halves of what sharing costs: MQTT 5 and the share group alone, then the sessions in redis
+    Case("1 worker, MQTT 5 share group, in-process sessions", 1, group=True, state=False),
+    Case("1 worker, shared state (redis)", 1, group=True, state=True),
+    Case("2 workers", 2, group=True, state=True),
+    Case("4 workers", 4, group=True, state=True),
 )
 
 
@@ -100,7 +105,7 @@ def _worker(cfg: dict[str, Any], k: int, ready: Any, stop: Any, results: Any) ->
     from runtime.mqtt import MQTT_5, MqttSettings
 
     dep = Deployment(Path(cfg["root"]))
-    if cfg["shared"]:
+    if cfg["group"]:
         from app.workers import account, password_file, share_group_file
 
         user = account("backend", k)
@@ -114,7 +119,7 @@ def _worker(cfg: dict[str, Any], k: int, ready: Any, stop: Any, results: Any) ->
     svc = BackendService(BackendSettings(
         pki_dir=dep.pki, data_dir=Path(cfg["data"]), mqtt=mqtt, poll_interval=0.1, db=cfg["db"],
         quotas=DeviceQuotas(records_per_second=None, stored_bytes=None),
-        state=cfg["state"] if cfg["shared"] else None, state_key=Path(cfg["root"]) / "state.key",
+        state=cfg["state_url"] if cfg["state"] else None, state_key=Path(cfg["root"]) / "state.key",
         primary=k == 1))
     svc.start(wait=60)
     if not svc.link.subscribed.wait(60):
@@ -125,7 +130,7 @@ def _worker(cfg: dict[str, Any], k: int, ready: Any, stop: Any, results: Any) ->
     stop.wait(cfg["timeout"] + 120)
     shared = svc.shared.counters if svc.shared is not None else {}
     results.put(("worker", k, {"stored": svc.ingest.counters.stored, "duplicates": svc.ingest.counters.duplicates,
-                               "batches": svc.ingest.counters.batches,
+                               "batches": svc.ingest.counters.batches, "acks": svc.ingest.counters.acks,
                                "handshakes": svc.counters["handshakes"], "rejected": svc.counters["rejected"],
                                "refreshes": shared.get("refreshes", 0)}))
     svc.stop()
@@ -276,7 +281,8 @@ def _join(procs: list[Any], timeout: float = 60) -> None:
 def _workers(env: Env, case: Case, run_dir: Path, db: str | None, results: Any) -> Iterator[tuple[list[Any], Any]]:
     """Start the case's workers (each subscribed before this yields); stop them afterwards."""
     cfg = {"root": str(env.root), "port": env.port, "data": str(run_dir / "backend-data"), "db": db,
-           "shared": case.shared, "state": env.redis.url, "timeout": env.timeout}
+           "group": case.group, "state": case.state,
+           "state_url": env.redis.url, "timeout": env.timeout}
     stop = env.ctx.Event()
     procs = []
     try:
@@ -334,6 +340,7 @@ class Records:
     cpu: dict[str, float] = field(default_factory=dict)
     workers_storing: int = 0  # workers that committed records (all of them, with the share group)
     batches: int = 0  # commits (transactions) of all workers
+    acks: int = 0  # sealed ACK records the workers sent (one per device per commit)
 
     @property
     def rate(self) -> float:
@@ -391,6 +398,7 @@ def records_once(env: Env, case: Case, store: str, ids: list[str], messages: int
     out.cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
     out.workers_storing = sum(1 for r in reports if isinstance(r[2], dict) and r[2]["stored"] > 0)
     out.batches = sum(r[2]["batches"] for r in reports if isinstance(r[2], dict))
+    out.acks = sum(r[2]["acks"] for r in reports if isinstance(r[2], dict))
     return out
 
 
@@ -652,12 +660,13 @@ def _report(recs: dict[tuple[str, str], list[Records]], storms: dict[str, list[S
             secs = median([r.seconds for r in rs])
             cpu_rows.append([case.label, s, fmt(secs, 2), *_cpu_cells([r.cpu for r in rs], secs, with_pg),
                              fmt(median([r.cpu["workers"] / r.stored * 1e6 for r in rs]), 0),
-                             fmt(median([r.stored / max(1, r.batches) for r in rs]), 1)])
+                             fmt(median([r.stored / max(1, r.batches) for r in rs]), 1),
+                             fmt(median([r.stored / max(1, r.acks) for r in rs]), 1)])
     out.append("### Where the CPU goes (records runs, median CPU seconds between go and the last commit)\n\n"
                + table(["backend", "store", "wall s", "workers", "mosquitto", "redis",
                         *(["PostgreSQL"] if with_pg else []), "load (devices)", "sum",
                         "cores busy (these)", "cores busy (machine)", "worker CPU us per record",
-                        "records per commit"], cpu_rows) + "\n")
+                        "records per commit", "records per ACK"], cpu_rows) + "\n")
     st_rows = []
     for case in CASES:
         ss = storms[case.label]
