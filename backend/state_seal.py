@@ -14,6 +14,7 @@ session writes under one key (NIST SP 800-38D's 2**32 bound).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -31,16 +32,24 @@ _AAD_PREFIX = b"sealmq-state/v1|"
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The state key in ``path``; made (0600, never overwritten) if the file does not exist."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(KEY_SIZE))
-            f.flush()
-            os.fsync(f.fileno())
+    """The state key in ``path``; made (0600, never overwritten) if the file does not exist.
+
+    Workers started together race to make it: the key is written to a file of this process's own and
+    linked into place only once complete (``link`` fails if the name exists), so no worker ever reads
+    a half-written key, and every worker ends up with the one that was linked first.
+    """
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_SIZE))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another worker's key is there first: use it
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(Reason.CONFIG_INVALID, f"state key file {path} must be readable by its owner only (0600)")

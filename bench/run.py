@@ -12,10 +12,10 @@ import argparse
 import sys
 import time
 
-from bench import bench_media, bench_method3, broker, handshake, ingest, memory, records, shared_state
+from bench import bench_media, bench_method3, broker, handshake, ingest, memory, records, shared_state, workers
 from bench.stats import machine
 
-PARTS = ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest")
+PARTS = ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest", "workers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, help="simulated devices for the handshake storm")
     ap.add_argument("--broker-repeats", type=int, help="runs per broker/path (default 3)")
     ap.add_argument("--sessions", type=int, help="established sessions for the memory part (default 10,000)")
+    ap.add_argument("--worker-messages", type=int, help="telemetry readings per device, workers part (default 1,500)")
     args = ap.parse_args(argv)
     parts = args.only or list(PARTS)
     started = time.monotonic()
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     if "ingest" in parts:
         print(ingest.run(quick=args.quick))
+        sys.stdout.flush()
+    if "workers" in parts:
+        print(workers.run(quick=args.quick, messages=args.worker_messages, repeats=args.broker_repeats))
     print(f"_total benchmark time: {time.monotonic() - started:.0f} s_")
     return 0
 

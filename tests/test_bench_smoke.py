@@ -72,7 +72,7 @@ def test_broker_bench_quick_amqtt() -> None:
 
 
 def test_run_entry_point_parses() -> None:
-    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest")
+    assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest", "workers")
 
 
 def test_memory_bench_quick() -> None:
@@ -108,3 +108,23 @@ def test_broker_storm_quick_mosquitto_password_and_tls() -> None:
         assert cells[2:6] == ["3", "1", "3", "3"]
         assert len(cells[8].split(" / ")) == 2  # both runs shown
     assert "client certificate" in rows["mosquitto-tls"][14] and "PBKDF2" in rows["mosquitto"][14]
+
+
+@pytest.mark.slow
+def test_workers_bench_quick() -> None:
+    """1, 2 and 4 workers on mosquitto (SQLite): every message stored once, every worker of a share group
+    stored some, every simulated device got a session, and the shared-state latency rows are there."""
+    from bench import workers
+    from bench.broker import mosquitto_available
+    from tests.redis_server import HAVE_REDIS_PY, REDIS_SERVER
+
+    if not mosquitto_available() or REDIS_SERVER is None or not HAVE_REDIS_PY:
+        pytest.skip("needs mosquitto, redis-server and redis-py")
+    out = workers.run(quick=True, postgres=False)
+    for case in workers.CASES:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {case.label} | SQLite |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[5:] == ["0", "0", str(case.workers)]  # lost, duplicated, workers that stored
+        storm = next(line for line in out.splitlines() if line.startswith(f"| {case.label} | 4 |"))
+        assert [c.strip() for c in storm.strip("|").split("|")][2:4] == ["4/4", "4"]
+    assert out.count("**added per record**") == 3

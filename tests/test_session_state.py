@@ -241,6 +241,30 @@ def test_snapshots_are_sealed_at_rest_and_bound_to_their_name(redis_proc: RedisP
     assert redis_proc.password not in repr(s)
 
 
+def test_state_key_made_by_workers_starting_together_is_never_read_half_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker B looks for the key while worker A is still making it (the moment A draws its random
+    bytes): B must not read an empty or partial file (it would exit on a configuration error and the
+    supervisor stop every worker); both end with the same key."""
+    from backend import state_seal
+
+    path = tmp_path / "state.key"
+    draw = state_seal.secrets.token_bytes
+    other: list[bytes] = []
+
+    def token_bytes(n: int) -> bytes:
+        if not other:
+            other.append(b"")  # once: worker B starts now
+            other[0] = load_or_create_key(path)
+        return draw(n)
+
+    monkeypatch.setattr(state_seal.secrets, "token_bytes", token_bytes)
+    key = load_or_create_key(path)
+    assert len(key) == KEY_SIZE and other == [key] and path.read_bytes() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["state.key"]  # no temporary file left
+
+
 def test_state_key_file_is_made_0600_and_reused(tmp_path: Path) -> None:
     path = tmp_path / "state.key"
     key = load_or_create_key(path)
