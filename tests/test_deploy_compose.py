@@ -382,6 +382,8 @@ def test_compose_scale_workers_each_have_their_own_account_in_one_share_group() 
     assert {_option(c, "--db") for c in commands} == {"postgresql://sealmq@db/sealmq"}  # no password in it
     assert {_option(c, "--state") for c in commands} == {"redis://state:6379/0"}
     assert all("--share-group" not in c for c in commands)  # the group name never on a command line
+    # one primary (media, commands, update pushes); the others --secondary, so media is never served twice
+    assert ["--secondary" in c for c in commands] == [False, True, True]
     for w in workers:
         env = services[w]["environment"]
         # the worker account's password login: the broker's TLS password listener
