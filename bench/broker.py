@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.stats import fmt, median, table
+from bench.stats import collect, fmt, median, proc_cpu, table
 
 HOST = "127.0.0.1"
 PAYLOAD = 256
@@ -83,11 +83,6 @@ _broker_pid: list[int | None] = [None]  # the mosquitto child's, for perf
 
 def broker_cpu() -> float:
     return float(_broker_cpu[0]())
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -125,7 +120,7 @@ def running_broker(kind: str, users: Path, root: Path, *, tls_port: int | None =
     proc = MosquittoProcess(conf_dir, port, root / f"mosquitto-{port}.log").start()
     popen = proc.proc
     if popen is not None:
-        _broker_cpu[0] = lambda: _proc_cpu(popen.pid)
+        _broker_cpu[0] = lambda: proc_cpu(popen.pid)
         _broker_pid[0] = popen.pid
     try:
         yield port
@@ -414,14 +409,6 @@ class Throughput:
     wire: int
 
 
-def _collect(results: Any, want: int, timeout: float) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < want:
-        out.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
-    return out
-
-
 def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, timeout: float,
                     ) -> tuple[float, int, int]:
     cfg = {"root": str(root), "port": port, "mode": mode, "messages": messages, "timeout": timeout,
@@ -439,7 +426,7 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
         if not pub_ready.wait(60):
             raise RuntimeError(f"publisher not ready ({mode})")
         go.set()
-        got = {r[0]: r for r in _collect(results, 2, timeout + 60)}
+        got = {r[0]: r for r in collect(results, 2, timeout + 60)}
     finally:
         done.set()
         for p in (pub, sub):
@@ -514,10 +501,10 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
             cpu0 = broker_cpu()
             t0 = time.monotonic()
             go.set()
-            got = _collect(results, procs, timeout + 120)
+            got = collect(results, procs, timeout + 120)
             used = broker_cpu() - cpu0
         stop.set()
-        _, handshakes, backend_cpu, backend_profile = _collect(results, 1, 60)[0]
+        _, handshakes, backend_cpu, backend_profile = collect(results, 1, 60)[0]
     finally:
         stop.set()
         go.set()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import ssl
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 
 def median(values: Sequence[float]) -> float:
@@ -89,8 +93,6 @@ def _cryptography_openssl() -> str:
 
 def machine() -> str:
     """The machine description every recorded result carries."""
-    import os
-
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
@@ -111,3 +113,24 @@ def machine() -> str:
         ("mosquitto", _mosquitto_version()),
     ]
     return table(["what", "value"], rows)
+
+
+def proc_stat(stat: Path) -> tuple[int, float]:
+    """(parent pid, CPU seconds used so far: user + system) from a ``/proc/<pid>/stat`` file;
+    OSError if the process is gone."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` used so far; OSError if it is gone."""
+    return proc_stat(Path(f"/proc/{pid}/stat"))[1]
+
+
+def collect(results: Any, want: int, timeout: float) -> list[tuple[Any, ...]]:
+    """``want`` items from a multiprocessing queue, all within ``timeout`` seconds (queue.Empty if not)."""
+    out: list[tuple[Any, ...]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want:
+        out.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
+    return out

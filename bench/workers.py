@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.broker import broker_cpu
-from bench.stats import fmt, median, percentile, table
+from bench.stats import collect, fmt, median, percentile, proc_cpu, proc_stat, table
 
 HOST = "127.0.0.1"
 PAYLOAD = 256
@@ -211,10 +211,9 @@ def _storm(cfg: dict[str, Any], index: int, ids: list[str], ready: Any, go: Any,
 
 def _proc_cpu(pid: int) -> float:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return proc_cpu(pid)
     except OSError:  # gone
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_cpu() -> float:
@@ -229,11 +228,11 @@ def _tree_cpu(pid: int) -> float:
     total = _proc_cpu(pid)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            ppid, cpu = proc_stat(stat)
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if ppid == pid:
+            total += cpu
     return total
 
 
@@ -259,14 +258,6 @@ class Env:
         run_dir.mkdir()
         self.redis.flush()
         return run_dir
-
-
-def _drain(results: Any, want: int, timeout: float) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < want:
-        out.append(results.get(timeout=max(1.0, deadline - time.monotonic())))
-    return out
 
 
 def _join(procs: list[Any], timeout: float = 60) -> None:
@@ -377,7 +368,7 @@ def records_once(env: Env, case: Case, store: str, ids: list[str], messages: int
             end = time.monotonic()
             cpu1 = env.cpu(workers, [p for p, _ in loads])
             sent = {}
-            for got in _drain(results, LOAD_PROCS, 60):
+            for got in collect(results, LOAD_PROCS, 60):
                 if not isinstance(got[2], dict):
                     raise RuntimeError(f"{case.label}: load process {got[1]}: {got[2]}")
                 sent.update(got[2]["sent"])
@@ -388,7 +379,7 @@ def records_once(env: Env, case: Case, store: str, ids: list[str], messages: int
             _join([p for p, _ in loads])
             rows.close()
         stop.set()
-        reports = [r for r in _drain(results, case.workers, 90) if r[0] == "worker"]
+        reports = [r for r in collect(results, case.workers, 90) if r[0] == "worker"]
     expected = {(d, m) for d, ms in sent.items() for m in ms}
     unique = set(stored_ids)
     out.sent, out.stored = len(expected), stored
@@ -433,13 +424,13 @@ def storm_once(env: Env, case: Case, sim_ids: list[str]) -> Storm:
             cpu0 = env.cpu(workers, [p for p, _ in sims])
             t0 = time.monotonic()
             go.set()
-            got = _drain(results, procs, env.timeout + 60)
+            got = collect(results, procs, env.timeout + 60)
             cpu1 = env.cpu(workers, [p for p, _ in sims])
         finally:
             go.set()
             _join([p for p, _ in sims])
         stop.set()
-        reports = [r for r in _drain(results, case.workers, 90) if r[0] == "worker"]
+        reports = [r for r in collect(results, case.workers, 90) if r[0] == "worker"]
     out.seconds = max(g[2] for g in got) - t0
     out.established = sum(g[3] for g in got)
     out.handshakes = sum(r[2]["handshakes"] for r in reports if isinstance(r[2], dict))
