@@ -164,26 +164,23 @@ class BackendService(EndpointDriver):
         # the backend has a CCS of its own (`sealmq pki ccs issue --pki DIR backend`): looked for
         # at start and at every tick, so issuing one needs no restart.
         self._own_ccs = FileWatch(identity_dir / layout.CCS_CRED, seen=False)
+        private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
+        state = None
         if settings.state is not None:
+            state = open_session_state(settings.state, settings.state_key or settings.data_dir / STATE_KEY_FILE,
+                                       settings.state_password_file)
             # one initiator per session: the devices start key updates, no worker does on its own
             config = replace(config, session=replace(config.session, auto_key_update=False))
         endpoint = BackendEndpoint(
             credentials=credentials, trust_store=self._load_trust_store(), config=config,
             authenticator=self._authenticator,
         )
-        self.shared: SharedSessions | None = None
-        if settings.state is not None:
-            state = open_session_state(settings.state, settings.state_key or settings.data_dir / STATE_KEY_FILE,
-                                       settings.state_password_file)
-            self.shared = SharedSessions(endpoint, state, lock=state.lock)
-        private_dir(settings.data_dir)  # decrypted payloads, files and the audit trail: owner only
+        self.shared = None if state is None else SharedSessions(endpoint, state, lock=state.lock)
         self.storage = open_store(settings.db, settings.data_dir, durable=settings.durable)
         self.quotas = QuotaGuard(settings.quotas, self.storage)
         self.media = MediaStore(settings.data_dir, self.storage, limits=settings.media_limits, quota=self.quotas,
                                 quarantine_ttl=settings.quarantine_ttl, quarantine_keep=settings.quarantine_keep)
         self._next_expiry = 0.0
-        self._known: set[str] = set()  # shared sessions: device ids in the store (for queued commands)
-        self._known_until = 0.0
         self._next_revalidation = time.time() + settings.revalidate_interval
         # one file per writer: the workers of a share group each keep their own (rotation is per process)
         log_name = ("server_log.jsonl" if settings.mqtt.share_group is None
@@ -273,7 +270,7 @@ class BackendService(EndpointDriver):
         if self.shared is not None and isinstance(out, SessionLost):
             self.shared.session_lost(out.device_id)  # revoked, key limit: ended for every worker
 
-    def _live(self, devices: set[str] | None = None, now: float = 0.0) -> set[str]:
+    def _live(self, now: float, devices: set[str] | None = None) -> set[str]:
         """Devices (of ``devices``, or all this worker holds) with a session that is not a claim."""
         if self.shared is not None and devices is not None:
             devices = {d for d in devices if self.shared.has_session(d, now)}
@@ -315,7 +312,7 @@ class BackendService(EndpointDriver):
         if self.settings.primary:  # with several workers, one sends commands and updates
             self._send_pending_commands(now)
             # fleet (issue 16): pending update transfers, certificate and CRL expiry warnings
-            self.updates.tick(now, self._live(set(self.updates.transfers) if self.shared is not None else None, now),
+            self.updates.tick(now, self._live(now, set(self.updates.transfers) if self.shared is not None else None),
                               self._send)
         self.enrolment.warnings(now, lambda: [(d, e.peer) for d, e in self.endpoint.sessions.items()],
                                 self.endpoint.trust_store)
@@ -393,14 +390,12 @@ class BackendService(EndpointDriver):
         resend_before = now - self.settings.command_resend_after
         # claims only enrol; with shared sessions, any device with queued commands may have one
         if self.shared is not None:
-            if now >= self._known_until:  # the devices the store knows, re-read every few seconds
-                self._known_until = now + 5.0
-                self._known = {row[0] for row in self.storage.devices()}
-            queued = {c.device_id for c in self.storage.pending_commands(self._known, resend_before=resend_before)}
-            live = self._live(queued, now)
+            pending = self.storage.pending_commands(None, resend_before=resend_before)
+            live = self._live(now, {c.device_id for c in pending})
+            pending = [c for c in pending if c.device_id in live]
         else:
-            live = self._live()
-        for cmd in self.storage.pending_commands(live, resend_before=resend_before):
+            pending = self.storage.pending_commands(self._live(now), resend_before=resend_before)
+        for cmd in pending:
             try:
                 body = Command(cmd.id, cmd.name, cbor.loads(cmd.args)).encode()
             except SealmqError as err:

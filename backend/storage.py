@@ -420,10 +420,11 @@ class Storage:
             )
             return int(cur.lastrowid or 0)
 
-    def pending_commands(self, device_ids: set[str], *, resend_before: float | None = None) -> list[Command]:
+    def pending_commands(self, device_ids: set[str] | None, *, resend_before: float | None = None) -> list[Command]:
         """Commands to seal now for devices with a session: the queued ones, and the ones sent
-        before ``resend_before`` that got no reply (a lost record; the device runs an id once)."""
-        if not device_ids:
+        before ``resend_before`` that got no reply (a lost record; the device runs an id once).
+        ``device_ids`` None: of every device."""
+        if device_ids is not None and not device_ids:
             return []
         with self._lock:
             rows = self._db.execute(
@@ -431,7 +432,7 @@ class Storage:
                 " OR (status='sent' AND sent_at < ?) ORDER BY id",
                 (-1.0 if resend_before is None else resend_before,),
             ).fetchall()
-        return [_command(r) for r in rows if r[1] in device_ids]
+        return [_command(r) for r in rows if device_ids is None or r[1] in device_ids]
 
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:
         if status not in COMMAND_STATES:

@@ -344,14 +344,20 @@ class PostgresStorage:
             for r in rows
         ]
 
-    def pending_commands(self, device_ids: set[str], *, resend_before: float | None = None) -> list[Command]:
+    def pending_commands(self, device_ids: set[str] | None, *, resend_before: float | None = None) -> list[Command]:
         """Commands to seal now for devices with a session: the queued ones, and the ones sent
-        before ``resend_before`` that got no reply (a lost record; the device runs an id once)."""
-        if not device_ids:
+        before ``resend_before`` that got no reply (a lost record; the device runs an id once).
+        ``device_ids`` None: of every device."""
+        if device_ids is not None and not device_ids:
             return []
-        rows = self._rows(f"SELECT {_COMMAND_COLUMNS} FROM commands"  # noqa: S608
-                          " WHERE (status='queued' OR (status='sent' AND sent_at < %s)) AND device_id = ANY(%s)"
-                          " ORDER BY id", (-1.0 if resend_before is None else resend_before, sorted(device_ids)))
+        before = -1.0 if resend_before is None else resend_before
+        pending = "(status='queued' OR (status='sent' AND sent_at < %s))"
+        if device_ids is None:
+            rows = self._rows(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE {pending} ORDER BY id",  # noqa: S608
+                              (before,))
+        else:
+            rows = self._rows(f"SELECT {_COMMAND_COLUMNS} FROM commands WHERE {pending}"  # noqa: S608
+                              " AND device_id = ANY(%s) ORDER BY id", (before, sorted(device_ids)))
         return [_command(r) for r in rows]
 
     def mark_command(self, command_id: int, status: str, now: float, reply: bytes | None = None) -> None:

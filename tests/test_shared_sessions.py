@@ -270,3 +270,20 @@ def test_open_session_state_takes_the_password_from_a_file(redis_proc: RedisProc
     (tmp_path / "loose.key").chmod(0o644)
     with pytest.raises(ConfigError):
         open_session_state(url, tmp_path / "loose.key", secret)
+
+
+def test_a_worker_on_a_fresh_data_directory_makes_its_state_key_there(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    # --state without --state-key: the key goes to <data>/state.key, even when <data> does not exist yet
+    from app.bootstrap import bootstrap
+    from backend.service import BackendService, BackendSettings
+    from runtime.mqtt import MqttSettings
+
+    dep, _ = bootstrap(tmp_path / "deploy", ["cam-1"], iterations=1000)
+    data = tmp_path / "fresh" / "backend"
+    svc = BackendService(BackendSettings(pki_dir=dep.pki, data_dir=data, mqtt=MqttSettings(), state=redis_proc.url))
+    try:
+        assert svc.shared is not None
+        assert (data / "state.key").stat().st_mode & 0o777 == 0o600
+    finally:
+        svc.storage.close()
+        svc.shared.state.close()

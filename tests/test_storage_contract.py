@@ -117,6 +117,7 @@ def test_commands_queue_send_reply(store: BackendStore) -> None:
         (c3, "dev-1", "blink", b"\x02", "queued", None, 3.0, None),
     ]
     assert [c.id for c in store.pending_commands({"dev-1", "dev-2", "dev-9"})] == [c1, c2, c3]
+    assert [c.id for c in store.pending_commands(None)] == [c1, c2, c3]  # of every device
     store.mark_command(c1, "sent", 4.0)
     assert [c.id for c in store.pending_commands({"dev-1"})] == [c3]
     # sent before resend_before and unanswered: due again
