@@ -145,7 +145,18 @@ def _settings(cfg: dict[str, Any], user: str, role: str, suffix: str) -> Any:
                         client_id=f"{user}:{suffix}", clean_session=True)
 
 
-def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
+def _profiler(cfg: dict[str, Any]) -> Any:
+    """A ThreadProfiler installed now (every thread started from here on) when the run is profiled."""
+    if not cfg.get("profile"):
+        return None
+    from bench.threadprof import ThreadProfiler
+
+    prof = ThreadProfiler()
+    prof.install()
+    return prof
+
+
+def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     """The backend side: counts telemetry (plaintext) or opened records (sealed)."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -178,13 +189,18 @@ def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
         svc = BackendService(BackendSettings(pki_dir=pki, data_dir=Path(cfg["root"]) / "backend-data",
                                              mqtt=settings, poll_interval=0.25,
                                              quotas=DeviceQuotas(records_per_second=None, stored_bytes=None)))
+        prof = _profiler(cfg)
         svc.start()
         ready.set()
+        go.wait(cfg["timeout"] + 120)
+        if prof is not None:
+            prof.mark()
         deadline = time.monotonic() + cfg["timeout"]
         while svc.ingest.counters.stored < n and time.monotonic() < deadline:
             time.sleep(0.001)  # counted when committed (the default ingest path, nothing added)
         state["count"], state["last"] = svc.ingest.counters.stored, time.monotonic()
-        results.put(("sub", state["count"], state["last"], svc.counters["rejected"]))
+        report = prof.report(25) if prof is not None else None
+        results.put(("sub", state["count"], state["last"], svc.counters["rejected"], report))
         svc.stop()
         return
 
@@ -218,7 +234,7 @@ def _subscriber(cfg: dict[str, Any], ready: Any, results: Any) -> None:
     ready.set()
     finished.wait(cfg["timeout"])
     with lock:
-        results.put(("sub", state["count"], state["last"], state["bad"]))
+        results.put(("sub", state["count"], state["last"], state["bad"], None))
     link.stop()
 
 
@@ -245,18 +261,21 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
 
         agent = DeviceAgent(DeviceConfig(device_id=DEVICE, identity_dir=layout.device_dir(pki, DEVICE), pki_dir=pki,
                                          state_dir=Path(cfg["root"]) / "device-state", mqtt=settings))
+        prof = _profiler(cfg)
         agent.start()
         if not agent.wait_established(30):
-            results.put(("pub", -1.0, 0))
+            results.put(("pub", -1.0, 0, None))
             agent.stop()
             return
         ready.set()
         go.wait()
+        if prof is not None:
+            prof.mark()
         t0 = time.monotonic()
         for i in range(0, n, 64):
             agent.send_telemetry_many([{"p": p} for p in payloads[i:i + 64]])
-        results.put(("pub", t0, -1))
-        done.wait(cfg["linger"])
+        done.wait(cfg["linger"])  # until the backend committed the last one: the ACKs are the device's work too
+        results.put(("pub", t0, -1, prof.report(25) if prof is not None else None))
         agent.stop()
         return
 
@@ -284,7 +303,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
                 if isinstance(out, Publish):
                     link.publish(out.topic, out.payload)
         if not established.wait(30):
-            results.put(("pub", -1.0, 0))
+            results.put(("pub", -1.0, 0, None))
             link.stop()
             return
     ready.set()
@@ -302,7 +321,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
                 if isinstance(out, Publish):
                     wire_size = len(out.payload)
                     link.publish(out.topic, out.payload)
-    results.put(("pub", t0, wire_size))
+    results.put(("pub", t0, wire_size, None))
     done.wait(cfg["linger"])  # keep the connection until the subscriber has everything
     link.stop()
 
@@ -407,26 +426,52 @@ class Throughput:
     received: list[int]
     sent: int
     wire: int
+    # CPU microseconds per message of each party, between "go" and the last message counted
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    # profiled runs only: party -> (profiled CPU seconds, markdown table of the top functions)
+    profiles: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
+@dataclass
+class ThroughputRun:
+    rate: float
+    count: int
+    wire: int
+    cpu: dict[str, float]  # party -> CPU us per message
+    profiles: dict[str, tuple[float, str]]
 
 
 def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, timeout: float,
-                    ) -> tuple[float, int, int]:
+                    *, profile: bool = False) -> ThroughputRun:
+    """One run of ``mode``: rate, messages counted, the MQTT payload size, and the CPU each
+    party (publisher, subscriber, broker) used per message from "go" until the subscriber counted
+    the last one. ``profile`` (full service only) profiles both processes (bench.threadprof)."""
     cfg = {"root": str(root), "port": port, "mode": mode, "messages": messages, "timeout": timeout,
-           "linger": min(timeout, 60.0)}
+           "linger": min(timeout, 60.0), "profile": profile}
     results = ctx.Queue()
     sub_ready, pub_ready, go, done = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
-    sub = ctx.Process(target=_subscriber, args=(cfg, sub_ready, results))
+    sub = ctx.Process(target=_subscriber, args=(cfg, sub_ready, go, results))
     sub.start()
     if not sub_ready.wait(60):
         sub.terminate()
         raise RuntimeError("subscriber did not start")
     pub = ctx.Process(target=_publisher, args=(cfg, pub_ready, go, done, results))
     pub.start()
+    got: dict[str, tuple[Any, ...]] = {}
     try:
         if not pub_ready.wait(60):
             raise RuntimeError(f"publisher not ready ({mode})")
+        pub_pid, sub_pid = int(pub.pid or 0), int(sub.pid or 0)
+        cpu0 = {"publisher": proc_cpu(pub_pid), "subscriber": proc_cpu(sub_pid), "broker": broker_cpu()}
         go.set()
-        got = {r[0]: r for r in collect(results, 2, timeout + 60)}
+        while "sub" not in got:
+            r = collect(results, 1, timeout + 60)[0]
+            got[r[0]] = r
+        used = {"publisher": proc_cpu(pub_pid), "subscriber": proc_cpu(sub_pid), "broker": broker_cpu()}
+        done.set()
+        while "pub" not in got:
+            r = collect(results, 1, timeout + 60)[0]
+            got[r[0]] = r
     finally:
         done.set()
         for p in (pub, sub):
@@ -434,12 +479,15 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    _, t0, wire = got["pub"]
-    _, count, last, bad = got["sub"]
+    _, t0, wire, pub_profile = got["pub"]
+    _, count, last, bad, sub_profile = got["sub"]
     if bad:
         raise RuntimeError(f"{mode}: {bad} messages rejected or malformed")
     rate = messages / (last - t0) if count == messages and last > t0 else 0.0
-    return rate, count, wire
+    cpu = {party: (used[party] - cpu0[party]) * 1e6 / max(1, count) for party in used}
+    profiles = {name: p for name, p in (("device agent (publisher)", pub_profile),
+                                        ("backend service (subscriber)", sub_profile)) if p is not None}
+    return ThroughputRun(rate, count, wire, cpu, profiles)
 
 
 @dataclass
@@ -659,11 +707,17 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                     # Interleaved, and in a rotating order, so that drift in the machine's load
                     # (shared with other work) does not favour one path.
                     for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
-                        rate, count, wire = throughput_once(ctx, root, port, mode, n, timeout)
+                        run_ = throughput_once(ctx, root, port, mode, n, timeout)
                         row = by_mode[mode]
-                        row.rates.append(rate)
-                        row.received.append(count)
-                        row.wire = wire
+                        row.rates.append(run_.rate)
+                        row.received.append(run_.count)
+                        row.wire = run_.wire
+                        for party, us in run_.cpu.items():
+                            row.cpu.setdefault(party, []).append(us)
+                if do_throughput and profile:
+                    # one profiled full-service run: where each side's CPU goes per record
+                    prof_run = throughput_once(ctx, root, port, MODES[2], n, timeout, profile=True)
+                    by_mode[MODES[2]].profiles = prof_run.profiles
                 if do_throughput:
                     rows.extend(by_mode.values())
                 storms += run_storms(ctx, variants, root, ports, sim_ids, cases, s_reps, timeout)
@@ -683,12 +737,25 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
             t_rows.append([r.broker, r.mode, shown, fmt(rate),
                            fmt(rate * PAYLOAD / 1e6, 2),
                            f"{rate / plain[r.broker]:.2f}x" if plain.get(r.broker) else "-",
-                           " / ".join(fmt(x) for x in r.rates), lost])
+                           " / ".join(fmt(x) for x in r.rates), lost,
+                           *(fmt(median(r.cpu.get(party, [0.0])), 1) for party in ("publisher", "subscriber",
+                                                                                  "broker"))])
         throughput_table = table(["broker", "path", "MQTT payload (B)", "msg/s (median)",
-                                  "MB/s of 256 B payloads", "vs plaintext", "each run (msg/s)", "delivered"],
+                                  "MB/s of 256 B payloads", "vs plaintext", "each run (msg/s)", "delivered",
+                                  "publisher CPU (us/msg)", "subscriber CPU (us/msg)", "broker CPU (us/msg)"],
                                  t_rows)
         out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
-                   f"median of {reps} runs\n\n{throughput_table}\n")
+                   f"median of {reps} runs\n\nCPU columns: CPU microseconds per message of each process "
+                   "(`/proc/<pid>/stat`) from \"go\" until the subscriber counted the last message; in the "
+                   "full service the publisher is the device agent (outbox, sealing, ACKs) and the subscriber "
+                   f"the backend service (opening, SQLite, ACKs); amqtt runs in the benchmark's own process, so "
+                   f"its broker column counts that whole process.\n\n{throughput_table}\n")
+        for r in rows:
+            for party, (total, text) in r.profiles.items():
+                out.append(f"### Where the CPU goes: one profiled full-service run, {r.broker}, {party}\n\n"
+                           f"cProfile on every thread (CPU clock; slower than the runs above, so only the "
+                           f"shares count): {total:.3f} s of CPU profiled, top entries by own CPU time\n\n"
+                           f"{text}\n")
     if storms:
         out.append("### Handshake storm: simulated devices connecting and handshaking at once\n\n"
                    "Each device is a real `DeviceAgent` (own key, certificate and paho connection); all "
@@ -723,7 +790,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="repeatable; mosquitto-tls: storms over the TLS listener with client certificates")
     ap.add_argument("--storm-repeats", type=int, help="runs of each storm of up to 100 devices (default 3)")
     ap.add_argument("--profile", action="store_true",
-                    help="add one profiled 100-device storm per variant (cProfile; perf on mosquitto)")
+                    help="add one profiled 100-device storm per variant (cProfile; perf on mosquitto) "
+                         "and one profiled full-service throughput run per broker")
     ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
     args = ap.parse_args(argv)

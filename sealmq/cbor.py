@@ -73,24 +73,54 @@ def _encode(obj: Any, out: list[bytes]) -> None:
         raise TypeError(f"cannot encode {type(obj).__name__} deterministically")
 
 
-_MAP_FREE_SCALARS = frozenset({bytes, str, bool, type(None), float})
+_FAST_SCALARS = frozenset({bytes, str, bool, type(None), float})
 _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 
 
-def _map_free(obj: Any, depth: int = 0) -> bool:
-    """True if ``obj`` holds no map (nor anything cbor2 would encode differently from us)."""
+def _key_class(key: Any) -> int:
+    """The major type of a map key cbor2 sorts the way RFC 8949 does (0, 1, 2, 3), else -1."""
+    t = type(key)
+    if t is str:
+        return 3
+    if t is bytes:
+        return 2
+    if t is int and _INT_MIN <= key <= _INT_MAX:
+        return 0 if key >= 0 else 1
+    return -1
+
+
+def _fast_ok(obj: Any, depth: int = 0) -> bool:
+    """True if cbor2's canonical encoder writes ``obj`` exactly as :func:`dumps_slow` does.
+
+    Scalars and arrays: cbor2 writes shortest-form heads and definite lengths, as we do. Maps:
+    cbor2's ``canonical`` sorts keys length-first (RFC 7049), RFC 8949 bytewise. The two orders
+    agree when every key of a map has the same major type (within one major type a longer
+    encoding has a larger head byte, and equal lengths compare bytewise in both), so such maps
+    (the protocol's bodies: text or integer keys) take the fast path; mixed keys do not.
+    """
     t = type(obj)
     if t is int:
         return bool(_INT_MIN <= obj <= _INT_MAX)
-    if t in _MAP_FREE_SCALARS:
+    if t in _FAST_SCALARS:
         return True
-    if (t is list or t is tuple) and depth < MAX_DEPTH:
+    if depth >= MAX_DEPTH:
+        return False
+    if t is list or t is tuple:
         for item in obj:
-            ti = type(item)
-            if ti in _MAP_FREE_SCALARS:
+            if type(item) in _FAST_SCALARS:
                 continue
-            if not _map_free(item, depth + 1):
+            if not _fast_ok(item, depth + 1):
+                return False
+        return True
+    if t is dict:
+        major = -2
+        for key, value in obj.items():
+            k = _key_class(key)
+            if k < 0 or (major != k and major != -2):
+                return False
+            major = k
+            if type(value) not in _FAST_SCALARS and not _fast_ok(value, depth + 1):
                 return False
         return True
     return False
@@ -99,12 +129,14 @@ def _map_free(obj: Any, depth: int = 0) -> bool:
 def dumps(obj: Any) -> bytes:
     """Encode deterministically (RFC 8949 section 4.2.1: bytewise-sorted map keys).
 
-    Without maps, deterministic encoding is just shortest-form heads and definite lengths, which is
-    exactly what cbor2's C encoder writes: that fast path serves the records and AADs on every
-    message. Maps go through our own encoder, because cbor2's ``canonical`` sorts keys length-first
-    (RFC 7049), not bytewise (RFC 8949). ``tests/test_cbor.py`` checks both paths agree.
+    Deterministic encoding is shortest-form heads, definite lengths and bytewise-sorted map keys.
+    cbor2's C encoder with ``canonical`` writes exactly that for every value :func:`_fast_ok`
+    accepts (no map, or maps whose keys share one major type): that fast path serves the records,
+    AADs and bodies of every message. Other maps go through our own encoder, because cbor2 sorts
+    keys of mixed types length-first (RFC 7049), not bytewise (RFC 8949). ``tests/test_cbor.py``
+    checks both paths agree.
     """
-    if _map_free(obj):
+    if _fast_ok(obj):
         return cbor2.dumps(obj, canonical=True)
     out: list[bytes] = []
     _encode(obj, out)
@@ -123,20 +155,38 @@ def dumps_seq(*items: Any) -> bytes:
     return b"".join(dumps(i) for i in items)
 
 
-def _check_plain(obj: Any, depth: int) -> None:
+def _check_plain(obj: Any, depth: int) -> bool:
+    """Refuse anything outside the plain data model or nested too deep; returns :func:`_fast_ok`
+    of ``obj`` (one walk instead of two for every decoded item)."""
     if depth > MAX_DEPTH:
         raise DecodeError(Reason.MALFORMED, "nesting too deep")
-    if isinstance(obj, _PLAIN_SCALARS):
-        return
-    if isinstance(obj, list):
+    t = type(obj)
+    if t in _FAST_SCALARS:
+        return True
+    if t is int:
+        return bool(_INT_MIN <= obj <= _INT_MAX)
+    if obj and depth >= MAX_DEPTH and (t is list or t is dict):
+        raise DecodeError(Reason.MALFORMED, "nesting too deep")  # its items would be too deep
+    if t is list:
+        fast = depth < MAX_DEPTH
         for item in obj:
-            _check_plain(item, depth + 1)
-        return
-    if isinstance(obj, dict):
+            if type(item) not in _FAST_SCALARS and not _check_plain(item, depth + 1):
+                fast = False
+        return fast
+    if t is dict:
+        fast = depth < MAX_DEPTH
+        major = -2
         for key, value in obj.items():
             _check_plain(key, depth + 1)
-            _check_plain(value, depth + 1)
-        return
+            k = _key_class(key)
+            if k < 0 or (major != k and major != -2):
+                fast = False
+            major = k
+            if type(value) not in _FAST_SCALARS and not _check_plain(value, depth + 1):
+                fast = False
+        return fast
+    if isinstance(obj, _PLAIN_SCALARS):  # a subclass cbor2 may hand back: plain, but not fast
+        return False
     raise DecodeError(Reason.UNSUPPORTED, f"CBOR item of type {type(obj).__name__} not allowed")
 
 
@@ -151,9 +201,9 @@ def _decode_one(stream: io.BytesIO) -> Any:
 
 
 def _check_item(item: Any, raw: bytes) -> None:
-    _check_plain(item, 0)
+    fast = _check_plain(item, 0)
     try:
-        again = dumps(item)
+        again = cbor2.dumps(item, canonical=True) if fast else dumps_slow(item)
     except (ValueError, TypeError) as exc:
         raise DecodeError(Reason.MALFORMED, f"cannot re-encode ({type(exc).__name__})") from None
     if again != raw:

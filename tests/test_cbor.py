@@ -63,6 +63,21 @@ def test_too_deep_is_rejected() -> None:
         cbor.loads(data)
 
 
+@pytest.mark.parametrize("leaf", ["00", "6161", "4161", "f6", "a0", "80", "f93e00"])
+def test_depth_limit_is_exact(leaf: str) -> None:
+    # a leaf inside MAX_DEPTH arrays sits at depth MAX_DEPTH: accepted; one array more: refused
+    # (whatever the leaf's type: the decoder's walk skips no scalar when it counts depth)
+    ok = bytes([0x81] * cbor.MAX_DEPTH) + bytes.fromhex(leaf)
+    assert cbor.dumps(cbor.loads(ok)) == ok
+    with pytest.raises(DecodeError) as info:
+        cbor.loads(b"\x81" + ok)
+    assert info.value.reason == Reason.MALFORMED
+    in_map = bytes([0x81] * (cbor.MAX_DEPTH - 1)) + b"\xa1\x61\x6b" + bytes.fromhex(leaf)
+    assert cbor.dumps(cbor.loads(in_map)) == in_map
+    with pytest.raises(DecodeError):
+        cbor.loads(b"\x81" + in_map)
+
+
 @given(plain)
 def test_round_trip(value: object) -> None:
     encoded = cbor.dumps(value)
@@ -96,3 +111,34 @@ def test_fast_path_equals_the_pure_encoder(value: object) -> None:
 def test_fast_path_on_record_shaped_values(value: list[object]) -> None:
     assert cbor.dumps(value) == cbor.dumps_slow(value)
     assert cbor.dumps(tuple(value)) == cbor.dumps_slow(value)
+
+
+# Maps whose keys share one major type take cbor2's encoder too (sealmq.cbor._fast_ok): every
+# key class, with lengths across the head-size boundaries (23/24, 255/256, 65,535/65,536 ...).
+_uint_keys = st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from([23, 24, 255, 256, 65535, 65536])
+_nint_keys = st.integers(min_value=-(2**64), max_value=-1) | st.sampled_from([-24, -25, -256, -257])
+_text_keys = st.text(max_size=30)
+_bytes_keys = st.binary(max_size=300)
+one_key_type_maps = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**64), max_value=2**64 - 1)
+    | st.binary(max_size=40) | st.text(max_size=20) | st.floats(allow_nan=False),
+    lambda children: st.lists(children, max_size=4)
+    | st.one_of(*(st.dictionaries(keys, children, max_size=6)
+                  for keys in (_uint_keys, _nint_keys, _text_keys, _bytes_keys))),
+    max_leaves=30,
+)
+
+
+@given(one_key_type_maps)
+def test_fast_path_on_maps_with_one_key_type(value: object) -> None:
+    assert cbor.dumps(value) == cbor.dumps_slow(value)
+
+
+@pytest.mark.parametrize(("value", "hex_"), [
+    ({1000: 1, "a": 2}, "a21903e8016161" "02"),  # bytewise: the integer key first, though longer
+    ({"a": 1, -1000: 2}, "a23903e7026161" "01"),
+    ({b"\x00\x00": 1, "": 2}, "a2420000016002"),
+])
+def test_mixed_key_types_sort_bytewise(value: object, hex_: str) -> None:
+    assert cbor.dumps(value).hex() == hex_
+    assert cbor.loads(bytes.fromhex(hex_)) == value
