@@ -117,7 +117,7 @@ def _fast_ok(obj: Any, depth: int = 0) -> bool:
         major = -2
         for key, value in obj.items():
             k = _key_class(key)
-            if k < 0 or (major != k and major != -2):
+            if k < 0 or major not in (k, -2):
                 return False
             major = k
             if type(value) not in _FAST_SCALARS and not _fast_ok(value, depth + 1):
@@ -179,7 +179,7 @@ def _check_plain(obj: Any, depth: int) -> bool:
         for key, value in obj.items():
             _check_plain(key, depth + 1)
             k = _key_class(key)
-            if k < 0 or (major != k and major != -2):
+            if k < 0 or major not in (k, -2):
                 fast = False
             major = k
             if type(value) not in _FAST_SCALARS and not _check_plain(value, depth + 1):
