@@ -1,7 +1,8 @@
 """The backend's batched, exactly-once ingest of telemetry and command replies.
 
 Opened records are not stored one by one: :class:`Ingest` collects them and commits a batch (at
-``max_batch`` records, ``max_delay`` seconds after the first one, or when no record came for
+``max_batch`` readings and replies; a TELEMETRY record may carry up to 64 readings, each stored
+and acknowledged by its own message id, ``max_delay`` seconds after the first one, or when no record came for
 ``idle`` seconds) in one transaction of the store (:meth:`backend.store.BackendStore.commit_batch`),
 which checks every message id against the device's :class:`sealmq.delivery.Ledger` as committed by
 every worker sharing the database (read under a lock in that transaction, never a copy kept here),
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from backend.storage import CommitResult, NewMessage, NewReply, decode_ledger
 from backend.store import BackendStore
 from runtime.audit import AuditLog
-from sealmq.bodies import Ack, decode_reply, decode_telemetry
+from sealmq.bodies import Ack, decode_reply, telemetry_readings
 from sealmq.endpoint import Received
 from sealmq.errors import DecodeError, Reason
 from sealmq.topics import RecordKind
@@ -42,7 +43,7 @@ AckBroker = Callable[[], None]  # acknowledges one QoS 1 PUBLISH to the broker
 
 @dataclass(frozen=True)
 class IngestSettings:
-    max_batch: int = 256  # records per transaction
+    max_batch: int = 256  # readings and replies per transaction
     max_delay: float = 0.005  # seconds a record may wait for its batch to fill
     # ... but a batch is committed as soon as no record arrived for this long: the broker holds
     # back what it may not deliver before the batch's acknowledgements (its in-flight limit)
@@ -56,6 +57,7 @@ class _Item:
     msg_id: int
     command_id: int | None  # a reply's command
     ok: bool
+    body: bytes  # what is stored: the reply, or this one reading of a (possibly batched) TELEMETRY record
 
 
 @dataclass
@@ -149,20 +151,20 @@ class Ingest:
     def add(self, rec: Received, now: float, broker_ack: AckBroker | None) -> None:
         """Queue an opened TELEMETRY or REPLY record; ``broker_ack`` runs once it is committed.
         A body that does not decode is refused (audited) and acknowledged at once."""
-        command_id, ok = None, True
         try:
             if rec.kind is RecordKind.TELEMETRY:
-                msg_id = decode_telemetry(rec.plaintext).msg_id
+                # one reading, or a batch of them: each is stored (and acknowledged) by its own id
+                items = [_Item(rec, now, t.msg_id, None, True, body) for t, body in telemetry_readings(rec.plaintext)]
             else:
                 reply = decode_reply(rec.plaintext)
-                msg_id, command_id, ok = reply.msg_id, reply.id, reply.ok
+                items = [_Item(rec, now, reply.msg_id, reply.id, reply.ok, rec.plaintext)]
         except DecodeError as err:
             self._reject(rec, rec.kind.name.lower(), err.reason, err.detail)
             if broker_ack is not None:
                 broker_ack()
             return
         self._last_add = time.monotonic()
-        self._batch.items.append(_Item(rec, now, msg_id, command_id, ok))
+        self._batch.items.extend(items)
         if broker_ack is not None:
             self._batch.broker_acks.append(broker_ack)
         self._full = len(self._batch.items) >= self.settings.max_batch
@@ -204,9 +206,9 @@ class Ingest:
             out.items.setdefault((rec.device_id, item.msg_id), item)
             if item.command_id is None:
                 out.messages.append(NewMessage(rec.device_id, item.now, "telemetry", rec.epoch, rec.seq,
-                                               rec.plaintext, item.msg_id))
+                                               item.body, item.msg_id))
             else:
-                out.replies.append(NewReply(rec.device_id, item.command_id, item.now, rec.plaintext, item.msg_id))
+                out.replies.append(NewReply(rec.device_id, item.command_id, item.now, item.body, item.msg_id))
         return out
 
     def _finish(self, done: _Prepared, result: CommitResult) -> None:

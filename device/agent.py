@@ -37,7 +37,7 @@ from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
-from sealmq.bodies import Reply, Telemetry, decode_ack, decode_command
+from sealmq.bodies import MAX_TELEMETRY_BATCH, Reply, Telemetry, decode_ack, decode_command, encode_telemetry_batch
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
     DeviceEndpoint,
@@ -55,6 +55,10 @@ from sealmq.topics import RecordKind
 log = logging.getLogger("sealmq.device")
 
 CommandHandler = Callable[[Any], Any]
+
+# A telemetry batch's readings together stay under this many bytes (a batch record stays well
+# below the largest media chunk, which every broker the product runs with accepts).
+TELEMETRY_BATCH_BYTES = 32 * 1024
 
 
 @dataclass
@@ -76,6 +80,10 @@ class DeviceConfig:
     media_resend_after: float = 5.0
     method: int = 0  # 0: X.509 + signatures (default); 3: static DH with a CCS (constrained devices)
     outbox: OutboxLimits = field(default_factory=OutboxLimits)  # telemetry and replies until acknowledged
+    # Readings sealed together in one TELEMETRY record when several are due at once (a burst, a
+    # backlog after a reconnect): one record, one MQTT message and one broker acknowledgement
+    # for up to this many. 1: one record per reading. At most bodies.MAX_TELEMETRY_BATCH.
+    telemetry_batch: int = MAX_TELEMETRY_BATCH
     # fleet (issue 16): renewal point, device class and release key for signed updates, installer hook
     renew_at: float | None = RENEW_AT  # fraction of the certificate's lifetime; None: never renew
     device_class: str | None = None
@@ -231,8 +239,23 @@ class DeviceAgent(EndpointDriver):
         return len(self.messages) == 0
 
     def _pump_messages(self, now: float) -> None:
-        for p in self.messages.due(self._session_token, now):
-            self._dispatch(self.endpoint.seal(p.kind, p.body, now))
+        due = self.messages.due(self._session_token, now)
+        limit = max(1, min(self.config.telemetry_batch, MAX_TELEMETRY_BATCH))
+        i = 0
+        while i < len(due):
+            # consecutive telemetry (ids increasing: due() is in id order) goes out as one batch
+            j, size = i + 1, len(due[i].body)
+            if due[i].kind is RecordKind.TELEMETRY:
+                while (j < len(due) and j - i < limit and due[j].kind is RecordKind.TELEMETRY
+                       and size + len(due[j].body) <= TELEMETRY_BATCH_BYTES):
+                    size += len(due[j].body)
+                    j += 1
+            if j - i == 1:
+                self._dispatch(self.endpoint.seal(due[i].kind, due[i].body, now))
+            else:
+                body = encode_telemetry_batch([p.body for p in due[i:j]])
+                self._dispatch(self.endpoint.seal(RecordKind.TELEMETRY, body, now))
+            i = j
 
     def _audit_dropped(self, dropped: list[Dropped]) -> None:
         for d in dropped:

@@ -96,6 +96,12 @@ class MessageOutbox:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox").fetchone()
         self._count, self._bytes = int(row[0]), int(row[1])
         self._sent: dict[int, tuple[int, float]] = {}  # msg_id -> (session token, when), in memory only
+        # due() reads only what is new while nothing can be due again: ids above the highest sent
+        # in this session, until the first re-send time (then it reads the whole window once)
+        self._scan_session: int | None = None
+        self._high_sent = 0
+        self._rescan_at = 0.0
+        self._incremental = True  # False: every due() reads the whole window (tests compare the two)
         self.acked = 0  # acknowledged since start (for counters)
 
     def _tx(self) -> _Tx:
@@ -197,8 +203,26 @@ class MessageOutbox:
         with self._lock:
             if self._count == 0:  # asked at every timer tick: an idle device runs no query
                 return []
+            if self._incremental and session == self._scan_session and now < self._rescan_at:
+                # nothing sent in this session can be due again yet: only ids above the highest
+                # sent, inside the window (ids only grow, so every lower one was sent already)
+                low = self._db.execute("SELECT MIN(msg_id) FROM outbox").fetchone()[0]
+                if low is None:
+                    return []
+                rows = self._db.execute("SELECT msg_id, kind, body FROM outbox WHERE msg_id > ? AND msg_id < ?"
+                                        " ORDER BY msg_id LIMIT ?",
+                                        (self._high_sent, int(low) + self.limits.window, self.limits.window)).fetchall()
+                out = [Pending(int(msg_id), RecordKind(kind), bytes(body)) for msg_id, kind, body in rows]
+                for p in out:
+                    self._sent[p.msg_id] = (session, now)
+                if out:
+                    self._high_sent = out[-1].msg_id
+                return out
             rows = self._db.execute("SELECT msg_id, kind, body FROM outbox ORDER BY msg_id LIMIT ?",
                                     (self.limits.window,)).fetchall()
+            if session != self._scan_session:
+                self._high_sent = 0
+            self._scan_session, self._rescan_at = session, now + self.limits.resend_after
             if not rows:
                 return []
             limit = int(rows[0][0]) + self.limits.window  # X < lowest unacknowledged + window
@@ -208,8 +232,11 @@ class MessageOutbox:
                     break
                 sent = self._sent.get(msg_id)
                 if sent is not None and sent[0] == session and now - sent[1] < self.limits.resend_after:
+                    self._rescan_at = min(self._rescan_at, sent[1] + self.limits.resend_after)
+                    self._high_sent = max(self._high_sent, int(msg_id))
                     continue
                 self._sent[msg_id] = (session, now)
+                self._high_sent = max(self._high_sent, int(msg_id))
                 out.append(Pending(int(msg_id), RecordKind(kind), bytes(body)))
             return out
 
@@ -218,6 +245,7 @@ class MessageOutbox:
         goes out again (sealed anew)."""
         with self._lock:
             self._sent.clear()
+            self._scan_session, self._high_sent = None, 0
 
     def ack(self, ack: Ack) -> int:
         """Drop what ``ack`` covers; returns how many messages left the outbox."""

@@ -204,11 +204,12 @@ def session_seeds() -> list[bytes]:
 
 # --- application bodies (the plaintexts of TELEMETRY, COMMAND, REPLY and ACK records) ----------------
 def make_bodies() -> Harness:
-    """Byte 0 % 4: a telemetry, command, reply or ack body; what decodes must re-encode to the same bytes."""
+    """Byte 0 % 4: a telemetry (one reading or a batch), command, reply or ack body; what decodes
+    must re-encode to the same bytes."""
 
     def one(data: bytes) -> None:
         sel, body = _first(data)
-        decoders = (bodies.decode_telemetry, bodies.decode_command, bodies.decode_reply, bodies.decode_ack)
+        decoders = (bodies.decode_telemetry_body, bodies.decode_command, bodies.decode_reply, bodies.decode_ack)
         decoded = decoders[sel % 4](body)
         _check(decoded.encode() == body, "a body decodes but does not re-encode to its bytes")
 
@@ -217,6 +218,8 @@ def make_bodies() -> Harness:
 
 def bodies_seeds() -> list[bytes]:
     return [b"\x00" + bodies.Telemetry.at(1_764_000_000.25, {"temp": 21.5, "ok": True, "n": [1, 2]}, 5).encode(),
+            b"\x00" + bodies.TelemetryBatch.of([bodies.Telemetry.at(1_764_000_000.5 + i, {"n": i}, 9 + i)
+                                                 for i in range(3)]).encode(),
             b"\x01" + bodies.Command(7, "status", {"verbose": True}).encode(),
             b"\x02" + bodies.Reply.success(7, {"uptime": 12}, 6).encode(),
             b"\x02" + bodies.Reply.failure(8, "unknown command x", 2**40).encode(),

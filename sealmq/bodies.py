@@ -22,6 +22,7 @@ Typical use::
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,10 @@ from sealmq.errors import BodyError, DecodeError, LocalProtocolError, Reason
 MAX_COMMAND_ID = 2**63 - 1
 MAX_COMMAND_NAME = 64  # bytes of UTF-8
 MAX_REPLY_ERROR = 256  # bytes of UTF-8: an error type name or "unknown command <name>"
+
+# Readings in one TELEMETRY record: a device with several readings queued seals them together
+# (one record, one MQTT message, one broker acknowledgement for all of them).
+MAX_TELEMETRY_BATCH = 64
 
 TELEMETRY_TIME = "t"
 TELEMETRY_VALUES = "v"
@@ -139,14 +144,80 @@ class Telemetry:
         return f"Telemetry(msg_id={self.msg_id}, time={self.time}, names={sorted(self.values)})"
 
 
-def decode_telemetry(data: bytes) -> Telemetry:
-    """Strictly decode a TELEMETRY body; raises :class:`BodyError`."""
-    item = _load(data, "telemetry")
+def _telemetry_of(item: Any) -> Telemetry:
     if not isinstance(item, dict) or set(item) != {TELEMETRY_MSG_ID, TELEMETRY_TIME, TELEMETRY_VALUES}:
         raise BodyError(Reason.BAD_BODY, 'telemetry must be a map of exactly "m", "t" and "v"')
     _refuse_remote(_time_problem(item[TELEMETRY_TIME]) or _values_problem(item[TELEMETRY_VALUES])
                    or _msg_id_problem(item[TELEMETRY_MSG_ID]))
     return Telemetry(item[TELEMETRY_TIME], item[TELEMETRY_VALUES], item[TELEMETRY_MSG_ID])
+
+
+def decode_telemetry(data: bytes) -> Telemetry:
+    """Strictly decode one reading (a ``telemetry`` map); raises :class:`BodyError`."""
+    return _telemetry_of(_load(data, "telemetry"))
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryBatch:
+    """``[2*64 telemetry]``: several readings in one TELEMETRY record, message ids strictly
+    increasing. ``bodies`` holds each reading's own encoding (what the device's outbox committed
+    and what the backend stores, reading by reading)."""
+
+    readings: tuple[Telemetry, ...]
+    bodies: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        _refuse_local(_batch_problem(self.readings) or (
+            None if len(self.bodies) == len(self.readings) else "one body per reading"))
+
+    @classmethod
+    def of(cls, readings: list[Telemetry]) -> TelemetryBatch:
+        return cls(tuple(readings), tuple(r.encode() for r in readings))
+
+    def encode(self) -> bytes:
+        return encode_telemetry_batch(self.bodies)
+
+    def __repr__(self) -> str:  # reading values never go to logs
+        return f"TelemetryBatch(msg_ids={[r.msg_id for r in self.readings]})"
+
+
+def _batch_problem(readings: tuple[Telemetry, ...]) -> str | None:
+    if not 2 <= len(readings) <= MAX_TELEMETRY_BATCH:
+        return f"a telemetry batch holds 2..{MAX_TELEMETRY_BATCH} readings"
+    if any(a.msg_id >= b.msg_id for a, b in itertools.pairwise(readings)):
+        return "the message ids of a telemetry batch must be strictly increasing"
+    return None
+
+
+def encode_telemetry_batch(bodies: list[bytes] | tuple[bytes, ...]) -> bytes:
+    """The TELEMETRY body of several readings already encoded (``Telemetry.encode``, as the
+    device's outbox holds them): the CBOR array head, then the readings' bytes as they are. The
+    caller keeps the batch rules (2..64 readings, increasing ids); the backend refuses the rest."""
+    if not 2 <= len(bodies) <= MAX_TELEMETRY_BATCH:
+        raise LocalProtocolError(Reason.BAD_BODY, f"a telemetry batch holds 2..{MAX_TELEMETRY_BATCH} readings")
+    return cbor.array_head(len(bodies)) + b"".join(bodies)
+
+
+def decode_telemetry_body(data: bytes) -> Telemetry | TelemetryBatch:
+    """Strictly decode a TELEMETRY record's body: one reading (a map) or a batch (an array of 2..64
+    readings, message ids strictly increasing); raises :class:`BodyError`."""
+    if data[:1] and data[0] >> 5 != 4:  # not an array: one reading
+        return decode_telemetry(data)
+    try:
+        items = cbor.loads_array(data, max_items=MAX_TELEMETRY_BATCH)
+    except DecodeError as exc:
+        raise BodyError(exc.reason, f"telemetry: {exc.detail}") from None
+    readings = tuple(_telemetry_of(item) for item, _ in items)
+    _refuse_remote(_batch_problem(readings))
+    return TelemetryBatch(readings, tuple(raw for _, raw in items))
+
+
+def telemetry_readings(data: bytes) -> list[tuple[Telemetry, bytes]]:
+    """Every reading of a TELEMETRY body with its own encoding (the backend stores them one by one)."""
+    body = decode_telemetry_body(data)
+    if isinstance(body, Telemetry):
+        return [(body, data)]
+    return list(zip(body.readings, body.bodies, strict=True))
 
 
 # --- command ----------------------------------------------------------------------------------

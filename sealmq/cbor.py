@@ -143,6 +143,11 @@ def dumps(obj: Any) -> bytes:
     return b"".join(out)
 
 
+def array_head(count: int) -> bytes:
+    """The deterministic head of an array of ``count`` elements (what precedes their encodings)."""
+    return _head(4, count)
+
+
 def dumps_slow(obj: Any) -> bytes:
     """The pure encoder, without the fast path (for tests that compare the two)."""
     out: list[bytes] = []
@@ -200,8 +205,8 @@ def _decode_one(stream: io.BytesIO) -> Any:
         raise DecodeError(Reason.MALFORMED, f"not well-formed CBOR ({type(exc).__name__})") from None
 
 
-def _check_item(item: Any, raw: bytes) -> None:
-    fast = _check_plain(item, 0)
+def _check_item(item: Any, raw: bytes, depth: int = 0) -> None:
+    fast = _check_plain(item, depth)
     try:
         again = cbor2.dumps(item, canonical=True) if fast else dumps_slow(item)
     except (ValueError, TypeError) as exc:
@@ -224,6 +229,49 @@ def loads(data: bytes) -> Any:
         raise DecodeError(Reason.TRAILING_DATA, f"{len(data) - end} bytes after the CBOR item")
     _check_item(item, data)
     return item
+
+
+def loads_array(data: bytes, *, max_items: int) -> list[tuple[Any, bytes]]:
+    """Decode exactly one deterministic CBOR array of at most ``max_items`` elements; returns
+    each element with the bytes that encode it in ``data`` (a receiver that stores the elements
+    one by one keeps the very bytes the sender sealed). Accepts exactly what :func:`loads` accepts
+    when that is such an array; raises :class:`~sealmq.errors.DecodeError` otherwise."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(Reason.WRONG_TYPE, "expected bytes")
+    data = bytes(data)
+    if not data:
+        raise DecodeError(Reason.MALFORMED, "empty input")
+    if data[0] >> 5 != 4:
+        raise DecodeError(Reason.WRONG_TYPE, "expected an array")
+    info = data[0] & 0x1F
+    if info < 24:
+        count, start = info, 1
+    elif info <= 27:
+        start = 1 + (1 << (info - 24))
+        if len(data) < start:
+            raise DecodeError(Reason.MALFORMED, "not well-formed CBOR (truncated array head)")
+        count = int.from_bytes(data[1:start], "big")
+        if count < (24 if info == 24 else 1 << (8 << (info - 25))):
+            raise DecodeError(Reason.NOT_DETERMINISTIC, "CBOR item is not deterministically encoded")
+    elif info == 31:
+        raise DecodeError(Reason.NOT_DETERMINISTIC, "CBOR item is not deterministically encoded")
+    else:
+        raise DecodeError(Reason.MALFORMED, "not well-formed CBOR (reserved additional information)")
+    if count > max_items:
+        raise DecodeError(Reason.TOO_LARGE, f"array of more than {max_items} items")
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    out: list[tuple[Any, bytes]] = []
+    for _ in range(count):
+        begin = stream.tell()
+        item = _decode_one(stream)
+        raw = data[begin:stream.tell()]
+        _check_item(item, raw, 1)
+        out.append((item, raw))
+    end = stream.tell()
+    if end != len(data):
+        raise DecodeError(Reason.TRAILING_DATA, f"{len(data) - end} bytes after the CBOR item")
+    return out
 
 
 def loads_seq(data: bytes, *, max_items: int = 64) -> list[Any]:

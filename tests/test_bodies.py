@@ -20,10 +20,13 @@ from sealmq.bodies import (
     Command,
     Reply,
     Telemetry,
+    TelemetryBatch,
     decode_ack,
     decode_command,
     decode_reply,
     decode_telemetry,
+    decode_telemetry_body,
+    telemetry_readings,
 )
 from sealmq.errors import BodyError, DecodeError, LocalProtocolError, Reason
 
@@ -144,7 +147,19 @@ REFUSED = [
     ("ack", cbor.dumps([0, [[2 * i + 2, 2 * i + 2] for i in range(MAX_ACK_RANGES + 1)]])),
     ("ack", cbor.dumps([MAX_MSG_ID + 1, []])),
 ]
-DECODERS = {"telemetry": decode_telemetry, "command": decode_command, "reply": decode_reply, "ack": decode_ack}
+_T1, _T2 = Telemetry(1, {"a": 1}, 5).encode(), Telemetry(2, {}, 6).encode()
+REFUSED += [
+    ("telemetry-body", cbor.array_head(1) + _T1),  # one reading is sent as the map itself
+    ("telemetry-body", cbor.array_head(2) + _T2 + _T1),  # ids decreasing
+    ("telemetry-body", cbor.array_head(2) + _T1 + _T1),  # the same id twice
+    ("telemetry-body", cbor.array_head(2) + _T1 + cbor.dumps(7)),
+    ("telemetry-body", cbor.array_head(2) + _T1 + cbor.dumps({"m": 7, "t": 1, "v": {}, "x": 0})),
+    ("telemetry-body", cbor.array_head(2) + _T1 + cbor.array_head(2) + _T1 + _T2),  # nested batch
+    ("telemetry-body", cbor.array_head(0)),
+    ("telemetry", cbor.array_head(2) + _T1 + _T2),  # a batch is not one reading
+]
+DECODERS = {"telemetry": decode_telemetry, "command": decode_command, "reply": decode_reply, "ack": decode_ack,
+            "telemetry-body": decode_telemetry_body}
 
 
 @pytest.mark.parametrize(("kind", "data"), REFUSED)
@@ -199,9 +214,15 @@ plain = st.recursive(
 ids = st.integers(0, MAX_COMMAND_ID)
 msg_ids = st.integers(1, MAX_MSG_ID)
 names = st.text(max_size=64).filter(lambda s: len(s.encode("utf-8", "surrogatepass")) <= 64)
+telemetry = st.builds(Telemetry, st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
+                      st.dictionaries(st.text(max_size=8), plain, max_size=5), msg_ids)
+batches = st.lists(telemetry, min_size=2, max_size=6).flatmap(
+    lambda readings: st.lists(msg_ids, min_size=len(readings), max_size=len(readings), unique=True).map(
+        lambda ids_: TelemetryBatch.of([Telemetry(r.time, r.values, i)
+                                        for r, i in zip(readings, sorted(ids_), strict=True)])))
 bodies = st.one_of(
-    st.builds(Telemetry, st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40),
-              st.dictionaries(st.text(max_size=8), plain, max_size=5), msg_ids),
+    telemetry,
+    batches,
     st.builds(Command, ids, names, plain),
     st.builds(Reply.success, ids, plain, msg_ids),
     st.builds(Reply.failure, ids, st.text(max_size=40), msg_ids),
@@ -211,7 +232,8 @@ bodies = st.one_of(
 
 
 def _decoder_of(body: Any) -> Any:
-    return {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply, Ack: decode_ack}[type(body)]
+    return {Telemetry: decode_telemetry, Command: decode_command, Reply: decode_reply, Ack: decode_ack,
+            TelemetryBatch: decode_telemetry_body}[type(body)]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -256,3 +278,24 @@ def test_mutations_give_a_typed_error_or_a_valid_body(body: Any, data: st.DataOb
             assert isinstance(exc, DecodeError)
             continue
         assert decoded.encode() == bytes(raw)
+
+
+def test_a_batch_of_64_readings_keeps_each_reading_as_sent() -> None:
+    readings = [Telemetry.at(1_700_000_000 + i, {"n": i, "raw": bytes(i)}, 1000 + 3 * i) for i in range(64)]
+    data = TelemetryBatch.of(readings).encode()
+    assert data[:2] == bytes([0x98, 64])
+    got = telemetry_readings(data)
+    assert [t for t, _ in got] == readings
+    assert [raw for _, raw in got] == [r.encode() for r in readings]  # what the backend stores, one by one
+    assert telemetry_readings(readings[0].encode()) == [(readings[0], readings[0].encode())]
+    assert isinstance(decode_telemetry_body(readings[5].encode()), Telemetry)
+    with pytest.raises(LocalProtocolError):
+        TelemetryBatch.of([*readings, Telemetry(0, {}, 5000)])  # 65
+    too_many = cbor.array_head(65) + b"".join(Telemetry(1, {}, i).encode() for i in range(1, 66))
+    with pytest.raises(BodyError) as exc:
+        decode_telemetry_body(too_many)
+    assert exc.value.reason is Reason.TOO_LARGE
+    with pytest.raises(LocalProtocolError):
+        TelemetryBatch.of(readings[:1])
+    with pytest.raises(LocalProtocolError):
+        TelemetryBatch.of([readings[1], readings[0]])

@@ -3,6 +3,8 @@ and the property that arbitrary bytes only ever raise DecodeError."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import cbor2
 import pytest
 from hypothesis import given
@@ -142,3 +144,51 @@ def test_fast_path_on_maps_with_one_key_type(value: object) -> None:
 def test_mixed_key_types_sort_bytewise(value: object, hex_: str) -> None:
     assert cbor.dumps(value).hex() == hex_
     assert cbor.loads(bytes.fromhex(hex_)) == value
+
+
+def _loads_or_none(data: bytes) -> Any:
+    try:
+        return cbor.loads(data)
+    except DecodeError:
+        return None
+
+
+def _check_loads_array(data: bytes, max_items: int) -> None:
+    whole = _loads_or_none(data)
+    try:
+        items = cbor.loads_array(data, max_items=max_items)
+    except DecodeError:
+        # refused: loads refuses it too, or it is not an array of at most max_items
+        assert whole is None or not isinstance(whole, list) or len(whole) > max_items
+        return
+    # accepted: exactly what loads gives, and each raw slice is that element's one encoding
+    assert isinstance(whole, list)
+    assert [item for item, _ in items] == whole
+    assert [raw for _, raw in items] == [cbor.dumps(item) for item in whole]
+    assert data.endswith(b"".join(raw for _, raw in items))
+
+
+@given(st.lists(plain, max_size=30), st.integers(0, 40))
+def test_loads_array_of_valid_arrays(items: list[object], max_items: int) -> None:
+    _check_loads_array(cbor.dumps(items), max_items)
+
+
+@given(st.binary(max_size=80), st.integers(0, 40))
+def test_loads_array_of_arbitrary_bytes(data: bytes, max_items: int) -> None:
+    _check_loads_array(data, max_items)
+
+
+@given(st.lists(plain, min_size=1, max_size=30), st.data())
+def test_loads_array_of_mutated_arrays(items: list[object], data: st.DataObject) -> None:
+    raw = bytearray(cbor.dumps(items))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    _check_loads_array(bytes(raw), 64)
+
+
+@pytest.mark.parametrize("hex_", ["9801" "01", "9900010102", "9f01ff", "80ff", "9c", "8201", "a0", "9818"])
+def test_loads_array_refuses(hex_: str) -> None:
+    # a long head for a short count, indefinite length, trailing bytes, a reserved head, truncation, a map
+    with pytest.raises(DecodeError):
+        cbor.loads_array(bytes.fromhex(hex_), max_items=64)

@@ -45,7 +45,7 @@ from sealmq.endpoint import (
 )
 from sealmq.endpoint import backend as backend_endpoint
 from sealmq.endpoint import device as device_endpoint
-from sealmq.errors import SealmqError
+from sealmq.errors import BodyError, Reason, SealmqError
 from sealmq.identity import Role
 from sealmq.keyupdate import parse as parse_key_update
 from sealmq.media import (
@@ -69,7 +69,7 @@ from tests.test_method3_endpoint import backend_for, ccs_device
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 BODY_RULE = {
-    RecordKind.TELEMETRY: "telemetry",
+    RecordKind.TELEMETRY: "telemetry-body",
     RecordKind.COMMAND: "command",
     RecordKind.REPLY: "reply",
     RecordKind.KEY_UPDATE: "key-update",
@@ -473,7 +473,7 @@ def test_agent_and_service_messages_match_the_docs(schema: Schema, tmp_path: Pat
     replies = [cbor.loads(p) for k, p in cap.sealed if k is RecordKind.REPLY]
     assert {r[1] for r in replies} == {True, False}  # both reply alternatives
     # sealmq.bodies decodes what the apps send, and encodes it back to the very same bytes
-    codec = {RecordKind.TELEMETRY: bodies.decode_telemetry, RecordKind.COMMAND: bodies.decode_command,
+    codec = {RecordKind.TELEMETRY: bodies.decode_telemetry_body, RecordKind.COMMAND: bodies.decode_command,
              RecordKind.REPLY: bodies.decode_reply, RecordKind.ACK: bodies.decode_ack}
     app_bodies = [(k, p) for k, p in cap.sealed if k in codec]
     assert {k for k, _ in app_bodies} == set(codec)
@@ -598,6 +598,9 @@ def test_a_narrowed_rule_is_caught(schema: Schema, memory_run: Capture, rule: st
 APP_BODIES: list[tuple[str, Any]] = [
     ("telemetry", bodies.Telemetry.at(1700000000.123, {"temp": 21.5, "tags": ["a"], "raw": b"\x00"}, 1)),
     ("telemetry", bodies.Telemetry(0, {}, bodies.MAX_MSG_ID)),
+    ("telemetry-body", bodies.Telemetry(0, {}, bodies.MAX_MSG_ID)),
+    ("telemetry-body", bodies.TelemetryBatch.of([bodies.Telemetry(1.5, {"n": i}, 7 + i) for i in range(2)])),
+    ("telemetry-batch", bodies.TelemetryBatch.of([bodies.Telemetry(2, {"n": i}, 1 + i) for i in range(2)])),
     ("command", bodies.Command(1, "ping")),
     ("command", bodies.Command(bodies.MAX_COMMAND_ID, "x" * 64, {"why": [1, -2.5, None]})),
     ("reply", bodies.Reply.success(2, {"device": "cam-1", "epoch": 3}, 2)),
@@ -624,9 +627,29 @@ def test_docs_bound_command_ids_as_the_codec_does(schema: Schema) -> None:
     assert not schema.matches({"m": bodies.MAX_MSG_ID + 1, "t": 0, "v": {}}, "telemetry")
     assert not schema.matches([0, [[1, 2, 3]]], "ack")
     assert not schema.matches([1, "x" * 65, None], "command")
+    readings = [bodies.Telemetry(2, {}, 1 + i) for i in range(bodies.MAX_TELEMETRY_BATCH + 1)]
+    most = bodies.MAX_TELEMETRY_BATCH
+    for n, valid in ((1, False), (2, True), (most, True), (most + 1, False)):
+        value = [cbor.loads(r.encode()) for r in readings[:n]]
+        assert schema.matches(value, "telemetry-body") is valid, n
+        assert isinstance(_decode_or_none(_batch_only, cbor.dumps(value)), bodies.TelemetryBatch) is valid, n
+
+
+def _decode_or_none(decode: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return decode(data)
+    except SealmqError:
+        return None
 
 
 # --- what the code's decoders accept, the docs accept ----------------------------------------
+
+def _batch_only(data: bytes) -> bodies.TelemetryBatch:
+    body = bodies.decode_telemetry_body(data)
+    if not isinstance(body, bodies.TelemetryBatch):
+        raise BodyError(Reason.BAD_BODY, "one reading, not a batch")
+    return body
+
 
 def _decoders() -> dict[str, Callable[[bytes], Any]]:
     return {
@@ -637,6 +660,8 @@ def _decoders() -> dict[str, Callable[[bytes], Any]]:
         "manifest": decode_manifest,
         "key-update": lambda b: parse_key_update(b, 32),
         "telemetry": bodies.decode_telemetry,
+        "telemetry-body": bodies.decode_telemetry_body,
+        "telemetry-batch": _batch_only,
         "command": bodies.decode_command,
         "reply": bodies.decode_reply,
         "ack": bodies.decode_ack,

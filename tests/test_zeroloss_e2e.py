@@ -234,3 +234,27 @@ def test_commands_expire(tmp_path: Path) -> None:
     assert [c.id for c in storage.commands(state="expired")] == [old]
     assert [c.id for c in storage.commands(device_id="cam-1", state="queued")] == [new]
     storage.close()
+
+
+@pytest.mark.parametrize("batch", [64, 1])
+def test_readings_due_together_travel_in_batches_and_are_stored_one_by_one(system: System, batch: int) -> None:
+    from sealmq.bodies import decode_telemetry
+    from tests.e2e import Recorder
+
+    backend = system.start_backend()
+    agent = system.agent("cam-1")
+    agent.config.telemetry_batch = batch
+    wire = Recorder(system, "sealmq/v1/cam-1/data/up")
+    time.sleep(0.3)  # the recorder's subscription is in place
+    ids = agent.send_telemetry_many([{"n": n} for n in range(200)])
+    assert agent.wait_acknowledged(30)
+    assert stored(backend.storage, "cam-1") == list(zip(ids, range(200), strict=True))
+    for m in backend.storage.messages("cam-1", limit=1000):
+        assert decode_telemetry(m.payload).msg_id == m.msg_id  # each row is one reading, as sent
+    assert wait_for(lambda: len(wire.snapshot()) >= (200 if batch == 1 else 4))
+    records = len(wire.snapshot())
+    wire.stop()
+    if batch == 1:
+        assert records >= 200
+    else:
+        assert records <= 20  # 200 readings due at once: 4 records of up to 64, plus any re-send

@@ -59,7 +59,7 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
 
 
 def decode_telemetry(plaintext: bytes) -> dict[str, Any]:
-    """A telemetry record's values, JSON-safe ({} when the body is not valid telemetry)."""
+    """One stored reading's values, JSON-safe ({} when the body is not valid telemetry)."""
     try:
         values = bodies.decode_telemetry(plaintext).values
     except SealmqError:
@@ -68,13 +68,31 @@ def decode_telemetry(plaintext: bytes) -> dict[str, Any]:
     return safe if isinstance(safe, dict) else {}
 
 
+def decode_readings(plaintext: bytes) -> list[dict[str, Any]]:
+    """The values of every reading a TELEMETRY record carries (one, or a batch), JSON-safe;
+    [] when the body is not valid telemetry."""
+    try:
+        readings = bodies.telemetry_readings(plaintext)
+    except SealmqError:
+        return []
+    out = []
+    for reading, _ in readings:
+        safe = _json_safe(reading.values)
+        out.append(safe if isinstance(safe, dict) else {})
+    return out
+
+
 def _opened_summary(topic: str, outputs: Sequence[object]) -> dict[str, Any]:
     """What the backend made of one uplink message, for the broker view's right-hand column."""
     for out in outputs:
         if isinstance(out, Received):
             text = f"{out.kind.name.lower()} epoch {out.epoch} seq {out.seq}"
             if out.kind is RecordKind.TELEMETRY:
-                shown = ", ".join(f"{k}={v}" for k, v in decode_telemetry(out.plaintext).items())
+                readings = decode_readings(out.plaintext)
+                last = readings[-1] if readings else {}
+                shown = ", ".join(f"{k}={v}" for k, v in last.items())
+                if len(readings) > 1:
+                    shown = f"{len(readings)} readings, the last: {shown}"
                 text += ": " + shown[:MAX_TEXT]
             else:
                 text += f" ({len(out.plaintext)} bytes of plaintext)"
@@ -147,9 +165,9 @@ class ConsoleFeed:
                         stats.records_in += 1
                         stats.last_epoch = out.epoch
                         if out.kind is RecordKind.TELEMETRY:
-                            values = decode_telemetry(out.plaintext)
-                            self.latest[device_id] = {"t": now, "values": values}
-                            self._emit("telemetry", {"device": device_id, "t": now, "values": values})
+                            for values in decode_readings(out.plaintext):
+                                self.latest[device_id] = {"t": now, "values": values}
+                                self._emit("telemetry", {"device": device_id, "t": now, "values": values})
             self._remember_opened(key, summary)
 
     def on_publish(self, topic: str, payload: bytes, now: float) -> None:
