@@ -230,6 +230,10 @@ class Ingest:
     def acknowledge(self, device_id: str, now: float) -> None:
         """Send ``device_id`` the ids committed so far (when its session starts): the ledger in the
         store, which every worker's commits have merged into; never what a batch being committed
-        holds."""
-        self._send_ack(device_id, decode_ledger(self.storage.ledger(device_id)).ack(), now)
+        holds. A device with nothing committed yet gets none: it would say nothing (a storm of new
+        devices would seal, send and process one empty ACK each)."""
+        stored = self.storage.ledger(device_id)
+        if stored is None:
+            return
+        self._send_ack(device_id, decode_ledger(stored).ack(), now)
         self.counters.acks += 1

@@ -230,11 +230,16 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
                         state["bad"] += 1
 
         link = MqttLink(settings, on_sealed, endpoint.subscriptions)
+    prof = _profiler(cfg)
     link.start()
     ready.set()
+    go.wait(cfg["timeout"] + 120)
+    if prof is not None:
+        prof.mark()
     finished.wait(cfg["timeout"])
+    report = prof.report(25) if prof is not None else None
     with lock:
-        results.put(("sub", state["count"], state["last"], state["bad"], None))
+        results.put(("sub", state["count"], state["last"], state["bad"], report))
     link.stop()
 
 
@@ -295,6 +300,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
                     established.set()
 
     link = MqttLink(settings, on_message, endpoint.subscriptions if mode == "sealed" else [])
+    prof = _profiler(cfg)
     link.start()
     if mode == "sealed":
         time.sleep(0.2)  # let the SUBACKs land before message_1
@@ -308,6 +314,8 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
             return
     ready.set()
     go.wait()
+    if prof is not None:
+        prof.mark()
     topic = topics.topic(DEVICE, Channel.DATA, Direction.UP)
     t0 = time.monotonic()
     if mode == "plaintext":
@@ -321,8 +329,8 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
                 if isinstance(out, Publish):
                     wire_size = len(out.payload)
                     link.publish(out.topic, out.payload)
-    results.put(("pub", t0, wire_size, None))
-    done.wait(cfg["linger"])  # keep the connection until the subscriber has everything
+    done.wait(cfg["linger"])  # keep the connection until the subscriber has everything (and its PUBACKs)
+    results.put(("pub", t0, wire_size, prof.report(25) if prof is not None else None))
     link.stop()
 
 
@@ -485,8 +493,7 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
         raise RuntimeError(f"{mode}: {bad} messages rejected or malformed")
     rate = messages / (last - t0) if count == messages and last > t0 else 0.0
     cpu = {party: (used[party] - cpu0[party]) * 1e6 / max(1, count) for party in used}
-    profiles = {name: p for name, p in (("device agent (publisher)", pub_profile),
-                                        ("backend service (subscriber)", sub_profile)) if p is not None}
+    profiles = {name: p for name, p in (("publisher", pub_profile), ("subscriber", sub_profile)) if p is not None}
     return ThroughputRun(rate, count, wire, cpu, profiles)
 
 
@@ -714,10 +721,9 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                         row.wire = run_.wire
                         for party, us in run_.cpu.items():
                             row.cpu.setdefault(party, []).append(us)
-                if do_throughput and profile:
-                    # one profiled full-service run: where each side's CPU goes per record
-                    prof_run = throughput_once(ctx, root, port, MODES[2], n, timeout, profile=True)
-                    by_mode[MODES[2]].profiles = prof_run.profiles
+                for mode in MODES if do_throughput and profile else ():
+                    # one profiled run of each path: where each side's CPU goes per message
+                    by_mode[mode].profiles = throughput_once(ctx, root, port, mode, n, timeout, profile=True).profiles
                 if do_throughput:
                     rows.extend(by_mode.values())
                 storms += run_storms(ctx, variants, root, ports, sim_ids, cases, s_reps, timeout)
@@ -752,7 +758,7 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    f"its broker column counts that whole process.\n\n{throughput_table}\n")
         for r in rows:
             for party, (total, text) in r.profiles.items():
-                out.append(f"### Where the CPU goes: one profiled full-service run, {r.broker}, {party}\n\n"
+                out.append(f"### Where the CPU goes: one profiled run, {r.broker}, {r.mode}, {party}\n\n"
                            f"cProfile on every thread (CPU clock; slower than the runs above, so only the "
                            f"shares count): {total:.3f} s of CPU profiled, top entries by own CPU time\n\n"
                            f"{text}\n")
@@ -791,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--storm-repeats", type=int, help="runs of each storm of up to 100 devices (default 3)")
     ap.add_argument("--profile", action="store_true",
                     help="add one profiled 100-device storm per variant (cProfile; perf on mosquitto) "
-                         "and one profiled full-service throughput run per broker")
+                         "and one profiled throughput run per path and broker")
     ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
     args = ap.parse_args(argv)

@@ -11,6 +11,7 @@ that did not open under the session it authenticated with the backend.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -177,6 +178,10 @@ class DeviceAgent(EndpointDriver):
         # fleet (issue 16): certificate renewal and signed updates
         self.renewer = (Renewer(config.identity_dir, config.device_id, renew_at=config.renew_at)
                         if config.method == 0 and config.renew_at is not None else None)
+        if self.renewer is not None:
+            # parse the certificate's validity now, at start, not at the first tick after connecting
+            with contextlib.suppress(SealmqError):
+                self.renewer.due_at()
         self.updates = UpdateReceiver(config.state_dir, config.device_id, self.audit,
                                       release_key=load_release_key(config), device_class=config.device_class,
                                       installer=config.installer)

@@ -30,7 +30,7 @@ def hash_len(hash_name: str) -> int:
 
 
 def hkdf_extract(salt: bytes, ikm: bytes, hash_name: str = HASH_SHA256) -> bytes:
-    return hmac.new(salt, ikm, hash_name).digest()
+    return hmac.digest(salt, ikm, hash_name)  # one-shot HMAC in C (hmac.new builds Python objects)
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int, hash_name: str = HASH_SHA256) -> bytes:
@@ -41,7 +41,7 @@ def hkdf_expand(prk: bytes, info: bytes, length: int, hash_name: str = HASH_SHA2
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hash_name).digest()
+        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
         out += block
         counter += 1
     return out[:length]

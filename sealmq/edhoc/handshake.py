@@ -371,7 +371,11 @@ def _sig_structure(id_cred: IdCred, th: bytes, cred: bytes, ead: bytes, mac: byt
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("xor of byte strings of different lengths")
+    # as integers: one C operation instead of a Python step per byte (a PLAINTEXT_2 with a
+    # certificate is about 500 bytes)
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def connection_id(value: bytes | int) -> bytes:
