@@ -102,8 +102,7 @@ def _refuse_remote(problem: str | None) -> None:
 def _encode(item: Any, what: str) -> bytes:
     """Encode, and refuse what the peer's strict decoder would refuse (e.g. nesting too deep)."""
     try:
-        data = cbor.dumps(item)
-        cbor.loads(data)
+        data = cbor.dumps_strict(item)
     except (TypeError, ValueError, DecodeError) as exc:
         raise LocalProtocolError(Reason.BAD_BODY, f"{what} cannot be sent as strict CBOR") from exc
     return data
@@ -149,7 +148,12 @@ def _telemetry_of(item: Any) -> Telemetry:
         raise BodyError(Reason.BAD_BODY, 'telemetry must be a map of exactly "m", "t" and "v"')
     _refuse_remote(_time_problem(item[TELEMETRY_TIME]) or _values_problem(item[TELEMETRY_VALUES])
                    or _msg_id_problem(item[TELEMETRY_MSG_ID]))
-    return Telemetry(item[TELEMETRY_TIME], item[TELEMETRY_VALUES], item[TELEMETRY_MSG_ID])
+    # checked just above: built without running __post_init__'s same checks again
+    reading = object.__new__(Telemetry)
+    object.__setattr__(reading, "time", item[TELEMETRY_TIME])
+    object.__setattr__(reading, "values", item[TELEMETRY_VALUES])
+    object.__setattr__(reading, "msg_id", item[TELEMETRY_MSG_ID])
+    return reading
 
 
 def decode_telemetry(data: bytes) -> Telemetry:

@@ -143,6 +143,21 @@ def dumps(obj: Any) -> bytes:
     return b"".join(out)
 
 
+def dumps_strict(obj: Any) -> bytes:
+    """:func:`dumps`, refusing (``ValueError``/``TypeError``, or :class:`DecodeError`) what
+    :func:`loads` would refuse: the bytes a peer's strict decoder accepts as they are.
+
+    What :func:`_fast_ok` accepts is plain data, nested at most :data:`MAX_DEPTH` deep, and cbor2
+    writes it deterministically: :func:`loads` accepts it by construction, so it is not decoded
+    again (``tests/test_cbor.py`` checks both agree). Anything else is encoded, then decoded.
+    """
+    if _fast_ok(obj):
+        return cbor2.dumps(obj, canonical=True)
+    data = dumps(obj)
+    loads(data)
+    return data
+
+
 def array_head(count: int) -> bytes:
     """The deterministic head of an array of ``count`` elements (what precedes their encodings)."""
     return _head(4, count)
@@ -182,7 +197,8 @@ def _check_plain(obj: Any, depth: int) -> bool:
         fast = depth < MAX_DEPTH
         major = -2
         for key, value in obj.items():
-            _check_plain(key, depth + 1)
+            if type(key) not in _FAST_SCALARS:
+                _check_plain(key, depth + 1)
             k = _key_class(key)
             if k < 0 or major not in (k, -2):
                 fast = False

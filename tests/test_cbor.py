@@ -192,3 +192,33 @@ def test_loads_array_refuses(hex_: str) -> None:
     # a long head for a short count, indefinite length, trailing bytes, a reserved head, truncation, a map
     with pytest.raises(DecodeError):
         cbor.loads_array(bytes.fromhex(hex_), max_items=64)
+
+
+deep_or_odd = st.recursive(
+    plain | st.floats() | st.builds(bytearray, st.binary(max_size=4))
+    | st.sampled_from(["\ud800", 2**64, -(2**64) - 1]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3) | st.integers(-5, 5),
+                                                                      children, max_size=3),
+    max_leaves=40,
+)
+
+
+def _nested(value: object, levels: int) -> object:
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@given(deep_or_odd, st.integers(0, cbor.MAX_DEPTH + 2))
+def test_dumps_strict_refuses_exactly_what_loads_would(value: object, levels: int) -> None:
+    value = _nested(value, levels)
+    try:
+        expected: bytes | None = cbor.dumps(value)
+        cbor.loads(expected)
+    except (ValueError, TypeError, DecodeError):
+        expected = None
+    try:
+        got: bytes | None = cbor.dumps_strict(value)
+    except (ValueError, TypeError, DecodeError):
+        got = None
+    assert got == expected

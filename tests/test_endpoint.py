@@ -26,6 +26,7 @@ from sealmq.endpoint import (
     Rejected,
     SessionLost,
 )
+from sealmq.endpoint.device import DeviceState
 from sealmq.errors import Reason
 from sealmq.session import SessionConfig
 from sealmq.topics import RecordKind
@@ -321,3 +322,28 @@ def test_a_certificate_expiring_mid_session_ends_the_session(pki: TestPki) -> No
     lost = backend.revalidate(backend.trust_store, later)
     assert [(e.device_id, e.reason) for e in lost if isinstance(e, SessionLost)] == [("cam-1", Reason.EXPIRED)]
     assert "cam-1" not in backend.sessions
+
+
+def test_handshake_retries_are_jittered_by_the_random_source(pki: TestPki) -> None:
+    """A handshake that times out is retried after retry_min x 2^(failures-1), times 0.5 to 1.5 by
+    two bytes of the random source the caller passes in (devices that failed together spread out)."""
+    def deadlines(fill: int) -> list[float]:
+        _, _, (device,) = make(pki, ["cam-1"])
+        def rand(n: int) -> bytes:
+            # the jitter draws 2 bytes; the handshake's keys (32) and C_I (1) stay really random
+            return bytes([fill]) * n if n == 2 else os.urandom(n)
+
+        now, got = 1000.0, []
+        for _ in range(3):
+            device.start_handshake(now, rand)  # nobody answers
+            now += device.config.handshake_timeout
+            events = device.poll(now, rand)
+            assert any(isinstance(e, HandshakeFailed) and e.reason is Reason.HANDSHAKE_TIMEOUT for e in events)
+            assert device.state is DeviceState.WAITING
+            got.append(device._deadline - now)
+            assert device.poll(now, rand) == []  # still backing off
+        return got
+
+    low, high = deadlines(0x00), deadlines(0xFF)
+    assert low == [0.5, 1.0, 2.0]  # x0.5 of 1, 2, 4 s
+    assert high == pytest.approx([(0.5 + 65535 / 65536) * b for b in (1, 2, 4)])

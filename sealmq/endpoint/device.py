@@ -142,10 +142,13 @@ class DeviceEndpoint:
         self._deadline = now + self.config.handshake_timeout
         return [Publish(self._hs_up, TRUE_PREFIX + message_1)]
 
-    def _fail(self, reason: Reason, detail: str, now: float) -> list[Output]:
+    def _fail(self, reason: Reason, detail: str, now: float, random_bytes: RandomBytes) -> list[Output]:
         self._initiator = None
         self._failures += 1
         backoff = min(self.config.retry_max, self.config.retry_min * 2 ** min(self._failures - 1, 10))
+        # jittered (x0.5 to x1.5): devices that failed together (a backend restart, a storm that
+        # timed out) do not all come back in the same instant
+        backoff = min(self.config.retry_max, backoff * (0.5 + int.from_bytes(random_bytes(2), "big") / 65536))
         self.state = DeviceState.WAITING if self.session is None else DeviceState.ESTABLISHED
         self._deadline = now + backoff
         return [HandshakeFailed(self.device_id, reason, detail)]
@@ -178,7 +181,7 @@ class DeviceEndpoint:
                 initiator.process_message_4(message)
                 return self._complete(initiator.result(), now, random_bytes)
         except EdhocError as err:
-            out = self._fail(err.reason, err.detail, now)
+            out = self._fail(err.reason, err.detail, now, random_bytes)
             c_r = initiator.c_r_item
             if err.reason is not Reason.PEER_ERROR and c_r is not None and not is_error_message(message):
                 out.insert(0, Publish(self._hs_up, c_r + encode_error_message(err)))
@@ -188,7 +191,8 @@ class DeviceEndpoint:
     def _complete(self, result: EdhocResult, now: float, random_bytes: RandomBytes) -> list[Output]:
         identity = result.peer.identity
         if identity.name != self.backend_name:
-            return self._fail(Reason.IDENTITY_MISMATCH, "backend certificate names another backend", now)
+            return self._fail(Reason.IDENTITY_MISMATCH, "backend certificate names another backend", now,
+                              random_bytes)
         self.session = Session.from_edhoc(
             prk_out=result.prk_out,
             c_i=result.c_i,
@@ -241,7 +245,7 @@ class DeviceEndpoint:
         if self.state is DeviceState.IDLE or (self.state is DeviceState.WAITING and now >= self._deadline):
             return self.start_handshake(now, random_bytes)
         if self.state is DeviceState.HANDSHAKING and now >= self._deadline:
-            out.extend(self._fail(Reason.HANDSHAKE_TIMEOUT, "no answer from the backend", now))
+            out.extend(self._fail(Reason.HANDSHAKE_TIMEOUT, "no answer from the backend", now, random_bytes))
             if self.session is None:
                 return out
         if self.session is not None:
