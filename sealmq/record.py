@@ -187,14 +187,27 @@ def decode_fast(data: bytes) -> RecordFields | None:
             return None
         i = 3 + kid_len
         kid = data[3:i]
-        got = _read_uint(data, i, limits.MAX_EPOCH)
-        if got is None:
-            return None
-        epoch, i = got
-        got = _read_uint(data, i, limits.MAX_PIV)
-        if got is None:
-            return None
-        piv, i = got
+        epoch = data[i]
+        if epoch < 24:  # the usual epoch: one byte, no call
+            i += 1
+        else:
+            got = _read_uint(data, i, limits.MAX_EPOCH)
+            if got is None:
+                return None
+            epoch, i = got
+        piv = data[i]
+        if piv < 24:
+            i += 1
+        elif piv == 0x19:  # the usual sequence numbers, 256..65,535: three bytes, no call
+            piv = (data[i + 1] << 8) | data[i + 2]
+            if piv < 0x100:
+                return None
+            i += 3
+        else:
+            got = _read_uint(data, i, limits.MAX_PIV)
+            if got is None:
+                return None
+            piv, i = got
         head = data[i]
         if 0x48 <= head < 0x58:  # tag-only to 15-byte ciphertexts
             ct_len, i = head - 0x40, i + 1

@@ -320,3 +320,19 @@ def test_reference_session_flag_really_switches_paths(monkeypatch: pytest.Monkey
         devices[0].seal(RecordKind.TELEMETRY, b"t", 0.0)
     with pytest.raises(AssertionError):
         backends[0].open(topic, data, 0.0)
+
+
+@pytest.mark.parametrize("field", ["epoch", "piv"])
+@pytest.mark.parametrize(("head", "value"), [
+    (b"\x18", 0), (b"\x18", 23), (b"\x19", 0), (b"\x19", 5), (b"\x19", 255),
+    (b"\x1a", 0), (b"\x1a", 65535), (b"\x1b", 0), (b"\x1b", 2**32 - 1),
+])
+def test_non_shortest_integers_are_refused_by_both_decoders(field: str, head: bytes, value: int) -> None:
+    """The fast decoder reads the usual one- and three-byte heads itself: a longer head than the
+    value needs is never accepted there (the reference decoder refuses it as not deterministic)."""
+    width = {b"\x18": 1, b"\x19": 2, b"\x1a": 4, b"\x1b": 8}[head]
+    long = head + value.to_bytes(width, "big")
+    epoch, piv = (long, b"\x07") if field == "epoch" else (b"\x00", long)
+    data = b"\x85\x01\x41\x00" + epoch + piv + b"\x48" + b"c" * 8
+    assert record.decode_fast(data) is None
+    check_decode(data)
