@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                           "2 for P-256, 0 for Ed25519, -24 for RSA, 2,-24 for a CCS)")
     run.add_argument("--class", dest="device_class", default=None,
                      help="device class, matched against the target of signed updates (default: none)")
+    run.add_argument("--telemetry-batch", type=_telemetry_batch, default=64, metavar="N",
+                     help="readings due together sealed in one TELEMETRY record, 1-64; 1: one record per "
+                          "reading (default: %(default)s)")
     add_mqtt_arguments(run, connect_timeout=None)
     run.set_defaults(func=_run)
 
@@ -116,6 +119,18 @@ def _suites(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError("comma-separated suite numbers, e.g. 0 or 2,-24") from None
 
 
+def _telemetry_batch(text: str) -> int:
+    from sealmq.bodies import MAX_TELEMETRY_BATCH
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_TELEMETRY_BATCH:
+        raise argparse.ArgumentTypeError(f"a number of readings from 1 to {MAX_TELEMETRY_BATCH}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     from device.agent import DeviceAgent, DeviceConfig
     from device.simulator import telemetry_for
@@ -135,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         endpoint=EndpointConfig(suites=args.suites, by_reference=args.by_reference),
         method=args.method,
         device_class=args.device_class,
+        telemetry_batch=args.telemetry_batch,
     ))
     limit = connect_limit(args)
     if limit is None and args.count and args.connect_timeout is None:

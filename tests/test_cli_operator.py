@@ -129,6 +129,35 @@ def test_device_run_count_bounds_the_wait_for_a_broker_by_default(site: Site, mo
     assert "cannot reach the broker" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("given", "expected"), [([], 64), (["--telemetry-batch", "1"], 1),
+                                               (["--telemetry-batch", "17"], 17)])
+def test_device_run_telemetry_batch_reaches_the_agent(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                      given: list[str], expected: int) -> None:
+    import device.agent
+
+    seen: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(config: device.agent.DeviceConfig, **_: object) -> None:
+        seen.append(config.telemetry_batch)
+        raise Stop
+
+    monkeypatch.setattr(device.agent, "DeviceAgent", spy)
+    with pytest.raises(Stop):
+        main(["device", "run", "--pki", site.pki, "--id", "dev-001", "--state", site.state("dev-001"),
+              "--port", str(free_port()), "--count", "1", *given])
+    assert seen == [expected]
+
+
+@pytest.mark.parametrize("bad", ["0", "65", "x"])
+def test_device_run_refuses_a_telemetry_batch_outside_1_to_64(site: Site, bad: str) -> None:
+    r = sealmq("device", "run", "--pki", site.pki, "--id", "dev-001", "--telemetry-batch", bad)
+    assert r.returncode == 2
+    assert "--telemetry-batch: a number of readings from 1 to 64" in r.stderr
+
+
 def test_simulate_with_broker_down_ends_at_its_duration(site: Site) -> None:
     port = str(free_port())
     r = sealmq("device", "simulate", "--pki", site.pki, "--ids", "dev-001", "dev-002", "--state",
