@@ -68,8 +68,11 @@ from sealmq.topics import Channel, RecordKind
 log = logging.getLogger("sealmq.backend.shared")
 
 SESSION_ID_SIZE = 16
-# A record refused for one of these may open under a newer snapshot another worker wrote.
-_MISS = frozenset({Reason.UNKNOWN_SESSION, Reason.UNKNOWN_EPOCH, Reason.DECRYPT_FAILED})
+# A record refused for one of these may open under a newer snapshot another worker wrote. A
+# "replay" too: a new session may get the old one's one-byte connection id (1 in 48), and then its
+# first records carry the kid, epoch and numbers a stale cached copy has seen already. The reload
+# reads the store only; a record the current session has seen is refused again after it.
+_MISS = frozenset({Reason.UNKNOWN_SESSION, Reason.UNKNOWN_EPOCH, Reason.DECRYPT_FAILED, Reason.REPLAY})
 # Kinds whose exactly-once is the delivery ledger's (message ids), not the replay gate's.
 LEDGER_KINDS = frozenset({RecordKind.TELEMETRY, RecordKind.REPLY})
 
