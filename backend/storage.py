@@ -37,7 +37,18 @@ from sealmq.delivery import Ledger
 
 log = logging.getLogger("sealmq.backend.storage")
 
-SCHEMA = """
+# The columns of a stored message after its id, in ``messages`` and ``messages_repeated`` alike
+# (the migration copies rows from one to the other).
+_MESSAGE_COLUMN_DEFS = """    device_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    msg_id INTEGER                              -- the device's message id (sealmq.bodies)"""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
     first_seen REAL NOT NULL,
@@ -48,14 +59,7 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device_id TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    msg_id INTEGER                              -- the device's message id (sealmq.bodies)
+{_MESSAGE_COLUMN_DEFS}
 );
 CREATE TABLE IF NOT EXISTS ledgers (
     device_id TEXT PRIMARY KEY,
@@ -101,14 +105,7 @@ OLD_DEVICE_INDEX = "messages_device"
 REPEATED_TABLE = "messages_repeated"
 _REPEATED_SCHEMA = f"""CREATE TABLE IF NOT EXISTS {REPEATED_TABLE} (
     id INTEGER PRIMARY KEY,                     -- its id in messages
-    device_id TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    msg_id INTEGER
+{_MESSAGE_COLUMN_DEFS}
 )"""
 # The ids of those repeats (both engines have window functions; one sort, no quadratic scan).
 REPEATS_QUERY = ("SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY device_id, msg_id ORDER BY id) AS n"
