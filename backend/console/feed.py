@@ -58,14 +58,17 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     return repr(value)[:MAX_TEXT]
 
 
+def _safe_values(values: dict[str, Any]) -> dict[str, Any]:
+    safe = _json_safe(values)
+    return safe if isinstance(safe, dict) else {}
+
+
 def decode_telemetry(plaintext: bytes) -> dict[str, Any]:
     """One stored reading's values, JSON-safe ({} when the body is not valid telemetry)."""
     try:
-        values = bodies.decode_telemetry(plaintext).values
+        return _safe_values(bodies.decode_telemetry(plaintext).values)
     except SealmqError:
         return {}
-    safe = _json_safe(values)
-    return safe if isinstance(safe, dict) else {}
 
 
 def decode_readings(plaintext: bytes) -> list[dict[str, Any]]:
@@ -75,11 +78,7 @@ def decode_readings(plaintext: bytes) -> list[dict[str, Any]]:
         readings = bodies.telemetry_readings(plaintext)
     except SealmqError:
         return []
-    out = []
-    for reading, _ in readings:
-        safe = _json_safe(reading.values)
-        out.append(safe if isinstance(safe, dict) else {})
-    return out
+    return [_safe_values(reading.values) for reading, _ in readings]
 
 
 def _opened_summary(topic: str, outputs: Sequence[object]) -> dict[str, Any]:
