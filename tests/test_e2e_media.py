@@ -148,9 +148,11 @@ def test_an_interrupted_transfer_resumes_with_the_new_session_not_at_a_timer_tic
     transfer from the persisted outbox, as it re-sends the message outbox."""
     backend = system.start_backend()
     agent = system.agent("cam-1")
-    f = random_file(tmp_path / "clip.bin", 4 * 1024 * 1024)
+    # large enough that the device is stopped mid-transfer: at mosquitto's 100+ MB/s a 4 MiB file
+    # could finish between two polls, and then there was nothing to resume (a flaky failure)
+    f = random_file(tmp_path / "clip.bin", 48 * 1024 * 1024)
     agent.send_file(f)
-    assert wait_for(lambda: any(n > 5 for _, _, n in backend.media.open_transfers()), 30)
+    assert wait_for(lambda: any(n > 5 for _, _, n in backend.media.open_transfers()), 30, interval=0.002)
     agent.stop()
     agent2 = system.agent("cam-1", poll_interval=3600.0)
     assert agent2.pending_transfers() == 1
