@@ -127,7 +127,7 @@ def _uint_head(value: int) -> bytes:
     return b"\x1b" + value.to_bytes(8, "big")
 
 
-def _bstr_head(length: int) -> bytes:
+def bstr_head(length: int) -> bytes:
     """Shortest CBOR head of a byte string of ``length`` bytes (major type 2), up to 2**32 - 1."""
     if length < 24:
         return bytes((0x40 | length,))
@@ -271,7 +271,7 @@ class AadTemplate:
         return self.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + self.suffix
 
 
-class _AadPieces(AadTemplate):
+class RecordPieces(AadTemplate):
     """An :class:`AadTemplate` for one record (kid, epoch, kind, topic), with the record header."""
 
     __slots__ = ("header",)
@@ -279,7 +279,7 @@ class _AadPieces(AadTemplate):
     def __init__(self, alg: int, kid: bytes, epoch: int, kind: RecordKind, topic: str) -> None:
         super().__init__(alg, kid, options(epoch, kind, topic))
         # record = [kind, kid, epoch, piv, ciphertext]: the first three never change here
-        self.header = b"\x85" + _uint_head(int(kind)) + _bstr_head(len(kid)) + kid + _uint_head(epoch)
+        self.header = b"\x85" + _uint_head(int(kind)) + bstr_head(len(kid)) + kid + _uint_head(epoch)
 
 
 class EpochCodec:
@@ -299,18 +299,22 @@ class EpochCodec:
         self._nonce_len = ctx.alg.nonce_length
         self._send_base = nonce_base(ctx.common_iv, ctx.sender_id)
         self._recv_base = nonce_base(ctx.common_iv, ctx.recipient_id)
-        self._send: dict[tuple[int, str], _AadPieces] = {}
-        self._recv: dict[tuple[int, str], _AadPieces] = {}
+        self._send: dict[tuple[int, str], RecordPieces] = {}
+        self._recv: dict[tuple[int, str], RecordPieces] = {}
 
-    def _pieces(self, cache: dict[tuple[int, str], _AadPieces], kid: bytes, kind: RecordKind,
-                topic: str) -> _AadPieces:
+    def _pieces(self, cache: dict[tuple[int, str], RecordPieces], kid: bytes, kind: RecordKind,
+                topic: str) -> RecordPieces:
         key = (kind, topic)
         pieces = cache.get(key)
         if pieces is None:
             if len(cache) >= _AAD_CACHE_SIZE:
                 del cache[next(iter(cache))]  # oldest first: topics are few, this is only a bound
-            pieces = cache[key] = _AadPieces(self.ctx.alg.cose_id, kid, self.epoch, kind, topic)
+            pieces = cache[key] = RecordPieces(self.ctx.alg.cose_id, kid, self.epoch, kind, topic)
         return pieces
+
+    def recv_pieces(self, kind: RecordKind, topic: str) -> RecordPieces:
+        """The AAD pieces (and header) of records of ``kind`` received on ``topic`` in this epoch."""
+        return self._recv.get((kind, topic)) or self._pieces(self._recv, self.ctx.recipient_id, kind, topic)
 
     def seal(self, kind: RecordKind, topic: str, piv: int, plaintext: bytes) -> bytes:
         """Same bytes as :func:`seal` with this context and epoch; the caller checked ``kind``."""
@@ -322,7 +326,7 @@ class EpochCodec:
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         aad = pieces.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + pieces.suffix
         ct = self.ctx.encrypt((self._send_base ^ piv).to_bytes(self._nonce_len, "big"), plaintext, aad)
-        return b"".join((pieces.header, _uint_head(piv), _bstr_head(len(ct)), ct))
+        return b"".join((pieces.header, _uint_head(piv), bstr_head(len(ct)), ct))
 
     def open(self, kind: RecordKind, topic: str, piv: int, ciphertext: bytes) -> bytes:
         """Same result as :func:`open_` for a record whose kid is the context's Recipient ID."""

@@ -159,10 +159,10 @@ def test_decode_structured_records(kind: int, kid: bytes, epoch: int, piv: int, 
 def test_decode_large_ciphertexts_agree() -> None:
     for size in (limits.TAG_LENGTH, 255, 256, 65535, 65536, limits.MAX_PLAINTEXT + limits.TAG_LENGTH,
                  limits.MAX_PLAINTEXT + limits.TAG_LENGTH + 1):
-        data = b"\x85\x06\x41\x18\x00\x00" + record._bstr_head(size) + b"c" * size
+        data = b"\x85\x06\x41\x18\x00\x00" + record.bstr_head(size) + b"c" * size
         check_decode(data)
         check_decode(bytearray(data))  # not bytes: always the reference
-    assert record.decode_fast(b"\x85\x06\x41\x18\x00\x00" + record._bstr_head(65536) + b"c" * 65536) is not None
+    assert record.decode_fast(b"\x85\x06\x41\x18\x00\x00" + record.bstr_head(65536) + b"c" * 65536) is not None
 
 
 # --- sealing and opening: same bytes, same plaintext, same errors ---------------------------------
@@ -306,20 +306,152 @@ def test_fast_and_reference_sessions_behave_identically(ops: list[tuple[Any, ...
 
 
 def test_reference_session_flag_really_switches_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The comparison above is not vacuous: a reference session never touches the codec."""
+    """The comparison above is not vacuous: a reference session never touches the codec or the
+    receive hot path, and a fast one takes the hot path for the usual record."""
     devices, backends = session_pairs()
 
     def boom(*_: Any) -> bytes:
-        raise AssertionError("codec used")
+        raise AssertionError("fast path used")
 
     monkeypatch.setattr(record.EpochCodec, "seal", boom)
     monkeypatch.setattr(record.EpochCodec, "open", boom)
+    monkeypatch.setattr(Session, "_open_hot", boom)
     topic, data = devices[1].seal(RecordKind.TELEMETRY, b"t", 0.0)
     assert backends[1].open(topic, data, 0.0)
     with pytest.raises(AssertionError):
         devices[0].seal(RecordKind.TELEMETRY, b"t", 0.0)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="fast path used"):
         backends[0].open(topic, data, 0.0)
+
+
+def test_usual_records_take_the_hot_path_and_others_the_general_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot path answers the usual record itself; it declines a KEY_UPDATE record, and is not
+    asked while two epochs are held: the general path (which the codec serves) takes those."""
+    devices, backends = session_pairs()
+    device, backend = devices[0], backends[0]
+    hot_answers: list[bool] = []
+    real = Session._open_hot
+
+    def spy(self: Session, *args: Any) -> Any:
+        got = real(self, *args)
+        hot_answers.append(got is not None)
+        return got
+
+    monkeypatch.setattr(Session, "_open_hot", spy)
+    topic, data = device.seal(RecordKind.TELEMETRY, b"t", 0.0)
+    assert [e.plaintext for e in backend.open(topic, data, 0.0)] == [b"t"]  # type: ignore[union-attr]
+    assert hot_answers == [True]
+    topic, data = device.start_key_update(b"n" * 8, 0.0)
+    events = backend.open(topic, data, 0.0)
+    assert hot_answers == [True, False] and len(backend.epochs) == 2 and events  # KEY_UPDATE: declined
+    topic, data = device.seal(RecordKind.TELEMETRY, b"u", 0.0)
+    assert backend.open(topic, data, 0.0) and hot_answers == [True, False]  # two epochs held: not asked
+
+
+_UNLIMITED = SessionConfig(max_records_per_key=limits.MAX_PIV + 1, key_update_after_records=limits.MAX_PIV + 1)
+
+# Every Partial IV and ciphertext head the hot path reads itself (1, 2, 3 and 5 bytes; up to
+# the largest plaintext), and the heads it leaves to the general path (9 bytes).
+SEQS = st.one_of(st.integers(0, 2**40 - 2), st.sampled_from(
+    [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40 - 2]))
+SIZES = st.one_of(st.integers(0, 300), st.sampled_from(
+    [15, 16, 17, 247, 248, 65527, 65528, 65529, limits.MAX_PLAINTEXT]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(SEQS, st.sampled_from(UP_KINDS), SIZES, MUTATIONS, st.integers(1, 3))
+def test_hot_path_agrees_at_any_sequence_number_and_size(seq: int, kind: RecordKind, size: int,
+                                                         ops: list[tuple[str, int, int]], copies: int) -> None:
+    """Fast and reference sessions, the device's numbers moved to ``seq``: the same record (mutated
+    or not, delivered ``copies`` times) gives the same events, rejections and state."""
+    devices, backends = session_pairs(_UNLIMITED)
+    for d in devices:
+        d.advance_send_seq(seq)
+    status, sealed = same(devices, "seal", kind, b"p" * size, 0.0)
+    assert status == "ok"
+    topic, data = sealed
+    mutated = _mutate(bytearray(data), ops)
+    for _ in range(copies):
+        same(backends, "open", topic, mutated, 0.0)
+    same(backends, "open", topic, data, 0.0)
+    same(backends, "open", topic, mutated, 0.0)  # now a replay unless the mutation moved the number
+
+
+_LONGER_HEADS = [(b"\x18", 1), (b"\x19", 2), (b"\x1a", 4), (b"\x1b", 8)]
+
+
+@pytest.mark.parametrize("seq", [0, 5, 23, 24, 255, 256, 65535, 65536, 2**32 - 1])
+def test_non_shortest_sequence_numbers_are_refused_by_both_sessions(seq: int) -> None:
+    """A sealed record re-encoded with a longer Partial IV head than needed is not the same
+    record: both sessions refuse it (the hot path leaves it to the general path), for every
+    longer head, and the shortest form still opens afterwards."""
+    devices, backends = session_pairs(_UNLIMITED)
+    for d in devices:
+        d.advance_send_seq(seq)
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"reading", 0.0)
+    rec = record.decode(data)
+    header = data[:data.index(rec.kid) + len(rec.kid) + 1]  # array, kind, kid, one-byte epoch
+    body = record.bstr_head(len(rec.ciphertext)) + rec.ciphertext
+    shortest = record._uint_head(seq)
+    longer = [head + seq.to_bytes(size, "big") for head, size in _LONGER_HEADS
+              if len(head) + size > len(shortest) and seq < 2 ** (8 * size)]
+    assert longer and header + shortest + body == data
+    for piv in longer:
+        status, _ = same(backends, "open", topic, header + piv + body, 0.0)
+        assert status == "error"
+    status, events = same(backends, "open", topic, data, 0.0)
+    assert status == "ok" and len(events) == 1
+
+
+@pytest.mark.parametrize("length", range(8))
+def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int) -> None:
+    """A well-framed record whose ciphertext cannot even hold the tag: the same refusal from both
+    sessions (malformed, before any decryption, so no failed decryption is counted)."""
+    devices, backends = session_pairs()
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
+    ct = record.decode(data).ciphertext
+    short = data[:len(data) - len(ct) - 1] + record.bstr_head(length) + ct[:length]
+    same(backends, "open", topic, short, 0.0)
+    for _ in range(5):  # more than max_failed_decryptions would close the session if they counted
+        same(backends, "open", topic, short, 0.0)
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"
+
+
+@pytest.mark.parametrize("extra", [1, 2, 20])
+def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: int) -> None:
+    """Past the largest plaintext plus its tag, a record is refused as too large by both sessions
+    (before any decryption) even while it fits the record size bound."""
+    devices, backends = session_pairs()
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
+    ct = record.decode(data).ciphertext
+    big = bytes(limits.MAX_PLAINTEXT + limits.TAG_LENGTH + extra)
+    forged = data[:len(data) - len(ct) - 1] + record.bstr_head(len(big)) + big
+    assert len(forged) <= limits.MAX_RECORD_SIZE
+    for _ in range(5):
+        assert same(backends, "open", topic, forged, 0.0)[0] == "error"
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"
+
+
+_LONGER_BSTR_HEADS = [(b"\x58", 1), (b"\x59", 2), (b"\x5a", 4), (b"\x5b", 8)]
+
+
+@pytest.mark.parametrize("size", [0, 15, 16, 247, 248, 65527])
+def test_non_shortest_ciphertext_heads_are_refused_by_both_sessions(size: int) -> None:
+    """Likewise a ciphertext byte string with a longer length head than needed."""
+    devices, backends = session_pairs()
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"r" * size, 0.0)
+    ct = record.decode(data).ciphertext
+    shortest = record.bstr_head(len(ct))
+    assert data.endswith(shortest + ct)
+    header = data[:len(data) - len(shortest) - len(ct)]
+    longer = [head + len(ct).to_bytes(n, "big") for head, n in _LONGER_BSTR_HEADS
+              if len(head) + n > len(shortest) and len(ct) < 2 ** (8 * n)]
+    assert longer
+    for head in longer:
+        status, _ = same(backends, "open", topic, header + head + ct, 0.0)
+        assert status == "error"
+    status, events = same(backends, "open", topic, data, 0.0)
+    assert status == "ok" and len(events) == 1
 
 
 @pytest.mark.parametrize("field", ["epoch", "piv"])
