@@ -26,6 +26,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -96,12 +97,22 @@ def plain(name: str, *, seconds: float, mutations: int, seed: int = 0) -> Result
 
 # --- with atheris: one libFuzzer process per target ----------------------------------------------------
 def launcher(tmp: Path) -> Path:
-    """An executable that starts the worker: libFuzzer re-executes its own argv[0] for ``-merge``."""
+    """An executable that starts the worker: libFuzzer re-executes its own argv[0] for ``-merge``.
+
+    Written once per work folder (``main`` does so before its threads start): a thread rewriting
+    it while another starts it made exec fail with ETXTBSY ("Text file busy"). Written to a
+    temporary name and renamed, so a started worker never sees a file still open for writing.
+    """
     path = tmp / "sealmq-fuzz-worker"
-    path.write_text(f"#!{sys.executable}\nimport os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                    "from fuzz.worker import main\n"
-                    "raise SystemExit(main([os.environ['SEALMQ_FUZZ_TARGET'], *sys.argv[1:]]))\n")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    text = (f"#!{sys.executable}\nimport os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            "from fuzz.worker import main\n"
+            "raise SystemExit(main([os.environ['SEALMQ_FUZZ_TARGET'], *sys.argv[1:]]))\n")
+    if path.is_file() and path.read_text() == text and os.access(path, os.X_OK):
+        return path
+    part = tmp / f".sealmq-fuzz-worker.{os.getpid()}.{threading.get_ident()}"
+    part.write_text(text)
+    part.chmod(part.stat().st_mode | stat.S_IXUSR)
+    os.replace(part, path)
     return path
 
 
@@ -245,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         args.logs.mkdir(parents=True, exist_ok=True)
     tmp = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="sealmq-fuzz-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    if not args.plain:
+        launcher(tmp)  # before the threads: see launcher()
     try:
         def one(name: str) -> Result:
             if args.plain:

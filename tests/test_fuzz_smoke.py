@@ -70,6 +70,7 @@ def test_liveness_oracle_notices_a_session_that_stopped_opening(monkeypatch: pyt
 
     monkeypatch.setattr("sealmq.record.open_", broken)
     monkeypatch.setattr("sealmq.record.EpochCodec.open", broken)  # the sessions' fast path
+    monkeypatch.setattr("sealmq.session.Session._open_hot", broken)  # and their receive hot path
     with pytest.raises(InvariantViolated):
         harness._live()
 
