@@ -6,6 +6,10 @@ application payloads, through the same broker in the same run:
 
 * ``plaintext``: the product's MQTT adapter (``runtime.mqtt.MqttLink``) publishing the raw
   payload on the device's data topic; the subscriber counts what arrives;
+* ``AEAD only``: the floor of any sealed path. The publisher seals each payload with AES-CCM-16-64-128
+  alone (one fixed key, the nonce from a 5-byte counter sent in front of the ciphertext, the
+  topic as AAD) and the subscriber opens it: no record format, no session, no replay window. What
+  the sealed path would cost if all our code around the AEAD were free (compiled, say);
 * ``sealed``: the device path (``DeviceEndpoint.seal`` + ``MqttLink``) after a real EDHOC
   handshake over the broker, and the backend path (``MqttLink`` + ``BackendEndpoint.handle``,
   which opens every record and checks its replay window);
@@ -62,7 +66,11 @@ from bench.stats import collect, fmt, median, proc_cpu, table
 HOST = "127.0.0.1"
 PAYLOAD = 256
 DEVICE = "bench-dev"
-MODES = ("plaintext", "sealed", "sealed, full service")
+# "AEAD only" is the floor of any sealed path (no record format, no session): each payload
+# AES-CCM-16-64-128 sealed under one fixed key, its nonce from a 5-byte counter sent in front
+# (as a Partial IV is), the topic as AAD. What no record path, compiled or not, can beat.
+FLOOR = "AEAD only"
+MODES = ("plaintext", FLOOR, "sealed", "sealed, full service")
 
 
 def _free_port() -> int:
@@ -205,7 +213,21 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
         return
 
     link: MqttLink
-    if mode == "plaintext":
+    if mode == FLOOR:
+        from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
+        aead = AESCCM(bytes.fromhex(cfg["floor_key"]), tag_length=8)
+
+        def on_floor(topic: str, payload: bytes) -> None:
+            with lock:
+                try:
+                    aead.decrypt(bytes(8) + payload[:5], payload[5:], topic.encode())
+                except Exception:
+                    state["bad"] += 1
+                count_one()
+
+        link = MqttLink(settings, on_floor, [topics.subscription(Channel.DATA, Direction.UP)])
+    elif mode == "plaintext":
         def on_plain(topic: str, payload: bytes) -> None:
             with lock:
                 if len(payload) != PAYLOAD:
@@ -321,6 +343,16 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     if mode == "plaintext":
         for p in payloads:
             link.publish(topic, p)
+    elif mode == FLOOR:
+        from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
+        aead = AESCCM(bytes.fromhex(cfg["floor_key"]), tag_length=8)
+        aad = topic.encode()
+        for i, p in enumerate(payloads):
+            counter = i.to_bytes(5, "big")
+            out = counter + aead.encrypt(bytes(8) + counter, p, aad)
+            wire_size = len(out)
+            link.publish(topic, out)
     else:
         for p in payloads:
             with lock:
@@ -455,7 +487,7 @@ def throughput_once(ctx: Any, root: Path, port: int, mode: str, messages: int, t
     party (publisher, subscriber, broker) used per message from "go" until the subscriber counted
     the last one. ``profile`` (full service only) profiles both processes (bench.threadprof)."""
     cfg = {"root": str(root), "port": port, "mode": mode, "messages": messages, "timeout": timeout,
-           "linger": min(timeout, 60.0), "profile": profile}
+           "linger": min(timeout, 60.0), "profile": profile, "floor_key": os.urandom(16).hex()}
     results = ctx.Queue()
     sub_ready, pub_ready, go, done = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
     sub = ctx.Process(target=_subscriber, args=(cfg, sub_ready, go, results))
