@@ -350,9 +350,9 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
         aad = topic.encode()
         for i, p in enumerate(payloads):
             counter = i.to_bytes(5, "big")
-            out = counter + aead.encrypt(bytes(8) + counter, p, aad)
-            wire_size = len(out)
-            link.publish(topic, out)
+            sealed = counter + aead.encrypt(bytes(8) + counter, p, aad)
+            wire_size = len(sealed)
+            link.publish(topic, sealed)
     else:
         for p in payloads:
             with lock:
