@@ -659,7 +659,7 @@ def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int]]:
     if devices is not None:
         if devices < 8:
             return [(devices, 1)]
-        return [(devices, 1), (devices, 4)] if devices <= 100 else [(devices, -(-devices // 100))]
+        return [(devices, 1), (devices, 2), (devices, 4)] if devices <= 100 else [(devices, -(-devices // 100))]
     return [(5, 1), (6, 2)] if quick else [(100, 1), (100, 2), (100, 4), (1000, 10)]
 
 
