@@ -554,3 +554,34 @@ def test_stored_bytes_count_telemetry_and_media_per_device(store: BackendStore) 
     assert store.stored_bytes("dev-1") == 100 + 1234
     assert store.stored_bytes("dev-2") == 7
     assert store.stored_bytes("nobody") == 0
+
+
+def _open_storage(path: str, go: object, out: object) -> None:
+    go.wait()  # type: ignore[attr-defined]
+    try:
+        Storage(Path(path)).close()
+        out.put("ok")  # type: ignore[attr-defined]
+    except Exception as exc:  # reported to the test, which shows it
+        out.put(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_two_processes_open_one_new_sqlite_file_at_once(tmp_path: Path) -> None:
+    """Backend workers started together on one data folder: both open the new database at the same
+    moment. SQLite refused the second switch to WAL with "database is locked" at once (about 1 open
+    in 8 here, which failed a worker's start); Storage now waits for it. 40 rounds of 2 processes:
+    without the wait, some round fails with near certainty."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    outcomes: list[str] = []
+    for i in range(40):
+        path = str(tmp_path / f"round-{i}.db")
+        go, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_open_storage, args=(path, go, out)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        go.set()
+        outcomes += [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+    assert outcomes == ["ok"] * 80, sorted(set(outcomes))
