@@ -28,9 +28,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from sealmq import cbor, kdf
 from sealmq.errors import DecryptError, LocalProtocolError, Reason, SessionError
 
-# What the AEAD objects raise for a record that does not open (a wrong tag, a malformed input).
-AEAD_ERRORS = (InvalidTag, ValueError, OverflowError)
-
 OSCORE_VERSION = 1
 MASTER_SALT_LENGTH = 8  # RFC 9528 Appendix A.1
 MAX_PIV_LENGTH = 5  # RFC 8613 section 6.1: n <= 5 bytes, so sequence numbers < 2**40
@@ -140,18 +137,13 @@ class SecurityContext:
         """AEAD-encrypt with the Sender Key."""
         return self._sender.encrypt(nonce_, plaintext, aad_)
 
-    def recipient_aead(self) -> Any:
-        """The Recipient Key's AEAD object (``decrypt(nonce, ciphertext, aad)``, raising one of
-        :data:`AEAD_ERRORS`): for the record hot path, which makes the checks :meth:`decrypt` makes."""
-        return self._recipient
-
     def decrypt(self, nonce_: bytes, ciphertext: bytes, aad_: bytes) -> bytes:
         """AEAD-decrypt with the Recipient Key; any failure is the opaque :class:`DecryptError`."""
         if len(ciphertext) < self.alg.tag_length:
             raise DecryptError()
         try:
             return self._recipient.decrypt(nonce_, ciphertext, aad_)
-        except AEAD_ERRORS:
+        except (InvalidTag, ValueError, OverflowError):
             raise DecryptError() from None
 
 

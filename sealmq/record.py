@@ -195,6 +195,20 @@ def decode_fast(data: bytes) -> RecordFields | None:
             if got is None:
                 return None
             epoch, i = got
+        tail = read_tail(data, i)
+        if tail is None or len(kid) != kid_len:
+            return None
+        piv, i = tail
+        return kind, kid, epoch, piv, data[i:]
+    except IndexError:
+        return None
+
+
+def read_tail(data: bytes, i: int) -> tuple[int, int] | None:
+    """(piv, where the ciphertext starts) of the record ``data`` whose piv head is at ``data[i]``,
+    if both heads are shortest and in bounds and the ciphertext (a tag at least) ends the record;
+    None for anything else. Shared by :func:`decode_fast` and the sessions' receive hot path."""
+    try:
         piv = data[i]
         if piv < 24:
             i += 1
@@ -216,7 +230,7 @@ def decode_fast(data: bytes) -> RecordFields | None:
             if ct_len < 24:
                 return None
         elif head == 0x59:
-            ct_len, i = int.from_bytes(data[i + 1:i + 3], "big"), i + 3
+            ct_len, i = (data[i + 1] << 8) | data[i + 2], i + 3
             if ct_len < 0x100:
                 return None
         elif head == 0x5A:
@@ -225,11 +239,9 @@ def decode_fast(data: bytes) -> RecordFields | None:
                 return None
         else:
             return None
-        if i + ct_len != n or len(kid) != kid_len:
-            return None
-        return kind, kid, epoch, piv, data[i:]
     except IndexError:
         return None
+    return (piv, i) if i + ct_len == len(data) else None
 
 
 def decode_fields(data: bytes) -> RecordFields:
@@ -271,7 +283,7 @@ class AadTemplate:
         return self.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + self.suffix
 
 
-class RecordPieces(AadTemplate):
+class _AadPieces(AadTemplate):
     """An :class:`AadTemplate` for one record (kid, epoch, kind, topic), with the record header."""
 
     __slots__ = ("header",)
@@ -299,22 +311,18 @@ class EpochCodec:
         self._nonce_len = ctx.alg.nonce_length
         self._send_base = nonce_base(ctx.common_iv, ctx.sender_id)
         self._recv_base = nonce_base(ctx.common_iv, ctx.recipient_id)
-        self._send: dict[tuple[int, str], RecordPieces] = {}
-        self._recv: dict[tuple[int, str], RecordPieces] = {}
+        self._send: dict[tuple[int, str], _AadPieces] = {}
+        self._recv: dict[tuple[int, str], _AadPieces] = {}
 
-    def _pieces(self, cache: dict[tuple[int, str], RecordPieces], kid: bytes, kind: RecordKind,
-                topic: str) -> RecordPieces:
+    def _pieces(self, cache: dict[tuple[int, str], _AadPieces], kid: bytes, kind: RecordKind,
+                topic: str) -> _AadPieces:
         key = (kind, topic)
         pieces = cache.get(key)
         if pieces is None:
             if len(cache) >= _AAD_CACHE_SIZE:
                 del cache[next(iter(cache))]  # oldest first: topics are few, this is only a bound
-            pieces = cache[key] = RecordPieces(self.ctx.alg.cose_id, kid, self.epoch, kind, topic)
+            pieces = cache[key] = _AadPieces(self.ctx.alg.cose_id, kid, self.epoch, kind, topic)
         return pieces
-
-    def recv_pieces(self, kind: RecordKind, topic: str) -> RecordPieces:
-        """The AAD pieces (and header) of records of ``kind`` received on ``topic`` in this epoch."""
-        return self._recv.get((kind, topic)) or self._pieces(self._recv, self.ctx.recipient_id, kind, topic)
 
     def seal(self, kind: RecordKind, topic: str, piv: int, plaintext: bytes) -> bytes:
         """Same bytes as :func:`seal` with this context and epoch; the caller checked ``kind``."""

@@ -198,26 +198,17 @@ def _digest(data: bytes | bytearray) -> str:
 
 
 class _Hot:
-    """What :meth:`Session._open_hot` needs of the one held epoch, beyond the codec: the record
-    header bytes that do not change (the kid's byte string and the epoch's one-byte head), the
-    nonce base and the AEAD. A few hundred bytes per session; the AAD pieces are the codec's
-    (built on first use per kind and topic, as for any record)."""
+    """What :meth:`Session._open_hot` needs of the one held epoch: the epoch, and the record header
+    bytes that do not change (the kid's byte string; the epoch's one-byte head is its number)."""
 
-    __slots__ = ("base", "codec", "decrypt", "epoch", "epoch_head", "header_len", "kid_part", "max_ct",
-                 "nonce_len")
+    __slots__ = ("epoch", "header_len", "kid_part")
 
     def __init__(self, ep: _Epoch) -> None:
-        ctx = ep.ctx
+        kid = ep.ctx.recipient_id
         self.epoch = ep
-        self.codec = ep.codec
-        # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, then these
-        self.kid_part = record.bstr_head(len(ctx.recipient_id)) + ctx.recipient_id
-        self.epoch_head = ep.number  # used only below 24, where the head is the number itself
+        # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, kid, epoch
+        self.kid_part = record.bstr_head(len(kid)) + kid
         self.header_len = 2 + len(self.kid_part) + 1
-        self.base = record.nonce_base(ctx.common_iv, ctx.recipient_id)
-        self.nonce_len = ctx.alg.nonce_length
-        self.max_ct = limits.MAX_PLAINTEXT + limits.TAG_LENGTH
-        self.decrypt = ctx.recipient_aead().decrypt
 
 
 class Session:
@@ -469,13 +460,14 @@ class Session:
         answer brings its keys). ``random_bytes`` overrides the session's random source. A caller
         that already parsed ``topic`` passes ``parsed`` (``topics.parse(topic)``) to spare a parse.
         """
-        hot = self._hot
-        if hot is None and self._fast and len(self._epochs) == 1 and self._current < 24:
-            hot = self._hot = _Hot(self._epochs[self._current])
-        if hot is not None and not self._closed and len(self._epochs) == 1 and type(data) is bytes:
-            got = self._open_hot(hot, topic, data)
-            if got is not None:
-                return got
+        if self._fast and len(self._epochs) == 1 and not self._closed and type(data) is bytes:
+            hot = self._hot
+            if hot is None and self._current < 24:
+                hot = self._hot = _Hot(self._epochs[self._current])
+            if hot is not None:
+                got = self._open_hot(hot, topic, data)
+                if got is not None:
+                    return got
         self._check_open()
         channel = self._recv_topics.get(topic) if self._fast else None
         fields = record.decode_fast(data) if channel is not None else None
@@ -564,70 +556,29 @@ class Session:
     def _open_hot(self, hot: _Hot, topic: str, data: bytes) -> list[SessionEvent] | None:
         """The usual record, opened in one step: one held epoch (the current one, below 24), on a
         topic this side receives, of a kind that topic carries other than KEY_UPDATE, from the
-        peer's kid, with shortest heads and a Partial IV below 2**32. Anything else returns None
+        peer's kid, with shortest heads (:func:`sealmq.record.read_tail`). Anything else returns None
         before any state changed, and the general path decides. Same events, rejections and state
         as that path (the fast-vs-reference session property tests in tests/test_record_fast.py).
         """
-        n = len(data)
-        if n < hot.header_len or data[0] != 0x85:
+        if len(data) < hot.header_len or data[0] != 0x85:
             return None
         kind_value = data[1]
         channel = self._recv_kinds.get(kind_value)
         if (channel is None or kind_value == RecordKind.KEY_UPDATE or self._recv_topics.get(topic) is not channel
-                or data[hot.header_len - 1] != hot.epoch_head or data[2:hot.header_len - 1] != hot.kid_part):
+                or data[hot.header_len - 1] != hot.epoch.number or data[2:hot.header_len - 1] != hot.kid_part):
             return None
-        i = hot.header_len
-        try:
-            b = data[i]
-            if b < 24:
-                piv, i = b, i + 1
-            elif b == 0x18:
-                piv, i = data[i + 1], i + 2
-                if piv < 24:
-                    return None
-            elif b == 0x19:
-                piv, i = (data[i + 1] << 8) | data[i + 2], i + 3
-                if piv < 0x100:
-                    return None
-            elif b == 0x1A:
-                piv, i = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
-                if piv < 0x10000:
-                    return None
-            else:
-                return None
-            head = data[i]
-            if 0x48 <= head < 0x58:  # at least a tag's 8 bytes
-                ct_len, i = head - 0x40, i + 1
-            elif head == 0x58:
-                ct_len, i = data[i + 1], i + 2
-                if ct_len < 24:
-                    return None
-            elif head == 0x59:
-                ct_len, i = (data[i + 1] << 8) | data[i + 2], i + 3
-                if ct_len < 0x100:
-                    return None
-            elif head == 0x5A:
-                ct_len, i = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
-                if ct_len < 0x10000:
-                    return None
-            else:
-                return None
-        except IndexError:
+        tail = record.read_tail(data, hot.header_len)
+        if tail is None:
             return None
-        # (with the ciphertext bounded, the whole record is within limits.MAX_RECORD_SIZE)
-        if i + ct_len != n or ct_len > hot.max_ct:
-            return None
+        piv, i = tail  # (a bounded ciphertext: the record is within limits.MAX_RECORD_SIZE)
         ep = hot.epoch
         ep.window.check(piv)
         kind = record.KINDS[kind_value]
-        pieces = hot.codec.recv_pieces(kind, topic)
-        piv_len = (piv.bit_length() + 7) >> 3 or 1
         try:
-            plaintext = hot.decrypt((hot.base ^ piv).to_bytes(hot.nonce_len, "big"), data[i:],
-                                    pieces.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + pieces.suffix)
-        except oscore.AEAD_ERRORS:
+            plaintext = ep.codec.open(kind, topic, piv, data[i:])
+        except DecryptError:
             self._decrypt_failed(ep)
-            raise DecryptError() from None
+            raise
         ep.window.mark(piv)
         return [Received(self.device_id, kind, plaintext, ep.number, piv)]
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sealmq import limits, oscore, record
 from sealmq.errors import SealmqError
+from sealmq.events import Publish
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import RecordKind
 from tests.test_oscore import REQUESTS, VEC, _opt
@@ -350,8 +351,40 @@ def test_usual_records_take_the_hot_path_and_others_the_general_one(monkeypatch:
 
 _UNLIMITED = SessionConfig(max_records_per_key=limits.MAX_PIV + 1, key_update_after_records=limits.MAX_PIV + 1)
 
-# Every Partial IV and ciphertext head the hot path reads itself (1, 2, 3 and 5 bytes; up to
-# the largest plaintext), and the heads it leaves to the general path (9 bytes).
+def test_a_record_of_another_epoch_is_refused_alike() -> None:
+    """The epoch byte is part of what the hot path recognises: a record naming an epoch the session
+    does not hold is refused as unknown by both sessions, never counted as a failed decryption
+    (more of them than max_failed_decryptions would otherwise close the session)."""
+    devices, backends = session_pairs()
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"reading", 0.0)
+    rec = record.decode(data)
+    other = record.Record(rec.kind, rec.kid, 1, rec.piv, rec.ciphertext).encode()
+    for _ in range(5):
+        assert same(backends, "open", topic, other, 0.0)[0] == "error"
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"
+
+
+def test_a_record_of_a_dropped_epoch_is_refused_after_a_key_update() -> None:
+    """After a key update the hot path serves the new epoch only: a record sealed under the old
+    epoch, held back until that epoch was dropped, is refused by both sessions."""
+    devices, backends = session_pairs()
+    _, (old_topic, old_data) = same(devices, "seal", RecordKind.TELEMETRY, b"old", 0.0)
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"first", 0.0)
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"  # the hot path was in use
+    _, (ku_topic, ku_data) = same(devices, "start_key_update", b"n" * 8, 0.0)
+    _, events = same(backends, "open", ku_topic, ku_data, 0.0)
+    answer = next(e for e in events if isinstance(e, Publish))
+    same(devices, "open", answer.topic, answer.payload, 0.0)
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"new", 0.0)
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"
+    same(backends, "poll", 1e6)
+    assert backends[0].epochs == backends[1].epochs == (1,)
+    assert same(backends, "open", old_topic, old_data, 1e6)[0] == "error"
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"newer", 1e6)
+    assert same(backends, "open", topic, data, 1e6)[0] == "ok"
+
+
+# Every Partial IV head (1, 2, 3, 5 and 9 bytes) and ciphertext head, up to the largest plaintext.
 SEQS = st.one_of(st.integers(0, 2**40 - 2), st.sampled_from(
     [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40 - 2]))
 SIZES = st.one_of(st.integers(0, 300), st.sampled_from(
