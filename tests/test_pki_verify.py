@@ -184,6 +184,26 @@ def test_crl_from_another_ca_or_missing_is_crl_invalid(two_level: Path, other_ca
     expect(Reason.CRL_INVALID, ts, chain(two_level, Role.DEVICE, "dev-ec"), Role.DEVICE)
 
 
+@pytest.mark.parametrize("issuer_in_store", [True, False])
+def test_a_crl_not_signed_by_its_named_issuer_is_ignored(two_level: Path, issuer_in_store: bool) -> None:
+    """A CRL naming the issuing CA but signed by another key covers nothing: CRL_INVALID, whether
+    the CA is in the store (its CRL signatures are checked once, when the store is built) or only
+    presented in the chain (checked at each validation). The genuine CRL, as a control, validates."""
+    ca = store.load_ca(two_level)
+    anchors = load_certificates_pem(layout.anchor(two_level).read_bytes())
+    own = load_crls_pem(layout.crl(two_level).read_bytes())
+    root_crl = next(c for c in own if c.issuer == anchors[0].subject)
+    genuine = next(c for c in own if c.issuer == ca.issuer.subject)
+    forged = issue.make_crl(ca.issuer, keys.generate("p256"), [], now() - timedelta(minutes=5), number=99)
+    assert forged.issuer == genuine.issuer and not forged.is_signature_valid(ca.issuer.public_key())
+    leaf = chain(two_level, Role.DEVICE, "dev-ec")[0]
+    inter = [ca.issuer] if issuer_in_store else []
+    presented = [leaf] if issuer_in_store else [leaf, ca.issuer]
+    expect(Reason.CRL_INVALID, TrustStore(anchors, inter, [root_crl, forged]), presented, Role.DEVICE)
+    ok = TrustStore(anchors, inter, [root_crl, forged, genuine])
+    assert ok.verify(presented, role=Role.DEVICE, now=now()).name == "dev-ec"
+
+
 def test_revoked_intermediate(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     store.init_ca(pki, two_level=True)
