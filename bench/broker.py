@@ -421,7 +421,8 @@ def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results
 
     dep = Deployment(Path(cfg["root"]))
     sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['run']}", ids, _storm_mqtt(cfg, "device", None, ""),
-                    password_for=None if cfg["tls"] else (lambda d: dep.password("device", d)))
+                    password_for=None if cfg["tls"] else (lambda d: dep.password("device", d)),
+                    shared_network=cfg["shared"])
     try:
         ready.set()
         go.wait(cfg["timeout"])
@@ -534,6 +535,7 @@ class Storm:
     broker: str  # a storm variant (VARIANTS): the broker and how devices log in
     devices: int
     procs: int
+    shared: bool  # the simulator's devices share one network thread per process (else: one each)
     connected: float  # seconds from "go" until the last device was connected
     seconds: float  # ... until the last device held a session
     established: int
@@ -558,16 +560,19 @@ _runs = [0]  # storms so far in this process: each gets fresh backend and device
 
 
 def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list[str], timeout: float,
-                    procs: int = 1, *, profile: bool = False) -> Storm:
+                    procs: int = 1, *, shared: bool = True, profile: bool = False) -> Storm:
     """All devices, spread over ``procs`` simulator processes, connect and handshake at once.
 
     ``kind`` is a storm variant (``VARIANTS``), ``port`` the listener it uses. With ``profile``
     the backend and simulator processes are profiled (``bench.threadprof``) and, when ``perf``
     is installed, the mosquitto process is sampled: slower, for where the CPU goes only.
+    ``shared``: the simulator's devices share one network thread per process (its default,
+    runtime/netloop.py); False: each device runs paho's own loop thread, as a lone agent does.
     """
     _runs[0] += 1
     cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout,
-           "tls": VARIANTS[kind][1], "profile": profile, "run": _runs[0], "idle": min(2.0, timeout / 15)}
+           "tls": VARIANTS[kind][1], "profile": profile, "run": _runs[0], "idle": min(2.0, timeout / 15),
+           "shared": shared}
     results = ctx.Queue()
     ready, stop, go = ctx.Event(), ctx.Event(), ctx.Event()
     backend = ctx.Process(target=_backend_service, args=(cfg, ready, go, stop, results))
@@ -607,7 +612,7 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
         profiles["simulator" if procs == 1 else "simulator (first process)"] = got[0][5]
     if broker_profile:
         profiles["mosquitto (perf)"] = broker_profile[0]
-    return Storm(kind, len(device_ids), procs, max(g[1] for g in got) - t0, max(g[2] for g in got) - t0,
+    return Storm(kind, len(device_ids), procs, shared, max(g[1] for g in got) - t0, max(g[2] for g in got) - t0,
                  sum(g[3] for g in got), handshakes, backend_cpu, sum(g[4] for g in got), used,
                  sum(g[6] for g in got), profiles)
 
@@ -651,16 +656,21 @@ def _perf(pid: int | None, out: Path) -> Iterator[list[tuple[float, str]]]:
                       + table(["% of samples", "shared object", "symbol"], rows[:15])))
 
 
-def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int]]:
-    """(devices, simulator processes) per storm. Each simulated device has two threads (paho's loop
-    and the agent's timer): one process copes with about 100 devices; with 300 in one process the
-    threads starve each other (connections time out and retry), so larger storms use one simulator
-    process per 100 devices. 100 devices also run on 2 processes (the machine's cores) and 4."""
+def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int, bool]]:
+    """(devices, simulator processes, shared network thread) per storm. The simulator's devices
+    share one network thread per process (runtime/netloop.py); each also has its timer thread.
+    100 devices also run on 2 processes (the machine's cores) and 4, and on 1 process with a paho
+    loop thread per device (how the simulator ran before the shared thread: with 300 devices in one
+    process those threads starved each other). Larger storms use one process per 100 devices."""
     if devices is not None:
         if devices < 8:
-            return [(devices, 1)]
-        return [(devices, 1), (devices, 2), (devices, 4)] if devices <= 100 else [(devices, -(-devices // 100))]
-    return [(5, 1), (6, 2)] if quick else [(100, 1), (100, 2), (100, 4), (1000, 10)]
+            return [(devices, 1, True), (devices, 1, False)]
+        if devices > 100:
+            return [(devices, -(-devices // 100), True)]
+        return [(devices, 1, True), (devices, 1, False), (devices, 2, True), (devices, 4, True)]
+    if quick:
+        return [(5, 1, True), (5, 1, False), (6, 2, True)]
+    return [(100, 1, True), (100, 1, False), (100, 2, True), (100, 4, True), (1000, 10, True)]
 
 
 def _rotated(items: list[str], k: int) -> list[str]:
@@ -669,41 +679,44 @@ def _rotated(items: list[str], k: int) -> list[str]:
 
 
 def run_storms(ctx: Any, kinds: list[str], root: Path, ports: dict[str, int], ids: list[str],
-               cases: list[tuple[int, int]], reps: int, timeout: float) -> list[Storm]:
+               cases: list[tuple[int, int, bool]], reps: int, timeout: float) -> list[Storm]:
     """Storms of the variants ``kinds`` (served by one broker process), alternating: each round
     runs every case with every variant, the variants in a rotating order, so that drift in the
     machine's load does not favour one login. Storms of more than 100 devices run once."""
     storms: list[Storm] = []
     small = [c for c in cases if c[0] <= 100]
     for rep in range(reps):
-        for i, (n, procs) in enumerate(small):
+        for i, (n, procs, shared) in enumerate(small):
             for kind in _rotated(kinds, rep + i):
-                storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs))
-    for n, procs in (c for c in cases if c[0] > 100):
+                storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs, shared=shared))
+    for n, procs, shared in (c for c in cases if c[0] > 100):
         for kind in kinds:
-            storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs))
+            storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs, shared=shared))
     return storms
 
 
 def storm_table(storms: list[Storm]) -> str:
-    groups: dict[tuple[str, int, int], list[Storm]] = {}
+    groups: dict[tuple[str, int, int, bool], list[Storm]] = {}
     for st in storms:
-        groups.setdefault((st.broker, st.devices, st.procs), []).append(st)
+        groups.setdefault((st.broker, st.devices, st.procs, st.shared), []).append(st)
     order = list(VARIANTS)
     rows = []
-    for (kind, n, procs), runs in sorted(groups.items(), key=lambda g: (g[0][1], g[0][2], order.index(g[0][0]))):
+    for (kind, n, procs, shared), runs in sorted(groups.items(),
+                                                 key=lambda g: (g[0][1], g[0][2], not g[0][3], order.index(g[0][0]))):
         def same(values: list[int]) -> str:
             return str(values[0]) if len(set(values)) == 1 else "/".join(str(v) for v in values)
 
         secs = [r.seconds for r in runs]
-        rows.append([kind, n, procs, same([r.established for r in runs]), same([r.handshakes for r in runs]),
+        rows.append([kind, n, procs, "one per process" if shared else "one per device",
+                     same([r.established for r in runs]), same([r.handshakes for r in runs]),
                      fmt(median([r.connected for r in runs]), 2), fmt(median(secs), 2),
                      " / ".join(fmt(x, 2) for x in secs) if len(runs) > 1 else "-",
                      fmt(median([r.seconds / max(1, r.established) for r in runs]) * 1e3, 1),
                      fmt(median([r.backend_cpu for r in runs]), 2), fmt(median([r.broker_cpu for r in runs]), 2),
                      fmt(median([r.sim_cpu for r in runs]), 2),
                      f"{100 * median([r.sim_idle for r in runs]):.0f}", LOGINS[kind]])
-    return table(["broker", "devices", "simulator processes", "established", "backend handshakes",
+    return table(["broker", "devices", "simulator processes", "simulator network threads", "established",
+                  "backend handshakes",
                   "s until all connected", "s until all established", "each run (s)", "ms per device",
                   "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)",
                   "simulator idle afterwards (% of a core)", "device and backend login"], rows)

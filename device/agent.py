@@ -38,6 +38,7 @@ from runtime.audit import AuditLog
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
+from runtime.netloop import NetworkLoop
 from sealmq.bodies import MAX_TELEMETRY_BATCH, Reply, Telemetry, decode_ack, decode_command, encode_telemetry_batch
 from sealmq.edhoc import CcsAuthenticator, LocalCredential, PeerAuthenticator, X509Credential
 from sealmq.endpoint import (
@@ -138,7 +139,10 @@ def load_release_key(config: DeviceConfig) -> Any:
 class DeviceAgent(EndpointDriver):
     endpoint: DeviceEndpoint
 
-    def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None) -> None:
+    def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None,
+                 network: NetworkLoop | None = None) -> None:
+        """``network``: a network thread shared with other agents of this process (the
+        simulator's); None: this agent's link runs its own (paho's loop thread)."""
         self.config = config
         if config.method == 0:
             commit_staged(config.identity_dir)  # fleet (issue 16): finish a renewal a crash interrupted
@@ -157,7 +161,7 @@ class DeviceAgent(EndpointDriver):
         super().__init__(
             endpoint, config.mqtt, audit, role="device", timer_name=f"device-{config.device_id}",
             default_client_id=f"{config.mqtt.username or config.device_id}:agent",
-            poll_interval=config.poll_interval, log=log, tick_offline=False,
+            poll_interval=config.poll_interval, log=log, tick_offline=False, network=network,
         )
         self._pending: deque[tuple[RecordKind, bytes]] = deque(maxlen=config.max_pending)
         self.established = threading.Event()

@@ -18,6 +18,7 @@ from pathlib import Path
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
 from runtime.mqtt import MqttSettings
+from runtime.netloop import NetworkLoop
 
 
 @dataclass
@@ -58,8 +59,12 @@ class Simulator:
         *,
         password_for: Callable[[str], str | None] | None = None,
         config_hook: Callable[[DeviceConfig], DeviceConfig] | None = None,
+        shared_network: bool = True,
     ) -> None:
+        """``shared_network``: every device's MQTT I/O on one network thread of this process
+        (runtime/netloop.py); False: a paho loop thread per device, as a lone agent runs."""
         self.agents: list[DeviceAgent] = []
+        self.network = NetworkLoop(name="simulator-net") if shared_network else None
         for device_id in device_ids:
             identity_dir = layout.device_dir(pki_dir, device_id)
             settings = replace(mqtt, username=device_id,
@@ -77,7 +82,7 @@ class Simulator:
             )
             if config_hook is not None:
                 config = config_hook(config)
-            self.agents.append(DeviceAgent(config))
+            self.agents.append(DeviceAgent(config, network=self.network))
 
     def start(self, timeout: float = 60.0, stop: threading.Event | None = None) -> float:
         """Connect every device and wait for every handshake, ``timeout`` seconds at most.
@@ -128,6 +133,8 @@ class Simulator:
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()
+        if self.network is not None:
+            self.network.stop()
 
     def established(self) -> int:
         return sum(1 for a in self.agents if a.endpoint.established)

@@ -35,6 +35,7 @@ from typing import Protocol
 
 from runtime.audit import AuditLog, audit_protocol_event
 from runtime.mqtt import MqttLink, MqttSettings
+from runtime.netloop import NetworkLoop
 from sealmq import topics
 from sealmq.endpoint import HandshakeCompleted, Output, Publish, RandomBytes, Received
 from sealmq.errors import DecodeError
@@ -77,6 +78,7 @@ class EndpointDriver:
         log: logging.Logger,
         tick_offline: bool = True,
         manual_ack: bool = False,
+        network: NetworkLoop | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.audit = audit
@@ -99,6 +101,7 @@ class EndpointDriver:
             on_connect=lambda: self._connected(mqtt),
             on_disconnect=lambda: self.audit.event("disconnected"),
             manual_ack=manual_ack,
+            network=network,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ when it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -45,6 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from runtime.netloop import NetworkLoop
 from sealmq.errors import ConfigError, Reason, TransportError
 
 log = logging.getLogger("sealmq.mqtt")
@@ -122,13 +124,15 @@ class MqttLink:
         on_disconnect: Callable[[], object] | None = None,
         qos: int = 1,
         manual_ack: bool = False,
+        network: NetworkLoop | None = None,
     ) -> None:
         self.settings = settings
+        self._network = network  # None: paho's own loop thread (loop_start)
         self._manual_ack = manual_ack
         self._current: tuple[int, int] | None = None  # (mid, qos) of the message being handled
         self._generation = 0  # connections so far: an ack never crosses to another connection
         self._subscriptions = [settings.subscription(f) for f in subscriptions]
-        self._pending_subacks: dict[int, str] = {}  # mid -> filter, until its SUBACK
+        self._pending_subacks: dict[int, list[str]] = {}  # mid -> its filters, until the SUBACK
         self._qos = qos
         self._handler = on_message
         self._on_connect_cb = on_connect
@@ -197,6 +201,8 @@ class MqttLink:
             log.warning("connected to %s after %d failed attempts", where, self._attempts)
         self._attempts = 0
         self.ever_connected = True
+        if self._network is not None:
+            self._network.connected_again(self)
         sock = client.socket()
         if isinstance(sock, socket.socket):  # TCP (an SSLSocket is one too); not a WebSocket wrapper
             # Small packets (PUBACKs, media acks) must not wait for Nagle's algorithm: with it, a
@@ -205,10 +211,11 @@ class MqttLink:
         self._generation += 1
         self.subscribed.clear()
         self._pending_subacks.clear()
-        for topic_filter in self._subscriptions:
-            result, mid = client.subscribe(topic_filter, qos=self._qos)
+        if self._subscriptions:
+            # one SUBSCRIBE for every filter (one SUBACK, a reason code per filter, in order)
+            result, mid = client.subscribe([(f, self._qos) for f in self._subscriptions])
             if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-                self._pending_subacks[mid] = topic_filter
+                self._pending_subacks[mid] = list(self._subscriptions)
         self.connected.set()
         if self._on_connect_cb:
             self._on_connect_cb()
@@ -229,17 +236,19 @@ class MqttLink:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, codes: Sequence[object],
                       props: object) -> None:
-        topic_filter = self._pending_subacks.pop(mid, "?")
-        refused = [c for c in codes if getattr(c, "is_failure", False)]
+        filters = self._pending_subacks.pop(mid, [])
+        refused = [(filters[i] if i < len(filters) else "?", c) for i, c in enumerate(codes)
+                   if getattr(c, "is_failure", False)]
         if not refused:
             if not self._pending_subacks:
                 self.subscribed.set()
             return
         where = f"{self.settings.host}:{self.settings.port}"
-        code = refused[0]
+        topic_filter, code = refused[0]
         if self.settings.share_group is None:
             # as before MQTT 5: the link stays up (a refused filter only means nothing arrives on it)
-            log.warning("the broker at %s refused the subscription %s (%s)", where, topic_filter, code)
+            for topic_filter, code in refused:
+                log.warning("the broker at %s refused the subscription %s (%s)", where, topic_filter, code)
             return
         # a worker that is not in its group receives nothing: stop, say why
         reason = Reason.NOT_AUTHORIZED if getattr(code, "value", None) == _NOT_AUTHORIZED else Reason.UNSUPPORTED
@@ -259,6 +268,14 @@ class MqttLink:
         self.error = err
         log.error("%s; not retrying", err.detail)
         self.client.disconnect()
+
+    def wants_connection(self) -> bool:
+        """Whether the link should (re)connect: not stopped, no refusal that retrying cannot fix."""
+        return not self._stopping and self.error is None
+
+    def connect_failed(self) -> None:
+        """A connect attempt failed (the shared network loop's connectors report it here)."""
+        self._on_connect_fail(self.client, None)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._attempts += 1
@@ -314,7 +331,10 @@ class MqttLink:
                                       clean_start=not keep, properties=properties)
         else:
             self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
-        self.client.loop_start()
+        if self._network is not None:
+            self._network.add(self)  # its connector threads connect; its thread does the I/O
+        else:
+            self.client.loop_start()
         if wait is not None:
             try:
                 self.wait_connected(wait, raise_on_timeout=True)
@@ -354,6 +374,19 @@ class MqttLink:
         try:
             self.client.disconnect()
         finally:
-            self.client.loop_stop()
+            if self._network is not None and threading.current_thread() is not self._network.thread:
+                # the network thread writes the DISCONNECT, then paho closes the socket
+                deadline = time.monotonic() + 2.0
+                while self.client.socket() is not None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                self._network.remove(self)
+                sock = self.client.socket()
+                if sock is not None:  # the broker did not take the DISCONNECT in time
+                    with contextlib.suppress(OSError):
+                        sock.close()
+            elif self._network is not None:
+                pass  # stopped from one of its callbacks: the loop writes the DISCONNECT after it
+            else:
+                self.client.loop_stop()
             self.connected.clear()
             self.subscribed.clear()

@@ -63,12 +63,14 @@ def test_ingest_bench_quick_stores_nothing_twice() -> None:
 def test_broker_bench_quick_amqtt() -> None:
     out = broker.run(messages=30, repeats=1, devices=3, brokers=("amqtt",))
     rows = [line for line in out.splitlines() if line.startswith("| amqtt")]
-    assert len(rows) == len(broker.MODES) + 1
+    assert len(rows) == len(broker.MODES) + 2
     # every throughput run delivered every message, and each party's CPU per message was measured
     assert all(re.search(r"\| all \|( [\d.,]+ \|){3}$", r) for r in rows[: len(broker.MODES)])
-    # all 3 simulated devices established a session, and the backend counted 3 handshakes
-    storm = [c.strip() for c in rows[-1].split("|")]
-    assert storm[2:6] == ["3", "1", "3", "3"]
+    # all 3 simulated devices established a session, and the backend counted 3 handshakes, with
+    # the simulator's shared network thread and with a paho loop thread per device
+    storms = [[c.strip() for c in r.split("|")] for r in rows[-2:]]
+    assert [s[2:7] for s in storms] == [["3", "1", "one per process", "3", "3"],
+                                        ["3", "1", "one per device", "3", "3"]]
 
 
 def test_run_entry_point_parses() -> None:
@@ -100,14 +102,16 @@ def test_shared_state_bench_quick() -> None:
 def test_broker_storm_quick_mosquitto_password_and_tls() -> None:
     """The storm on mosquitto's password listener and on its TLS listener (certificate logins)."""
     out = broker.run(devices=3, brokers=("mosquitto", "mosquitto-tls"), throughput=False, storm_repeats=2)
-    rows = {c[1]: c for c in ([x.strip() for x in line.split("|")] for line in out.splitlines()
-                              if line.startswith("| mosquitto"))}
-    assert set(rows) == {"mosquitto", "mosquitto-tls"}
+    rows = {(c[1], c[4]): c for c in ([x.strip() for x in line.split("|")] for line in out.splitlines()
+                                      if line.startswith("| mosquitto"))}
+    assert set(rows) == {(v, t) for v in ("mosquitto", "mosquitto-tls") for t in ("one per process", "one per device")}
     for cells in rows.values():
         # 3 devices, 1 process, all 3 established in both runs, 3 handshakes each time
-        assert cells[2:6] == ["3", "1", "3", "3"]
-        assert len(cells[8].split(" / ")) == 2  # both runs shown
-    assert "client certificate" in rows["mosquitto-tls"][14] and "PBKDF2" in rows["mosquitto"][14]
+        assert cells[2:4] == ["3", "1"] and cells[5:7] == ["3", "3"]
+        assert len(cells[9].split(" / ")) == 2  # both runs shown
+    for threads in ("one per process", "one per device"):
+        assert "client certificate" in rows["mosquitto-tls", threads][15]
+        assert "PBKDF2" in rows["mosquitto", threads][15]
 
 
 @pytest.mark.slow
