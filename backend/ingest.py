@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from backend.storage import CommitResult, NewMessage, NewReply, decode_ledger
+from backend.storage import CommitResult, NewHandshake, NewMessage, NewReply, decode_ledger
 from backend.store import BackendStore
 from runtime.audit import AuditLog
 from sealmq.bodies import Ack, decode_reply, telemetry_readings
@@ -78,6 +78,7 @@ class _Prepared:
     now: float
     messages: list[NewMessage] = field(default_factory=list)
     replies: list[NewReply] = field(default_factory=list)
+    handshakes: list[NewHandshake] = field(default_factory=list)
     items: dict[tuple[str, int], _Item] = field(default_factory=dict)  # (device, message id): the first item
 
 
@@ -85,6 +86,7 @@ class _Prepared:
 class _Batch:
     items: list[_Item] = field(default_factory=list)
     broker_acks: list[AckBroker] = field(default_factory=list)
+    handshakes: list[NewHandshake] = field(default_factory=list)
 
 
 class Ingest:
@@ -170,6 +172,15 @@ class Ingest:
         self._full = len(self._batch.items) >= self.settings.max_batch
         self._wake.set()
 
+    def add_handshake(self, device_id: str, now: float, cert_sha256: str) -> None:
+        """Record a completed handshake in the devices table with the next batch (its first
+        statement), not in a transaction (and an fsync) of its own on the network thread: in a
+        reconnect storm those serialised every handshake behind the disk. It is committed within
+        ``max_delay`` and never after a message of the session it started (queued before them)."""
+        self._batch.handshakes.append(NewHandshake(device_id, now, cert_sha256))
+        self._last_add = time.monotonic()
+        self._wake.set()
+
     def flush(self) -> None:
         """Commit the pending batch, then acknowledge it to the broker and to the devices.
 
@@ -183,12 +194,12 @@ class Ingest:
             if prepared is None:
                 return
             try:
-                result = self.storage.commit_batch(prepared.messages, prepared.replies)
+                result = self.storage.commit_batch(prepared.messages, prepared.replies, prepared.handshakes)
             except Exception:
                 with self._lock:
                     # nothing is acknowledged and no id was recorded: the devices send the batch
                     # again (no ACK), the broker after the next reconnect
-                    self.audit.event("ingest_failed", records=prepared.records)
+                    self.audit.event("ingest_failed", records=prepared.records, handshakes=len(prepared.handshakes))
                 raise
             with self._lock:
                 self._finish(prepared, result)
@@ -196,11 +207,13 @@ class Ingest:
     def _prepare(self) -> _Prepared | None:
         batch, self._batch = self._batch, _Batch()
         self._full = False
-        if not batch.items:
+        if not batch.items and not batch.handshakes:
             for ack in batch.broker_acks:
                 ack()
             return None
-        out = _Prepared(batch.broker_acks, len(batch.items), now=max(item.now for item in batch.items))
+        out = _Prepared(batch.broker_acks, len(batch.items),
+                        now=max([item.now for item in batch.items] + [h.at for h in batch.handshakes]),
+                        handshakes=batch.handshakes)
         for item in batch.items:
             rec = item.rec
             out.items.setdefault((rec.device_id, item.msg_id), item)

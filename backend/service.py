@@ -416,7 +416,7 @@ class BackendService(EndpointDriver):
         self.updates.on_handshake(done.device_id)
         # the fingerprint names the certificate; a CCS device has none (its kid is in the registry)
         fingerprint = hashlib.sha256(peer.credential_ref).hexdigest() if peer.kind is CredentialKind.X509 else ""
-        self.storage.record_handshake(done.device_id, now, fingerprint)
+        self.ingest.add_handshake(done.device_id, now, fingerprint)  # committed with the next batch
         self.audit.event("handshake_completed", device=done.device_id, suite=done.suite, cert_sha256=fingerprint)
         # commands sent under the old session go out again; the device learns what is committed
         self.storage.requeue_commands(done.device_id)

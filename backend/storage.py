@@ -173,6 +173,21 @@ def _command(r: tuple[Any, ...]) -> Command:
 
 
 @dataclass(frozen=True)
+class NewHandshake:
+    """A completed handshake to record in the devices table (a batch item of :meth:`Storage.commit_batch`)."""
+
+    device_id: str
+    at: float
+    cert_sha256: str
+
+
+_UPSERT_DEVICE = ("INSERT INTO devices(device_id, first_seen, last_seen, last_handshake, handshakes, cert_sha256)"
+                  " VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen,"
+                  " last_handshake=excluded.last_handshake, handshakes=handshakes+1,"
+                  " cert_sha256=excluded.cert_sha256")
+
+
+@dataclass(frozen=True)
 class NewMessage:
     """A telemetry message to store (a batch item of :meth:`Storage.commit_batch`)."""
 
@@ -327,12 +342,7 @@ class Storage:
     # -- devices -----------------------------------------------------------------------------
     def record_handshake(self, device_id: str, now: float, cert_sha256: str) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO devices(device_id, first_seen, last_seen, last_handshake, handshakes, cert_sha256)"
-                " VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen,"
-                " last_handshake=excluded.last_handshake, handshakes=handshakes+1, cert_sha256=excluded.cert_sha256",
-                (device_id, now, now, now, cert_sha256),
-            )
+            db.execute(_UPSERT_DEVICE, (device_id, now, now, now, cert_sha256))
 
     def devices(self) -> list[tuple[str, float, float, int]]:
         with self._lock:
@@ -352,13 +362,16 @@ class Storage:
             db.execute("UPDATE devices SET last_seen=? WHERE device_id=?", (now, device_id))
             return int(cur.lastrowid or 0)
 
-    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply],
+                     handshakes: Sequence[NewHandshake] = ()) -> CommitResult:
         """Store what is new in a batch and merge its message ids into the devices' ledgers, in one
         ``BEGIN IMMEDIATE`` transaction: it holds the database's write lock from its first read, so
         the ledgers read are the latest (whoever wrote them, this or another connection or process)
-        and no other writer can pass the same check before this one commits."""
+        and no other writer can pass the same check before this one commits. The batch's handshakes
+        are recorded first (as :meth:`record_handshake`, in their order)."""
         devices = ledger_devices(messages, replies)
         with self._tx() as db:
+            db.executemany(_UPSERT_DEVICE, [(h.device_id, h.at, h.at, h.at, h.cert_sha256) for h in handshakes])
             marks = ", ".join("?" * len(devices))
             found = dict(db.execute(f"SELECT device_id, ledger FROM ledgers WHERE device_id IN ({marks})",  # noqa: S608
                                     devices).fetchall())

@@ -34,6 +34,7 @@ from backend.storage import (
     CommandRow,
     CommitResult,
     MediaRecord,
+    NewHandshake,
     NewMessage,
     NewReply,
     StoredMessage,
@@ -109,6 +110,10 @@ _REPEATED_SCHEMA = f"""CREATE TABLE IF NOT EXISTS {REPEATED_TABLE} (
 {_MESSAGE_COLUMN_DEFS}
 )"""
 _EMPTY_LEDGER = Ledger().encode()
+_UPSERT_DEVICE = ("INSERT INTO devices(device_id, first_seen, last_seen, last_handshake, handshakes, cert_sha256)"
+                  " VALUES (%s, %s, %s, %s, 1, %s) ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen,"
+                  " last_handshake=excluded.last_handshake, handshakes=devices.handshakes+1,"
+                  " cert_sha256=excluded.cert_sha256")
 
 # Workers starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation in the
 # catalogue): the schema is created under this transaction-scoped advisory lock. Any constant; "sealmq".
@@ -208,13 +213,7 @@ class PostgresStorage:
     # -- devices -----------------------------------------------------------------------------
     def record_handshake(self, device_id: str, now: float, cert_sha256: str) -> None:
         with self._tx() as cur:
-            cur.execute(
-                "INSERT INTO devices(device_id, first_seen, last_seen, last_handshake, handshakes, cert_sha256)"
-                " VALUES (%s, %s, %s, %s, 1, %s) ON CONFLICT(device_id) DO UPDATE SET last_seen=excluded.last_seen,"
-                " last_handshake=excluded.last_handshake, handshakes=devices.handshakes+1,"
-                " cert_sha256=excluded.cert_sha256",
-                (device_id, now, now, now, cert_sha256),
-            )
+            cur.execute(_UPSERT_DEVICE, (device_id, now, now, now, cert_sha256))
 
     def devices(self) -> list[tuple[str, float, float, int]]:
         rows = self._rows("SELECT device_id, first_seen, last_seen, handshakes FROM devices ORDER BY device_id")
@@ -259,7 +258,8 @@ class PostgresStorage:
         media = self._rows("SELECT COALESCE(SUM(size), 0) FROM media WHERE device=%s", (device_id,))
         return int(messages[0][0]) + int(media[0][0])
 
-    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply],
+                     handshakes: Sequence[NewHandshake] = ()) -> CommitResult:
         """Store what is new in a batch and merge its message ids into the devices' ledgers, in one
         transaction that holds the touched devices' ledger rows locked from before it reads them
         until it commits.
@@ -272,6 +272,8 @@ class PostgresStorage:
         """
         devices = ledger_devices(messages, replies)
         with self._tx() as cur:
+            if handshakes:  # first, as record_handshake would, in their order
+                cur.executemany(_UPSERT_DEVICE, [(h.device_id, h.at, h.at, h.at, h.cert_sha256) for h in handshakes])
             read: dict[str, bytes] = {}
             if devices:
                 cur.execute("INSERT INTO ledgers(device_id, ledger) SELECT d, %s FROM unnest(%s::text[]) AS d"

@@ -24,6 +24,7 @@ from backend.storage import (
     CommandRow,
     CommitResult,
     MediaRecord,
+    NewHandshake,
     NewMessage,
     NewReply,
     Storage,
@@ -58,12 +59,14 @@ class BackendStore(Protocol):
     def recent_messages(self, device_id: str, kind: str, limit: int = 200) -> list[StoredMessage]: ...
     def count_messages(self, device_id: str | None = None) -> int: ...
     def stored_bytes(self, device_id: str) -> int: ...
-    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply]) -> CommitResult:
+    def commit_batch(self, messages: Sequence[NewMessage], replies: Sequence[NewReply],
+                     handshakes: Sequence[NewHandshake] = ()) -> CommitResult:
         """Exactly once, across every writer of the database: in one transaction that holds the
         touched devices' ledgers locked, check each message id against the ledger as committed by
         anyone, write the new messages and replies (a reply's command becomes ``replied``), merge
         the ids into the ledgers and write them back. The result says what was written, what was
-        a repeat, and the merged ledgers (what to acknowledge to the devices)."""
+        a repeat, and the merged ledgers (what to acknowledge to the devices). ``handshakes`` are
+        recorded first in the same transaction, in their order, as :meth:`record_handshake` does."""
         ...
     def ledger(self, device_id: str) -> bytes | None:
         """The device's committed ledger (``sealmq.delivery.Ledger.encode()``), if any."""

@@ -5,6 +5,7 @@ relays (a paho wildcard subscriber, and ``mosquitto_sub`` with hex output)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,3 +279,19 @@ def test_device_certificate_by_reference_x5t(system: System) -> None:
     assert wait_for(lambda: stored_values(system, "cam-2") == [1] and stored_values(system, "cam-1") == [2])
     up = {t.split("/")[2]: len(p) for t, p in recorder.snapshot() if t.endswith("/hs/up") and p[:1] != b"\xf5"}
     assert up["cam-2"] + 300 < up["cam-1"]  # message_3 without the certificate is far smaller
+
+
+def test_a_handshake_is_recorded_by_the_ingest_flusher_not_on_the_network_thread(tmp_path: Path) -> None:
+    """The devices row of a handshake rides with the next ingest batch: no transaction (and fsync)
+    of its own on the MQTT thread, where it held up every other device's handshake in a storm."""
+    system = System(tmp_path, ["cam-1"], broker="amqtt")
+    try:
+        backend = system.start_backend()
+        writers: list[str] = []
+        backend.storage._db.set_trace_callback(  # type: ignore[attr-defined]
+            lambda sql: writers.append(threading.current_thread().name) if "INTO devices" in sql else None)
+        system.agent("cam-1")
+        assert wait_for(lambda: [d[0] for d in backend.storage.devices()] == ["cam-1"], 5)
+        assert writers == ["backend-ingest"]
+    finally:
+        system.close()

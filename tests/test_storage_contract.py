@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.storage import CommitResult, MediaRecord, NewMessage, NewReply, Storage, db_path
+from backend.storage import CommitResult, MediaRecord, NewHandshake, NewMessage, NewReply, Storage, db_path
 from backend.store import BackendStore, open_store
 from sealmq.delivery import Ledger
 from tests.postgres import PostgresProcess, needs_postgres, postgres
@@ -67,6 +67,20 @@ def test_devices_count_handshakes_and_keep_first_seen(store: BackendStore) -> No
     store.record_handshake("dev-a", 11.0, "bb" * 32)
     store.record_handshake("dev-b", 12.5, "cc" * 32)
     assert store.devices() == [("dev-a", 11.0, 11.0, 1), ("dev-b", 10.0, 12.5, 2)]
+
+
+def test_a_batch_records_its_handshakes_first_as_record_handshake_does(store: BackendStore) -> None:
+    """The handshakes a batch carries (the service queues them with the next ingest batch rather
+    than a transaction of their own): counted, in order, before the batch's messages, so a new
+    device's first message already has its row (its last_seen follows the message)."""
+    store.record_handshake("dev-b", 10.0, "aa" * 32)
+    msg = NewMessage("dev-new", 21.0, "telemetry", 0, 1, b"t", 1)
+    store.commit_batch([msg], [], [NewHandshake("dev-new", 20.0, "dd" * 32), NewHandshake("dev-b", 20.5, "ee" * 32),
+                                   NewHandshake("dev-b", 20.7, "ff" * 32)])
+    assert store.devices() == [("dev-b", 10.0, 20.7, 3), ("dev-new", 20.0, 21.0, 1)]
+    assert [m.payload for m in store.messages("dev-new")] == [b"t"]
+    store.commit_batch([], [], [NewHandshake("dev-c", 30.0, "11" * 32)])  # nothing but a handshake
+    assert store.devices()[1:] == [("dev-c", 30.0, 30.0, 1), ("dev-new", 20.0, 21.0, 1)]
 
 
 def test_messages_round_trip_in_order_and_bump_last_seen(store: BackendStore) -> None:
