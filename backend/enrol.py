@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from pki import claim as pki_claim
 from pki import store
-from pki.verify import VerifiedClaim, claim_name_of, load_certificate
+from pki.verify import CLAIM_URI_PREFIX, VerifiedClaim, claim_name_of, load_certificate
 from runtime.audit import AuditLog
 from sealmq import cbor, enrol
 from sealmq.edhoc import AuthenticatedPeer, PeerAuthenticator
@@ -53,6 +53,9 @@ class EnrolPolicy:
     check_interval: float = 60.0  # seconds between expiry checks
 
 
+_CLAIM_MARK = CLAIM_URI_PREFIX.encode()
+
+
 def is_claim(peer: Any) -> bool:
     return isinstance(peer, VerifiedClaim)
 
@@ -68,7 +71,9 @@ class ClaimAwareAuthenticator:
 
     def authenticate(self, id_cred: IdCred) -> AuthenticatedPeer:
         chain = id_cred.get_x5chain()
-        if chain:
+        # A claim certificate's only SAN is its claim URI, which DER holds as plain ASCII: a leaf
+        # without those bytes is no claim, and is not parsed here (the trust store parses it next).
+        if chain and _CLAIM_MARK in chain[0]:
             try:
                 name = claim_name_of(load_certificate(chain[0]))
             except SealmqError:
