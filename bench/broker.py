@@ -422,7 +422,7 @@ def _simulator(cfg: dict[str, Any], ids: list[str], ready: Any, go: Any, results
     dep = Deployment(Path(cfg["root"]))
     sim = Simulator(dep.pki, Path(cfg["root"]) / f"sim-{cfg['run']}", ids, _storm_mqtt(cfg, "device", None, ""),
                     password_for=None if cfg["tls"] else (lambda d: dep.password("device", d)),
-                    shared_network=cfg["shared"])
+                    shared_threads=cfg["shared"])
     try:
         ready.set()
         go.wait(cfg["timeout"])
@@ -535,7 +535,7 @@ class Storm:
     broker: str  # a storm variant (VARIANTS): the broker and how devices log in
     devices: int
     procs: int
-    shared: bool  # the simulator's devices share one network thread per process (else: one each)
+    shared: bool  # the simulator's devices share a network and a timer thread per process (else: two each)
     connected: float  # seconds from "go" until the last device was connected
     seconds: float  # ... until the last device held a session
     established: int
@@ -566,8 +566,9 @@ def handshakes_once(ctx: Any, kind: str, root: Path, port: int, device_ids: list
     ``kind`` is a storm variant (``VARIANTS``), ``port`` the listener it uses. With ``profile``
     the backend and simulator processes are profiled (``bench.threadprof``) and, when ``perf``
     is installed, the mosquitto process is sampled: slower, for where the CPU goes only.
-    ``shared``: the simulator's devices share one network thread per process (its default,
-    runtime/netloop.py); False: each device runs paho's own loop thread, as a lone agent does.
+    ``shared``: the simulator's devices share one network thread and one timer thread per
+    process (its default, runtime/netloop.py); False: each device runs paho's own loop thread and
+    a timer thread, as a lone agent does.
     """
     _runs[0] += 1
     cfg = {"root": str(root), "port": port, "devices": len(device_ids), "timeout": timeout,
@@ -657,11 +658,11 @@ def _perf(pid: int | None, out: Path) -> Iterator[list[tuple[float, str]]]:
 
 
 def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int, bool]]:
-    """(devices, simulator processes, shared network thread) per storm. The simulator's devices
-    share one network thread per process (runtime/netloop.py); each also has its timer thread.
-    100 devices also run on 2 processes (the machine's cores) and 4, and on 1 process with a paho
-    loop thread per device (how the simulator ran before the shared thread: with 300 devices in one
-    process those threads starved each other). Larger storms use one process per 100 devices."""
+    """(devices, simulator processes, shared threads) per storm. The simulator's devices share one
+    network thread and one timer thread per process (runtime/netloop.py). 100 devices also run on
+    2 processes (the machine's cores) and 4, and on 1 process with two threads per device, paho's
+    loop and a timer (how the simulator ran before: with 300 devices in one process those threads
+    starved each other). Larger storms use one process per 100 devices."""
     if devices is not None:
         if devices < 8:
             return [(devices, 1, True), (devices, 1, False)]
@@ -707,7 +708,7 @@ def storm_table(storms: list[Storm]) -> str:
             return str(values[0]) if len(set(values)) == 1 else "/".join(str(v) for v in values)
 
         secs = [r.seconds for r in runs]
-        rows.append([kind, n, procs, "one per process" if shared else "one per device",
+        rows.append([kind, n, procs, "shared: 2 per process" if shared else "2 per device",
                      same([r.established for r in runs]), same([r.handshakes for r in runs]),
                      fmt(median([r.connected for r in runs]), 2), fmt(median(secs), 2),
                      " / ".join(fmt(x, 2) for x in secs) if len(runs) > 1 else "-",
@@ -715,7 +716,7 @@ def storm_table(storms: list[Storm]) -> str:
                      fmt(median([r.backend_cpu for r in runs]), 2), fmt(median([r.broker_cpu for r in runs]), 2),
                      fmt(median([r.sim_cpu for r in runs]), 2),
                      f"{100 * median([r.sim_idle for r in runs]):.0f}", LOGINS[kind]])
-    return table(["broker", "devices", "simulator processes", "simulator network threads", "established",
+    return table(["broker", "devices", "simulator processes", "simulator threads (network, timer)", "established",
                   "backend handshakes",
                   "s until all connected", "s until all established", "each run (s)", "ms per device",
                   "backend CPU (s)", "broker CPU (s)", "simulator CPU (s)",

@@ -35,7 +35,7 @@ from pki.release import load_public  # fleet (issue 16)
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store, read_bytes
 from pki.verify import TrustStore
 from runtime.audit import AuditLog
-from runtime.driver import EndpointDriver
+from runtime.driver import EndpointDriver, SharedTimer
 from runtime.files import FileWatch, private_dir
 from runtime.mqtt import MqttSettings
 from runtime.netloop import NetworkLoop
@@ -140,9 +140,9 @@ class DeviceAgent(EndpointDriver):
     endpoint: DeviceEndpoint
 
     def __init__(self, config: DeviceConfig, *, passphrase: bytes | None = None,
-                 network: NetworkLoop | None = None) -> None:
-        """``network``: a network thread shared with other agents of this process (the
-        simulator's); None: this agent's link runs its own (paho's loop thread)."""
+                 network: NetworkLoop | None = None, timer: SharedTimer | None = None) -> None:
+        """``network`` and ``timer``: a network thread and a timer thread shared with other agents
+        of this process (the simulator's); None: this agent's own (paho's loop thread, a timer)."""
         self.config = config
         if config.method == 0:
             commit_staged(config.identity_dir)  # fleet (issue 16): finish a renewal a crash interrupted
@@ -162,6 +162,7 @@ class DeviceAgent(EndpointDriver):
             endpoint, config.mqtt, audit, role="device", timer_name=f"device-{config.device_id}",
             default_client_id=f"{config.mqtt.username or config.device_id}:agent",
             poll_interval=config.poll_interval, log=log, tick_offline=False, network=network,
+            timer=timer,
         )
         self._pending: deque[tuple[RecordKind, bytes]] = deque(maxlen=config.max_pending)
         self.established = threading.Event()

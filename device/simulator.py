@@ -17,6 +17,7 @@ from pathlib import Path
 
 from device.agent import DeviceAgent, DeviceConfig
 from pki import layout
+from runtime.driver import SharedTimer
 from runtime.mqtt import MqttSettings
 from runtime.netloop import NetworkLoop
 
@@ -59,12 +60,15 @@ class Simulator:
         *,
         password_for: Callable[[str], str | None] | None = None,
         config_hook: Callable[[DeviceConfig], DeviceConfig] | None = None,
-        shared_network: bool = True,
+        shared_threads: bool = True,
     ) -> None:
-        """``shared_network``: every device's MQTT I/O on one network thread of this process
-        (runtime/netloop.py); False: a paho loop thread per device, as a lone agent runs."""
+        """``shared_threads``: every device's MQTT I/O on one network thread of this process
+        (runtime/netloop.py) and every device's timer on one timer thread
+        (runtime.driver.SharedTimer); False: two threads per device (paho's loop and a timer), as
+        a lone agent runs."""
         self.agents: list[DeviceAgent] = []
-        self.network = NetworkLoop(name="simulator-net") if shared_network else None
+        self.network = NetworkLoop(name="simulator-net") if shared_threads else None
+        self.timer = SharedTimer(name="simulator-timer") if shared_threads else None
         for device_id in device_ids:
             identity_dir = layout.device_dir(pki_dir, device_id)
             settings = replace(mqtt, username=device_id,
@@ -82,7 +86,7 @@ class Simulator:
             )
             if config_hook is not None:
                 config = config_hook(config)
-            self.agents.append(DeviceAgent(config, network=self.network))
+            self.agents.append(DeviceAgent(config, network=self.network, timer=self.timer))
 
     def start(self, timeout: float = 60.0, stop: threading.Event | None = None) -> float:
         """Connect every device and wait for every handshake, ``timeout`` seconds at most.
@@ -135,6 +139,8 @@ class Simulator:
             agent.stop()
         if self.network is not None:
             self.network.stop()
+        if self.timer is not None:
+            self.timer.stop()
 
     def established(self) -> int:
         return sum(1 for a in self.agents if a.endpoint.established)

@@ -25,6 +25,8 @@ held, except :meth:`_before_tick`):
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -79,6 +81,7 @@ class EndpointDriver:
         tick_offline: bool = True,
         manual_ack: bool = False,
         network: NetworkLoop | None = None,
+        timer: SharedTimer | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.audit = audit
@@ -92,6 +95,7 @@ class EndpointDriver:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
+        self._shared_timer = timer  # None: a timer thread of its own
         self.counters = {"sent": 0, "received": 0, "handshakes": 0, "key_updates": 0, "rejected": 0}
         if not mqtt.client_id:
             # the embedded broker binds client ids to users: "<username>:<anything>"
@@ -108,11 +112,16 @@ class EndpointDriver:
     def start(self, wait: float | None = 10.0) -> None:
         self._on_start()
         self.link.start(wait=wait)
-        self._timer = threading.Thread(target=self._run_timer, name=self._timer_name, daemon=True)
-        self._timer.start()
+        if self._shared_timer is not None:
+            self._shared_timer.add(self)
+        else:
+            self._timer = threading.Thread(target=self._run_timer, name=self._timer_name, daemon=True)
+            self._timer.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._shared_timer is not None:
+            self._shared_timer.remove(self)  # returns once a tick of this driver in progress ended
         if self._timer is not None:
             self._timer.join(5)
         self.link.stop()
@@ -139,17 +148,25 @@ class EndpointDriver:
 
     def _run_timer(self) -> None:
         while not self._stop.wait(self._poll_interval):
-            try:
-                self.audit.flush_suppressed()  # throttled rejections: summarised, at most once a minute
-                if not self._tick_offline and not self.link.connected.is_set():
-                    continue
-                self._before_tick()
-                with self._lock:
-                    now = self.clock()
-                    self._dispatch(self.endpoint.poll(now, self.random))
-                    self._on_tick(now)
-            except Exception:
-                self._log.exception("%s timer failed", self._role)
+            self.tick()
+
+    def tick(self) -> None:
+        """One timer step: the endpoint's poll (handshakes, retries, key updates) and the
+        application's periodic work. Run every ``poll_interval`` by this driver's timer thread or
+        by a :class:`SharedTimer`."""
+        if self._stop.is_set():
+            return
+        try:
+            self.audit.flush_suppressed()  # throttled rejections: summarised, at most once a minute
+            if not self._tick_offline and not self.link.connected.is_set():
+                return
+            self._before_tick()
+            with self._lock:
+                now = self.clock()
+                self._dispatch(self.endpoint.poll(now, self.random))
+                self._on_tick(now)
+        except Exception:
+            self._log.exception("%s timer failed", self._role)
 
     def _dispatch(self, outputs: list[Output]) -> None:
         now = self.clock()
@@ -206,3 +223,69 @@ class EndpointDriver:
 
     def _on_stop(self) -> None:
         """After the link stopped and the audit log closed; nothing by default."""
+
+
+class SharedTimer:
+    """One timer thread for many drivers (the simulator's devices): each is ticked every
+    ``poll_interval`` of its own, in turn, instead of by a thread of its own (a thousand simulated
+    devices had a thousand timer threads waking each other up)."""
+
+    def __init__(self, name: str = "sealmq-timer") -> None:
+        self._name = name
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, EndpointDriver]] = []
+        self._seq = itertools.count()
+        self._removed: set[int] = set()  # id() of drivers removed while scheduled
+        self._ticking: EndpointDriver | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, driver: EndpointDriver) -> None:
+        with self._cv:
+            self._removed.discard(id(driver))
+            heapq.heappush(self._heap, (time.monotonic() + driver._poll_interval, next(self._seq), driver))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def remove(self, driver: EndpointDriver) -> None:
+        """Tick ``driver`` no more; returns once a tick of it in progress ended."""
+        with self._cv:
+            if self._ticking is driver or any(d is driver for _, _, d in self._heap):
+                self._removed.add(id(driver))
+            if threading.current_thread() is not self._thread:
+                self._cv.wait_for(lambda: self._ticking is not driver, timeout=10)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._cv.wait(None if not self._heap else max(0.0, self._heap[0][0] - time.monotonic()))
+                if self._stopped:
+                    return
+                when, _, driver = heapq.heappop(self._heap)
+                if id(driver) in self._removed:
+                    self._removed.discard(id(driver))
+                    continue
+                self._ticking = driver
+            try:
+                driver.tick()
+            except Exception:  # tick() catches what the driver's work raises; this is the timer's
+                logging.getLogger("sealmq.timer").exception("shared timer: a tick failed")
+            finally:
+                with self._cv:
+                    self._ticking = None
+                    if id(driver) in self._removed:
+                        self._removed.discard(id(driver))
+                    else:  # on its own period; a late tick does not make the next ones bunch up
+                        nxt = max(when + driver._poll_interval, time.monotonic())
+                        heapq.heappush(self._heap, (nxt, next(self._seq), driver))
+                    self._cv.notify_all()

@@ -69,8 +69,8 @@ def test_broker_bench_quick_amqtt() -> None:
     # all 3 simulated devices established a session, and the backend counted 3 handshakes, with
     # the simulator's shared network thread and with a paho loop thread per device
     storms = [[c.strip() for c in r.split("|")] for r in rows[-2:]]
-    assert [s[2:7] for s in storms] == [["3", "1", "one per process", "3", "3"],
-                                        ["3", "1", "one per device", "3", "3"]]
+    assert [s[2:7] for s in storms] == [["3", "1", "shared: 2 per process", "3", "3"],
+                                        ["3", "1", "2 per device", "3", "3"]]
 
 
 def test_run_entry_point_parses() -> None:
@@ -104,14 +104,15 @@ def test_broker_storm_quick_mosquitto_password_and_tls() -> None:
     out = broker.run(devices=3, brokers=("mosquitto", "mosquitto-tls"), throughput=False, storm_repeats=2)
     rows = {(c[1], c[4]): c for c in ([x.strip() for x in line.split("|")] for line in out.splitlines()
                                       if line.startswith("| mosquitto"))}
-    assert set(rows) == {(v, t) for v in ("mosquitto", "mosquitto-tls") for t in ("one per process", "one per device")}
+    threads = ("shared: 2 per process", "2 per device")
+    assert set(rows) == {(v, t) for v in ("mosquitto", "mosquitto-tls") for t in threads}
     for cells in rows.values():
         # 3 devices, 1 process, all 3 established in both runs, 3 handshakes each time
         assert cells[2:4] == ["3", "1"] and cells[5:7] == ["3", "3"]
         assert len(cells[9].split(" / ")) == 2  # both runs shown
-    for threads in ("one per process", "one per device"):
-        assert "client certificate" in rows["mosquitto-tls", threads][15]
-        assert "PBKDF2" in rows["mosquitto", threads][15]
+    for t in threads:
+        assert "client certificate" in rows["mosquitto-tls", t][15]
+        assert "PBKDF2" in rows["mosquitto", t][15]
 
 
 @pytest.mark.slow

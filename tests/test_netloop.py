@@ -9,6 +9,7 @@ and TLS records already decrypted are not left waiting in the SSL object.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import socket
 import ssl
@@ -21,6 +22,7 @@ import pytest
 
 from broker.tls import TlsFiles
 from pki import layout, store
+from runtime.driver import SharedTimer
 from runtime.mqtt import MqttLink, MqttSettings
 from runtime.netloop import NetworkLoop
 from sealmq.errors import Reason, TransportError
@@ -304,3 +306,52 @@ def test_packets_sharing_one_tls_record_are_all_delivered(tls_pki: Path) -> None
         link.stop()
         net.stop()
         listener.close()
+
+
+class _Ticked:
+    """What SharedTimer schedules: an object with ``tick()`` and ``_poll_interval`` (a driver)."""
+
+    def __init__(self, interval: float, work: float = 0.0, fail: bool = False) -> None:
+        self._poll_interval = interval
+        self.ticks: list[float] = []
+        self.work, self.fail = work, fail
+        self.in_tick = False
+
+    def tick(self) -> None:
+        self.in_tick = True
+        self.ticks.append(time.monotonic())
+        time.sleep(self.work)
+        self.in_tick = False
+        if self.fail:
+            raise RuntimeError("a failing tick")
+
+
+def test_the_shared_timer_ticks_each_driver_on_its_own_period_and_survives_a_failing_one() -> None:
+    timer = SharedTimer(name="test-timer")
+    fast, slow, bad = _Ticked(0.05), _Ticked(0.2), _Ticked(0.05, fail=True)
+    for d in (fast, slow, bad):
+        timer.add(d)  # type: ignore[arg-type]
+    time.sleep(1.05)
+    timer.stop()
+    assert 15 <= len(fast.ticks) <= 21 and 4 <= len(slow.ticks) <= 5 and 15 <= len(bad.ticks) <= 21
+    gaps = [b - a for a, b in itertools.pairwise(slow.ticks)]
+    assert all(0.15 < g < 0.3 for g in gaps), gaps
+    assert not [t for t in threading.enumerate() if t.name == "test-timer"]
+
+
+def test_removing_a_driver_waits_for_its_tick_and_ends_its_ticks() -> None:
+    timer = SharedTimer(name="test-timer")
+    busy, other = _Ticked(0.05, work=0.3), _Ticked(0.05)
+    timer.add(busy)  # type: ignore[arg-type]
+    timer.add(other)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 5
+    while not busy.in_tick and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert busy.in_tick
+    timer.remove(busy)  # type: ignore[arg-type]
+    assert not busy.in_tick  # returned only once the tick in progress ended
+    n = len(busy.ticks)
+    before = len(other.ticks)
+    time.sleep(0.4)
+    assert len(busy.ticks) == n and len(other.ticks) >= before + 4
+    timer.stop()
