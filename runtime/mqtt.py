@@ -27,6 +27,10 @@ layer's replay window removing duplicates). With ``manual_ack=True`` the handler
 take the message's acknowledgement (:meth:`MqttLink.defer_ack`) and run it later, after the
 message is committed (the backend's batched ingest); messages it does not take are acknowledged
 when it returns.
+
+With ``network`` (a :class:`runtime.netloop.NetworkLoop`) the link has no thread of its own: the
+loop's thread does its I/O and keepalive, and its connector threads (re)connect it, with the same
+backoff; everything above holds the same (the simulator's devices share one such loop).
 """
 
 from __future__ import annotations
