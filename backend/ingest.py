@@ -198,7 +198,9 @@ class Ingest:
             except Exception:
                 with self._lock:
                     # nothing is acknowledged and no id was recorded: the devices send the batch
-                    # again (no ACK), the broker after the next reconnect
+                    # again (no ACK), the broker after the next reconnect; the handshake rows go
+                    # with the next batch
+                    self._batch.handshakes[:0] = prepared.handshakes
                     self.audit.event("ingest_failed", records=prepared.records, handshakes=len(prepared.handshakes))
                 raise
             with self._lock:

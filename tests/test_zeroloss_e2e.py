@@ -258,3 +258,30 @@ def test_readings_due_together_travel_in_batches_and_are_stored_one_by_one(syste
         assert records >= 200
     else:
         assert records <= 20  # 200 readings due at once: 4 records of up to 64, plus any re-send
+
+
+def test_a_failed_commit_keeps_its_handshake_rows_for_the_next_batch(tmp_path: Path) -> None:
+    """A batch whose commit fails acknowledges nothing (the records come again); the handshake rows
+    it carried are not sent again by anyone, so they go with the next batch (SQLite refusing the write
+    here: a temporary trigger makes the devices insert fail until it is dropped)."""
+    import sqlite3
+    import threading
+
+    from runtime.audit import read_audit
+
+    storage = Storage(db_path(tmp_path))
+    storage._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON devices"
+                        " BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    audit = AuditLog(tmp_path / "audit.jsonl", component="backend")
+    ingest = Ingest(storage, audit, threading.RLock(), lambda d, ack, now: None)
+    ingest.add_handshake("cam-1", 5.0, "ab" * 32)
+    with pytest.raises(sqlite3.IntegrityError):
+        ingest.flush()
+    assert storage.devices() == []
+    storage._db.execute("DROP TRIGGER refuse")  # the store works again
+    ingest.flush()  # the next batch: nothing but the kept handshake
+    assert storage.devices() == [("cam-1", 5.0, 5.0, 1)]
+    audit.close()
+    failed = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "ingest_failed"]
+    assert [(e["records"], e["handshakes"]) for e in failed] == [(0, 1)]
+    storage.close()
