@@ -158,6 +158,11 @@ def dumps_strict(obj: Any) -> bytes:
     return data
 
 
+def bstr_head(length: int) -> bytes:
+    """The deterministic head of a byte string of ``length`` bytes."""
+    return _head(2, length)
+
+
 def array_head(count: int) -> bytes:
     """The deterministic head of an array of ``count`` elements (what precedes their encodings)."""
     return _head(4, count)

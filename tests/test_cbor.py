@@ -7,10 +7,10 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealmq import cbor
+from sealmq import cbor, kdf
 from sealmq.errors import DecodeError, Reason
 
 plain = st.recursive(
@@ -222,3 +222,14 @@ def test_dumps_strict_refuses_exactly_what_loads_would(value: object, levels: in
     except (ValueError, TypeError, DecodeError):
         got = None
     assert got == expected
+
+
+@given(st.integers(min_value=-(2**64), max_value=2**64 - 1), st.binary(max_size=300),
+       st.integers(min_value=-(2**64), max_value=2**64 - 1))
+@settings(max_examples=500)
+def test_edhoc_info_is_the_cbor_sequence_of_its_three_items(label: int, context: bytes, length: int) -> None:
+    """kdf.edhoc_info writes the heads itself for the key schedule's labels and lengths; every
+    input must give the generic encoder's bytes (the RFC 9529 traces check the usual ones)."""
+    assert kdf.edhoc_info(label, context, length) == cbor.dumps_seq(label, context, length)
+    small = (label % 24, context, length % 0x10000)
+    assert kdf.edhoc_info(*small) == cbor.dumps_seq(*small)

@@ -695,8 +695,7 @@ class Responder(_Party):
             if self._c_r == self._c_i:
                 raise LocalProtocolError(Reason.CONNECTION_ID_IN_USE, "C_R must differ from C_I")
             self._private = self._take_ephemeral(ephemeral_key)
-            g_y = s.ephemeral_public(self._private)
-            g_xy = s.ecdh(self._private, self._peer_ephemeral)
+            g_y, g_xy = s.ephemeral_public_and_ecdh(self._private, self._peer_ephemeral)
             th_2 = self._hash(cbor.dumps(g_y) + cbor.dumps(self._h_message_1))
             self._log("TH_2", th_2)
             self._prk_2e = self._extract(th_2, g_xy)

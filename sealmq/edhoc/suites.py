@@ -82,6 +82,12 @@ class Suite:
         """The shared secret of our ephemeral private key and a peer point from the wire."""
         return exchange(self.private_key_from_bytes(private), self.load_public(peer_public))
 
+    def ephemeral_public_and_ecdh(self, private: bytes, peer_public: bytes) -> tuple[bytes, bytes]:
+        """:meth:`ephemeral_public` and :meth:`ecdh` of one private key, derived once (the
+        responder needs both at once; a P-256 derivation is a scalar multiplication)."""
+        key = self.private_key_from_bytes(private)
+        return public_bytes(key.public_key()), exchange(key, self.load_public(peer_public))
+
     def load_public(self, raw: bytes) -> x25519.X25519PublicKey | ec.EllipticCurvePublicKey:
         """Decode a wire public key; invalid points raise ``EdhocError(INVALID_POINT)``."""
         if len(raw) != self.point_length:
