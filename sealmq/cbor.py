@@ -158,9 +158,28 @@ def dumps_strict(obj: Any) -> bytes:
     return data
 
 
+def uint_head(value: int) -> bytes:
+    """Shortest CBOR head of an unsigned integer (major type 0) below 2**64."""
+    if value < 24:
+        return bytes((value,))
+    if value < 0x100:
+        return bytes((0x18, value))
+    if value < 0x10000:
+        return b"\x19" + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return b"\x1a" + value.to_bytes(4, "big")
+    return b"\x1b" + value.to_bytes(8, "big")
+
+
 def bstr_head(length: int) -> bytes:
-    """The deterministic head of a byte string of ``length`` bytes."""
-    return _head(2, length)
+    """Shortest CBOR head of a byte string of ``length`` bytes (major type 2), up to 2**32 - 1."""
+    if length < 24:
+        return bytes((0x40 | length,))
+    if length < 0x100:
+        return bytes((0x58, length))
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    return b"\x5a" + length.to_bytes(4, "big")
 
 
 def array_head(count: int) -> bytes:

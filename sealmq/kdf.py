@@ -47,17 +47,17 @@ def hkdf_expand(prk: bytes, info: bytes, length: int, hash_name: str = HASH_SHA2
     return out[:length]
 
 
+_UINT_END = 2**64  # cbor.uint_head's range
+_BSTR_END = 2**32  # cbor.bstr_head's
+
+
 def edhoc_info(label: int, context: bytes, length: int) -> bytes:
-    """``info`` as the CBOR sequence (label, context, length). Every call of the key schedule has
-    a label below 24 and a length below 65,536: their heads are written directly (a dozen calls per
+    """``info`` as the CBOR sequence (label, context, length). The key schedule's labels and lengths
+    are unsigned and its contexts short: their heads are written directly (a dozen calls per
     handshake and side went through the generic encoder); anything else goes through it."""
-    if type(label) is int and type(context) is bytes and type(length) is int and 0 <= label < 24 \
-            and 0 <= length < 0x10000:
-        n = len(context)
-        head = bytes([0x40 | n]) if n < 24 else cbor.bstr_head(n)
-        tail = bytes([length]) if length < 24 else (bytes([0x18, length]) if length < 0x100
-                                                    else bytes([0x19]) + length.to_bytes(2, "big"))
-        return bytes([label]) + head + context + tail
+    if type(label) is int and type(context) is bytes and type(length) is int and 0 <= label < _UINT_END \
+            and 0 <= length < _UINT_END and len(context) < _BSTR_END:
+        return cbor.uint_head(label) + cbor.bstr_head(len(context)) + context + cbor.uint_head(length)
     return cbor.dumps_seq(label, context, length)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sealmq import cbor, limits, oscore
+from sealmq.cbor import bstr_head, uint_head
 from sealmq.errors import DecodeError, LocalProtocolError, Reason
 from sealmq.oscore import SecurityContext
 from sealmq.topics import RecordKind
@@ -112,30 +113,6 @@ def open_(ctx: SecurityContext, rec: Record, topic: str) -> bytes:
 KINDS: dict[int, RecordKind] = {int(k): k for k in RecordKind}
 _MAX_CIPHERTEXT = limits.MAX_PLAINTEXT + limits.TAG_LENGTH
 _AAD_CACHE_SIZE = 16  # (kind, topic) pairs per epoch and direction; a session uses at most 8
-
-
-def _uint_head(value: int) -> bytes:
-    """Shortest CBOR head of an unsigned integer (major type 0) below 2**64."""
-    if value < 24:
-        return bytes((value,))
-    if value < 0x100:
-        return bytes((0x18, value))
-    if value < 0x10000:
-        return b"\x19" + value.to_bytes(2, "big")
-    if value < 0x100000000:
-        return b"\x1a" + value.to_bytes(4, "big")
-    return b"\x1b" + value.to_bytes(8, "big")
-
-
-def bstr_head(length: int) -> bytes:
-    """Shortest CBOR head of a byte string of ``length`` bytes (major type 2), up to 2**32 - 1."""
-    if length < 24:
-        return bytes((0x40 | length,))
-    if length < 0x100:
-        return bytes((0x58, length))
-    if length < 0x10000:
-        return b"\x59" + length.to_bytes(2, "big")
-    return b"\x5a" + length.to_bytes(4, "big")
 
 
 def _read_uint(data: bytes, i: int, max_value: int) -> tuple[int, int] | None:
@@ -291,7 +268,7 @@ class _AadPieces(AadTemplate):
     def __init__(self, alg: int, kid: bytes, epoch: int, kind: RecordKind, topic: str) -> None:
         super().__init__(alg, kid, options(epoch, kind, topic))
         # record = [kind, kid, epoch, piv, ciphertext]: the first three never change here
-        self.header = b"\x85" + _uint_head(int(kind)) + bstr_head(len(kid)) + kid + _uint_head(epoch)
+        self.header = b"\x85" + uint_head(int(kind)) + bstr_head(len(kid)) + kid + uint_head(epoch)
 
 
 class EpochCodec:
@@ -334,7 +311,7 @@ class EpochCodec:
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         aad = pieces.prefixes[piv_len] + piv.to_bytes(piv_len, "big") + pieces.suffix
         ct = self.ctx.encrypt((self._send_base ^ piv).to_bytes(self._nonce_len, "big"), plaintext, aad)
-        return b"".join((pieces.header, _uint_head(piv), bstr_head(len(ct)), ct))
+        return b"".join((pieces.header, uint_head(piv), bstr_head(len(ct)), ct))
 
     def open(self, kind: RecordKind, topic: str, piv: int, ciphertext: bytes) -> bytes:
         """Same result as :func:`open_` for a record whose kid is the context's Recipient ID."""

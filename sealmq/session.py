@@ -207,7 +207,7 @@ class _Hot:
         kid = ep.ctx.recipient_id
         self.epoch = ep
         # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, kid, epoch
-        self.kid_part = record.bstr_head(len(kid)) + kid
+        self.kid_part = cbor.bstr_head(len(kid)) + kid
         self.header_len = 2 + len(self.kid_part) + 1
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sealmq import limits, oscore, record
+from sealmq import cbor, limits, oscore, record
 from sealmq.errors import SealmqError
 from sealmq.events import Publish
 from sealmq.session import Session, SessionConfig
@@ -148,7 +148,7 @@ def test_decode_structured_records(kind: int, kid: bytes, epoch: int, piv: int, 
             return bytes([mt | 26]) + value.to_bytes(4, "big")
         if form == "long8":
             return bytes([mt | 27]) + value.to_bytes(8, "big")
-        shortest = record._uint_head(value)
+        shortest = cbor.uint_head(value)
         return bytes([mt | shortest[0]]) + shortest[1:]
 
     ct = bytes(range(256))[:ct_len % 256] * (1 + ct_len // 256)
@@ -160,10 +160,10 @@ def test_decode_structured_records(kind: int, kid: bytes, epoch: int, piv: int, 
 def test_decode_large_ciphertexts_agree() -> None:
     for size in (limits.TAG_LENGTH, 255, 256, 65535, 65536, limits.MAX_PLAINTEXT + limits.TAG_LENGTH,
                  limits.MAX_PLAINTEXT + limits.TAG_LENGTH + 1):
-        data = b"\x85\x06\x41\x18\x00\x00" + record.bstr_head(size) + b"c" * size
+        data = b"\x85\x06\x41\x18\x00\x00" + cbor.bstr_head(size) + b"c" * size
         check_decode(data)
         check_decode(bytearray(data))  # not bytes: always the reference
-    assert record.decode_fast(b"\x85\x06\x41\x18\x00\x00" + record.bstr_head(65536) + b"c" * 65536) is not None
+    assert record.decode_fast(b"\x85\x06\x41\x18\x00\x00" + cbor.bstr_head(65536) + b"c" * 65536) is not None
 
 
 # --- sealing and opening: same bytes, same plaintext, same errors ---------------------------------
@@ -424,8 +424,8 @@ def test_non_shortest_sequence_numbers_are_refused_by_both_sessions(seq: int) ->
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"reading", 0.0)
     rec = record.decode(data)
     header = data[:data.index(rec.kid) + len(rec.kid) + 1]  # array, kind, kid, one-byte epoch
-    body = record.bstr_head(len(rec.ciphertext)) + rec.ciphertext
-    shortest = record._uint_head(seq)
+    body = cbor.bstr_head(len(rec.ciphertext)) + rec.ciphertext
+    shortest = cbor.uint_head(seq)
     longer = [head + seq.to_bytes(size, "big") for head, size in _LONGER_HEADS
               if len(head) + size > len(shortest) and seq < 2 ** (8 * size)]
     assert longer and header + shortest + body == data
@@ -443,7 +443,7 @@ def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int) -> None
     devices, backends = session_pairs()
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
     ct = record.decode(data).ciphertext
-    short = data[:len(data) - len(ct) - 1] + record.bstr_head(length) + ct[:length]
+    short = data[:len(data) - len(ct) - 1] + cbor.bstr_head(length) + ct[:length]
     same(backends, "open", topic, short, 0.0)
     for _ in range(5):  # more than max_failed_decryptions would close the session if they counted
         same(backends, "open", topic, short, 0.0)
@@ -458,7 +458,7 @@ def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: 
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
     ct = record.decode(data).ciphertext
     big = bytes(limits.MAX_PLAINTEXT + limits.TAG_LENGTH + extra)
-    forged = data[:len(data) - len(ct) - 1] + record.bstr_head(len(big)) + big
+    forged = data[:len(data) - len(ct) - 1] + cbor.bstr_head(len(big)) + big
     assert len(forged) <= limits.MAX_RECORD_SIZE
     for _ in range(5):
         assert same(backends, "open", topic, forged, 0.0)[0] == "error"
@@ -474,7 +474,7 @@ def test_non_shortest_ciphertext_heads_are_refused_by_both_sessions(size: int) -
     devices, backends = session_pairs()
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"r" * size, 0.0)
     ct = record.decode(data).ciphertext
-    shortest = record.bstr_head(len(ct))
+    shortest = cbor.bstr_head(len(ct))
     assert data.endswith(shortest + ct)
     header = data[:len(data) - len(shortest) - len(ct)]
     longer = [head + len(ct).to_bytes(n, "big") for head, n in _LONGER_BSTR_HEADS
