@@ -378,7 +378,9 @@ class MqttLink:
         try:
             self.client.disconnect()
         finally:
-            if self._network is not None and threading.current_thread() is not self._network.thread:
+            if self._network is None:
+                self.client.loop_stop()
+            elif threading.current_thread() is not self._network.thread:
                 # the network thread writes the DISCONNECT, then paho closes the socket
                 deadline = time.monotonic() + 2.0
                 while self.client.socket() is not None and time.monotonic() < deadline:
@@ -388,9 +390,6 @@ class MqttLink:
                 if sock is not None:  # the broker did not take the DISCONNECT in time
                     with contextlib.suppress(OSError):
                         sock.close()
-            elif self._network is not None:
-                pass  # stopped from one of its callbacks: the loop writes the DISCONNECT after it
-            else:
-                self.client.loop_stop()
+            # else: stopped from one of its callbacks; the loop writes the DISCONNECT after it
             self.connected.clear()
             self.subscribed.clear()
