@@ -98,7 +98,7 @@ class NetworkLoop:
         client = link.client
         client.on_socket_open = lambda c, u, sock: self._register(sock, link)
         client.on_socket_close = lambda c, u, sock: self._unregister(sock)
-        client.on_socket_register_write = lambda c, u, sock: self._want_write(sock, True)
+        client.on_socket_register_write = lambda c, u, sock: self._want_write(sock)
         client.on_socket_unregister_write = lambda c, u, sock: None  # the loop decides, after writing
         with self._lock:
             self._links.add(link)
@@ -108,8 +108,7 @@ class NetworkLoop:
     def remove(self, link: MqttLink) -> None:
         """Stop serving ``link`` (its socket, if any, is closed by the caller or was already)."""
         with self._lock:
-            self._links.discard(link)
-            self._attempts.pop(link, None)
+            self._forget(link)
             for fd, (_, owner, _) in list(self._registered.items()):
                 if owner is link:
                     self._drop_fd(fd)
@@ -138,21 +137,23 @@ class NetworkLoop:
                 self._drop_fd(fd)
             link = entry[1] if entry is not None else None
             if link is not None and not link.wants_connection():
-                self._links.discard(link)  # stopped (or refused for good): done with it
-                self._attempts.pop(link, None)
+                self._forget(link)  # stopped (or refused for good): done with it
         if link is not None:
             self._lost(link)
+
+    def _forget(self, link: MqttLink) -> None:  # with the lock held
+        self._links.discard(link)
+        self._attempts.pop(link, None)
 
     def _drop_fd(self, fd: int) -> None:  # with the lock held
         self._registered.pop(fd, None)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(fd)
 
-    def _want_write(self, sock: Any, on: bool) -> None:
+    def _want_write(self, sock: Any) -> None:
         with self._lock:
-            self._set_events(sock, on)
-        if on:
-            self._wake()
+            self._set_events(sock, True)
+        self._wake()
 
     def _set_events(self, sock: Any, write: bool) -> None:  # with the lock held
         fd = sock.fileno()
@@ -193,7 +194,7 @@ class NetworkLoop:
                 continue
             try:
                 link.client.reconnect()  # blocking: TCP connect and the TLS handshake
-            except (OSError, ssl.SSLError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.debug("connect failed: %s", exc)
                 link.connect_failed()
                 self._lost(link)
