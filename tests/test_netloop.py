@@ -74,6 +74,12 @@ def _down(dev: str) -> str:
     return f"sealmq/v1/{dev}/data/down"
 
 
+def _stop(net: NetworkLoop, *links: MqttLink) -> None:
+    for link in links:
+        link.stop()
+    net.stop()
+
+
 def _started(links: list[MqttLink], timeout: float = 15.0) -> None:
     for link in links:
         link.start(wait=timeout)
@@ -111,9 +117,7 @@ def test_many_links_on_one_thread_each_get_their_own_messages(kind: str, tmp_pat
             assert inboxes[i].quiet(0.1 if i else 0.5) == []
             assert inboxes[i].threads == {"test-net"}  # handled on the loop's thread, not paho's own
         assert backend_in.quiet(0.1) == []
-        for link in (backend, *devices):
-            link.stop()
-        net.stop()
+        _stop(net, backend, *devices)
         assert net.thread is not None and not net.thread.is_alive()
         assert not [t for t in threading.enumerate() if t.name.startswith("test-net")]
 
@@ -142,9 +146,7 @@ def test_links_reconnect_and_subscribe_again_after_the_broker_restarts(tmp_path:
             devices[i].publish(_up(c.username), c.username.encode())
             assert inboxes[i].take(1)[0][1] == b"after restart"
         assert sorted(p for _, p in backend_in.take(len(b.devices))) == sorted(c.username.encode() for c in b.devices)
-        for link in (backend, *devices):
-            link.stop()
-        net.stop()
+        _stop(net, backend, *devices)
 
 
 @pytest.mark.parametrize("kind", BROKERS)
@@ -173,9 +175,7 @@ def test_a_refused_login_is_not_retried_and_the_others_keep_going(kind: str, tmp
         _started([other])
         other.publish(_up(dev), b"still served")
         assert inbox.take(1)[0] == (_up(dev), b"still served")
-        for link in (good, other):
-            link.stop()
-        net.stop()
+        _stop(net, good, other)
 
 
 @pytest.mark.parametrize("kind", BROKERS)
@@ -205,9 +205,7 @@ def test_a_link_stopped_from_its_own_callback_leaves_the_others_running(kind: st
         assert [p for _, p in inbox.take(5)] == [bytes([k]) for k in range(5)]
         time.sleep(1.5)  # no reconnect of the stopped link
         assert first.client.socket() is None
-        for link in (second, backend):
-            link.stop()
-        net.stop()
+        _stop(net, second, backend)
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +235,7 @@ def test_a_burst_over_tls_is_read_to_the_end(kind: str, tmp_path: Path, tls_pki:
             backend.publish(_down("dev0"), k.to_bytes(2, "big") * 8)
         got = inbox.take(n, timeout=20)
         assert [p for _, p in got] == [k.to_bytes(2, "big") * 8 for k in range(n)]
-        for link in (device, backend):
-            link.stop()
-        net.stop()
+        _stop(net, device, backend)
 
 
 def _read_packet(conn: ssl.SSLSocket) -> bytes:
