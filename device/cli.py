@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="EDHOC method: 0 = X.509 signatures (default), 3 = static DH with a CCS (pki ccs issue)")
     run.add_argument("--suites", type=_suites, default=(), metavar="S[,S...]",
                      help="EDHOC cipher suites in preference order (default: those the credential fits: "
-                          "2 for P-256, 0 for Ed25519, -24 for RSA, 2,-24 for a CCS)")
+                          "6,2 for P-256, 0 for Ed25519, -24 for RSA, 2,-24 for a CCS)")
     run.add_argument("--class", dest="device_class", default=None,
                      help="device class, matched against the target of signed updates (default: none)")
     run.add_argument("--telemetry-batch", type=_telemetry_batch, default=64, metavar="N",

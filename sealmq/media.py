@@ -29,10 +29,11 @@ from sealmq.topics import check_device_id
 # --- sizes ------------------------------------------------------------------------------------
 TID_LEN = 16
 MIN_CHUNK_SIZE = 1024
-# AES-CCM with a 13-byte nonce refuses plaintexts of 65,536 bytes or more (stack-facts.md).
+# AES-CCM with a 13-byte nonce refuses plaintexts of 65,536 bytes or more (stack-facts.md); the
+# record format keeps that bound for every AEAD.
 MAX_RECORD_PLAINTEXT = 65_535
-# Worst case of [kind, kid(<=8), epoch(uint64), piv(<2^40), ciphertext bstr head] plus the 8-byte
-# CCM tag is 49 bytes; 64 leaves room without tying us to the record layer's exact encoding.
+# Worst case of [kind, kid(<=8), epoch(uint64), piv(<2^40), ciphertext bstr head] plus a 16-byte
+# GCM tag is 57 bytes; 64 leaves room without tying us to the record layer's exact encoding.
 RECORD_OVERHEAD = 64
 # [tid(16), index(uint32), data bstr head]: 1 + 17 + 5 + 3 bytes.
 CHUNK_ENVELOPE = 26

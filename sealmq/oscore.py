@@ -12,9 +12,10 @@ What is here, each reproduced byte for byte against RFC 8613 Appendix C (tests/t
 * RFC 9528 Appendix A.1: ``from_edhoc`` -- Master Secret = EDHOC_Exporter(0, h'', key_length), Master
   Salt = EDHOC_Exporter(1, h'', 8); the initiator's Sender ID is C_R, the responder's is C_I.
 
-Only COSE algorithm 10 (AES-CCM-16-64-128: key 16, nonce 13, tag 8) is offered: it is what EDHOC
-cipher suites 0 and 2 name as application AEAD and what constrained devices implement. The table
-makes adding another one a one-line change.
+The AEADs offered are those the EDHOC cipher suites we implement name as application AEAD:
+COSE algorithm 10 (AES-CCM-16-64-128: key 16, nonce 13, tag 8; suites 0, 1, 2, 3 and -24), what
+constrained devices implement; 1 (A128GCM: key 16, nonce 12, tag 16; suite 6), the suite RFC 9528
+names for non-constrained applications; and 3 (A256GCM: key 32, nonce 12, tag 16; suite 24).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 
 from sealmq import cbor, kdf
 from sealmq.errors import DecryptError, LocalProtocolError, Reason, SessionError
@@ -49,13 +50,18 @@ class AeadAlgorithm:
         """Longest Sender/Recipient ID that fits the nonce (RFC 8613 section 5.2)."""
         return self.nonce_length - 6
 
-    def cipher(self, key: bytes) -> AESCCM:
+    def cipher(self, key: bytes) -> AESCCM | AESGCM:
+        if self.cose_id in _GCM:  # cryptography's AESGCM: a 12-byte nonce and a 16-byte tag
+            return AESGCM(key)
         return AESCCM(key, tag_length=self.tag_length)
 
 
+_GCM = (1, 2, 3)  # COSE A128GCM, A192GCM, A256GCM
 AES_CCM_16_64_128 = AeadAlgorithm(10, "AES-CCM-16-64-128", 16, 13, 8)
+A128GCM = AeadAlgorithm(1, "A128GCM", 16, 12, 16)
+A256GCM = AeadAlgorithm(3, "A256GCM", 32, 12, 16)
 
-AEAD_ALGORITHMS: dict[int, AeadAlgorithm] = {AES_CCM_16_64_128.cose_id: AES_CCM_16_64_128}
+AEAD_ALGORITHMS: dict[int, AeadAlgorithm] = {a.cose_id: a for a in (AES_CCM_16_64_128, A128GCM, A256GCM)}
 
 
 def aead_algorithm(cose_id: int) -> AeadAlgorithm:

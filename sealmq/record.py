@@ -9,7 +9,8 @@ Wire format (deterministic CBOR, see docs/protocol.md)::
 * ``kid``: the sender's OSCORE Sender ID (names the session);
 * ``epoch``: key epoch, 0 after the handshake, +1 per key update;
 * ``piv``: the sender's sequence number in that epoch (< 2**40);
-* ``ciphertext``: AES-CCM-16-64-128 of the plaintext (tag included).
+* ``ciphertext``: the session's AEAD (AES-CCM-16-64-128 or A128GCM, from the EDHOC suite) of the
+  plaintext, tag included.
 
 The nonce is RFC 8613 section 5.2's, from the epoch's Common IV, the Sender ID and the Partial IV
 (minimal big-endian ``piv``). The AAD is OSCORE's own structure (section 5.4)::
@@ -62,8 +63,8 @@ def decode(data: bytes) -> Record:
     kid = cbor.as_bytes(items[1], "kid", max_len=limits.MAX_KID_LENGTH)
     epoch = cbor.as_uint(items[2], "epoch", max_value=limits.MAX_EPOCH)
     piv = cbor.as_uint(items[3], "piv", max_value=limits.MAX_PIV)
-    ciphertext = cbor.as_bytes(items[4], "ciphertext", max_len=limits.MAX_PLAINTEXT + limits.TAG_LENGTH)
-    if len(ciphertext) < limits.TAG_LENGTH:
+    ciphertext = cbor.as_bytes(items[4], "ciphertext", max_len=limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH)
+    if len(ciphertext) < limits.MIN_TAG_LENGTH:
         raise DecodeError(Reason.MALFORMED, "ciphertext shorter than the tag")
     return Record(kind, kid, epoch, piv, ciphertext)
 
@@ -111,7 +112,7 @@ def open_(ctx: SecurityContext, rec: Record, topic: str) -> bytes:
 # record's piv/ciphertext heads. The rest is precomputed once per epoch and (kind, topic).
 
 KINDS: dict[int, RecordKind] = {int(k): k for k in RecordKind}
-_MAX_CIPHERTEXT = limits.MAX_PLAINTEXT + limits.TAG_LENGTH
+_MAX_CIPHERTEXT = limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH
 _AAD_CACHE_SIZE = 16  # (kind, topic) pairs per epoch and direction; a session uses at most 8
 
 
@@ -274,7 +275,7 @@ class _AadPieces(AadTemplate):
 class EpochCodec:
     """The record fast path of one security context under one epoch (both directions).
 
-    Holds only integers and a small bounded cache, so an idle session costs little; the AESCCM
+    Holds only integers and a small bounded cache, so an idle session costs little; the AEAD
     objects are the context's own (built once per key).
     """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pki import store
-from sealmq import cbor, topics
+from sealmq import cbor, record, topics
 from sealmq.endpoint import (
     BackendConfig,
     BackendEndpoint,
@@ -128,10 +128,34 @@ def test_other_key_types_negotiate_their_suite(pki: TestPki, device_id: str) -> 
 
 
 def test_suite_negotiation_retries(pki: TestPki) -> None:
-    # The device prefers suite 6 (not served by this backend), then 2: one error round-trip.
-    net, _backend, (dev,) = make(pki, ["cam-1"], suites=(6, 2))
+    # The device prefers suite 3 (not served by this backend), then 2: one error round-trip.
+    net, _backend, (dev,) = make(pki, ["cam-1"], suites=(3, 2))
     events = net.connect(dev)
     assert {e.suite for e in completed(events)} == {2}
+    assert sum(1 for p in net.wire if p.topic.endswith("/hs/up")) == 3  # message_1 twice, message_3
+
+
+def test_default_suites_negotiate_suite_6_and_seal_with_a128gcm(pki: TestPki) -> None:
+    """A P-256 device and backend left to their defaults agree on suite 6 at once, and its records
+    carry A128GCM's 16-byte tag; against a backend that serves only suite 2 (an older one, or one
+    configured so) the same device gets suite 2, AES-CCM, after one ERR_CODE 2 round trip."""
+    net, backend, (dev,) = make(pki, ["cam-1"], suites=())
+    assert dev.suites == (6, 2)
+    events = net.connect(dev)
+    assert {e.suite for e in completed(events)} == {6}
+    assert sum(1 for p in net.wire if p.topic.endswith("/hs/up")) == 2
+    assert dev.session is not None and backend.sessions["cam-1"].session is not None
+    (pub,) = [o for o in dev.seal(RecordKind.TELEMETRY, b"", net.now) if isinstance(o, Publish)]
+    assert len(record.decode(pub.payload).ciphertext) == 16  # an empty plaintext: the tag alone
+    old = BackendEndpoint(credentials=[pki.credential("backend", "backend")], trust_store=pki.trust_store(),
+                          config=BackendConfig(suites=(2,)))
+    dev2 = DeviceEndpoint(device_id="cam-1", credential=pki.credential("device", "cam-1"),
+                          trust_store=pki.trust_store())
+    net2 = Net(old, [dev2])
+    assert {e.suite for e in completed(net2.connect(dev2))} == {2}
+    assert sum(1 for p in net2.wire if p.topic.endswith("/hs/up")) == 3
+    (pub,) = [o for o in dev2.seal(RecordKind.TELEMETRY, b"", net2.now) if isinstance(o, Publish)]
+    assert len(record.decode(pub.payload).ciphertext) == 8
 
 
 def test_key_update_on_demand_loses_nothing(pki: TestPki) -> None:

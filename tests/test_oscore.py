@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 
 from sealmq import cbor, kdf, oscore
 from sealmq.errors import DecryptError, LocalProtocolError, Reason, SessionError
@@ -159,9 +160,40 @@ def test_context_rejects_bad_ids_and_algorithms() -> None:
         oscore.SecurityContext.derive(master_secret=b"k" * 16, sender_id=b"12345678", recipient_id=b"")
     with pytest.raises(SessionError):
         oscore.SecurityContext.derive(master_secret=b"k" * 16, sender_id=b"\x01", recipient_id=b"\x01")
-    with pytest.raises(SessionError):
+    with pytest.raises(SessionError):  # A192GCM: no EDHOC suite we implement names it
         oscore.SecurityContext.derive(master_secret=b"k" * 16, sender_id=b"\x01", recipient_id=b"",
-                                      alg=3)
+                                      alg=2)
+    # A128GCM's 12-byte nonce leaves room for 6-byte IDs, one less than AES-CCM-16-64-128's 7
+    with pytest.raises(SessionError, match="longer than 6 bytes"):
+        oscore.SecurityContext.derive(master_secret=b"k" * 16, sender_id=b"1234567", recipient_id=b"",
+                                      alg=1)
+    oscore.SecurityContext.derive(master_secret=b"k" * 16, sender_id=b"1234567", recipient_id=b"", alg=10)
+
+
+@pytest.mark.parametrize(("alg", "key_len", "nonce_len", "tag_len"),
+                         [(10, 16, 13, 8), (1, 16, 12, 16), (3, 32, 12, 16)])
+def test_each_aead_seals_with_its_own_primitive(alg: int, key_len: int, nonce_len: int, tag_len: int) -> None:
+    """Each AEAD row derives keys of its length and seals with its primitive, checked against
+    cryptography's AESCCM / AESGCM called directly."""
+    a = oscore.SecurityContext.derive(master_secret=b"s" * 16, master_salt=b"salt", sender_id=b"\x01",
+                                      recipient_id=b"", alg=alg)
+    b = oscore.SecurityContext.derive(master_secret=b"s" * 16, master_salt=b"salt", sender_id=b"",
+                                      recipient_id=b"\x01", alg=alg)
+    assert len(a.sender_key) == key_len and len(a.common_iv) == nonce_len
+    nonce = a.sender_nonce(b"\x05")
+    ct = a.encrypt(nonce, b"payload", b"aad")
+    assert len(ct) == len(b"payload") + tag_len
+    direct = AESGCM(a.sender_key) if alg != 10 else AESCCM(a.sender_key, tag_length=8)
+    assert direct.encrypt(nonce, b"payload", b"aad") == ct
+    assert b.decrypt(b.recipient_nonce(b"\x05"), ct, b"aad") == b"payload"
+    with pytest.raises(DecryptError):
+        b.decrypt(b.recipient_nonce(b"\x05"), ct[:-1] + bytes([ct[-1] ^ 1]), b"aad")
+    with pytest.raises(DecryptError):  # shorter than this AEAD's tag
+        b.decrypt(b.recipient_nonce(b"\x05"), ct[:tag_len - 1], b"aad")
+    # the algorithm is part of the key derivation (RFC 8613 3.2.1): another AEAD, other keys
+    other = oscore.SecurityContext.derive(master_secret=b"s" * 16, master_salt=b"salt", sender_id=b"\x01",
+                                          recipient_id=b"", alg=1 if alg != 1 else 10)
+    assert other.sender_key[:16] != a.sender_key[:16]
 
 
 def test_from_edhoc_trace1() -> None:

@@ -41,9 +41,10 @@ def h(value: str) -> bytes:
     return bytes.fromhex(value)
 
 
-def contexts() -> tuple[oscore.SecurityContext, oscore.SecurityContext]:
+def contexts(app_aead: int = 10) -> tuple[oscore.SecurityContext, oscore.SecurityContext]:
     prk_out, c_i, c_r = h(TRACE1["PRK_out"]), h(TRACE1["C_I"]), h(TRACE1["C_R"])
-    return oscore.from_edhoc(prk_out, c_i, c_r, True), oscore.from_edhoc(prk_out, c_i, c_r, False)
+    return (oscore.from_edhoc(prk_out, c_i, c_r, True, app_aead=app_aead),
+            oscore.from_edhoc(prk_out, c_i, c_r, False, app_aead=app_aead))
 
 
 def compute(case: dict[str, Any]) -> dict[str, str]:
@@ -188,13 +189,16 @@ def test_decode_rejects_non_deterministic_and_oversized() -> None:
     with pytest.raises(DecodeError) as info:
         record.decode(b"\x00" * (limits.MAX_RECORD_SIZE + 1))
     assert info.value.reason is Reason.TOO_LARGE
-    big = _enc([6, b"\x18", 0, 0, b"t" * (limits.MAX_PLAINTEXT + 9)])
+    # the largest plaintext with the longest tag (A128GCM's 16 bytes) decodes; one byte more does not
+    record.decode(_enc([6, b"\x18", 0, 0, b"t" * (limits.MAX_PLAINTEXT + 16)]))
+    big = _enc([6, b"\x18", 0, 0, b"t" * (limits.MAX_PLAINTEXT + 17)])
     with pytest.raises(DecodeError):
         record.decode(big)
 
 
-def test_largest_record_fits_the_size_bound() -> None:
-    device, backend = contexts()
+@pytest.mark.parametrize("app_aead", [10, 1])
+def test_largest_record_fits_the_size_bound(app_aead: int) -> None:
+    device, backend = contexts(app_aead)
     topic = "sealmq/v1/dev-1/media/up"
     data = record.seal(device, kind=RecordKind.MEDIA_CHUNK, epoch=limits.MAX_EPOCH, piv=limits.MAX_PIV,
                        topic=topic, plaintext=b"x" * limits.MAX_PLAINTEXT)

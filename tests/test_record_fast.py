@@ -14,13 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sealmq import cbor, limits, oscore, record
-from sealmq.errors import SealmqError
+from sealmq.errors import DecryptError, Reason, SealmqError, SessionError
 from sealmq.events import Publish
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import RecordKind
 from tests.test_oscore import REQUESTS, VEC, _opt
 from tests.test_record import CASES, STORED, contexts, h
 from tests.test_session import C_I, C_R, DOWN_KINDS, PRK_OUT, UP_KINDS, rng
+
+# The application AEADs of the suites the endpoints negotiate: AES-CCM-16-64-128 (suite 2) and A128GCM
+# (suite 6). Every comparison of the fast path with the reference below runs under both.
+AEADS = st.sampled_from([10, 1])
 
 TOPICS = ["sealmq/v1/dev-1/data/up", "sealmq/v1/dev-1/media/up", "sealmq/v1/dev-1/data/down",
           "sealmq/v1/dev-1/media/down", "sealmq/v1/dev-2/data/up", "x", "", "sealmq/v1/dev-1/data/up/"]
@@ -158,8 +162,9 @@ def test_decode_structured_records(kind: int, kid: bytes, epoch: int, piv: int, 
 
 
 def test_decode_large_ciphertexts_agree() -> None:
-    for size in (limits.TAG_LENGTH, 255, 256, 65535, 65536, limits.MAX_PLAINTEXT + limits.TAG_LENGTH,
-                 limits.MAX_PLAINTEXT + limits.TAG_LENGTH + 1):
+    for size in (limits.MIN_TAG_LENGTH, limits.MAX_TAG_LENGTH, 255, 256, 65535, 65536,
+                 limits.MAX_PLAINTEXT + limits.MIN_TAG_LENGTH, limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH,
+                 limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH + 1):
         data = b"\x85\x06\x41\x18\x00\x00" + cbor.bstr_head(size) + b"c" * size
         check_decode(data)
         check_decode(bytearray(data))  # not bytes: always the reference
@@ -179,17 +184,18 @@ def codec_seal(ctx: oscore.SecurityContext, kind: RecordKind, epoch: int, piv: i
 
 
 @given(KINDS, EPOCHS, PIVS, st.sampled_from(TOPICS) | st.text(max_size=30), st.binary(max_size=80),
-       st.booleans())
+       st.booleans(), AEADS)
 def test_seal_identical(kind: RecordKind, epoch: int, piv: int, topic: str, plaintext: bytes,
-                        initiator: bool) -> None:
-    device, backend = contexts()
+                        initiator: bool, app_aead: int) -> None:
+    device, backend = contexts(app_aead)
     ctx = device if initiator else backend
     ref = outcome(record.seal, ctx, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
     assert outcome(codec_seal, ctx, kind, epoch, piv, topic, plaintext) == ref
 
 
-def test_seal_too_large_identical() -> None:
-    device, _ = contexts()
+@pytest.mark.parametrize("app_aead", [10, 1])
+def test_seal_too_large_identical(app_aead: int) -> None:
+    device, _ = contexts(app_aead)
     for size in (limits.MAX_PLAINTEXT, limits.MAX_PLAINTEXT + 1):
         ref = outcome(record.seal, device, kind=RecordKind.MEDIA_CHUNK, epoch=0, piv=3, topic=TOPICS[1],
                       plaintext=b"p" * size)
@@ -198,10 +204,10 @@ def test_seal_too_large_identical() -> None:
 
 @settings(max_examples=300)
 @given(KINDS, st.integers(0, 4), st.integers(0, 2**40 - 1), st.sampled_from(TOPICS[:4]), st.binary(max_size=40),
-       st.data())
+       st.data(), AEADS)
 def test_open_identical_for_moved_and_mutated_records(kind: RecordKind, epoch: int, piv: int, topic: str,
-                                                      plaintext: bytes, data: st.DataObject) -> None:
-    device, backend = contexts()
+                                                      plaintext: bytes, data: st.DataObject, app_aead: int) -> None:
+    device, backend = contexts(app_aead)
     sealed = record.seal(device, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
     rec = record.decode(sealed)
     # move it: another kind, epoch, piv or topic, or damage the ciphertext
@@ -233,14 +239,14 @@ def test_aad_cache_is_bounded() -> None:
 
 # --- whole sessions: a fast and a reference session, fed the same, stay identical ----------------
 
-def session_pairs(config: SessionConfig | None = None) -> tuple[list[Session], list[Session]]:
+def session_pairs(config: SessionConfig | None = None, app_aead: int = 10) -> tuple[list[Session], list[Session]]:
     """([fast device, reference device], [fast backend, reference backend])."""
     devices, backends = [], []
     for fast in (True, False):
         d = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=True, device_id="dev-1",
-                               now=0.0, random_bytes=rng(b"device"), config=config)
+                               now=0.0, random_bytes=rng(b"device"), config=config, app_aead=app_aead)
         b = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=False, device_id="dev-1",
-                               now=0.0, random_bytes=rng(b"backend"), config=config)
+                               now=0.0, random_bytes=rng(b"backend"), config=config, app_aead=app_aead)
         d._fast = b._fast = fast
         devices.append(d)
         backends.append(b)
@@ -268,11 +274,12 @@ OPS = st.lists(st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(OPS, st.booleans())
-def test_fast_and_reference_sessions_behave_identically(ops: list[tuple[Any, ...]], small: bool) -> None:
+@given(OPS, st.booleans(), AEADS)
+def test_fast_and_reference_sessions_behave_identically(ops: list[tuple[Any, ...]], small: bool,
+                                                        app_aead: int) -> None:
     config = SessionConfig(max_records_per_key=6, key_update_after_records=6, max_failed_decryptions=3,
                            replay_window=4, max_buffered=2) if small else None
-    devices, backends = session_pairs(config)
+    devices, backends = session_pairs(config, app_aead)
     up: list[tuple[str, bytes]] = []
     down: list[tuple[str, bytes]] = []
     now = 0.0
@@ -392,12 +399,13 @@ SIZES = st.one_of(st.integers(0, 300), st.sampled_from(
 
 
 @settings(max_examples=200, deadline=None)
-@given(SEQS, st.sampled_from(UP_KINDS), SIZES, MUTATIONS, st.integers(1, 3))
+@given(SEQS, st.sampled_from(UP_KINDS), SIZES, MUTATIONS, st.integers(1, 3), AEADS)
 def test_hot_path_agrees_at_any_sequence_number_and_size(seq: int, kind: RecordKind, size: int,
-                                                         ops: list[tuple[str, int, int]], copies: int) -> None:
+                                                         ops: list[tuple[str, int, int]], copies: int,
+                                                         app_aead: int) -> None:
     """Fast and reference sessions, the device's numbers moved to ``seq``: the same record (mutated
     or not, delivered ``copies`` times) gives the same events, rejections and state."""
-    devices, backends = session_pairs(_UNLIMITED)
+    devices, backends = session_pairs(_UNLIMITED, app_aead)
     for d in devices:
         d.advance_send_seq(seq)
     status, sealed = same(devices, "seal", kind, b"p" * size, 0.0)
@@ -436,11 +444,12 @@ def test_non_shortest_sequence_numbers_are_refused_by_both_sessions(seq: int) ->
     assert status == "ok" and len(events) == 1
 
 
-@pytest.mark.parametrize("length", range(8))
-def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int) -> None:
-    """A well-framed record whose ciphertext cannot even hold the tag: the same refusal from both
-    sessions (malformed, before any decryption, so no failed decryption is counted)."""
-    devices, backends = session_pairs()
+@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("length", range(limits.MIN_TAG_LENGTH))
+def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int, app_aead: int) -> None:
+    """A well-framed record whose ciphertext cannot even hold the shortest tag: the same refusal
+    from both sessions (malformed, before any decryption, so no failed decryption is counted)."""
+    devices, backends = session_pairs(app_aead=app_aead)
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
     ct = record.decode(data).ciphertext
     short = data[:len(data) - len(ct) - 1] + cbor.bstr_head(length) + ct[:length]
@@ -450,14 +459,34 @@ def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int) -> None
     assert same(backends, "open", topic, data, 0.0)[0] == "ok"
 
 
-@pytest.mark.parametrize("extra", [1, 2, 20])
-def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: int) -> None:
-    """Past the largest plaintext plus its tag, a record is refused as too large by both sessions
-    (before any decryption) even while it fits the record size bound."""
-    devices, backends = session_pairs()
+@pytest.mark.parametrize("length", range(limits.MIN_TAG_LENGTH, 16))
+def test_gcm_ciphertexts_shorter_than_its_tag_fail_decryption_alike(length: int) -> None:
+    """8 to 15 bytes hold AES-CCM-16-64-128's tag but not A128GCM's: the record decoder (which does
+    not know the session's AEAD) passes them, and the GCM session refuses them as a record that does
+    not decrypt, counted like any other, the same on both paths."""
+    config = SessionConfig(max_failed_decryptions=3)
+    devices, backends = session_pairs(config, app_aead=1)
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
     ct = record.decode(data).ciphertext
-    big = bytes(limits.MAX_PLAINTEXT + limits.TAG_LENGTH + extra)
+    assert len(ct) == 16
+    short = data[:len(data) - len(ct) - 1] + cbor.bstr_head(length) + ct[:length]
+    for _ in range(2):
+        assert same(backends, "open", topic, short, 0.0) == ("error", (DecryptError, Reason.DECRYPT_FAILED))
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
+    short = data[:len(data) - len(ct) - 1] + cbor.bstr_head(length) + record.decode(data).ciphertext[:length]
+    assert same(backends, "open", topic, short, 0.0) == ("error", (SessionError, Reason.KEY_LIMIT_REACHED))
+
+
+@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("extra", [1, 2, 20])
+def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: int, app_aead: int) -> None:
+    """Past the largest plaintext plus the longest tag, a record is refused as too large by both
+    sessions (before any decryption) even while it fits the record size bound."""
+    devices, backends = session_pairs(app_aead=app_aead)
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"", 0.0)
+    ct = record.decode(data).ciphertext
+    big = bytes(limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH + extra)
     forged = data[:len(data) - len(ct) - 1] + cbor.bstr_head(len(big)) + big
     assert len(forged) <= limits.MAX_RECORD_SIZE
     for _ in range(5):
@@ -468,10 +497,11 @@ def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: 
 _LONGER_BSTR_HEADS = [(b"\x58", 1), (b"\x59", 2), (b"\x5a", 4), (b"\x5b", 8)]
 
 
-@pytest.mark.parametrize("size", [0, 15, 16, 247, 248, 65527])
-def test_non_shortest_ciphertext_heads_are_refused_by_both_sessions(size: int) -> None:
+@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("size", [0, 7, 8, 15, 16, 239, 240, 247, 248, 65519, 65527])
+def test_non_shortest_ciphertext_heads_are_refused_by_both_sessions(size: int, app_aead: int) -> None:
     """Likewise a ciphertext byte string with a longer length head than needed."""
-    devices, backends = session_pairs()
+    devices, backends = session_pairs(app_aead=app_aead)
     _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"r" * size, 0.0)
     ct = record.decode(data).ciphertext
     shortest = cbor.bstr_head(len(ct))

@@ -51,7 +51,7 @@ def _device(pki: TestPki, device_id: str, **config: object) -> DeviceEndpoint:
 # -- the device: suites from its credential, an impossible configuration fails at start ----------
 
 def test_a_device_offers_the_suites_its_key_fits(pki: TestPki) -> None:
-    assert _device(pki, "p-1").suites == (2,)
+    assert _device(pki, "p-1").suites == (6, 2)
     assert _device(pki, "ed-1").suites == (0,)
     assert _device(pki, "rsa-1").suites == (-24,)
 
@@ -85,15 +85,15 @@ def test_backend_serves_the_suites_of_the_key_types_it_holds(tmp_path: Path) -> 
     assert "backend identity backend (ed25519)" in created and "backend identity backend (rsa2048)" in created
     svc = BackendService(BackendSettings(pki_dir=dep.pki, data_dir=dep.backend_data, mqtt=MqttSettings()))
     try:
-        assert svc.endpoint.served_suites() == {0: [2, 0, -24]}
+        assert svc.endpoint.served_suites() == {0: [6, 2, 0, -24]}
     finally:
         svc.storage.close()
-    # only P-256: suite 2 alone, whatever BackendConfig.suites lists
+    # only P-256: suites 6 and 2 alone, whatever BackendConfig.suites lists
     only = bootstrap(tmp_path / "p", [], iterations=1000)[0]
     svc = BackendService(BackendSettings(pki_dir=only.pki, data_dir=only.backend_data, mqtt=MqttSettings()))
     try:
-        assert svc.endpoint.config.suites == (2, 0, -24)
-        assert svc.endpoint.served_suites() == {0: [2]}
+        assert svc.endpoint.config.suites == (6, 2, 0, -24)
+        assert svc.endpoint.served_suites() == {0: [6, 2]}
     finally:
         svc.storage.close()
 
@@ -134,7 +134,7 @@ def test_responder_picks_the_certificate_of_the_selected_suite(pki: TestPki, tmp
     net = Net(backend, devices)
     events = net.run([o for d in devices for o in d.start_handshake(net.now, os.urandom)])
     suites = {e.device_id: e.suite for e in completed(events) if e.peer_name == e.device_id}
-    assert suites == {"p-1": 2, "ed-1": 0, "rsa-1": -24}
+    assert suites == {"p-1": 6, "ed-1": 0, "rsa-1": -24}
 
 
 # -- end to end: an Ed25519 device runs; against a P-256-only backend it backs off -----------------
@@ -156,7 +156,7 @@ def test_ed25519_device_runs_with_suite_0_beside_a_p256_device(ed_system: System
     p.send_telemetry({"n": 2})
     assert wait_for(lambda: backend.storage.count_messages() == 2)
     suites = {e["device"]: e["suite"] for e in ed_system.audit() if e["event"] == "handshake_completed"}
-    assert suites == {"ed-1": 0, "p-1": 2}
+    assert suites == {"ed-1": 0, "p-1": 6}
 
 
 def test_ed25519_device_against_a_p256_only_backend_fails_the_handshake_and_backs_off(tmp_path: Path) -> None:
@@ -195,7 +195,7 @@ def test_backend_serves_method_3_once_it_has_a_ccs_no_restart(tmp_path: Path) ->
         pki_ccs.issue_ccs(sys_.dep.pki, "backend", "backend")
         pki_ccs.issue_ccs(sys_.dep.pki, "device", "tiny-1")
         assert wait_for(lambda: any(e["event"] == "ccs_credential_loaded" for e in sys_.audit()))
-        assert backend.endpoint.served_suites() == {0: [2], 3: [2, -24]}
+        assert backend.endpoint.served_suites() == {0: [6, 2], 3: [2, -24]}
         template = sys_.agent("tiny-1", start=False)
         tiny = DeviceAgent(replace(template.config, method=3))
         tiny.start()

@@ -206,7 +206,7 @@ SUITES: dict[int, Suite] = {
         Suite(1, ALG_AES_CCM_16_128_128, "sha256", 16, CURVE_X25519, ALG_EDDSA, _CCM8, "sha256"),
         Suite(2, ALG_AES_CCM_16_64_128, "sha256", 8, CURVE_P256, ALG_ES256, _CCM8, "sha256"),
         Suite(3, ALG_AES_CCM_16_128_128, "sha256", 16, CURVE_P256, ALG_ES256, _CCM8, "sha256"),
-        Suite(6, ALG_A128GCM, "sha256", 16, CURVE_X25519, ALG_ES256, _CCM8, "sha256"),
+        Suite(6, ALG_A128GCM, "sha256", 16, CURVE_X25519, ALG_ES256, ALG_A128GCM, "sha256"),
         Suite(24, ALG_A256GCM, "sha384", 16, CURVE_P384, ALG_ES384, ALG_A256GCM, "sha384"),
         Suite(-24, ALG_AES_CCM_16_64_128, "sha256", 8, CURVE_P256, ALG_PS256, _CCM8, "sha256"),
     )
@@ -215,10 +215,14 @@ SUITES: dict[int, Suite] = {
 DEFAULT_SUITES: tuple[int, ...] = (2,)
 
 # What the endpoints use unless configured otherwise, in preference order: the suites whose
-# application AEAD the record layer implements (AES-CCM-16-64-128) and whose signature keys the
-# PKI issues (2: P-256, 0: Ed25519, -24: RSA). The backend serves those its credentials fit; a
-# device offers those its own credential fits (``credentials.suites_for``).
-PREFERRED_SUITES: tuple[int, ...] = (2, 0, -24)
+# signature keys the PKI issues (6 and 2: P-256, 0: Ed25519, -24: RSA). The backend serves those
+# its credentials fit; a device offers those its own credential fits (``credentials.suites_for``).
+# Suite 6 comes first: RFC 9528 names it for non-constrained applications, and its A128GCM (a
+# 16-byte tag) costs about half of AES-CCM-16-64-128's CPU for a small record and a seventh for a
+# 64 KiB media chunk (docs/benchmarks.md); its X25519 key exchange needs no key of that kind in the
+# certificate (the signatures stay ES256). A device or backend configured without it, or a CCS
+# (static-DH, P-256) device, negotiates suite 2, the one every constrained EDHOC stack implements.
+PREFERRED_SUITES: tuple[int, ...] = (6, 2, 0, -24)
 
 
 def get_suite(ident: int) -> Suite:

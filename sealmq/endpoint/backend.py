@@ -41,7 +41,7 @@ from sealmq.endpoint.events import (
 from sealmq.endpoint.framing import NULL_PREFIX, c_i_prefix_of, split_frame
 from sealmq.errors import DecodeError, EdhocError, LocalProtocolError, Reason, SealmqError, SessionError
 from sealmq.identity import CredentialKind, PeerIdentity, Role
-from sealmq.oscore import AES_CCM_16_64_128
+from sealmq.oscore import aead_algorithm
 from sealmq.session import Session, SessionConfig
 from sealmq.topics import Channel, Direction, ParsedTopic, RecordKind
 
@@ -75,6 +75,11 @@ def _spki(key: Any) -> bytes:
     except (AttributeError, TypeError, ValueError):
         raise LocalProtocolError(Reason.UNSUPPORTED, "the peer key has no SubjectPublicKeyInfo form") from None
     return bytes(der)
+
+
+def _max_id_length(responder: Responder) -> int:
+    """The longest OSCORE ID the application AEAD of the responder's selected suite allows."""
+    return aead_algorithm(responder.suite.app_aead).max_id_length
 
 
 def _snapshot_items(blob: bytes, device_id: str, length: int, what: str) -> list[Any]:
@@ -198,7 +203,7 @@ class BackendEndpoint:
         try:
             responder.process_message_1(message)
             # C_I becomes our OSCORE Sender ID (RFC 9528 A.1): it must fit the AEAD's nonce
-            if len(responder.c_i or b"") > AES_CCM_16_64_128.max_id_length:
+            if len(responder.c_i or b"") > _max_id_length(responder):
                 raise EdhocError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
         except EdhocError as err:
             out: list[Output] = [Rejected(device_id, topic, Stage.HANDSHAKE, err.reason, err.detail, size)]
@@ -302,7 +307,7 @@ class BackendEndpoint:
         except SealmqError as exc:
             raise DecodeError(exc.reason, f"handshake snapshot: {exc.detail}") from None
         c_i, c_r = responder.c_i or b"", responder.c_r or b""
-        if len(c_i) > AES_CCM_16_64_128.max_id_length:  # as _on_message_1 refuses it
+        if len(c_i) > _max_id_length(responder):  # as _on_message_1 refuses it
             raise DecodeError(Reason.UNSUPPORTED, "C_I is too long to be an OSCORE Sender ID")
         self._expire(now)
         if now - created > self.config.half_open_ttl:

@@ -43,7 +43,7 @@ from sealmq.topics import Channel, Direction, RecordKind
 @dataclass(frozen=True)
 class EndpointConfig:
     # Cipher suites in preference order; empty: those of PREFERRED_SUITES the credential fits
-    # (2 for P-256, 0 for Ed25519, -24 for RSA, 2 and -24 for a CCS).
+    # (6 and 2 for P-256, 0 for Ed25519, -24 for RSA, 2 and -24 for a CCS).
     suites: tuple[int, ...] = ()
     handshake_timeout: float = 10.0
     retry_min: float = 1.0
