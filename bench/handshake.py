@@ -70,6 +70,8 @@ KEY_TYPES = {"bench-p256": "p256", "bench-ed": "ed25519", "bench-rsa": "rsa2048"
 BACKENDS = {"backend": "p256", "backend-ed": "ed25519", "backend-rsa": "rsa2048"}
 
 CASES = [
+    Case("suite 6 (X25519, ES256, A128GCM; the default), x5t", 6, "bench-p256", "backend", True),
+    Case("suite 6 (X25519, ES256, A128GCM; the default), x5chain", 6, "bench-p256", "backend", False),
     Case("suite 2 (P-256, ES256), x5t", 2, "bench-p256", "backend", True),
     Case("suite 2 (P-256, ES256), x5chain", 2, "bench-p256", "backend", False),
     Case("suite 2 (P-256, ES256), x5t, chain cache cold", 2, "bench-p256", "backend", True, cold=True),
@@ -391,7 +393,7 @@ def run(runs: int = 200, warmup: int = 5, *, two_level: bool = False) -> str:
     )
     size_rows: list[list[object]] = []
     for case in CASES:
-        if case.suite == 2 and not case.cold:
+        if case.suite in (6, 2) and not case.cold:
             m = sizes[case.label]
             size_rows.append([f"EDHOC {case.label} (measured)", *m, sum(m[:3]), sum(m)])
     size_rows.append(["EDHOC signature, x5t, P-256 (published)", *PUBLISHED_EDHOC_X5T, "-",

@@ -3,12 +3,14 @@
 Three rows per plaintext size, same plaintext, same AAD bytes:
 
 * ``Session.seal`` / ``Session.open``: the whole sealmq record path (topic, CBOR record, OSCORE
-  nonce and AAD with the topic binding, AES-CCM-16-64-128, replay window, key-usage counters);
-* the same with the reference record path (``Session._fast = False``: ``record.seal``/``open_``/
+  nonce and AAD with the topic binding, the AEAD, replay window, key-usage counters), once with
+  suite 6's application AEAD (A128GCM, what the endpoints negotiate by default) and once with suite
+  2's (AES-CCM-16-64-128);
+* the same (suite 2) with the reference record path (``Session._fast = False``: ``record.seal``/``open_``/
   ``decode``, what every record went through before the fast path of :class:`record.EpochCodec`);
 * ``DeviceEndpoint.seal`` / ``BackendEndpoint.handle``: the same plus the endpoints' MQTT
   framing and dispatch (what the device agent and backend service call per message), on a session
-  made by a real in-memory EDHOC handshake;
+  made by a real in-memory EDHOC handshake (which negotiates suite 6);
 * raw ``AESCCM`` (16-byte key, 8-byte tag, 13-byte nonce) encrypt/decrypt: the AEAD alone, so the
   difference is the cost of our framing;
 * raw ``AESGCM`` (AES-128-GCM, 12-byte nonce, 16-byte tag): the standard alternative AEAD.
@@ -47,7 +49,7 @@ DEVICE = "bench-dev"
 C_I, C_R = b"\x0e", b"\x27"
 
 
-def session_pair(now: float = 1_700_000_000.0, *, fast: bool = True) -> tuple[Session, Session]:
+def session_pair(now: float = 1_700_000_000.0, *, fast: bool = True, app_aead: int = 10) -> tuple[Session, Session]:
     """A device and a backend session over the same (random) PRK_out, as after EDHOC.
 
     ``fast=False``: both use the reference record path (what every record went through before
@@ -55,9 +57,9 @@ def session_pair(now: float = 1_700_000_000.0, *, fast: bool = True) -> tuple[Se
     prk_out = os.urandom(32)
     config = SessionConfig(auto_key_update=False)
     device = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=True, device_id=DEVICE,
-                                now=now, config=config)
+                                now=now, config=config, app_aead=app_aead)
     backend = Session.from_edhoc(prk_out=prk_out, c_i=C_I, c_r=C_R, is_initiator=False, device_id=DEVICE,
-                                 now=now, config=config)
+                                 now=now, config=config, app_aead=app_aead)
     device._fast = backend._fast = fast
     return device, backend
 
@@ -74,12 +76,12 @@ def _per_op(fn: Callable[[], None], ops: int) -> float:
     return (time.thread_time() - t0) / ops * 1e6
 
 
-def bench_session(size: int, ops: int, repeats: int, *, fast: bool = True) -> Result:
+def bench_session(size: int, ops: int, repeats: int, *, fast: bool = True, app_aead: int = 10) -> Result:
     plaintext = os.urandom(size)
     now = 1_700_000_000.0
     out = Result([], [])
     for _ in range(repeats):
-        device, backend = session_pair(now, fast=fast)
+        device, backend = session_pair(now, fast=fast, app_aead=app_aead)
         sealed: list[tuple[str, bytes]] = []
 
         def seal_all(device: Session = device, sealed: list[tuple[str, bytes]] = sealed) -> None:
@@ -92,7 +94,7 @@ def bench_session(size: int, ops: int, repeats: int, *, fast: bool = True) -> Re
 
         out.seal_us.append(_per_op(seal_all, ops))
         # check outside the timed region that what we time really opens
-        check_dev, check_be = session_pair(now, fast=fast)
+        check_dev, check_be = session_pair(now, fast=fast, app_aead=app_aead)
         events = check_be.open(*check_dev.seal(RecordKind.TELEMETRY, plaintext, now), now)
         if not (len(events) == 1 and isinstance(events[0], Received) and events[0].plaintext == plaintext):
             raise AssertionError("session round trip failed")
@@ -200,29 +202,41 @@ def run(*, quick: bool = False, repeats: int = 9) -> str:
                 ops = ops_for(size, quick)
                 add((size, "endpoint"), bench_endpoint(device, backend, size, ops, 1))
                 add((size, "session"), bench_session(size, ops, 1))
+                add((size, "session-gcm"), bench_session(size, ops, 1, app_aead=1))
                 add((size, "reference"), bench_session(size, ops, 1, fast=False))
                 add((size, "ccm"), bench_raw(size, ops, 1, gcm=False))
                 add((size, "gcm"), bench_raw(size, ops, 1, gcm=True))
     for size in SIZES:
-        ep, sess, ref = results[(size, "endpoint")], results[(size, "session")], results[(size, "reference")]
+        ep, ref = results[(size, "endpoint")], results[(size, "reference")]
+        sess, sess_gcm = results[(size, "session")], results[(size, "session-gcm")]
         r_seal, r_open = median(ref.seal_us), median(ref.open_us)
         ccm, gcm = results[(size, "ccm")], results[(size, "gcm")]
         s_seal, s_open = median(sess.seal_us), median(sess.open_us)
+        sg_seal, sg_open = median(sess_gcm.seal_us), median(sess_gcm.open_us)
         c_seal, c_open = median(ccm.seal_us), median(ccm.open_us)
         g_seal, g_open = median(gcm.seal_us), median(gcm.open_us)
         e_seal, e_open = median(ep.seal_us), median(ep.open_us)
-        rows.append([f"{size:,} B", "DeviceEndpoint.seal / BackendEndpoint.handle", fmt(e_seal), fmt(e_open),
-                     f"{(e_seal + e_open) / (c_seal + c_open):.2f}x"])
-        rows.append(["", "Session.seal / open (sealmq record)", fmt(s_seal), fmt(s_open),
-                     f"{(s_seal + s_open) / (c_seal + c_open):.2f}x"])
-        rows.append(["", "Session.seal / open, reference record path (before)", fmt(r_seal), fmt(r_open),
-                     f"{(r_seal + r_open) / (c_seal + c_open):.2f}x"])
-        rows.append(["", "raw AES-128-CCM-8 encrypt / decrypt", fmt(c_seal), fmt(c_open), "1.00x"])
-        rows.append(["", "raw AES-128-GCM encrypt / decrypt", fmt(g_seal), fmt(g_open),
-                     f"{(g_seal + g_open) / (c_seal + c_open):.2f}x"])
-        rows.append(["", "framing overhead per record (Session - raw CCM)", fmt(s_seal - c_seal),
-                     fmt(s_open - c_open), ""])
-    header = ["plaintext", "operation", "seal/encrypt (us)", "open/decrypt (us)", "seal+open vs raw CCM"]
+        ccm_pair, gcm_pair = c_seal + c_open, g_seal + g_open
+
+        def ratios(total: float, own: float, ccm_pair: float = ccm_pair) -> list[str]:
+            return [f"{total / ccm_pair:.2f}x", f"{total / own:.2f}x"]
+
+        rows.append([f"{size:,} B", "DeviceEndpoint.seal / BackendEndpoint.handle (suite 6)", fmt(e_seal),
+                     fmt(e_open), *ratios(e_seal + e_open, gcm_pair)])
+        rows.append(["", "Session.seal / open, suite 6 (A128GCM, the default)", fmt(sg_seal), fmt(sg_open),
+                     *ratios(sg_seal + sg_open, gcm_pair)])
+        rows.append(["", "Session.seal / open, suite 2 (AES-CCM-16-64-128)", fmt(s_seal), fmt(s_open),
+                     *ratios(s_seal + s_open, ccm_pair)])
+        rows.append(["", "Session.seal / open, suite 2, reference record path (before)", fmt(r_seal), fmt(r_open),
+                     *ratios(r_seal + r_open, ccm_pair)])
+        rows.append(["", "raw AES-128-CCM-8 encrypt / decrypt", fmt(c_seal), fmt(c_open), "1.00x", "1.00x"])
+        rows.append(["", "raw AES-128-GCM encrypt / decrypt", fmt(g_seal), fmt(g_open), *ratios(gcm_pair, gcm_pair)])
+        rows.append(["", "framing overhead per record, suite 6 (Session - raw GCM)", fmt(sg_seal - g_seal),
+                     fmt(sg_open - g_open), "", ""])
+        rows.append(["", "framing overhead per record, suite 2 (Session - raw CCM)", fmt(s_seal - c_seal),
+                     fmt(s_open - c_open), "", ""])
+    header = ["plaintext", "operation", "seal/encrypt (us)", "open/decrypt (us)", "seal+open vs raw CCM",
+              "vs its own raw AEAD"]
     return (f"### Seal/open CPU per record (median of {reps} batches; "
             f"{ops_for(64, quick)} ops per batch below 4 KiB, {ops_for(65_000, quick)} at 65,000 B)\n\n"
             f"{table(header, rows)}\n")
