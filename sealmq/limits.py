@@ -18,7 +18,7 @@ it is (2**33)**2 / 2**128 = 2**-62, still well under 2**-50, so q and v stay as 
 
 Sessions under suite 6 (A128GCM, 16-byte tag) and 24 (A256GCM) keep the same q and v: for GCM,
 draft-irtf-cfrg-aead-limits bounds CA by ``(q * (l + 1))**2 / 2**129`` = (2**32)**2 / 2**129 = 2**-65
-with l = 2**12 and IA by ``2 * v * (l + 1) / 2**128``, about 2**-93 at v = 2**14, so both sit much
+with l = 2**12 and IA by ``2 * v * (l + 1) / 2**128``, about 2**-101 at v = 2**14, so both sit much
 further below 2**-50 than CCM_8's; one set of limits serves every suite.
 
 Practical defaults (``sealmq.session.SessionConfig``) sit far below the hard limits: a key update

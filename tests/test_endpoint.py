@@ -305,11 +305,13 @@ def test_device_rejects_a_backend_it_did_not_expect(pki: TestPki, tmp_path: Path
     assert "cam-1" not in backend.sessions
 
 
-@pytest.mark.parametrize("c_i", [b"", b"\x07" * 7, b"\x14" * 20])
-def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) -> None:
+@pytest.mark.parametrize(("suite", "longest"), [(2, 7), (6, 6)])
+@pytest.mark.parametrize("c_i", [b"", b"\x06" * 6, b"\x07" * 7, b"\x14" * 20])
+def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes, suite: int, longest: int) -> None:
     """RFC 9528 lets C_I be any byte string, the empty one included: the backend frames its answers
     with C_I exactly as message_1 carried it, and refuses a C_I too long to be its OSCORE Sender ID
-    (at most 7 bytes with AES-CCM-16-64-128) with an error the initiator can read."""
+    (at most 7 bytes with suite 2's AES-CCM-16-64-128, 6 with suite 6's A128GCM: the nonce is 13 or
+    12 bytes) with an error the initiator can read."""
     from datetime import UTC, datetime
 
     from sealmq.edhoc import Initiator, X509Authenticator, decode_error_message, is_error_message
@@ -318,7 +320,7 @@ def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) 
     _, backend, _ = make(pki, [])
     ini = Initiator(pki.credential("device", "cam-1"),
                     X509Authenticator(pki.trust_store(), Role.BACKEND, datetime.now(UTC)),
-                    c_i=c_i or b"\x00", random_bytes=os.urandom)
+                    c_i=c_i or b"\x00", suites=[suite], random_bytes=os.urandom)
     if not c_i:
         ini._c_i = b""  # the public constructor insists on 1..32 bytes; peers may send the empty id
     now = time.time()
@@ -327,7 +329,7 @@ def test_initiator_connection_ids_of_any_valid_length(pki: TestPki, c_i: bytes) 
     prefix = cbor.loads_seq(answer.payload)[0]
     assert prefix == c_i  # the C_I item, exactly as message_1 carried it
     body = answer.payload[len(cbor.dumps(prefix)):]
-    if len(c_i) > 7:
+    if len(c_i) > longest:
         assert is_error_message(body)
         assert decode_error_message(body).err_info == "unsupported"
         assert [r.reason for r in rejected(out)] == [Reason.UNSUPPORTED]

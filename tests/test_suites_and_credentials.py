@@ -21,9 +21,10 @@ from pki import ccs as pki_ccs
 from pki import layout, store
 from runtime.audit import read_audit
 from runtime.mqtt import MqttSettings
-from sealmq.edhoc import X509Credential, suites_for
+from sealmq.edhoc import SUITES, X509Credential, suites_for
 from sealmq.endpoint import BackendConfig, BackendEndpoint, DeviceEndpoint, EndpointConfig
 from sealmq.errors import ConfigError, LocalProtocolError, PkiError, Reason
+from sealmq.oscore import aead_algorithm
 from tests.e2e import System, wait_for
 from tests.pki_fixtures import TestPki, make_pki
 
@@ -46,6 +47,33 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 def _device(pki: TestPki, device_id: str, **config: object) -> DeviceEndpoint:
     return DeviceEndpoint(device_id=device_id, credential=pki.credential("device", device_id),
                           trust_store=pki.trust_store(), config=EndpointConfig(**config))  # type: ignore[arg-type]
+
+
+# -- the suite table is the registry's -----------------------------------------------------------
+
+# RFC 9528 section 10.2 (IANA "EDHOC Cipher Suites"): [EDHOC AEAD, hash, MAC length, ECDH curve,
+# signature algorithm, application AEAD, application hash], as COSE identifiers.
+REGISTRY = {
+    0: [10, -16, 8, 4, -8, 10, -16],
+    1: [30, -16, 16, 4, -8, 10, -16],
+    2: [10, -16, 8, 1, -7, 10, -16],
+    3: [30, -16, 16, 1, -7, 10, -16],
+    6: [1, -16, 16, 4, -7, 1, -16],
+    24: [3, -43, 16, 2, -35, 3, -43],
+}
+
+
+def test_the_suite_table_is_the_registrys() -> None:
+    """Every standard suite we implement, field by field (suite 6's application AEAD was once
+    AES-CCM-16-64-128 here, where the registry says A128GCM), and each opens a session with its
+    application AEAD."""
+    hashes, curves = {"sha256": -16, "sha384": -43}, {"X25519": 4, "P-256": 1, "P-384": 2}
+    for ident, row in REGISTRY.items():
+        s = SUITES[ident]
+        assert [s.aead, hashes[s.hash_name], s.mac_length, curves[s.curve], s.sig_alg, s.app_aead,
+                hashes[s.app_hash]] == row, ident
+        assert aead_algorithm(s.app_aead).cose_id == s.app_aead
+    assert sorted(i for i in SUITES if i >= 0) == sorted(REGISTRY)
 
 
 # -- the device: suites from its credential, an impossible configuration fails at start ----------
