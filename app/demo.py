@@ -24,6 +24,7 @@ from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
 from device.simulator import Simulator, media_files, telemetry_for
 from pki import keys
+from runtime import exits
 from runtime.mqtt import MqttLink, MqttSettings
 
 MARKER = "demo-plaintext-marker"
@@ -207,6 +208,7 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
         if args.serve and console is not None:  # console (issue 13)
             serve_demo(sim.agents, step, say)
+            return exits.INTERRUPTED  # stopped by Ctrl-C or SIGTERM, as before (130)
         return 0 if not leaked and stored >= step * len(ids) and unacked == 0 and fleet_secrets else 1
     finally:
         if console is not None:  # console (issue 13)

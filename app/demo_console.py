@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
-import time
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,11 +41,24 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
     return console
 
 
-def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0) -> None:
-    """Telemetry from every device until Ctrl-C, so that the console has something live to show."""
+def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0,
+               stop: threading.Event | None = None) -> None:
+    """Telemetry from every device until Ctrl-C (SIGINT) or SIGTERM, so that the console has
+    something live to show. The signal only sets ``stop``, checked between rounds, as the backend and
+    device services do, so no KeyboardInterrupt lands in the middle of ``send_telemetry`` (an outbox
+    transaction, a lock held) before the shutdown. Returns when stopped."""
+    stop = stop or threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     say("      the demo keeps running for the console; Ctrl-C to stop")
-    while True:
-        for agent in agents:
-            agent.send_telemetry(telemetry_for(agent.config.device_id, step))
-        step += 1
-        time.sleep(interval)
+    try:
+        while not stop.is_set():
+            for agent in agents:
+                agent.send_telemetry(telemetry_for(agent.config.device_id, step))
+            step += 1
+            stop.wait(interval)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
