@@ -18,7 +18,13 @@ from pathlib import Path
 
 from app import config, demo_fleet  # demo_fleet: fleet (issue 16)
 from app.bootstrap import Deployment, bootstrap
-from app.demo_console import port_free, serve_demo, start_demo_console  # console (issue 13)
+from app.demo_console import (  # console (issue 13)
+    port_free,
+    restore_signals,
+    serve_demo,
+    start_demo_console,
+    stop_on_signals,
+)
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
@@ -126,6 +132,8 @@ def run_demo(args: argparse.Namespace) -> int:
     backend = None
     sim = None
     console = None  # console (issue 13)
+    stop = threading.Event()  # Ctrl-C / SIGTERM: end at the next check, then the same cleanup
+    handlers = stop_on_signals(stop)
     try:
         monitor.link.start()
         backend = BackendService(BackendSettings(
@@ -154,7 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
         step = 0
         end = time.monotonic() + args.duration
         commands_sent = key_updates = False
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             for agent in sim.agents:
                 values = telemetry_for(agent.config.device_id, step)
                 values["note"] = MARKER
@@ -168,7 +176,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     agent.key_update()
                 key_updates = True
             step += 1
-            time.sleep(0.5)
+            stop.wait(0.5)
+        if stop.is_set():
+            say("      interrupted")
+            return exits.INTERRUPTED
         unacked = sum(0 if a.wait_acknowledged(15) else a.unacknowledged() for a in sim.agents)
         fleet_secrets = demo_fleet.run(dep, backend, broker.port, say)  # fleet (issue 16)
         unfinished = sum(0 if a.wait_transfers(30) else a.pending_transfers() for a in sim.agents)
@@ -207,10 +218,11 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"      stored data: sealmq backend messages --data {dep.backend_data}")
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
         if args.serve and console is not None:  # console (issue 13)
-            serve_demo(sim.agents, step, say)
+            serve_demo(sim.agents, step, say, stop=stop)
             return exits.INTERRUPTED  # stopped by Ctrl-C or SIGTERM, as before (130)
         return 0 if not leaked and stored >= step * len(ids) and unacked == 0 and fleet_secrets else 1
     finally:
+        restore_signals(handlers)
         if console is not None:  # console (issue 13)
             console.stop()
         if sim is not None:

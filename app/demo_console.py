@@ -41,17 +41,33 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
     return console
 
 
-def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0,
-               stop: threading.Event | None = None) -> None:
-    """Telemetry from every device until Ctrl-C (SIGINT) or SIGTERM, so that the console has
-    something live to show. The signal only sets ``stop``, checked between rounds, as the backend and
-    device services do, so no KeyboardInterrupt lands in the middle of ``send_telemetry`` (an outbox
-    transaction, a lock held) before the shutdown. Returns when stopped."""
-    stop = stop or threading.Event()
-    handlers = {}
+def stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """SIGINT and SIGTERM set ``stop`` from now on (main thread only; elsewhere nothing changes), as
+    the backend and device services do. A process started with SIGINT ignored (a background job of
+    a non-interactive shell) stops on it too. Returns the previous handlers, for
+    :func:`restore_signals`."""
+    handlers: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    return handlers
+
+
+def restore_signals(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0,
+               stop: threading.Event | None = None) -> None:
+    """Telemetry from every device until ``stop`` is set, so that the console has something live to
+    show. Without a ``stop`` of the caller's, SIGINT (Ctrl-C) and SIGTERM set one here
+    (:func:`stop_on_signals`). The event is checked between rounds, so no KeyboardInterrupt lands in
+    the middle of ``send_telemetry`` (an outbox transaction, a lock held) before the shutdown."""
+    handlers = {}
+    if stop is None:
+        stop = threading.Event()
+        handlers = stop_on_signals(stop)
     say("      the demo keeps running for the console; Ctrl-C to stop")
     try:
         while not stop.is_set():
@@ -60,5 +76,4 @@ def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], i
             step += 1
             stop.wait(interval)
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        restore_signals(handlers)
