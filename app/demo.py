@@ -18,13 +18,7 @@ from pathlib import Path
 
 from app import config, demo_fleet  # demo_fleet: fleet (issue 16)
 from app.bootstrap import Deployment, bootstrap
-from app.demo_console import (  # console (issue 13)
-    port_free,
-    restore_signals,
-    serve_demo,
-    start_demo_console,
-    stop_on_signals,
-)
+from app.demo_console import port_free, serve_demo, start_demo_console  # console (issue 13)
 from backend.service import BackendService, BackendSettings
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
 from broker.inspect_format import describe
@@ -133,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
     sim = None
     console = None  # console (issue 13)
     stop = threading.Event()  # Ctrl-C / SIGTERM: end at the next check, then the same cleanup
-    handlers = stop_on_signals(stop)
+    handlers = exits.stop_on_signals(stop)
     try:
         monitor.link.start()
         backend = BackendService(BackendSettings(
@@ -218,11 +212,11 @@ def run_demo(args: argparse.Namespace) -> int:
         say(f"      stored data: sealmq backend messages --data {dep.backend_data}")
         say(f"done in {time.monotonic() - t0:.1f} s; sent {sent} sealed records")
         if args.serve and console is not None:  # console (issue 13)
-            serve_demo(sim.agents, step, say, stop=stop)
+            serve_demo(sim.agents, step, say, stop)
             return exits.INTERRUPTED  # stopped by Ctrl-C or SIGTERM, as before (130)
         return 0 if not leaked and stored >= step * len(ids) and unacked == 0 and fleet_secrets else 1
     finally:
-        restore_signals(handlers)
+        exits.restore_signals(handlers)
         if console is not None:  # console (issue 13)
             console.stop()
         if sim is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -41,39 +40,15 @@ def start_demo_console(backend: Any, dep: Any, broker_port: int, where: str, say
     return console
 
 
-def stop_on_signals(stop: threading.Event) -> dict[int, Any]:
-    """SIGINT and SIGTERM set ``stop`` from now on (main thread only; elsewhere nothing changes), as
-    the backend and device services do. A process started with SIGINT ignored (a background job of
-    a non-interactive shell) stops on it too. Returns the previous handlers, for
-    :func:`restore_signals`."""
-    handlers: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
-    return handlers
-
-
-def restore_signals(handlers: dict[int, Any]) -> None:
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], interval: float = 1.0,
-               stop: threading.Event | None = None) -> None:
-    """Telemetry from every device until ``stop`` is set, so that the console has something live to
-    show. Without a ``stop`` of the caller's, SIGINT (Ctrl-C) and SIGTERM set one here
-    (:func:`stop_on_signals`). The event is checked between rounds, so no KeyboardInterrupt lands in
-    the middle of ``send_telemetry`` (an outbox transaction, a lock held) before the shutdown."""
-    handlers = {}
-    if stop is None:
-        stop = threading.Event()
-        handlers = stop_on_signals(stop)
+def serve_demo(agents: Sequence[Any], step: int, say: Callable[[str], object], stop: threading.Event,
+               interval: float = 1.0) -> None:
+    """Telemetry from every device until ``stop`` is set (the demo sets it on Ctrl-C and SIGTERM,
+    ``runtime.exits.stop_on_signals``), so that the console has something live to show. The event
+    is checked between rounds: nothing interrupts ``send_telemetry`` (an outbox transaction, a lock
+    held) before the shutdown."""
     say("      the demo keeps running for the console; Ctrl-C to stop")
-    try:
-        while not stop.is_set():
-            for agent in agents:
-                agent.send_telemetry(telemetry_for(agent.config.device_id, step))
-            step += 1
-            stop.wait(interval)
-    finally:
-        restore_signals(handlers)
+    while not stop.is_set():
+        for agent in agents:
+            agent.send_telemetry(telemetry_for(agent.config.device_id, step))
+        step += 1
+        stop.wait(interval)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from pki import ccs as pki_ccs
 from pki import layout
 from pki.store import CRL_SEEN_FILE, load_identity, load_trust_store
 from pki.verify import TrustStore
+from runtime import exits
 from runtime.audit import AuditLog, AuditThrottle
 from runtime.driver import EndpointDriver
 from runtime.files import FileWatch, private_dir
@@ -226,8 +226,7 @@ class BackendService(EndpointDriver):
         """Serve until SIGINT/SIGTERM; raise :class:`TransportError` if the broker refuses the
         backend's credentials, or cannot be reached within ``connect_timeout`` (None: retry forever)."""
         done = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
+        exits.stop_on_signals(done)
         self.start(wait=None)
         try:
             if self.link.wait_connected(connect_timeout, raise_on_timeout=True, stop=done):

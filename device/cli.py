@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 import time
@@ -107,11 +106,6 @@ def _cli_logging(level: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s")
 
 
-def _on_signals(stop: threading.Event) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
-
 def _suites(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
@@ -156,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     if limit is None and args.count and args.connect_timeout is None:
         limit = COUNTED_RUN_CONNECT_TIMEOUT  # a bounded run must end even when the broker is down
     stop = threading.Event()
-    _on_signals(stop)
+    exits.stop_on_signals(stop)
     agent.start(wait=None)
     sent = 0
     code = exits.OK
@@ -250,7 +244,7 @@ def _send(args: argparse.Namespace) -> int:
     ))
     agent.on_progress = _progress_printer(sys.stdout)
     stop = threading.Event()
-    _on_signals(stop)
+    exits.stop_on_signals(stop)
     print(f"{args.id} connecting to {settings.host}:{settings.port} ...", file=sys.stderr, flush=True)
     agent.start(wait=None)
     try:
@@ -307,7 +301,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return path.read_text().strip() if path.exists() else settings.password
 
     stop = threading.Event()
-    _on_signals(stop)
+    exits.stop_on_signals(stop)
     end = time.monotonic() + args.duration
     sim = Simulator(args.pki, args.state, ids, settings, password_for=password_for)
     print(f"{len(ids)} devices connecting to {settings.host}:{settings.port} ...", flush=True)

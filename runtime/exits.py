@@ -18,6 +18,10 @@ code meaning
 
 from __future__ import annotations
 
+import signal
+import threading
+from typing import Any
+
 from sealmq.errors import Reason, SealmqError
 
 OK = 0
@@ -35,3 +39,22 @@ def code_for(err: SealmqError) -> int:
     if err.reason is Reason.TRANSPORT_FAILED:
         return UNREACHABLE
     return USAGE
+
+
+def stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """SIGINT and SIGTERM set ``stop`` from now on, so that a long-running command ends at its next
+    check of the event, with its usual cleanup, rather than by a KeyboardInterrupt wherever the main
+    thread happens to be. A process started with SIGINT ignored (a background job of a
+    non-interactive shell) stops on it too. Main thread only; elsewhere nothing changes. Returns
+    the previous handlers, for :func:`restore_signals`."""
+    handlers: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    return handlers
+
+
+def restore_signals(handlers: dict[int, Any]) -> None:
+    """Put back the handlers :func:`stop_on_signals` replaced."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from app.demo_console import serve_demo
+from runtime import exits
 
 
 @dataclass
@@ -53,7 +54,12 @@ def test_a_signal_ends_the_loop_between_rounds_and_restores_the_handlers(sig: si
     killer = threading.Timer(0.25, lambda: os.kill(os.getpid(), sig))
     killer.start()
     t0 = time.monotonic()
-    serve_demo(agents, 0, lambda _: None, interval=0.01)  # returns: no KeyboardInterrupt, no exit
+    stop = threading.Event()
+    handlers = exits.stop_on_signals(stop)  # as run_demo does
+    try:
+        serve_demo(agents, 0, lambda _: None, stop, interval=0.01)  # returns: no KeyboardInterrupt
+    finally:
+        exits.restore_signals(handlers)
     killer.join()
     assert time.monotonic() - t0 < 5
     assert all(a.calls for a in agents)
@@ -66,7 +72,7 @@ def test_the_stop_event_ends_the_loop_from_another_thread() -> None:
     agent = _Agent(_Config("dev-001"))
     stop = threading.Event()
     threading.Timer(0.1, stop.set).start()
-    serve_demo([agent], 5, lambda _: None, interval=0.01, stop=stop)
+    serve_demo([agent], 5, lambda _: None, stop, interval=0.01)
     assert agent.calls  # at least one round ran, and the loop returned
 
 
