@@ -80,6 +80,16 @@ SEALED = ("sealed", SEALED_CCM)
 MODES = ("plaintext", FLOOR, "sealed", SEALED_CCM, "sealed, full service")
 
 
+_FLOOR_NONCE_PAD = bytes(7)  # A128GCM's 12-byte nonce: 7 zero bytes, then the 5-byte counter
+
+
+def _floor_aead(cfg: dict[str, Any]) -> Any:
+    """The "AEAD only" path's cipher, the same on both sides of a run: A128GCM under the run's key."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(bytes.fromhex(cfg["floor_key"]))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -221,14 +231,12 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
 
     link: MqttLink
     if mode == FLOOR:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        aead = AESGCM(bytes.fromhex(cfg["floor_key"]))
+        aead = _floor_aead(cfg)
 
         def on_floor(topic: str, payload: bytes) -> None:
             with lock:
                 try:
-                    aead.decrypt(bytes(7) + payload[:5], payload[5:], topic.encode())
+                    aead.decrypt(_FLOOR_NONCE_PAD + payload[:5], payload[5:], topic.encode())
                 except Exception:
                     state["bad"] += 1
                 count_one()
@@ -352,13 +360,11 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
         for p in payloads:
             link.publish(topic, p)
     elif mode == FLOOR:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        aead = AESGCM(bytes.fromhex(cfg["floor_key"]))
+        aead = _floor_aead(cfg)
         aad = topic.encode()
         for i, p in enumerate(payloads):
             counter = i.to_bytes(5, "big")
-            sealed = counter + aead.encrypt(bytes(7) + counter, p, aad)
+            sealed = counter + aead.encrypt(_FLOOR_NONCE_PAD + counter, p, aad)
             wire_size = len(sealed)
             link.publish(topic, sealed)
     else:

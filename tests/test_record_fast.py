@@ -24,7 +24,8 @@ from tests.test_session import C_I, C_R, DOWN_KINDS, PRK_OUT, UP_KINDS, rng
 
 # The application AEADs of the suites the endpoints negotiate: AES-CCM-16-64-128 (suite 2) and A128GCM
 # (suite 6). Every comparison of the fast path with the reference below runs under both.
-AEADS = st.sampled_from([10, 1])
+AEAD_IDS = [10, 1]
+AEADS = st.sampled_from(AEAD_IDS)
 
 TOPICS = ["sealmq/v1/dev-1/data/up", "sealmq/v1/dev-1/media/up", "sealmq/v1/dev-1/data/down",
           "sealmq/v1/dev-1/media/down", "sealmq/v1/dev-2/data/up", "x", "", "sealmq/v1/dev-1/data/up/"]
@@ -193,7 +194,7 @@ def test_seal_identical(kind: RecordKind, epoch: int, piv: int, topic: str, plai
     assert outcome(codec_seal, ctx, kind, epoch, piv, topic, plaintext) == ref
 
 
-@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
 def test_seal_too_large_identical(app_aead: int) -> None:
     device, _ = contexts(app_aead)
     for size in (limits.MAX_PLAINTEXT, limits.MAX_PLAINTEXT + 1):
@@ -444,7 +445,7 @@ def test_non_shortest_sequence_numbers_are_refused_by_both_sessions(seq: int) ->
     assert status == "ok" and len(events) == 1
 
 
-@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
 @pytest.mark.parametrize("length", range(limits.MIN_TAG_LENGTH))
 def test_ciphertexts_shorter_than_the_tag_are_refused_alike(length: int, app_aead: int) -> None:
     """A well-framed record whose ciphertext cannot even hold the shortest tag: the same refusal
@@ -478,7 +479,7 @@ def test_gcm_ciphertexts_shorter_than_its_tag_fail_decryption_alike(length: int)
     assert same(backends, "open", topic, short, 0.0) == ("error", (SessionError, Reason.KEY_LIMIT_REACHED))
 
 
-@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
 @pytest.mark.parametrize("extra", [1, 2, 20])
 def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: int, app_aead: int) -> None:
     """Past the largest plaintext plus the longest tag, a record is refused as too large by both
@@ -497,7 +498,7 @@ def test_ciphertexts_longer_than_the_largest_plaintext_are_refused_alike(extra: 
 _LONGER_BSTR_HEADS = [(b"\x58", 1), (b"\x59", 2), (b"\x5a", 4), (b"\x5b", 8)]
 
 
-@pytest.mark.parametrize("app_aead", [10, 1])
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
 @pytest.mark.parametrize("size", [0, 7, 8, 15, 16, 239, 240, 247, 248, 65519, 65527])
 def test_non_shortest_ciphertext_heads_are_refused_by_both_sessions(size: int, app_aead: int) -> None:
     """Likewise a ciphertext byte string with a longer length head than needed."""
