@@ -57,6 +57,9 @@ class AeadAlgorithm:
 
 
 _GCM = (1, 2, 3)  # COSE A128GCM, A192GCM, A256GCM
+# What cryptography's AEAD decrypt raises for a record that does not open (a wrong tag, or a nonce
+# or ciphertext it refuses): all of it is the one opaque DecryptError.
+AEAD_FAILURES = (InvalidTag, ValueError, OverflowError)
 AES_CCM_16_64_128 = AeadAlgorithm(10, "AES-CCM-16-64-128", 16, 13, 8)
 A128GCM = AeadAlgorithm(1, "A128GCM", 16, 12, 16)
 A256GCM = AeadAlgorithm(3, "A256GCM", 32, 12, 16)
@@ -139,6 +142,18 @@ class SecurityContext:
     def recipient_nonce(self, piv: bytes) -> bytes:
         return nonce(self.common_iv, self.recipient_id, piv)
 
+    @property
+    def sender_aead(self) -> AESCCM | AESGCM:
+        """The AEAD object under the Sender Key. For the record fast path (:class:`sealmq.record.EpochCodec`),
+        which calls it without this class's wrappers; everything else uses :meth:`encrypt`."""
+        return self._sender
+
+    @property
+    def recipient_aead(self) -> AESCCM | AESGCM:
+        """The AEAD object under the Recipient Key; see :attr:`sender_aead`. Whoever calls its ``decrypt``
+        must map :data:`AEAD_FAILURES` to :class:`DecryptError`, as :meth:`decrypt` does."""
+        return self._recipient
+
     def encrypt(self, nonce_: bytes, plaintext: bytes, aad_: bytes) -> bytes:
         """AEAD-encrypt with the Sender Key."""
         return self._sender.encrypt(nonce_, plaintext, aad_)
@@ -149,7 +164,7 @@ class SecurityContext:
             raise DecryptError()
         try:
             return self._recipient.decrypt(nonce_, ciphertext, aad_)
-        except (InvalidTag, ValueError, OverflowError):
+        except AEAD_FAILURES:
             raise DecryptError() from None
 
 

@@ -59,10 +59,10 @@ class ReplayWindow:
 
     def check(self, seq: int) -> None:
         """Raise :class:`ReplayError` if ``seq`` is a duplicate or too old. Changes nothing."""
+        if seq > self._highest:  # the usual case first (``_highest`` >= -1: never a negative seq)
+            return
         if seq < 0:
             raise ReplayError(Reason.REPLAY, "negative sequence number")
-        if seq > self._highest:
-            return
         if self._highest - seq >= self.size:
             raise ReplayError(Reason.REPLAY, "sequence number older than the replay window")
         if self.seen(seq):
@@ -70,11 +70,12 @@ class ReplayWindow:
 
     def mark(self, seq: int) -> None:
         """Record ``seq`` as received. Call only after :meth:`check` and a successful decryption."""
-        self.check(seq)
-        if seq > self._highest:
-            shift = seq - self._highest
+        highest = self._highest
+        if seq > highest:  # what check() accepts at once: the usual case, without calling it again
+            shift = seq - highest
             # A jump past the whole window forgets everything (and must not build a 2**40-bit int).
             self._bits = 1 if shift >= self.size else ((self._bits << shift) | 1) & ((1 << self.size) - 1)
             self._highest = seq
         else:
-            self._bits |= 1 << (self._highest - seq)
+            self.check(seq)
+            self._bits |= 1 << (highest - seq)

@@ -198,17 +198,22 @@ def _digest(data: bytes | bytearray) -> str:
 
 
 class _Hot:
-    """What :meth:`Session._open_hot` needs of the one held epoch: the epoch, and the record header
-    bytes that do not change (the kid's byte string; the epoch's one-byte head is its number)."""
+    """What :meth:`Session._open_hot` needs of the one held epoch: the epoch, the record header
+    bytes that do not change (the kid's byte string; the epoch's one-byte head is its number), and
+    ``routes``: for each (topic, kind) pair the hot path has accepted, the kind and its AAD pieces.
+    Only pairs that pass the session's topic and kind checks get in (at most the kinds of its two
+    receive topics), so the table stays small whatever arrives."""
 
-    __slots__ = ("epoch", "header_len", "kid_part")
+    __slots__ = ("epoch", "header_len", "kid_part", "number", "routes")
 
     def __init__(self, ep: _Epoch) -> None:
         kid = ep.ctx.recipient_id
         self.epoch = ep
+        self.number = ep.number
         # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, kid, epoch
         self.kid_part = cbor.bstr_head(len(kid)) + kid
         self.header_len = 2 + len(self.kid_part) + 1
+        self.routes: dict[tuple[str, int], tuple[RecordKind, record.AadPieces]] = {}
 
 
 class Session:
@@ -560,27 +565,37 @@ class Session:
         before any state changed, and the general path decides. Same events, rejections and state
         as that path (the fast-vs-reference session property tests in tests/test_record_fast.py).
         """
-        if len(data) < hot.header_len or data[0] != 0x85:
+        header_len = hot.header_len
+        if len(data) < header_len or data[0] != 0x85:
             return None
-        kind_value = data[1]
-        channel = self._recv_kinds.get(kind_value)
-        if (channel is None or kind_value == RecordKind.KEY_UPDATE or self._recv_topics.get(topic) is not channel
-                or data[hot.header_len - 1] != hot.epoch.number or data[2:hot.header_len - 1] != hot.kid_part):
+        route = hot.routes.get((topic, data[1])) or self._hot_route(hot, topic, data[1])
+        if (route is None or data[header_len - 1] != hot.number or data[2:header_len - 1] != hot.kid_part):
             return None
-        tail = record.read_tail(data, hot.header_len)
+        tail = record.read_tail(data, header_len)
         if tail is None:
             return None
         piv, i = tail  # (a bounded ciphertext: the record is within limits.MAX_RECORD_SIZE)
         ep = hot.epoch
-        ep.window.check(piv)
-        kind = record.KINDS[kind_value]
+        window = ep.window
+        window.check(piv)
+        kind, pieces = route
         try:
-            plaintext = ep.codec.open(kind, topic, piv, data[i:])
+            plaintext = ep.codec.open_under(pieces, piv, data[i:])
         except DecryptError:
             self._decrypt_failed(ep)
             raise
-        ep.window.mark(piv)
-        return [Received(self.device_id, kind, plaintext, ep.number, piv)]
+        window.mark(piv)
+        return [Received(self.device_id, kind, plaintext, hot.number, piv)]
+
+    def _hot_route(self, hot: _Hot, topic: str, kind_value: int) -> tuple[RecordKind, record.AadPieces] | None:
+        """The hot path's entry for records of ``kind_value`` on ``topic``, if this session receives
+        that kind there (KEY_UPDATE never: it is session control); None otherwise (not kept)."""
+        channel = self._recv_kinds.get(kind_value)
+        if channel is None or kind_value == RecordKind.KEY_UPDATE or self._recv_topics.get(topic) is not channel:
+            return None
+        kind = record.KINDS[kind_value]
+        route = hot.routes[(topic, kind_value)] = (kind, hot.epoch.codec.recv_pieces(kind, topic))
+        return route
 
     def _note_new_epoch_record(self, now: float) -> list[SessionEvent]:
         """The peer uses the current epoch: start (or advance) the previous epoch's grace window."""

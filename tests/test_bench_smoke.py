@@ -76,6 +76,13 @@ def test_broker_bench_quick_amqtt() -> None:
                                         ["3", "1", "2 per device", "3", "3"]]
 
 
+def test_broker_ratios_pair_runs_of_the_same_round() -> None:
+    # round k of a path is divided by round k of plaintext; a round where either delivered nothing
+    # (rate 0) is left out rather than counted as 0x or infinite
+    assert broker.paired_ratios([900.0, 1800.0, 0.0, 500.0], [1000.0, 2000.0, 1000.0, 0.0]) == [0.9, 0.9]
+    assert broker.paired_ratios([1.0], []) == []
+
+
 def test_run_entry_point_parses() -> None:
     assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest", "workers")
 

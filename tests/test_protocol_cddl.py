@@ -126,7 +126,7 @@ def spying() -> Iterator[Capture]:
     """While active, every record sealed, AAD built and EDHOC object made in this process is kept."""
     cap = Capture()
     real_seal, real_codec_seal = record.seal, record.EpochCodec.seal
-    real_encrypt, real_decrypt = oscore.SecurityContext.encrypt, oscore.SecurityContext.decrypt
+    real_cipher = oscore.AeadAlgorithm.cipher
     real_initiator, real_responder = device_endpoint.Initiator, backend_endpoint.Responder
 
     def seal(ctx: Any, *, kind: RecordKind, epoch: int, piv: int, topic: str, plaintext: bytes) -> bytes:
@@ -134,18 +134,26 @@ def spying() -> Iterator[Capture]:
         return real_seal(ctx, kind=kind, epoch=epoch, piv=piv, topic=topic, plaintext=plaintext)
 
     # Sessions seal through the fast path (record.EpochCodec); both paths hand the record's AAD
-    # to the context's AEAD, which is where the AADs are taken.
+    # to the security context's AEAD object (the fast path calls it directly), which is where the
+    # AADs are taken: every OSCORE context made while spying gets a recording AEAD.
     def codec_seal(self: Any, kind: RecordKind, topic: str, piv: int, plaintext: bytes) -> bytes:
         cap.sealed.append((RecordKind(kind), bytes(plaintext)))
         return real_codec_seal(self, kind, topic, piv, plaintext)
 
-    def encrypt(self: Any, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        cap.aads.append(aad)
-        return real_encrypt(self, nonce, plaintext, aad)
+    class RecordingAead:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
 
-    def decrypt(self: Any, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        cap.aads.append(aad)
-        return real_decrypt(self, nonce, ciphertext, aad)
+        def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+            cap.aads.append(aad)
+            return bytes(self.inner.encrypt(nonce, plaintext, aad))
+
+        def decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+            cap.aads.append(aad)
+            return bytes(self.inner.decrypt(nonce, ciphertext, aad))
+
+    def cipher(self: Any, key: bytes) -> Any:
+        return RecordingAead(real_cipher(self, key))
 
     def debug(cls: Callable[..., Any]) -> Callable[..., Any]:
         def make_one(*args: Any, **kwargs: Any) -> Any:
@@ -157,8 +165,7 @@ def spying() -> Iterator[Capture]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(record, "seal", seal)
         mp.setattr(record.EpochCodec, "seal", codec_seal)
-        mp.setattr(oscore.SecurityContext, "encrypt", encrypt)
-        mp.setattr(oscore.SecurityContext, "decrypt", decrypt)
+        mp.setattr(oscore.AeadAlgorithm, "cipher", cipher)
         mp.setattr(device_endpoint, "Initiator", debug(real_initiator))
         mp.setattr(backend_endpoint, "Responder", debug(real_responder))
         yield cap

@@ -176,7 +176,9 @@ def test_decode_large_ciphertexts_agree() -> None:
 
 KINDS = st.sampled_from(list(RecordKind))
 EPOCHS = st.one_of(st.integers(0, 5), st.sampled_from([2**32 - 1, 2**32, -1]))
-PIVS = st.one_of(st.integers(0, 70_000), st.sampled_from([2**32, 2**40 - 1, 2**40, -1]))
+# every width of the Partial IV's CBOR head (1, 2, 3, 5 and 9 bytes) and its edges
+PIV_EDGES = [0, 23, 24, 255, 256, 65535, 65536, 2**24 - 1, 2**24, 2**32 - 1, 2**32, 2**40 - 1]
+PIVS = st.one_of(st.integers(0, 70_000), st.integers(0, 2**40 - 1), st.sampled_from([*PIV_EDGES, 2**40, -1]))
 
 
 def codec_seal(ctx: oscore.SecurityContext, kind: RecordKind, epoch: int, piv: int, topic: str,
@@ -226,6 +228,21 @@ def test_open_identical_for_moved_and_mutated_records(kind: RecordKind, epoch: i
     assert fast == ref
     if (o_kind, o_epoch, o_piv, o_topic, bytes(ct)) == (kind, epoch, piv, topic, rec.ciphertext):
         assert ref == ("ok", plaintext)
+
+
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
+def test_seal_identical_at_every_head_width(app_aead: int) -> None:
+    """The fast path writes the Partial IV's head from its bytes (record._UINT_HEAD_PREFIX): the same
+    bytes as the reference at each edge, and each record opens under the same Partial IV."""
+    device, backend = contexts(app_aead)
+    sealer, opener = record.EpochCodec(device, 0), record.EpochCodec(backend, 0)
+    for piv in PIV_EDGES:
+        data = sealer.seal(RecordKind.TELEMETRY, TOPICS[0], piv, b"edge")
+        assert data == record.seal(device, kind=RecordKind.TELEMETRY, epoch=0, piv=piv, topic=TOPICS[0],
+                                   plaintext=b"edge")
+        rec = record.decode(data)
+        assert rec.piv == piv
+        assert opener.open(RecordKind.TELEMETRY, TOPICS[0], piv, rec.ciphertext) == b"edge"
 
 
 def test_aad_cache_is_bounded() -> None:
