@@ -565,14 +565,12 @@ class Session:
         before any state changed, and the general path decides. Same events, rejections and state
         as that path (the fast-vs-reference session property tests in tests/test_record_fast.py).
         """
-        header_len = hot.header_len
-        if len(data) < header_len or data[0] != 0x85:
+        n = hot.header_len
+        if len(data) < n or data[0] != 0x85 or data[n - 1] != hot.number or data[2:n - 1] != hot.kid_part:
             return None
         route = hot.routes.get((topic, data[1])) or self._hot_route(hot, topic, data[1])
-        if (route is None or data[header_len - 1] != hot.number or data[2:header_len - 1] != hot.kid_part):
-            return None
-        tail = record.read_tail(data, header_len)
-        if tail is None:
+        tail = record.read_tail(data, n) if route is not None else None
+        if route is None or tail is None:
             return None
         piv, i = tail  # (a bounded ciphertext: the record is within limits.MAX_RECORD_SIZE)
         ep = hot.epoch
