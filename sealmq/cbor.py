@@ -171,6 +171,36 @@ def uint_head(value: int) -> bytes:
     return b"\x1b" + value.to_bytes(8, "big")
 
 
+def read_uint(data: bytes, i: int, max_value: int) -> tuple[int, int] | None:
+    """(value, next index) of a shortest-form unsigned integer at ``data[i]``, at most ``max_value``;
+    None for anything else (another major type, a longer head than needed, too large, truncated).
+    May raise IndexError for a head cut short (``data[i]`` missing, say). For the hand-written fast decoders
+    (:func:`sealmq.record.decode_fast`, :func:`sealmq.media.decode_chunk`), which fall back to
+    :func:`loads` on None."""
+    b = data[i]
+    if b < 24:
+        value, i = b, i + 1
+    elif b == 0x18:
+        value, i = data[i + 1], i + 2
+        if value < 24:
+            return None
+    elif b == 0x19:
+        value, i = int.from_bytes(data[i + 1:i + 3], "big"), i + 3
+        if value < 0x100:
+            return None
+    elif b == 0x1A:
+        value, i = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
+        if value < 0x10000:
+            return None
+    elif b == 0x1B:
+        value, i = int.from_bytes(data[i + 1:i + 9], "big"), i + 9
+        if value < 0x100000000:
+            return None
+    else:
+        return None
+    return (value, i) if value <= max_value and i <= len(data) else None
+
+
 def bstr_head(length: int) -> bytes:
     """Shortest CBOR head of a byte string of ``length`` bytes (major type 2), up to 2**32 - 1."""
     if length < 24:

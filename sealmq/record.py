@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sealmq import cbor, limits, oscore
-from sealmq.cbor import bstr_head, uint_head
+from sealmq.cbor import bstr_head, read_uint, uint_head
 from sealmq.errors import DecodeError, DecryptError, LocalProtocolError, Reason
 from sealmq.oscore import SecurityContext
 from sealmq.topics import RecordKind
@@ -119,32 +119,6 @@ _UINT_HEAD_PREFIX = (b"", b"\x18", b"\x19", b"\x1a\x00", b"\x1a", b"\x1b\x00\x00
 _AAD_CACHE_SIZE = 16  # (kind, topic) pairs per epoch and direction; a session uses at most 8
 
 
-def _read_uint(data: bytes, i: int, max_value: int) -> tuple[int, int] | None:
-    """(value, next index) of a shortest-form unsigned integer at ``data[i]``; None for anything else."""
-    b = data[i]
-    if b < 24:
-        value, i = b, i + 1
-    elif b == 0x18:
-        value, i = data[i + 1], i + 2
-        if value < 24:
-            return None
-    elif b == 0x19:
-        value, i = int.from_bytes(data[i + 1:i + 3], "big"), i + 3
-        if value < 0x100:
-            return None
-    elif b == 0x1A:
-        value, i = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
-        if value < 0x10000:
-            return None
-    elif b == 0x1B:
-        value, i = int.from_bytes(data[i + 1:i + 9], "big"), i + 9
-        if value < 0x100000000:
-            return None
-    else:
-        return None
-    return (value, i) if value <= max_value and i <= len(data) else None
-
-
 RecordFields = tuple[int, bytes, int, int, bytes]  # kind, kid, epoch, piv, ciphertext
 
 
@@ -172,7 +146,7 @@ def decode_fast(data: bytes) -> RecordFields | None:
         if epoch < 24:  # the usual epoch: one byte, no call
             i += 1
         else:
-            got = _read_uint(data, i, limits.MAX_EPOCH)
+            got = read_uint(data, i, limits.MAX_EPOCH)
             if got is None:
                 return None
             epoch, i = got
@@ -199,7 +173,7 @@ def read_tail(data: bytes, i: int) -> tuple[int, int] | None:
                 return None
             i += 3
         else:
-            got = _read_uint(data, i, limits.MAX_PIV)
+            got = read_uint(data, i, limits.MAX_PIV)
             if got is None:
                 return None
             piv, i = got

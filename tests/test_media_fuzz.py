@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from backend.media import MediaStore
 from backend.storage import Storage
-from sealmq.errors import Reason, SealmqError
+from sealmq import cbor, media
+from sealmq.errors import DecodeError, Reason, SealmqError
 from sealmq.media import (
     Ack,
     AckStatus,
@@ -118,3 +119,81 @@ def test_store_handles_mutations_with_sealmq_errors_only(kind: RecordKind, body:
     if not _STORE.open_transfers():
         _STORE.handle("cam-01", KEY.public_key(), RecordKind.MEDIA_MANIFEST, SIGNED, 3.0)
     assert len(_STORE.open_transfers()) <= 1
+
+
+# --- decode_chunk's fast path and its reference: the same chunk or the same error ----------------
+
+def chunk_outcome(decode: Callable[[bytes], Any], body: bytes) -> tuple[Any, ...]:
+    try:
+        c = decode(body)
+    except SealmqError as err:
+        return ("error", type(err), err.reason)
+    return ("ok", c.transfer_id, c.index, c.data)
+
+
+def reference_chunk(body: bytes) -> Any:
+    # decode_chunk's size bound first, as decode_chunk has it, then the generic decoder only
+    if len(body) > media.MAX_CHUNK_SIZE + media.CHUNK_ENVELOPE:
+        raise DecodeError(Reason.TOO_LARGE, "chunk message too large")
+    return media._decode_chunk_reference(body)
+
+
+# chunks at every width of the index and data heads and their edges, and at the size bounds
+CHUNK_INDEXES = st.one_of(st.integers(0, 300), st.sampled_from(
+    [23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40]))
+CHUNK_SIZES = st.one_of(st.integers(0, 300), st.sampled_from(
+    [23, 24, 255, 256, media.MAX_CHUNK_SIZE - 1, media.MAX_CHUNK_SIZE, media.MAX_CHUNK_SIZE + 1, 65535, 65536]))
+
+
+@given(CHUNK_INDEXES, CHUNK_SIZES, st.binary(min_size=16, max_size=16) | st.binary(min_size=14, max_size=18),
+       edits | st.just([]))
+def test_chunk_fast_path_decides_like_the_reference(index: int, size: int, tid: bytes,
+                                                    e: list[tuple[int, int, int]]) -> None:
+    # built with the generic encoder (so out-of-bounds values are possible), then maybe mutated
+    body = mutate(cbor.dumps([tid, index, bytes([index & 0xFF]) * size]), e) if e else cbor.dumps(
+        [tid, index, bytes([index & 0xFF]) * size])
+    assert chunk_outcome(decode_chunk, body) == chunk_outcome(reference_chunk, body)
+
+
+@given(st.binary(max_size=300) | st.builds(lambda b: b"\x83\x50" + b, st.binary(max_size=80)))
+def test_chunk_fast_path_on_arbitrary_bytes(body: bytes) -> None:
+    assert chunk_outcome(decode_chunk, body) == chunk_outcome(reference_chunk, body)
+
+
+def _uint_forms(major: int, value: int) -> list[bytes]:
+    """Every head of ``value`` in major type ``major``: the shortest and each longer one."""
+    forms = [bytes([major << 5 | value])] if value < 24 else []
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * width):
+            forms.append(bytes([major << 5 | info]) + value.to_bytes(width, "big"))
+    return forms
+
+
+def test_chunk_fast_path_at_every_head_form_and_bound() -> None:
+    """Each index and data length at its edges, written with every head form (shortest or not),
+    with data of the stated length, one byte short and one byte over: both paths agree."""
+    checked = 0
+    for index in (0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32):
+        for size in (0, 23, 24, 255, 256, media.MAX_CHUNK_SIZE, media.MAX_CHUNK_SIZE + 1):
+            for index_head in _uint_forms(0, index):
+                for data_head in _uint_forms(2, size):
+                    for data in (b"d" * size, b"d" * (size - 1), b"d" * (size + 1)):
+                        body = b"\x83\x50" + TID + index_head + data_head + data
+                        assert chunk_outcome(decode_chunk, body) == chunk_outcome(reference_chunk, body)
+                        checked += 1
+    assert checked > 1000
+
+
+def test_chunk_fast_path_is_taken_and_declines_non_shortest_heads() -> None:
+    usual = encode_chunk(TID, 300, b"d" * 1000)
+    fast = media._decode_chunk_fast(usual)
+    assert fast is not None and (fast.index, fast.data) == (300, b"d" * 1000)
+    # index 5 written with a one-byte argument (0x18 0x05): not deterministic; the fast path
+    # declines and the reference refuses it
+    long_index = usual[:18] + b"\x18\x05" + usual[21:]
+    assert media._decode_chunk_fast(long_index) is None
+    assert chunk_outcome(decode_chunk, long_index)[:3] == ("error", chunk_outcome(reference_chunk, long_index)[1],
+                                                             Reason.NOT_DETERMINISTIC)
+    # a trailing byte: declined by the fast path, TRAILING_DATA from the reference
+    assert media._decode_chunk_fast(usual + b"\x00") is None
+    assert chunk_outcome(decode_chunk, usual + b"\x00")[2] is Reason.TRAILING_DATA
