@@ -83,6 +83,18 @@ def test_broker_ratios_pair_runs_of_the_same_round() -> None:
     assert broker.paired_ratios([1.0], []) == []
 
 
+def test_ab_trees_compares_two_trees_interleaved() -> None:
+    from bench import ab_trees
+
+    repo = Path(__file__).resolve().parents[1]
+    out = ab_trees.run(repo, repo, size=64, rounds=2)
+    rows = [cells for cells in (line.split("|") for line in out.splitlines()) if len(cells) == 6
+            and cells[1].strip() in ab_trees.LABELS]
+    assert [r[1].strip() for r in rows] == list(ab_trees.LABELS)
+    for r in rows:  # the same tree on both sides: figures measured, and a ratio near 1
+        assert float(r[2]) > 0 and float(r[3]) > 0 and 0.2 < float(r[4]) < 5
+
+
 def test_run_entry_point_parses() -> None:
     assert run.PARTS == ("handshake", "method3", "records", "memory", "broker", "media", "state", "ingest", "workers")
 
