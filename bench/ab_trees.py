@@ -35,6 +35,7 @@ BATCH = 2000
 def worker(size: int) -> None:
     """One tree's side: wait for a line on stdin, run a batch, print the four figures."""
     from bench.records import endpoint_pair
+    from sealmq.endpoint import Publish
     from sealmq.topics import RecordKind
 
     with tempfile.TemporaryDirectory(prefix="sealmq-ab-") as tmp:
@@ -48,7 +49,8 @@ def worker(size: int) -> None:
         for _ in sys.stdin:
             now = time.time()
             t0 = time.thread_time()
-            pubs = [o for _ in range(BATCH) for o in device.seal(RecordKind.TELEMETRY, plaintext, now)]
+            pubs = [o for _ in range(BATCH) for o in device.seal(RecordKind.TELEMETRY, plaintext, now)
+                    if isinstance(o, Publish)]
             t1 = time.thread_time()
             for p in pubs:
                 backend.handle(p.topic, p.payload, now, os.urandom)
