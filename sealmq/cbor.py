@@ -171,30 +171,23 @@ def uint_head(value: int) -> bytes:
     return b"\x1b" + value.to_bytes(8, "big")
 
 
-def read_uint(data: bytes, i: int, max_value: int) -> tuple[int, int] | None:
-    """(value, next index) of a shortest-form unsigned integer at ``data[i]``, at most ``max_value``;
-    None for anything else (another major type, a longer head than needed, too large, truncated).
-    May raise IndexError for a head cut short (``data[i]`` missing, say). For the hand-written fast decoders
+def read_head(data: bytes, i: int, major: int, max_value: int) -> tuple[int, int] | None:
+    """(argument, next index) of a shortest-form head of major type ``major`` at ``data[i]``: an
+    unsigned integer's value (major 0) or a string's length (2, 3), at most ``max_value``. None for
+    anything else (another major type, a longer head than needed, too large, truncated). May raise
+    IndexError when ``data[i]`` is missing. For the hand-written fast decoders
     (:func:`sealmq.record.decode_fast`, :func:`sealmq.media.decode_chunk`), which fall back to
     :func:`loads` on None."""
     b = data[i]
-    if b < 24:
-        value, i = b, i + 1
-    elif b == 0x18:
-        value, i = data[i + 1], i + 2
-        if value < 24:
-            return None
-    elif b == 0x19:
-        value, i = int.from_bytes(data[i + 1:i + 3], "big"), i + 3
-        if value < 0x100:
-            return None
-    elif b == 0x1A:
-        value, i = int.from_bytes(data[i + 1:i + 5], "big"), i + 5
-        if value < 0x10000:
-            return None
-    elif b == 0x1B:
-        value, i = int.from_bytes(data[i + 1:i + 9], "big"), i + 9
-        if value < 0x100000000:
+    if b >> 5 != major:
+        return None
+    info = b & 0x1F
+    if info < 24:
+        value, i = info, i + 1
+    elif info <= 27:  # a 1-, 2-, 4- or 8-byte argument, which must not fit the next shorter form
+        width = 1 << (info - 24)
+        value, i = int.from_bytes(data[i + 1:i + 1 + width], "big"), i + 1 + width
+        if value < (24 if width == 1 else 1 << (4 * width)):
             return None
     else:
         return None

@@ -291,24 +291,15 @@ def _decode_chunk_fast(body: bytes) -> Chunk | None:
     try:
         if type(body) is not bytes or body[0] != 0x83 or body[1] != 0x50:  # array(3), bstr(16)
             return None
-        got = cbor.read_uint(body, 2 + TID_LEN, MAX_CHUNK_COUNT)
+        got = cbor.read_head(body, 2 + TID_LEN, 0, MAX_CHUNK_COUNT)  # the index
         if got is None:
             return None
         index, i = got
-        head = body[i]
-        if 0x40 <= head < 0x58:
-            n, i = head - 0x40, i + 1
-        elif head == 0x58:
-            n, i = body[i + 1], i + 2
-            if n < 24:
-                return None
-        elif head == 0x59:
-            n, i = (body[i + 1] << 8) | body[i + 2], i + 3
-            if n < 0x100:
-                return None
-        else:
+        got = cbor.read_head(body, i, 2, MAX_CHUNK_SIZE)  # the data's length
+        if got is None:
             return None
-        if n > MAX_CHUNK_SIZE or i + n != len(body):
+        n, i = got
+        if i + n != len(body):
             return None
         return Chunk(body[2:2 + TID_LEN], index, body[i:])
     except IndexError:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sealmq import cbor, limits, oscore
-from sealmq.cbor import bstr_head, read_uint, uint_head
+from sealmq.cbor import bstr_head, read_head, uint_head
 from sealmq.errors import DecodeError, DecryptError, LocalProtocolError, Reason
 from sealmq.oscore import SecurityContext
 from sealmq.topics import RecordKind
@@ -146,7 +146,7 @@ def decode_fast(data: bytes) -> RecordFields | None:
         if epoch < 24:  # the usual epoch: one byte, no call
             i += 1
         else:
-            got = read_uint(data, i, limits.MAX_EPOCH)
+            got = read_head(data, i, 0, limits.MAX_EPOCH)
             if got is None:
                 return None
             epoch, i = got
@@ -173,7 +173,7 @@ def read_tail(data: bytes, i: int) -> tuple[int, int] | None:
                 return None
             i += 3
         else:
-            got = read_uint(data, i, limits.MAX_PIV)
+            got = read_head(data, i, 0, limits.MAX_PIV)
             if got is None:
                 return None
             piv, i = got

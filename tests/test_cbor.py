@@ -233,3 +233,27 @@ def test_edhoc_info_is_the_cbor_sequence_of_its_three_items(label: int, context:
     assert kdf.edhoc_info(label, context, length) == cbor.dumps_seq(label, context, length)
     small = (label % 24, context, length % 0x10000)
     assert kdf.edhoc_info(*small) == cbor.dumps_seq(*small)
+
+
+# --- read_head: the fast decoders' head reader agrees with the strict decoder ----------------------
+
+@given(st.sampled_from([0, 2]), st.one_of(st.integers(0, 2**64 - 1), st.sampled_from(
+    [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1])), st.integers(0, 2**64 - 1))
+def test_read_head_takes_only_the_shortest_form(major: int, value: int, max_value: int) -> None:
+    """Every head form of ``value`` (shortest or longer, whole or cut short): read_head gives
+    (value, head length) for the shortest whole one within max_value, None for every other."""
+    uint = cbor.uint_head(value)  # the shortest head; a string's differs only in the major type
+    shortest = bytes([uint[0] | major << 5]) + uint[1:]
+    forms = [bytes([major << 5 | value])] if value < 24 else []
+    for info, width in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if value < 1 << (8 * width):
+            forms.append(bytes([major << 5 | info]) + value.to_bytes(width, "big"))
+    for head in forms:
+        expected = (value, len(head)) if value <= max_value and head == shortest else None
+        assert cbor.read_head(head + b"\x00", 0, major, max_value) == expected
+        assert cbor.read_head(head, 0, 2 - major, 2**64 - 1) is None  # the other major type
+        if len(head) > 1:  # cut short
+            try:
+                assert cbor.read_head(head[:-1], 0, major, max_value) is None
+            except IndexError:
+                pytest.fail("a head cut after its first byte returns None")
