@@ -204,12 +204,11 @@ class _Hot:
     Only pairs that pass the session's topic and kind checks get in (at most the kinds of its two
     receive topics), so the table stays small whatever arrives."""
 
-    __slots__ = ("epoch", "header_len", "kid_part", "number", "routes")
+    __slots__ = ("epoch", "header_len", "kid_part", "routes")
 
     def __init__(self, ep: _Epoch) -> None:
         kid = ep.ctx.recipient_id
         self.epoch = ep
-        self.number = ep.number
         # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, kid, epoch
         self.kid_part = cbor.bstr_head(len(kid)) + kid
         self.header_len = 2 + len(self.kid_part) + 1
@@ -566,14 +565,14 @@ class Session:
         as that path (the fast-vs-reference session property tests in tests/test_record_fast.py).
         """
         n = hot.header_len
-        if len(data) < n or data[0] != 0x85 or data[n - 1] != hot.number or data[2:n - 1] != hot.kid_part:
+        ep = hot.epoch
+        if len(data) < n or data[0] != 0x85 or data[n - 1] != ep.number or data[2:n - 1] != hot.kid_part:
             return None
         route = hot.routes.get((topic, data[1])) or self._hot_route(hot, topic, data[1])
         tail = record.read_tail(data, n) if route is not None else None
         if route is None or tail is None:
             return None
         piv, i = tail  # (a bounded ciphertext: the record is within limits.MAX_RECORD_SIZE)
-        ep = hot.epoch
         window = ep.window
         window.check(piv)
         kind, pieces = route
@@ -583,7 +582,7 @@ class Session:
             self._decrypt_failed(ep)
             raise
         window.mark(piv)
-        return [Received(self.device_id, kind, plaintext, hot.number, piv)]
+        return [Received(self.device_id, kind, plaintext, ep.number, piv)]
 
     def _hot_route(self, hot: _Hot, topic: str, kind_value: int) -> tuple[RecordKind, record.AadPieces] | None:
         """The hot path's entry for records of ``kind_value`` on ``topic``, if this session receives
