@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -618,6 +620,32 @@ def _read_marks(seen_path: Path) -> dict[str, _Mark]:
 
 
 # --- loading for verifiers and endpoints ---------------------------------------------------
+# Trust stores already built in this process, by the exact bytes they were built from. A
+# TrustStore is immutable (a CRL reload builds another one) and a pure function of those bytes, so
+# every party of a process that loads the same files (the simulator's devices, a backend reloading
+# an unchanged CRL) gets the same store, and with it one cache of validated chains: the backend's
+# chain is validated once per simulator process, not once per simulated device.
+SHARED_STORES = 8
+_shared: OrderedDict[tuple[bytes, bytes | None, bytes | None], TrustStore] = OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def _shared_store(anchors: bytes, crl_pem: bytes | None, inter_pem: bytes | None) -> TrustStore:
+    key = (anchors, crl_pem, inter_pem)
+    with _shared_lock:
+        store = _shared.get(key)
+        if store is not None:
+            _shared.move_to_end(key)
+            return store
+    store = TrustStore.from_pem(anchors, crl_pem, inter_pem)  # outside the lock: it verifies CRLs
+    with _shared_lock:
+        store = _shared.setdefault(key, store)  # another thread may have built the same one
+        _shared.move_to_end(key)
+        while len(_shared) > SHARED_STORES:
+            _shared.popitem(last=False)
+    return store
+
+
 def load_trust_store(
     pki_dir: Path | str, *, require_crl: bool = True, crl_seen: Path | None = None,
 ) -> TrustStore:
@@ -637,7 +665,7 @@ def load_trust_store(
         raise CertificateError(Reason.CRL_INVALID, f"{crl_path} not found")
     else:
         crl_pem = None
-    store = TrustStore.from_pem(anchors, crl_pem, inter_pem)
+    store = _shared_store(anchors, crl_pem, inter_pem)
     if crl_seen is not None and crl_pem is not None:
         ca_certs = load_certificates_pem(anchors) + (load_certificates_pem(inter_pem) if inter_pem else [])
         check_crl_monotonic(load_crls_pem(crl_pem), ca_certs, crl_seen)

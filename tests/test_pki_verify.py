@@ -364,6 +364,7 @@ def _count_full_validations(ts: TrustStore, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_validated_chain_is_cached_per_store_role_and_time(two_level: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ts = store.load_trust_store(two_level)
+    ts.clear_cache()  # the process's shared store: earlier tests validated this chain in it
     calls = _count_full_validations(ts, monkeypatch)
     ders = [der(c) for c in chain(two_level, Role.DEVICE, "dev-ec")]
     t = now()
@@ -382,6 +383,36 @@ def test_validated_chain_is_cached_per_store_role_and_time(two_level: Path, monk
     # Certificate objects (not DER) are never cached
     ts.verify(chain(two_level, Role.DEVICE, "dev-ec"), role=Role.DEVICE, now=t)
     assert calls[0] == 5
+
+
+def test_parties_loading_the_same_files_share_one_store_and_its_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's devices (one process, the same CA files) validate the backend's chain once."""
+    pki = tmp_path / "pki"
+    store.init_ca(pki)
+    backend = [der(c) for c in store.load_identity(store.enroll(pki, Role.BACKEND, "api")).chain]
+    first = store.load_trust_store(pki)
+    calls = _count_full_validations(first, monkeypatch)
+    second = store.load_trust_store(pki)
+    assert second is first
+    first.verify(backend, role=Role.BACKEND, now=now())
+    second.verify(backend, role=Role.BACKEND, now=now())
+    assert calls[0] == 1
+    # another CRL is another store, which validates in full (and applies the new CRL)
+    store.revoke(pki, cert_path=layout.backend_dir(pki, "api") / layout.CERT)
+    reloaded = store.load_trust_store(pki)
+    assert reloaded is not first
+    expect(Reason.REVOKED, reloaded, backend, Role.BACKEND)
+    # the stores kept are bounded: the oldest is built again when it is loaded again
+    others = []
+    for i in range(store.SHARED_STORES):
+        other = tmp_path / f"other-{i}"
+        store.init_ca(other)
+        others.append(store.load_trust_store(other))
+    assert store.load_trust_store(pki) is not reloaded
+    assert store.load_trust_store(tmp_path / "other-0") is not others[0]
+    assert store.load_trust_store(tmp_path / f"other-{store.SHARED_STORES - 1}") is others[-1]
 
 
 def test_refused_chains_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
