@@ -13,10 +13,8 @@ written, and :meth:`AuditLog.flush_suppressed` (the driver's timer) writes one
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import logging.handlers
 import os
 import threading
 import time
@@ -32,15 +30,64 @@ from sealmq.errors import SealmqError
 _SCALARS = (str, int, float, bool, type(None))
 
 
-class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """Creates the log (and, by renaming, its backups) 0600: it names devices and failures."""
+class _AuditFile:
+    """The trail on disk: whole lines appended to a 0600 file, rotated as ``logging``'s
+    RotatingFileHandler does (``log`` -> ``log.1`` -> ... -> ``log.<backups>``, the oldest dropped),
+    with one ``write`` system call per entry and no buffer: each entry is in the file (the OS's
+    page cache) when :meth:`AuditLog.event` returns, as with the handler's flush after each entry.
 
-    def _open(self) -> io.TextIOWrapper:
-        private_mode(self.baseFilename)
-        stream = open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,  # noqa: SIM115
-                      opener=lambda path, flags: os.open(path, flags, PRIVATE_FILE))
-        assert isinstance(stream, io.TextIOWrapper)
-        return stream
+    The handler stat-ed the file, sought to its end and formatted a log record for every entry;
+    this keeps the file's size itself. A write that fails (disk full, the directory gone) does not
+    raise into the caller, as with ``logging``: it is reported on the ``sealmq.audit`` logger, once
+    until a write succeeds again, and the entry's counter is kept.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._fd: int | None = None
+        self._size = 0
+        self._failing = False
+        self._open()
+
+    def _open(self) -> None:
+        private_mode(self.path)  # left readable by an older version: tightened
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+        self._size = os.fstat(self._fd).st_size
+
+    def write(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        try:
+            if self._fd is None:
+                self._open()
+            if 0 < self.max_bytes <= self._size + len(data) and self.backups > 0 and self._size > 0:
+                self._rollover()
+            fd = self._fd
+            assert fd is not None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._size += len(data)
+            self._failing = False
+        except OSError:
+            if not self._failing:
+                self._failing = True
+                logging.getLogger("sealmq.audit").exception("cannot write the audit trail %s", self.path)
+
+    def _rollover(self) -> None:
+        self.close()
+        for i in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # What a peer can cause as often as it likes: these are throttled (never the others).
@@ -79,7 +126,7 @@ class AuditLog:
         self.component = component
         self._lock = threading.Lock()
         self._echo = echo
-        self._handler: logging.Handler | None = None
+        self._file: _AuditFile | None = None
         self._clock = clock
         self.counts: dict[str, int] = {}
         # called with each entry after it is written (the backend console and metrics); must not raise
@@ -94,9 +141,7 @@ class AuditLog:
             private_dir(path.parent)
             for backup in path.parent.glob(f"{path.name}.*"):  # rotated by an older version, 0644
                 private_mode(backup)
-            self._handler = _PrivateRotatingFileHandler(
-                path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
-            )
+            self._file = _AuditFile(path, max_bytes, backups)
         self.path = path
 
     def event(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -154,11 +199,8 @@ class AuditLog:
             self._notify(summary)
 
     def _write(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-        if self._handler is not None:
-            record = logging.LogRecord("sealmq.audit", logging.INFO, "", 0, line, None, None)
-            self._handler.emit(record)
-            self._handler.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(entry, sort_keys=True, separators=(",", ":")))
 
     def _notify(self, entry: dict[str, Any]) -> None:
         for listener in list(self.listeners):
@@ -171,13 +213,16 @@ class AuditLog:
         if self._echo is not None:
             event = entry["event"]
             level = logging.WARNING if event.endswith(("rejected", "failed")) else logging.INFO
+            if not self._echo.isEnabledFor(level):  # the message is built only if it is shown
+                return
             self._echo.log(level, "%s %s", event, " ".join(f"{k}={v}" for k, v in entry.items()
                                                              if k not in {"ts", "component", "event"}))
 
     def close(self) -> None:
         self.flush_suppressed(force=True)
-        if self._handler is not None:
-            self._handler.close()
+        if self._file is not None:
+            with self._lock:
+                self._file.close()
 
 
 def represented(entry: dict[str, Any]) -> tuple[str, int]:
