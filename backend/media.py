@@ -24,6 +24,8 @@ import hashlib
 import hmac
 import os
 import re
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,7 @@ _SWEEP_INTERVAL = 3600.0  # how often expire() looks for quarantined files past 
 _MAX_NAME_ATTEMPTS = 1000  # names tried for one verified file before giving up
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PART_PATHS = 4096  # cached .part paths (one per open transfer; cleared beyond this)
+_OPEN_PARTS = 32  # .part files kept open, the most recently used (a transfer's chunks reuse one)
 
 
 def safe_name(name: str) -> str:
@@ -108,6 +111,11 @@ def safe_name(name: str) -> str:
 class _Hashing:
     hasher: hashlib._Hash
     upto: int = 0  # chunks [0, upto) are hashed
+
+
+def _close_all(fds: OrderedDict[tuple[str, bytes], int]) -> None:
+    while fds:
+        os.close(fds.popitem()[1])
 
 
 class MediaStore:
@@ -133,7 +141,17 @@ class MediaStore:
         # (device, transfer id) -> its .part path: looked up for every chunk, and pathlib's joins
         # cost about 15 us. Bounded by clearing (entries are cheap to rebuild).
         self._parts: dict[tuple[str, bytes], Path] = {}
+        # (device, transfer id) -> an open descriptor of its .part file: every chunk is written,
+        # hashed and synced through it instead of opening and closing the file each time. Closed
+        # when the transfer ends (completed, failed, expired or cancelled), by close(), and beyond
+        # _OPEN_PARTS (the least recently used; it is opened again if its transfer goes on).
+        self._fds: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._closer = weakref.finalize(self, _close_all, self._fds)  # a store dropped unclosed
         self._load()
+
+    def close(self) -> None:
+        """Close the .part files held open (the transfers stay resumable: their state is on disk)."""
+        _close_all(self._fds)
 
     # --- entry points -------------------------------------------------------------------------
     def handle(
@@ -239,11 +257,7 @@ class MediaStore:
         if verdict is ChunkVerdict.DUPLICATE:
             return []
         offset, _ = r.manifest.chunk_range(chunk.index)
-        fd = os.open(self._part(device_id, r.transfer_id), os.O_WRONLY)
-        try:
-            os.pwrite(fd, chunk.data, offset)
-        finally:
-            os.close(fd)
+        os.pwrite(self._part_fd(device_id, r.transfer_id), chunk.data, offset)
         ack = r.commit(chunk.index, now)
         self._advance_hash(device_id, r, chunk.index, chunk.data)
         if r.state is ReceiverState.VERIFYING:
@@ -298,11 +312,8 @@ class MediaStore:
             self._forget_state(device_id, tid)
             raise MediaRejected(failure, "transfer failed verification", _reply(r.finish(failure)))
         if self.durable:
-            fd = os.open(part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.fsync(self._part_fd(device_id, tid))
+        self._close_part(device_id, tid)  # here, not only in _forget_state: add_media may raise
         dest = self._reserve_destination(device_id, m)
         os.replace(part, dest)  # over the empty placeholder we created, never over another file
         record = MediaRecord(
@@ -360,20 +371,13 @@ class MediaStore:
             h = self._hashing[key] = _Hashing(hashlib.sha256())
         if h.upto >= r.manifest.chunk_count or h.upto not in r.received:
             return
-        fd: int | None = None
-        try:
-            while h.upto < r.manifest.chunk_count and h.upto in r.received:
-                if h.upto == index:
-                    h.hasher.update(data)
-                else:  # arrived out of order (or before a restart): read it back
-                    if fd is None:
-                        fd = os.open(self._part(device_id, r.transfer_id), os.O_RDONLY)
-                    offset, length = r.manifest.chunk_range(h.upto)
-                    h.hasher.update(os.pread(fd, length, offset))
-                h.upto += 1
-        finally:
-            if fd is not None:
-                os.close(fd)
+        while h.upto < r.manifest.chunk_count and h.upto in r.received:
+            if h.upto == index:
+                h.hasher.update(data)
+            else:  # arrived out of order (or before a restart): read it back
+                offset, length = r.manifest.chunk_range(h.upto)
+                h.hasher.update(os.pread(self._part_fd(device_id, r.transfer_id), length, offset))
+            h.upto += 1
 
     # --- persistence --------------------------------------------------------------------------
     def _part(self, device_id: str, tid: bytes) -> Path:
@@ -384,6 +388,22 @@ class MediaStore:
                 self._parts.clear()
             part = self._parts[key] = self.root / "incoming" / device_id / f"{tid.hex()}.part"
         return part
+
+    def _part_fd(self, device_id: str, tid: bytes) -> int:
+        key = (device_id, tid)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        fd = self._fds[key] = os.open(self._part(device_id, tid), os.O_RDWR | os.O_CLOEXEC)
+        while len(self._fds) > _OPEN_PARTS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _close_part(self, device_id: str, tid: bytes) -> None:
+        fd = self._fds.pop((device_id, tid), None)
+        if fd is not None:
+            os.close(fd)
 
     def _state(self, device_id: str, tid: bytes) -> Path:
         return self.root / "incoming" / device_id / f"{tid.hex()}.state"
@@ -407,15 +427,12 @@ class MediaStore:
                 r.signed_manifest, bytes(len(r.received.to_bytes())))
         if bitmap.count == r.received.count:
             return  # bits only ever get set: the same count is the same bitmap
-        if self.durable:
-            fd = os.open(self._part(device_id, r.transfer_id), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)  # the data (and the size set at creation); no timestamps needed
-            finally:
-                os.close(fd)
+        if self.durable:  # the data (and the size set at creation); no timestamps needed
+            os.fdatasync(self._part_fd(device_id, r.transfer_id))
         bitmap.update(r.received.to_bytes(), r.received.count)
 
     def _forget_state(self, device_id: str, tid: bytes) -> None:
+        self._close_part(device_id, tid)
         self._bitmaps.pop((device_id, tid), None)
         self._parts.pop((device_id, tid), None)
         self._state(device_id, tid).unlink(missing_ok=True)

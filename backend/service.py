@@ -220,6 +220,7 @@ class BackendService(EndpointDriver):
         super().stop()
 
     def _on_stop(self) -> None:
+        self.media.close()
         self.storage.close()
 
     def run_forever(self, connect_timeout: float | None = None) -> None:

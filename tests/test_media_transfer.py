@@ -4,6 +4,7 @@ either side, bad input of every kind, and flat memory for a 50 MB transfer."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import random
@@ -114,6 +115,22 @@ def new_outbox(tmp: Path, *, key: object = KEY, device_id: str = DEV,
 
 def stored_files(tmp: Path, sub: str) -> list[Path]:
     return sorted(p for p in (tmp / "backend" / sub).rglob("*") if p.is_file())
+
+
+# --- the .part files held open ------------------------------------------------------------------
+def open_parts(tmp: Path) -> list[str]:
+    """The files of the media store under ``tmp`` this process holds open: .part files, and the
+    stored file a completed one was renamed to (by /proc: a leak shows here)."""
+    under = f"{tmp / 'backend'}/"
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, gone already
+            continue
+        if target.startswith(under):
+            names.append(target)
+    return names
 
 
 # --- the happy path, lossy ----------------------------------------------------------------------
@@ -326,6 +343,7 @@ def test_hash_mismatch_quarantined_never_received(tmp_path: Path) -> None:
     assert stored_files(tmp_path, "media") == []
     assert [p.name for p in stored_files(tmp_path, "quarantine")] == [f"{m.transfer_id.hex()}.part"]
     assert stored_files(tmp_path, "incoming") == []
+    assert open_parts(tmp_path) == []  # the failed transfer's file is not held open
     # The device's sender stops for good on that rejection.
     sender = MediaSender(signed)
     sender.poll(0.0)
@@ -390,8 +408,10 @@ def test_truncated_transfer_expires_and_is_cleaned_up(tmp_path: Path) -> None:
     link.run(until=lambda: outbox.transfers[0].sender.acked.count > 5)
     # The device goes silent: nothing is ever received, the partial data is removed.
     assert store.expire(link.now + 59) == []
+    assert open_parts(tmp_path) != []  # in progress: its file is open
     assert store.expire(link.now + 61) == [(DEV, t.transfer_id)]
     assert stored_files(tmp_path, "incoming") == []
+    assert open_parts(tmp_path) == []
     assert list_media(tmp_path / "backend.db") == []
     chunk = encode_chunk(t.transfer_id, 0, src.read_bytes()[:CHUNK])
     expect(Reason.UNKNOWN_TRANSFER, lambda: store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, chunk, link.now + 62))
@@ -431,6 +451,7 @@ def test_abort_discards_partial_data(tmp_path: Path) -> None:
     assert store.handle(DEV, PUB, kind, body, link.now) == []
     assert store.open_transfers() == []
     assert stored_files(tmp_path, "incoming") == []
+    assert open_parts(tmp_path) == []
     assert outbox.transfers == []
 
 
@@ -550,6 +571,72 @@ def test_each_ack_claims_only_synced_chunks_and_syncs_once_per_batch(
     store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1.0)
     store.handle(DEV, PUB, RecordKind.MEDIA_CONTROL, status, 1.0)
     assert len(synced) == syncs + 1 and synced[-1] == every + 4  # the 4 new ones synced once, then nothing
+
+
+def test_a_transfer_writes_through_one_descriptor_closed_when_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: object) -> int:
+        if str(path).endswith(".part"):
+            opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", counting_open)
+    store = MediaStore(tmp_path / "backend", Storage(tmp_path / "backend.db"), durable=True)
+    data = os.urandom(CHUNK * 40 + 123)
+    m, signed = signed_for(data)
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, signed, 1.0)
+    out = send_all(store, m, data)
+    assert [o.record.sha256 for o in out if isinstance(o, Received)] == [hashlib.sha256(data).hexdigest()]
+    # created once, then one descriptor for every chunk's write, the data syncs and the final fsync
+    assert len(opened) == 2
+    assert open_parts(tmp_path) == []  # closed when the transfer completed
+
+
+def test_more_transfers_than_descriptors_held_all_complete_and_resume_after_close(tmp_path: Path) -> None:
+    from backend import media
+
+    n = media._OPEN_PARTS + 6
+    devices = [f"cam-{i:02d}" for i in range(n)]
+    files = {d: os.urandom(CHUNK * 6) for d in devices}
+    store = new_store(tmp_path)
+    signed = {d: signed_for(files[d], device_id=d) for d in devices}
+    for d in devices:
+        store.handle(d, PUB, RecordKind.MEDIA_MANIFEST, signed[d][1], 1.0)
+
+    def chunk(d: str, i: int) -> bytes:
+        return encode_chunk(signed[d][0].transfer_id, i, files[d][i * CHUNK:(i + 1) * CHUNK])
+
+    for i in range(3):  # interleaved: every transfer in turn, more of them than descriptors held
+        for d in devices:
+            store.handle(d, PUB, RecordKind.MEDIA_CHUNK, chunk(d, i), 1.0)
+            assert len(open_parts(tmp_path)) <= media._OPEN_PARTS
+    store.close()  # a restart halfway: nothing held open, the transfers resume from disk
+    assert open_parts(tmp_path) == []
+    store = new_store(tmp_path)
+    done = []
+    for i in range(6):  # nothing was acknowledged yet: the devices send every chunk again
+        for d in devices:
+            done += [o for o in store.handle(d, PUB, RecordKind.MEDIA_CHUNK, chunk(d, i), 2.0)
+                     if isinstance(o, Received)]
+    assert sorted(o.record.device_id for o in done) == devices
+    for o in done:
+        assert (tmp_path / "backend" / o.record.stored_path).read_bytes() == files[o.record.device_id]
+    assert open_parts(tmp_path) == []
+
+
+def test_a_store_dropped_without_close_lets_its_descriptors_go(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    data = os.urandom(CHUNK * 4)
+    m, signed = signed_for(data)
+    store.handle(DEV, PUB, RecordKind.MEDIA_MANIFEST, signed, 1.0)
+    store.handle(DEV, PUB, RecordKind.MEDIA_CHUNK, encode_chunk(m.transfer_id, 0, data[:CHUNK]), 1.0)
+    assert len(open_parts(tmp_path)) == 1  # the transfer goes on: its file stays open
+    del store
+    gc.collect()
+    assert open_parts(tmp_path) == []
 
 
 # --- memory ---------------------------------------------------------------------------------
