@@ -96,7 +96,6 @@ DEFAULT_QUARANTINE_KEEP = 8  # failed files kept per device (the newest)
 _SWEEP_INTERVAL = 3600.0  # how often expire() looks for quarantined files past their time
 _MAX_NAME_ATTEMPTS = 1000  # names tried for one verified file before giving up
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_PART_PATHS = 4096  # cached .part paths (one per open transfer; cleared beyond this)
 _OPEN_PARTS = 32  # .part files kept open, the most recently used (a transfer's chunks reuse one)
 
 
@@ -138,9 +137,6 @@ class MediaStore:
         self.table = TransferTable(self.limits)
         self._hashing: dict[tuple[str, bytes], _Hashing] = {}
         self._bitmaps: dict[tuple[str, bytes], BitmapFile] = {}
-        # (device, transfer id) -> its .part path: looked up for every chunk, and pathlib's joins
-        # cost about 15 us. Bounded by clearing (entries are cheap to rebuild).
-        self._parts: dict[tuple[str, bytes], Path] = {}
         # (device, transfer id) -> an open descriptor of its .part file: every chunk is written,
         # hashed and synced through it instead of opening and closing the file each time. Closed
         # when the transfer ends (completed, failed, expired or cancelled), by close(), and beyond
@@ -381,13 +377,7 @@ class MediaStore:
 
     # --- persistence --------------------------------------------------------------------------
     def _part(self, device_id: str, tid: bytes) -> Path:
-        key = (device_id, tid)
-        part = self._parts.get(key)
-        if part is None:
-            if len(self._parts) >= _PART_PATHS:
-                self._parts.clear()
-            part = self._parts[key] = self.root / "incoming" / device_id / f"{tid.hex()}.part"
-        return part
+        return self.root / "incoming" / device_id / f"{tid.hex()}.part"
 
     def _part_fd(self, device_id: str, tid: bytes) -> int:
         key = (device_id, tid)
@@ -434,7 +424,6 @@ class MediaStore:
     def _forget_state(self, device_id: str, tid: bytes) -> None:
         self._close_part(device_id, tid)
         self._bitmaps.pop((device_id, tid), None)
-        self._parts.pop((device_id, tid), None)
         self._state(device_id, tid).unlink(missing_ok=True)
         self._bits(device_id, tid).unlink(missing_ok=True)
 
