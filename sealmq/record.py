@@ -26,12 +26,35 @@ valid ciphertext to another topic, device, kind or epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sealmq import cbor, limits, oscore
 from sealmq.cbor import bstr_head, read_head, uint_head
 from sealmq.errors import DecodeError, DecryptError, LocalProtocolError, Reason
 from sealmq.oscore import SecurityContext
 from sealmq.topics import RecordKind
+
+
+class CompiledFraming(Protocol):
+    """sealmq/_speedups.c: the fast path's framing (nonce, AAD, heads, the AEAD call), compiled."""
+
+    def seal(self, aead: Any, base: bytes, header: bytes, prefixes: tuple[bytes, ...], suffix: bytes, piv: int,  # noqa: PLR0917
+             plaintext: bytes) -> bytes: ...
+
+    def open_hot(self, data: bytes, topic: str, state: tuple[Any, ...],
+                 highest: int) -> tuple[Any, int, bytes] | None: ...
+
+
+# The compiled framing of the fast path, or None: then EpochCodec and Session run this package's
+# Python code, which is also the reference the tests hold the compiled code to. A test or a
+# benchmark sets it to None to run the Python code.
+speedups: CompiledFraming | None
+try:
+    from sealmq import _speedups
+
+    speedups = _speedups
+except ImportError:  # pragma: no cover - a build without a C compiler
+    speedups = None
 
 
 @dataclass(frozen=True)
@@ -256,8 +279,8 @@ class EpochCodec:
     objects are the context's own (built once per key).
     """
 
-    __slots__ = ("_nonce_len", "_recipient_aead", "_recv", "_recv_base", "_send", "_send_base", "_sender_aead",
-                 "_tag_len", "ctx", "epoch")
+    __slots__ = ("_nonce_len", "_recipient_aead", "_recv", "_recv_base", "_send", "_send_base", "_send_base_bytes",
+                 "_sender_aead", "_tag_len", "ctx", "epoch")
 
     def __init__(self, ctx: SecurityContext, epoch: int) -> None:
         if not 0 <= epoch <= limits.MAX_EPOCH:
@@ -271,6 +294,7 @@ class EpochCodec:
         self._sender_aead = ctx.sender_aead
         self._recipient_aead = ctx.recipient_aead
         self._send_base = nonce_base(ctx.common_iv, ctx.sender_id)
+        self._send_base_bytes = self._send_base.to_bytes(self._nonce_len, "big")  # for the compiled seal
         self._recv_base = nonce_base(ctx.common_iv, ctx.recipient_id)
         self._send: dict[tuple[int, str], AadPieces] = {}
         self._recv: dict[tuple[int, str], AadPieces] = {}
@@ -292,6 +316,10 @@ class EpochCodec:
         if not 0 <= piv <= limits.MAX_PIV:
             raise LocalProtocolError(Reason.SEQUENCE_EXHAUSTED, "sequence number outside 0..2**40-1")
         pieces = self._send.get((kind, topic)) or self._pieces(self._send, self.ctx.sender_id, kind, topic)
+        c = speedups
+        if c is not None:  # the same bytes, compiled (tests/test_speedups.py)
+            return c.seal(self._sender_aead, self._send_base_bytes, pieces.header, pieces.prefixes, pieces.suffix,
+                          piv, plaintext)
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         piv_bytes = piv.to_bytes(piv_len, "big")
         ct = self._sender_aead.encrypt((self._send_base ^ piv).to_bytes(self._nonce_len, "big"), plaintext,

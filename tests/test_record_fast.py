@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sealmq import cbor, limits, oscore, record
 from sealmq.errors import DecryptError, Reason, SealmqError, SessionError
 from sealmq.events import Publish
-from sealmq.session import Session, SessionConfig
+from sealmq.session import Session, SessionConfig, _Hot
 from sealmq.topics import RecordKind
 from tests.test_oscore import REQUESTS, VEC, _opt
 from tests.test_record import CASES, STORED, contexts, h
@@ -29,6 +29,44 @@ AEADS = st.sampled_from(AEAD_IDS)
 
 TOPICS = ["sealmq/v1/dev-1/data/up", "sealmq/v1/dev-1/media/up", "sealmq/v1/dev-1/data/down",
           "sealmq/v1/dev-1/media/down", "sealmq/v1/dev-2/data/up", "x", "", "sealmq/v1/dev-1/data/up/"]
+
+
+COMPILED = record.speedups
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def framing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: with the fast path's compiled framing (sealmq/_speedups.c, what
+    a normal install runs) and with its Python code (the fallback without a C compiler). Both
+    against the same reference."""
+    if request.param == "compiled":
+        if COMPILED is None:
+            pytest.fail("sealmq._speedups is not built: install with a C compiler (pip install -e .)")
+    else:
+        monkeypatch.setattr(record, "speedups", None)
+    return str(request.param)
+
+
+class SpySpeedups:
+    """Stands for the compiled module and records what it was asked and what it answered."""
+
+    def __init__(self, real: Any, fail: bool = False) -> None:
+        self.real, self.fail = real, fail
+        self.seals = 0
+        self.opens: list[bool] = []  # answered (not None) or declined, per call
+
+    def seal(self, *args: Any) -> bytes:
+        if self.fail:
+            raise AssertionError("fast path used")
+        self.seals += 1
+        return bytes(self.real.seal(*args))
+
+    def open_hot(self, *args: Any) -> Any:
+        if self.fail:
+            raise AssertionError("fast path used")
+        got = self.real.open_hot(*args)
+        self.opens.append(got is not None)
+        return got
 
 
 def outcome(fn: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
@@ -257,8 +295,23 @@ def test_aad_cache_is_bounded() -> None:
 
 # --- whole sessions: a fast and a reference session, fed the same, stay identical ----------------
 
-def session_pairs(config: SessionConfig | None = None, app_aead: int = 10) -> tuple[list[Session], list[Session]]:
-    """([fast device, reference device], [fast backend, reference backend])."""
+def warm_routes(session: Session) -> None:
+    """Give a fast session's receive hot path the route of every (topic, kind) pair it receives, as
+    its first record of each would. The compiled hot path answers only on a known route (the first
+    record of a pair goes through the Python one, which adds it): without this, each test's first
+    record, often the one under test, would never reach the compiled code."""
+    if not session._fast or len(session._epochs) != 1:
+        return
+    hot = session._hot = session._hot or _Hot(session._epochs[session._current])
+    for topic in session._recv_topics:
+        for kind in session._recv_kinds:
+            session._hot_route(hot, topic, kind)
+
+
+def session_pairs(config: SessionConfig | None = None, app_aead: int = 10,
+                  warm: bool = True) -> tuple[list[Session], list[Session]]:
+    """([fast device, reference device], [fast backend, reference backend]); ``warm``: the fast
+    ones with their hot routes known (:func:`warm_routes`)."""
     devices, backends = [], []
     for fast in (True, False):
         d = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=True, device_id="dev-1",
@@ -266,6 +319,9 @@ def session_pairs(config: SessionConfig | None = None, app_aead: int = 10) -> tu
         b = Session.from_edhoc(prk_out=PRK_OUT, c_i=C_I, c_r=C_R, is_initiator=False, device_id="dev-1",
                                now=0.0, random_bytes=rng(b"backend"), config=config, app_aead=app_aead)
         d._fast = b._fast = fast
+        if warm:
+            warm_routes(d)
+            warm_routes(b)
         devices.append(d)
         backends.append(b)
     return devices, backends
@@ -342,6 +398,8 @@ def test_reference_session_flag_really_switches_paths(monkeypatch: pytest.Monkey
     monkeypatch.setattr(record.EpochCodec, "seal", boom)
     monkeypatch.setattr(record.EpochCodec, "open", boom)
     monkeypatch.setattr(Session, "_open_hot", boom)
+    if record.speedups is not None:
+        monkeypatch.setattr(record, "speedups", SpySpeedups(record.speedups, fail=True))
     topic, data = devices[1].seal(RecordKind.TELEMETRY, b"t", 0.0)
     assert backends[1].open(topic, data, 0.0)
     with pytest.raises(AssertionError):
@@ -350,28 +408,42 @@ def test_reference_session_flag_really_switches_paths(monkeypatch: pytest.Monkey
         backends[0].open(topic, data, 0.0)
 
 
-def test_usual_records_take_the_hot_path_and_others_the_general_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usual_records_take_the_hot_path_and_others_the_general_one(monkeypatch: pytest.MonkeyPatch,
+                                                                     framing: str) -> None:
     """The hot path answers the usual record itself; it declines a KEY_UPDATE record, and is not
-    asked while two epochs are held: the general path (which the codec serves) takes those."""
-    devices, backends = session_pairs()
+    asked while two epochs are held: the general path (which the codec serves) takes those. With
+    the compiled framing, the compiled hot path answers every usual record but the first of its
+    topic and kind (whose route the Python hot path adds); the KEY_UPDATE it declines, and so
+    does the Python one after it."""
+    devices, backends = session_pairs(warm=False)
     device, backend = devices[0], backends[0]
-    hot_answers: list[bool] = []
+    python_answers: list[bool] = []
     real = Session._open_hot
 
     def spy(self: Session, *args: Any) -> Any:
         got = real(self, *args)
-        hot_answers.append(got is not None)
+        python_answers.append(got is not None)
         return got
 
     monkeypatch.setattr(Session, "_open_hot", spy)
-    topic, data = device.seal(RecordKind.TELEMETRY, b"t", 0.0)
-    assert [e.plaintext for e in backend.open(topic, data, 0.0)] == [b"t"]  # type: ignore[union-attr]
-    assert hot_answers == [True]
+    compiled = SpySpeedups(record.speedups)
+    if framing == "compiled":
+        monkeypatch.setattr(record, "speedups", compiled)
+    for text in (b"t", b"t2", b"t3"):
+        topic, data = device.seal(RecordKind.TELEMETRY, text, 0.0)
+        assert [e.plaintext for e in backend.open(topic, data, 0.0)] == [text]  # type: ignore[union-attr]
     topic, data = device.start_key_update(b"n" * 8, 0.0)
     events = backend.open(topic, data, 0.0)
-    assert hot_answers == [True, False] and len(backend.epochs) == 2 and events  # KEY_UPDATE: declined
+    assert len(backend.epochs) == 2 and events  # KEY_UPDATE: declined by the hot paths
     topic, data = device.seal(RecordKind.TELEMETRY, b"u", 0.0)
-    assert backend.open(topic, data, 0.0) and hot_answers == [True, False]  # two epochs held: not asked
+    assert backend.open(topic, data, 0.0)  # two epochs held: no hot path asked
+    if framing == "compiled":
+        assert compiled.opens == [False, True, True, False]
+        assert python_answers == [True, False]
+        assert compiled.seals == 6  # the device's five records (its KEY_UPDATE among them), the backend's answer
+    else:
+        assert python_answers == [True, True, True, False]
+        assert compiled.opens == [] and compiled.seals == 0
 
 
 _UNLIMITED = SessionConfig(max_records_per_key=limits.MAX_PIV + 1, key_update_after_records=limits.MAX_PIV + 1)
@@ -549,3 +621,36 @@ def test_non_shortest_integers_are_refused_by_both_decoders(field: str, head: by
     data = b"\x85\x01\x41\x00" + epoch + piv + b"\x48" + b"c" * 8
     assert record.decode_fast(data) is None
     check_decode(data)
+
+
+@pytest.mark.parametrize("app_aead", AEAD_IDS)
+def test_every_change_to_the_record_header_is_refused_alike(app_aead: int) -> None:
+    """Each byte of the header the hot paths compare whole (array head, kind, kid, epoch) set to
+    every other value: both sessions give the same answer (the kid and the epoch are not in the
+    AEAD's input as bytes of the record, so only this comparison refuses a changed kid or epoch
+    byte before the AEAD would accept it), and the record itself still opens afterwards."""
+    devices, backends = session_pairs(app_aead=app_aead)
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"reading", 0.0)
+    header_len = 2 + len(cbor.bstr_head(len(backends[0].recipient_id))) + len(backends[0].recipient_id) + 1
+    for pos in range(header_len):
+        for value in range(256):
+            if value != data[pos]:
+                changed = data[:pos] + bytes([value]) + data[pos + 1:]
+                assert same(backends, "open", topic, changed, 0.0)[0] == "error", (pos, value)
+    status, events = same(backends, "open", topic, data, 0.0)
+    assert status == "ok" and len(events) == 1
+
+
+@pytest.mark.parametrize("piv", [2**40, 2**40 + 1, 2**63, 2**64 - 1])
+def test_sequence_numbers_beyond_the_largest_partial_iv_are_refused_alike(piv: int) -> None:
+    """A Partial IV head of 8 bytes holding a number above 2**40 - 1 (which no sender can seal) is
+    refused as out of range by both sessions, not taken to the AEAD."""
+    devices, backends = session_pairs()
+    _, (topic, data) = same(devices, "seal", RecordKind.TELEMETRY, b"reading", 0.0)
+    rec = record.decode(data)
+    header = data[:data.index(rec.kid) + len(rec.kid) + 1]
+    body = cbor.bstr_head(len(rec.ciphertext)) + rec.ciphertext
+    for _ in range(2):
+        status, err = same(backends, "open", topic, header + b"\x1b" + piv.to_bytes(8, "big") + body, 0.0)
+        assert status == "error" and err[1] is not Reason.DECRYPT_FAILED
+    assert same(backends, "open", topic, data, 0.0)[0] == "ok"

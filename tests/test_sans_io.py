@@ -6,6 +6,7 @@ cannot hide."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,15 @@ def test_the_check_sees_the_core() -> None:
     names = {p.name for p in core_files()}
     assert {"cbor.py", "errors.py", "kdf.py", "topics.py", "identity.py"} <= names
     assert "cli.py" not in {p.name for p in core_files() if p.parent == CORE}
+
+
+def test_the_compiled_part_of_the_core_is_sans_io_too() -> None:
+    """``sealmq/_speedups.c`` (the record path's framing) includes only Python's and C's string
+    headers, and calls no import, clock, random source or file: everything it uses comes in as an
+    argument (the AEAD object among them)."""
+    sources = sorted(CORE.rglob("*.c"))
+    assert [p.name for p in sources] == ["_speedups.c"]
+    text = re.sub(r"/\*.*?\*/", "", sources[0].read_text(), flags=re.DOTALL)  # the code, not its comments
+    assert re.findall(r"#include\s*[<\"]([^>\"]+)", text) == ["Python.h", "string.h"]
+    for call in ("PyImport_", "time(", "clock", "rand", "getrandom", "fopen", "open(", "socket", "PyRun_"):
+        assert call not in text.replace("open_hot(", "").replace("_open_hot", ""), call

@@ -1,0 +1,409 @@
+/* sealmq._speedups: the record fast path's framing, compiled.
+ *
+ * Two functions, each the exact equivalent of a few lines of sealmq/record.py and sealmq/session.py
+ * (the pure-Python code stays the reference and the fallback; tests/test_speedups.py holds the two
+ * to the same bytes, the same results and the same deferrals):
+ *
+ *   seal(aead, base, header, prefixes, suffix, piv, plaintext) -> record bytes
+ *       EpochCodec.seal after its checks: the nonce (base XOR piv), the AAD (prefix, Partial IV,
+ *       suffix), aead.encrypt(nonce, plaintext, aad), and the record (header, the Partial IV's
+ *       CBOR head, the ciphertext's byte-string head, the ciphertext).
+ *
+ *   open_hot(data, topic, state, highest) -> (kind, piv, plaintext) or None
+ *       Session._open_hot for a record whose sequence number is above ``highest`` (the replay
+ *       window's highest): header check, route lookup, the shortest heads, the nonce and AAD and
+ *       aead.decrypt(nonce, ciphertext, aad). None ("not mine") before any call for anything else:
+ *       a record the caller then runs through the Python path, which decides. The AEAD's own
+ *       exception (InvalidTag) propagates: the caller turns it into DecryptError. A malformed
+ *       state (a programming error, never the record's doing) raises TypeError, which is not
+ *       one of the AEAD's failures, so it cannot pass for a failed decryption.
+ *       state = (kid_part, epoch, routes, base, aead, tag_len); routes maps (topic, kind byte) to
+ *       (kind, pieces, prefixes, suffix).
+ *
+ * No key ever reaches this module: the AEAD is the `cryptography` object the session holds. No
+ * I/O, no clock, no randomness: the protocol core stays sans-IO.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+#define MAX_PIV ((1ULL << 40) - 1)
+#define MAX_NONCE 16
+#define MAX_CIPHERTEXT (65535 + 16) /* limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH */
+
+static PyObject *str_encrypt;
+static PyObject *str_decrypt;
+
+static int piv_length(unsigned long long piv) {
+    int n = 1;
+    while (n < 8 && (piv >> (8 * n)) != 0) {
+        n++;
+    }
+    return n;
+}
+
+/* nonce = base XOR piv (big-endian, right-aligned); base is nonce_len bytes */
+static void make_nonce(unsigned char *nonce, const char *base, Py_ssize_t nonce_len, unsigned long long piv) {
+    memcpy(nonce, base, (size_t)nonce_len);
+    for (int k = 0; k < 8 && k < nonce_len; k++) {
+        nonce[nonce_len - 1 - k] ^= (unsigned char)(piv >> (8 * k));
+    }
+}
+
+/* prefix || piv bytes || suffix */
+static PyObject *make_aad(PyObject *prefix, unsigned long long piv, int piv_len, PyObject *suffix) {
+    Py_ssize_t plen = PyBytes_GET_SIZE(prefix), slen = PyBytes_GET_SIZE(suffix);
+    PyObject *aad = PyBytes_FromStringAndSize(NULL, plen + piv_len + slen);
+    if (aad == NULL) {
+        return NULL;
+    }
+    char *p = PyBytes_AS_STRING(aad);
+    memcpy(p, PyBytes_AS_STRING(prefix), (size_t)plen);
+    for (int k = 0; k < piv_len; k++) {
+        p[plen + k] = (char)(piv >> (8 * (piv_len - 1 - k)));
+    }
+    memcpy(p + plen + piv_len, PyBytes_AS_STRING(suffix), (size_t)slen);
+    return aad;
+}
+
+static int check_bytes(PyObject *o, const char *what) {
+    if (!PyBytes_CheckExact(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "seal(aead, base, header, prefixes, suffix, piv, plaintext)");
+        return NULL;
+    }
+    PyObject *aead = args[0], *base = args[1], *header = args[2], *prefixes = args[3], *suffix = args[4];
+    PyObject *plaintext = args[6];
+    if (check_bytes(base, "base") || check_bytes(header, "header") || check_bytes(suffix, "suffix")) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(prefixes) || PyTuple_GET_SIZE(prefixes) != 6) {
+        PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of 6");
+        return NULL;
+    }
+    unsigned long long piv = PyLong_AsUnsignedLongLong(args[5]);
+    if (piv == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (piv > MAX_PIV) {
+        PyErr_SetString(PyExc_ValueError, "sequence number outside 0..2**40-1");
+        return NULL;
+    }
+    Py_ssize_t nonce_len = PyBytes_GET_SIZE(base);
+    if (nonce_len < 8 || nonce_len > MAX_NONCE) {
+        PyErr_SetString(PyExc_ValueError, "nonce base of an unexpected length");
+        return NULL;
+    }
+    int piv_len = piv_length(piv);
+    PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
+    if (check_bytes(prefix, "prefix")) {
+        return NULL;
+    }
+    unsigned char nonce_buf[MAX_NONCE];
+    make_nonce(nonce_buf, PyBytes_AS_STRING(base), nonce_len, piv);
+    PyObject *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, nonce_len);
+    if (nonce == NULL) {
+        return NULL;
+    }
+    PyObject *aad = make_aad(prefix, piv, piv_len, suffix);
+    if (aad == NULL) {
+        Py_DECREF(nonce);
+        return NULL;
+    }
+    PyObject *call[4] = {aead, nonce, plaintext, aad};
+    PyObject *ct = PyObject_VectorcallMethod(str_encrypt, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(nonce);
+    Py_DECREF(aad);
+    if (ct == NULL) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(ct)) {
+        Py_DECREF(ct);
+        PyErr_SetString(PyExc_TypeError, "the AEAD returned something other than bytes");
+        return NULL;
+    }
+    Py_ssize_t ct_len = PyBytes_GET_SIZE(ct);
+    /* the Partial IV's CBOR head: below 24 the byte itself; then 0x18, 0x19, 0x1a, 0x1b + 1, 2, 4, 8 bytes */
+    unsigned char head[16];
+    int h = 0;
+    int width;
+    if (piv < 24) {
+        head[h++] = (unsigned char)piv;
+        width = 0;
+    } else if (piv < 0x100) {
+        head[h++] = 0x18;
+        width = 1;
+    } else if (piv < 0x10000) {
+        head[h++] = 0x19;
+        width = 2;
+    } else if (piv < 0x100000000ULL) {
+        head[h++] = 0x1a;
+        width = 4;
+    } else {
+        head[h++] = 0x1b;
+        width = 8;
+    }
+    for (int k = width - 1; k >= 0; k--) {
+        head[h++] = (unsigned char)(piv >> (8 * k));
+    }
+    /* the ciphertext's byte-string head */
+    if (ct_len < 24) {
+        head[h++] = (unsigned char)(0x40 | ct_len);
+    } else if (ct_len < 0x100) {
+        head[h++] = 0x58;
+        head[h++] = (unsigned char)ct_len;
+    } else if (ct_len < 0x10000) {
+        head[h++] = 0x59;
+        head[h++] = (unsigned char)(ct_len >> 8);
+        head[h++] = (unsigned char)ct_len;
+    } else if (ct_len <= 0xFFFFFFFFLL) {
+        head[h++] = 0x5a;
+        head[h++] = (unsigned char)(ct_len >> 24);
+        head[h++] = (unsigned char)(ct_len >> 16);
+        head[h++] = (unsigned char)(ct_len >> 8);
+        head[h++] = (unsigned char)ct_len;
+    } else {
+        Py_DECREF(ct);
+        PyErr_SetString(PyExc_ValueError, "ciphertext too long");
+        return NULL;
+    }
+    Py_ssize_t hlen = PyBytes_GET_SIZE(header);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + h + ct_len);
+    if (out == NULL) {
+        Py_DECREF(ct);
+        return NULL;
+    }
+    char *o = PyBytes_AS_STRING(out);
+    memcpy(o, PyBytes_AS_STRING(header), (size_t)hlen);
+    memcpy(o + hlen, head, (size_t)h);
+    memcpy(o + hlen + h, PyBytes_AS_STRING(ct), (size_t)ct_len);
+    Py_DECREF(ct);
+    return out;
+}
+
+static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "open_hot(data, topic, state, highest)");
+        return NULL;
+    }
+    PyObject *data = args[0], *topic = args[1], *state = args[2];
+    if (!PyBytes_CheckExact(data) || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6) {
+        Py_RETURN_NONE;
+    }
+    PyObject *kid_part = PyTuple_GET_ITEM(state, 0), *epoch_o = PyTuple_GET_ITEM(state, 1);
+    PyObject *routes = PyTuple_GET_ITEM(state, 2), *base = PyTuple_GET_ITEM(state, 3);
+    PyObject *aead = PyTuple_GET_ITEM(state, 4), *tag_o = PyTuple_GET_ITEM(state, 5);
+    if (check_bytes(kid_part, "kid_part") || check_bytes(base, "base") || !PyDict_CheckExact(routes)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "routes must be a dict");
+        }
+        return NULL;
+    }
+    long epoch = PyLong_AsLong(epoch_o);
+    long tag_len = PyLong_AsLong(tag_o);
+    long long highest = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (epoch < 0 || epoch >= 24) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t nonce_len = PyBytes_GET_SIZE(base);
+    if (nonce_len < 8 || nonce_len > MAX_NONCE) {
+        PyErr_SetString(PyExc_TypeError, "nonce base of an unexpected length");
+        return NULL;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    Py_ssize_t kp = PyBytes_GET_SIZE(kid_part);
+    Py_ssize_t n = 2 + kp + 1; /* 0x85, the kind's byte, kid_part, the epoch's byte */
+    if (len < n || d[0] != 0x85 || d[n - 1] != (unsigned char)epoch ||
+        memcmp(d + 2, PyBytes_AS_STRING(kid_part), (size_t)kp) != 0) {
+        Py_RETURN_NONE;
+    }
+    /* the route of (topic, kind byte): only pairs the Python path admitted are in the table */
+    PyObject *kind_byte = PyLong_FromLong(d[1]);
+    if (kind_byte == NULL) {
+        return NULL;
+    }
+    PyObject *key = PyTuple_Pack(2, topic, kind_byte);
+    Py_DECREF(kind_byte);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *route = PyDict_GetItemWithError(routes, key); /* borrowed */
+    Py_DECREF(key);
+    if (route == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_CheckExact(route) || PyTuple_GET_SIZE(route) != 4) {
+        PyErr_SetString(PyExc_TypeError, "a route must be (kind, pieces, prefixes, suffix)");
+        return NULL;
+    }
+    /* the Partial IV: shortest head only (record.read_tail), within 0..MAX_PIV */
+    Py_ssize_t i = n;
+    unsigned long long piv;
+    unsigned char b = d[i];
+    Py_ssize_t width;
+    unsigned long long least;
+    if (b < 24) {
+        piv = b;
+        width = 0;
+        least = 0;
+    } else if (b == 0x18) {
+        width = 1;
+        least = 24;
+    } else if (b == 0x19) {
+        width = 2;
+        least = 0x100;
+    } else if (b == 0x1a) {
+        width = 4;
+        least = 0x10000;
+    } else if (b == 0x1b) {
+        width = 8;
+        least = 0x100000000ULL;
+    } else {
+        Py_RETURN_NONE;
+    }
+    i += 1;
+    if (width) {
+        if (len < i + width) {
+            Py_RETURN_NONE;
+        }
+        piv = 0;
+        for (Py_ssize_t k = 0; k < width; k++) {
+            piv = (piv << 8) | d[i + k];
+        }
+        i += width;
+        if (piv < least || piv > MAX_PIV) {
+            Py_RETURN_NONE;
+        }
+    }
+    /* only a new highest sequence number: the replay window's check passes without looking */
+    if ((long long)piv <= highest) {
+        Py_RETURN_NONE;
+    }
+    /* the ciphertext: shortest head, at least a tag, ending the record */
+    if (i >= len) {
+        Py_RETURN_NONE;
+    }
+    unsigned char hb = d[i];
+    Py_ssize_t ct_len;
+    if (hb >= 0x40 && hb < 0x58) {
+        ct_len = hb - 0x40;
+        i += 1;
+    } else if (hb == 0x58) {
+        if (len < i + 2) {
+            Py_RETURN_NONE;
+        }
+        ct_len = d[i + 1];
+        i += 2;
+        if (ct_len < 24) {
+            Py_RETURN_NONE;
+        }
+    } else if (hb == 0x59) {
+        if (len < i + 3) {
+            Py_RETURN_NONE;
+        }
+        ct_len = ((Py_ssize_t)d[i + 1] << 8) | d[i + 2];
+        i += 3;
+        if (ct_len < 0x100) {
+            Py_RETURN_NONE;
+        }
+    } else if (hb == 0x5a) {
+        if (len < i + 5) {
+            Py_RETURN_NONE;
+        }
+        ct_len = ((Py_ssize_t)d[i + 1] << 24) | ((Py_ssize_t)d[i + 2] << 16) | ((Py_ssize_t)d[i + 3] << 8) | d[i + 4];
+        i += 5;
+        if (ct_len < 0x10000 || ct_len > MAX_CIPHERTEXT) {
+            Py_RETURN_NONE;
+        }
+    } else {
+        Py_RETURN_NONE;
+    }
+    if (i + ct_len != len || ct_len < tag_len) {
+        Py_RETURN_NONE;
+    }
+    PyObject *kind = PyTuple_GET_ITEM(route, 0), *prefixes = PyTuple_GET_ITEM(route, 2);
+    PyObject *suffix = PyTuple_GET_ITEM(route, 3);
+    if (!PyTuple_CheckExact(prefixes) || PyTuple_GET_SIZE(prefixes) != 6 || check_bytes(suffix, "suffix")) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of 6");
+        }
+        return NULL;
+    }
+    int piv_len = piv_length(piv);
+    PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
+    if (check_bytes(prefix, "prefix")) {
+        return NULL;
+    }
+    unsigned char nonce_buf[MAX_NONCE];
+    make_nonce(nonce_buf, PyBytes_AS_STRING(base), nonce_len, piv);
+    PyObject *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, nonce_len);
+    PyObject *aad = nonce ? make_aad(prefix, piv, piv_len, suffix) : NULL;
+    PyObject *ct = aad ? PyBytes_FromStringAndSize((const char *)d + i, ct_len) : NULL;
+    if (ct == NULL) {
+        Py_XDECREF(nonce);
+        Py_XDECREF(aad);
+        return NULL;
+    }
+    PyObject *call[4] = {aead, nonce, ct, aad};
+    PyObject *pt = PyObject_VectorcallMethod(str_decrypt, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(nonce);
+    Py_DECREF(aad);
+    Py_DECREF(ct);
+    if (pt == NULL) {
+        return NULL;
+    }
+    PyObject *piv_o = PyLong_FromUnsignedLongLong(piv);
+    if (piv_o == NULL) {
+        Py_DECREF(pt);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(3);
+    if (out == NULL) {
+        Py_DECREF(pt);
+        Py_DECREF(piv_o);
+        return NULL;
+    }
+    Py_INCREF(kind);
+    PyTuple_SET_ITEM(out, 0, kind);
+    PyTuple_SET_ITEM(out, 1, piv_o);
+    PyTuple_SET_ITEM(out, 2, pt);
+    return out;
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"seal", (PyCFunction)(void (*)(void))speedups_seal, METH_FASTCALL,
+     "seal(aead, base, header, prefixes, suffix, piv, plaintext) -> record bytes"},
+    {"open_hot", (PyCFunction)(void (*)(void))speedups_open_hot, METH_FASTCALL,
+     "open_hot(data, topic, state, highest) -> (kind, piv, plaintext) or None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "sealmq._speedups", "The record fast path's framing, compiled (see the C source).", -1,
+    speedups_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    str_encrypt = PyUnicode_InternFromString("encrypt");
+    str_decrypt = PyUnicode_InternFromString("decrypt");
+    if (str_encrypt == NULL || str_decrypt == NULL) {
+        return NULL;
+    }
+    return PyModule_Create(&speedups_module);
+}

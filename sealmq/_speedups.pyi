@@ -1,0 +1,7 @@
+"""Types of the compiled record framing (sealmq/_speedups.c). See the C source for what each does."""
+
+from typing import Any
+
+def seal(aead: Any, base: bytes, header: bytes, prefixes: tuple[bytes, ...], suffix: bytes, piv: int,
+         plaintext: bytes) -> bytes: ...
+def open_hot(data: bytes, topic: str, state: tuple[Any, ...], highest: int) -> tuple[Any, int, bytes] | None: ...
