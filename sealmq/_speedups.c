@@ -9,10 +9,12 @@
  *       suffix), aead.encrypt(nonce, plaintext, aad), and the record (header, the Partial IV's
  *       CBOR head, the ciphertext's byte-string head, the ciphertext).
  *
- *   open_hot(data, topic, state, highest) -> (kind, piv, plaintext) or None
- *       Session._open_hot for a record whose sequence number is above ``highest`` (the replay
- *       window's highest): header check, route lookup, the shortest heads, the nonce and AAD and
- *       aead.decrypt(nonce, ciphertext, aad). None ("not mine") before any call for anything else:
+ *   open_hot(data, topic, state, window) -> (kind, piv, plaintext) or None
+ *       Session._open_hot for a record whose sequence number is above the replay window's highest:
+ *       header check, route lookup, the shortest heads, the nonce and AAD,
+ *       aead.decrypt(nonce, ciphertext, aad), and then ReplayWindow.mark's usual case (the new
+ *       highest: shift the bits, set the lowest, keep ``size`` of them). None ("not mine") before
+ *       any call and any change for anything else:
  *       a record the caller then runs through the Python path, which decides. The AEAD's own
  *       exception (InvalidTag) propagates: the caller turns it into DecryptError. A malformed
  *       state (a programming error, never the record's doing) raises TypeError, which is not
@@ -33,6 +35,9 @@
 
 static PyObject *str_encrypt;
 static PyObject *str_decrypt;
+static PyObject *str_highest; /* ReplayWindow's slots */
+static PyObject *str_bits;
+static PyObject *str_size;
 
 static int piv_length(unsigned long long piv) {
     int n = 1;
@@ -103,6 +108,10 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     int piv_len = piv_length(piv);
+    if (piv_len >= PyTuple_GET_SIZE(prefixes)) { /* never with piv <= MAX_PIV: belt and braces for the index */
+        PyErr_SetString(PyExc_TypeError, "no AAD prefix for a Partial IV this long");
+        return NULL;
+    }
     PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
     if (check_bytes(prefix, "prefix")) {
         return NULL;
@@ -189,12 +198,49 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
     return out;
 }
 
+/* ReplayWindow.mark's usual case, without changing the window: the bits after a new highest
+ * ``shift`` (> 0) above the old one: 1 if the jump passes the whole window, else
+ * ((bits << shift) | 1) & ((1 << size) - 1). */
+static PyObject *window_marked(PyObject *window, long long shift) {
+    PyObject *size_o = PyObject_GetAttr(window, str_size);
+    if (size_o == NULL) {
+        return NULL;
+    }
+    long long size = PyLong_AsLongLong(size_o);
+    if (size == -1 && PyErr_Occurred()) {
+        Py_DECREF(size_o);
+        return NULL;
+    }
+    if (shift >= size) {
+        Py_DECREF(size_o);
+        return PyLong_FromLong(1);
+    }
+    PyObject *bits = PyObject_GetAttr(window, str_bits);
+    PyObject *shift_o = bits ? PyLong_FromLongLong(shift) : NULL;
+    PyObject *one = shift_o ? PyLong_FromLong(1) : NULL;
+    PyObject *shifted = one ? PyNumber_Lshift(bits, shift_o) : NULL;
+    PyObject *set = shifted ? PyNumber_Or(shifted, one) : NULL;
+    PyObject *top = set ? PyNumber_Lshift(one, size_o) : NULL;
+    PyObject *mask = top ? PyNumber_Subtract(top, one) : NULL;
+    PyObject *out = mask ? PyNumber_And(set, mask) : NULL;
+    Py_DECREF(size_o);
+    Py_XDECREF(bits);
+    Py_XDECREF(shift_o);
+    Py_XDECREF(one);
+    Py_XDECREF(shifted);
+    Py_XDECREF(set);
+    Py_XDECREF(top);
+    Py_XDECREF(mask);
+    return out;
+}
+
 static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "open_hot(data, topic, state, highest)");
+        PyErr_SetString(PyExc_TypeError, "open_hot(data, topic, state, window)");
         return NULL;
     }
+    PyObject *window = args[3];
     PyObject *data = args[0], *topic = args[1], *state = args[2];
     if (!PyBytes_CheckExact(data) || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6) {
         Py_RETURN_NONE;
@@ -210,8 +256,16 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
     }
     long epoch = PyLong_AsLong(epoch_o);
     long tag_len = PyLong_AsLong(tag_o);
-    long long highest = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *highest_o = PyObject_GetAttr(window, str_highest);
+    if (highest_o == NULL) {
+        return NULL;
+    }
+    long long highest = PyLong_AsLongLong(highest_o);
+    Py_DECREF(highest_o);
+    if (highest == -1 && PyErr_Occurred()) {
         return NULL;
     }
     if (epoch < 0 || epoch >= 24) {
@@ -346,6 +400,10 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
         return NULL;
     }
     int piv_len = piv_length(piv);
+    if (piv_len >= PyTuple_GET_SIZE(prefixes)) { /* never with piv <= MAX_PIV: belt and braces for the index */
+        PyErr_SetString(PyExc_TypeError, "no AAD prefix for a Partial IV this long");
+        return NULL;
+    }
     PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
     if (check_bytes(prefix, "prefix")) {
         return NULL;
@@ -369,16 +427,17 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
         return NULL;
     }
     PyObject *piv_o = PyLong_FromUnsignedLongLong(piv);
-    if (piv_o == NULL) {
+    PyObject *bits = piv_o ? window_marked(window, (long long)piv - highest) : NULL;
+    PyObject *out = bits ? PyTuple_New(3) : NULL;
+    /* both slots set together, or neither (setting a slot of the right type does not fail) */
+    if (out == NULL || PyObject_SetAttr(window, str_bits, bits) < 0 || PyObject_SetAttr(window, str_highest, piv_o) < 0) {
         Py_DECREF(pt);
+        Py_XDECREF(piv_o);
+        Py_XDECREF(bits);
+        Py_XDECREF(out);
         return NULL;
     }
-    PyObject *out = PyTuple_New(3);
-    if (out == NULL) {
-        Py_DECREF(pt);
-        Py_DECREF(piv_o);
-        return NULL;
-    }
+    Py_DECREF(bits);
     Py_INCREF(kind);
     PyTuple_SET_ITEM(out, 0, kind);
     PyTuple_SET_ITEM(out, 1, piv_o);
@@ -390,7 +449,7 @@ static PyMethodDef speedups_methods[] = {
     {"seal", (PyCFunction)(void (*)(void))speedups_seal, METH_FASTCALL,
      "seal(aead, base, header, prefixes, suffix, piv, plaintext) -> record bytes"},
     {"open_hot", (PyCFunction)(void (*)(void))speedups_open_hot, METH_FASTCALL,
-     "open_hot(data, topic, state, highest) -> (kind, piv, plaintext) or None"},
+     "open_hot(data, topic, state, window) -> (kind, piv, plaintext) or None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -402,7 +461,10 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC PyInit__speedups(void) {
     str_encrypt = PyUnicode_InternFromString("encrypt");
     str_decrypt = PyUnicode_InternFromString("decrypt");
-    if (str_encrypt == NULL || str_decrypt == NULL) {
+    str_highest = PyUnicode_InternFromString("_highest");
+    str_bits = PyUnicode_InternFromString("_bits");
+    str_size = PyUnicode_InternFromString("size");
+    if (str_encrypt == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL || str_size == NULL) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

@@ -482,14 +482,12 @@ class Session:
                 if c is not None:  # the same, compiled, for a new highest sequence number (tests/test_speedups.py)
                     held = hot.epoch
                     try:
-                        opened = c.open_hot(data, topic, hot.cstate, held.window._highest)
+                        opened = c.open_hot(data, topic, hot.cstate, held.window)  # marks the window
                     except oscore.AEAD_FAILURES:
                         self._decrypt_failed(held)
                         raise DecryptError() from None
                     if opened is not None:
-                        kind, piv, plaintext = opened
-                        held.window.mark(piv)
-                        return [Received(self.device_id, kind, plaintext, held.number, piv)]
+                        return [Received(self.device_id, opened[0], opened[2], held.number, opened[1])]
                 got = self._open_hot(hot, topic, data)
                 if got is not None:
                     return got

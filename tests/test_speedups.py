@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sealmq import limits, record
+from sealmq.replay import ReplayWindow
 from sealmq.session import Session, _Hot
 from sealmq.topics import RecordKind
 from tests.test_session import C_I, C_R, PRK_OUT, rng
@@ -94,21 +95,28 @@ def test_open_hot_refuses_a_malformed_state_with_type_errors() -> None:
     hot = hot_state(backend, topic, data)
     topic, data = device.seal(RecordKind.TELEMETRY, b"second", 0.0)
     kid_part, epoch, routes, base, aead, tag_len = hot.cstate
-    assert speedups.open_hot(data, topic, hot.cstate, 0) is not None
+    window = ReplayWindow(8)
+    assert speedups.open_hot(data, topic, hot.cstate, window) is not None
+    assert window.state() == (1, 1)  # marked: the new highest
+    fresh = ReplayWindow(8)
     with pytest.raises(TypeError):
         speedups.open_hot(data, topic, hot.cstate)
     with pytest.raises(TypeError):
-        speedups.open_hot(data, topic, (kid_part, epoch, dict(routes).items(), base, aead, tag_len), 0)
+        speedups.open_hot(data, topic, (kid_part, epoch, dict(routes).items(), base, aead, tag_len), fresh)
     with pytest.raises(TypeError):
-        speedups.open_hot(data, topic, (kid_part, epoch, routes, base[:4], aead, tag_len), 0)
+        speedups.open_hot(data, topic, (kid_part, epoch, routes, base[:4], aead, tag_len), fresh)
     bad_routes = {key: value[:2] for key, value in routes.items()}
     with pytest.raises(TypeError):
-        speedups.open_hot(data, topic, (kid_part, epoch, bad_routes, base, aead, tag_len), 0)
+        speedups.open_hot(data, topic, (kid_part, epoch, bad_routes, base, aead, tag_len), fresh)
+    with pytest.raises(AttributeError):
+        speedups.open_hot(data, topic, hot.cstate, object())  # not a replay window
+    assert fresh.state() == (-1, 0)  # nothing refused changed it
     # what is not this module's to judge is declined, not raised: the Python path decides
-    assert speedups.open_hot(bytearray(data), topic, hot.cstate, 0) is None
-    assert speedups.open_hot(data, topic, hot.cstate[:5], 0) is None
-    assert speedups.open_hot(data, topic + "/", hot.cstate, 0) is None
-    assert speedups.open_hot(data, topic, hot.cstate, 1) is None  # not above the window's highest
+    assert speedups.open_hot(bytearray(data), topic, hot.cstate, fresh) is None
+    assert speedups.open_hot(data, topic, hot.cstate[:5], fresh) is None
+    assert speedups.open_hot(data, topic + "/", hot.cstate, fresh) is None
+    assert speedups.open_hot(data, topic, hot.cstate, window) is None  # not above the window's highest
+    assert fresh.state() == (-1, 0) and window.state() == (1, 1)
 
 
 @settings(max_examples=500)
@@ -124,21 +132,24 @@ def test_open_hot_on_arbitrary_bytes_declines_or_fails_the_tag(garbage: bytes, h
     # the record's own header in front half of the time, so that the tail's parsing is reached
     if data.draw(st.booleans()):
         garbage = first[:hot.header_len] + garbage
+    window = ReplayWindow.restore(8, highest, 1 if highest >= 0 else 0)
     try:
-        got = speedups.open_hot(garbage, topic, hot.cstate, highest)
+        got = speedups.open_hot(garbage, topic, hot.cstate, window)
     except InvalidTag:
-        return
+        got = None
     assert got is None
+    assert window.state() == (highest, 1 if highest >= 0 else 0)  # unchanged
 
 
 def _calls(device: Session, hot: _Hot, topic: str, good: list[bytes]) -> None:
     assert speedups is not None
     for i, data in enumerate(good):
-        assert speedups.open_hot(data, topic, hot.cstate, i) is not None  # opened
-        assert speedups.open_hot(data, topic, hot.cstate, 10**6) is None  # declined
-        bad = data[:-1] + bytes([data[-1] ^ 1])
+        window = ReplayWindow.restore(256, i, 1)  # the records are numbered from 1
         with pytest.raises(InvalidTag):
-            speedups.open_hot(bad, topic, hot.cstate, i)  # failed
+            speedups.open_hot(data[:-1] + bytes([data[-1] ^ 1]), topic, hot.cstate, window)  # failed
+        assert speedups.open_hot(data, topic, hot.cstate, window) is not None  # opened
+        assert speedups.open_hot(data, topic, hot.cstate, window) is None  # declined: now a replay
+        assert window.state() == (i + 1, 3)
         speedups.seal(*seal_args(device, i, b"p" * 40))
         with pytest.raises(TypeError):
             speedups.seal(*seal_args(device, i, b"p")[:3])
@@ -163,3 +174,23 @@ def test_no_memory_is_kept_by_any_path() -> None:
         tracemalloc.stop()
     # 2,000 rounds of five paths: one leaked bytes object per call would be over 200 KB
     assert grown < 20_000, grown
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 40), st.lists(st.integers(1, 50), min_size=1, max_size=30))
+def test_open_hot_marks_the_window_as_replay_window_mark_does(size: int, steps: list[int]) -> None:
+    """Records opened in increasing order, with gaps below, at and past the window's width: the
+    window the compiled path marked and one marked by ReplayWindow.mark hold the same state."""
+    assert speedups is not None
+    device, backend = pair()
+    topic, first = device.seal(RecordKind.TELEMETRY, b"first", 0.0)
+    hot = hot_state(backend, topic, first)
+    compiled, reference = ReplayWindow(size), ReplayWindow(size)
+    seq = 0
+    for step in steps:
+        seq += step
+        device.advance_send_seq(seq)
+        _, data = device.seal(RecordKind.TELEMETRY, b"r", 0.0)
+        assert speedups.open_hot(data, topic, hot.cstate, compiled) is not None
+        reference.mark(seq)
+        assert compiled.state() == reference.state()
