@@ -32,6 +32,7 @@
 #define MAX_PIV ((1ULL << 40) - 1)
 #define MAX_NONCE 16
 #define MAX_CIPHERTEXT (65535 + 16) /* limits.MAX_PLAINTEXT + limits.MAX_TAG_LENGTH */
+#define VIEW_FROM 4096              /* ciphertexts this long or longer are passed as a view, not copied */
 
 static PyObject *str_encrypt;
 static PyObject *str_decrypt;
@@ -412,7 +413,14 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
     make_nonce(nonce_buf, PyBytes_AS_STRING(base), nonce_len, piv);
     PyObject *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, nonce_len);
     PyObject *aad = nonce ? make_aad(prefix, piv, piv_len, suffix) : NULL;
-    PyObject *ct = aad ? PyBytes_FromStringAndSize((const char *)d + i, ct_len) : NULL;
+    /* A large ciphertext (a media chunk) is read in place: a read-only view into ``data``, which
+     * the caller holds for the whole call, and the AEAD releases when it returns. A small one is
+     * copied: for a few hundred bytes the copy costs less than making the view. */
+    PyObject *ct = NULL;
+    if (aad != NULL) {
+        ct = ct_len >= VIEW_FROM ? PyMemoryView_FromMemory((char *)d + i, ct_len, PyBUF_READ)
+                                 : PyBytes_FromStringAndSize((const char *)d + i, ct_len);
+    }
     if (ct == NULL) {
         Py_XDECREF(nonce);
         Py_XDECREF(aad);
