@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                f"With ${config.ENV}=DIR/sealmq.toml (written by `sealmq bootstrap`), commands take their paths "
                "(--pki, --data, --state, --passwd) from it; flags win.",
     )
-    parser.add_argument("--version", action="version", version=f"sealmq {__version__}")
+    from sealmq import record
+
+    framing = "compiled" if record.speedups is not None else "Python (built without a C compiler)"
+    parser.add_argument("--version", action="version", version=f"sealmq {__version__} (record framing: {framing})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _SUBCOMMANDS:
         module.register(sub)

@@ -194,3 +194,16 @@ def test_open_hot_marks_the_window_as_replay_window_mark_does(size: int, steps: 
         assert speedups.open_hot(data, topic, hot.cstate, compiled) is not None
         reference.mark(seq)
         assert compiled.state() == reference.state()
+
+
+def test_the_version_says_which_framing_runs(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "(record framing: compiled)" in capsys.readouterr().out
+    monkeypatch.setattr(record, "speedups", None)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "(record framing: Python (built without a C compiler))" in capsys.readouterr().out
