@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 
 from fuzz import run, targets, world
 from fuzz.oracle import INJECT_MARKER, InvariantViolated, inject_crash, is_crash, run_one
+from sealmq import record
 from sealmq.errors import DecodeError, DecryptError
 from sealmq.topics import Channel
 
@@ -71,6 +73,17 @@ def test_liveness_oracle_notices_a_session_that_stopped_opening(monkeypatch: pyt
     monkeypatch.setattr("sealmq.record.open_", broken)
     monkeypatch.setattr("sealmq.record.EpochCodec.open", broken)  # the sessions' fast path
     monkeypatch.setattr("sealmq.session.Session._open_hot", broken)  # and their receive hot path
+    real = record.speedups
+    if real is not None:  # and its compiled form: every record fails its tag there
+
+        class BrokenFraming:
+            seal = staticmethod(real.seal)
+
+            @staticmethod
+            def open_hot(*args: object) -> None:
+                raise InvalidTag
+
+        monkeypatch.setattr(record, "speedups", BrokenFraming())
     with pytest.raises(InvariantViolated):
         harness._live()
 
