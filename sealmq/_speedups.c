@@ -4,10 +4,11 @@
  * (the pure-Python code stays the reference and the fallback; tests/test_speedups.py holds the two
  * to the same bytes, the same results and the same deferrals):
  *
- *   seal(aead, base, header, prefixes, suffix, piv, plaintext) -> record bytes
+ *   seal(aead, base, header, prefixes, suffix, piv, plaintext, tag_len) -> record bytes
  *       EpochCodec.seal after its checks: the nonce (base XOR piv), the AAD (prefix, Partial IV,
  *       suffix), aead.encrypt(nonce, plaintext, aad), and the record (header, the Partial IV's
- *       CBOR head, the ciphertext's byte-string head, the ciphertext).
+ *       CBOR head, the ciphertext's byte-string head, the ciphertext). From 4 KiB of plaintext,
+ *       the AEAD writes the ciphertext straight into the record (encrypt_into).
  *
  *   open_hot(data, topic, state, window) -> (kind, piv, plaintext) or None
  *       Session._open_hot for a record whose sequence number is above the replay window's highest:
@@ -35,6 +36,7 @@
 #define VIEW_FROM 4096              /* ciphertexts this long or longer are passed as a view, not copied */
 
 static PyObject *str_encrypt;
+static PyObject *str_encrypt_into;
 static PyObject *str_decrypt;
 static PyObject *str_highest; /* ReplayWindow's slots */
 static PyObject *str_bits;
@@ -80,10 +82,98 @@ static int check_bytes(PyObject *o, const char *what) {
     return 0;
 }
 
+/* The Partial IV's CBOR head and the ciphertext's byte-string head, into ``head`` (16 bytes);
+ * returns their length, or -1 for a ciphertext longer than a 4-byte length. */
+static int write_heads(unsigned char *head, unsigned long long piv, Py_ssize_t ct_len) {
+    int h = 0;
+    int width;
+    if (piv < 24) {
+        head[h++] = (unsigned char)piv;
+        width = 0;
+    } else if (piv < 0x100) {
+        head[h++] = 0x18;
+        width = 1;
+    } else if (piv < 0x10000) {
+        head[h++] = 0x19;
+        width = 2;
+    } else if (piv < 0x100000000ULL) {
+        head[h++] = 0x1a;
+        width = 4;
+    } else {
+        head[h++] = 0x1b;
+        width = 8;
+    }
+    for (int k = width - 1; k >= 0; k--) {
+        head[h++] = (unsigned char)(piv >> (8 * k));
+    }
+    if (ct_len < 24) {
+        head[h++] = (unsigned char)(0x40 | ct_len);
+    } else if (ct_len < 0x100) {
+        head[h++] = 0x58;
+        head[h++] = (unsigned char)ct_len;
+    } else if (ct_len < 0x10000) {
+        head[h++] = 0x59;
+        head[h++] = (unsigned char)(ct_len >> 8);
+        head[h++] = (unsigned char)ct_len;
+    } else if (ct_len <= 0xFFFFFFFFLL) {
+        head[h++] = 0x5a;
+        head[h++] = (unsigned char)(ct_len >> 24);
+        head[h++] = (unsigned char)(ct_len >> 16);
+        head[h++] = (unsigned char)(ct_len >> 8);
+        head[h++] = (unsigned char)ct_len;
+    } else {
+        return -1;
+    }
+    return h;
+}
+
+/* A large plaintext (a media chunk): the record's bytes are made first, and the AEAD writes the
+ * ciphertext into them (encrypt_into), instead of returning it for a second copy. */
+static PyObject *seal_into(PyObject *aead, PyObject *nonce, PyObject *plaintext, PyObject *aad, PyObject *header,
+                           unsigned long long piv, Py_ssize_t ct_len) {
+    unsigned char head[16];
+    int h = write_heads(head, piv, ct_len);
+    if (h < 0) {
+        PyErr_SetString(PyExc_ValueError, "ciphertext too long");
+        return NULL;
+    }
+    Py_ssize_t hlen = PyBytes_GET_SIZE(header);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + h + ct_len);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *o = PyBytes_AS_STRING(out);
+    memcpy(o, PyBytes_AS_STRING(header), (size_t)hlen);
+    memcpy(o + hlen, head, (size_t)h);
+    /* out is ours alone until returned: the AEAD fills it through this view, and drops the view */
+    PyObject *view = PyMemoryView_FromMemory(o + hlen + h, ct_len, PyBUF_WRITE);
+    if (view == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *call[5] = {aead, nonce, plaintext, aad, view};
+    PyObject *n = PyObject_VectorcallMethod(str_encrypt_into, call, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(view);
+    if (n == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_ssize_t written = PyLong_AsSsize_t(n);
+    Py_DECREF(n);
+    if (written != ct_len) {
+        Py_DECREF(out);
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "the AEAD wrote a ciphertext of another length");
+        }
+        return NULL;
+    }
+    return out;
+}
+
 static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "seal(aead, base, header, prefixes, suffix, piv, plaintext)");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "seal(aead, base, header, prefixes, suffix, piv, plaintext, tag_len)");
         return NULL;
     }
     PyObject *aead = args[0], *base = args[1], *header = args[2], *prefixes = args[3], *suffix = args[4];
@@ -128,6 +218,18 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
         Py_DECREF(nonce);
         return NULL;
     }
+    Py_ssize_t tag_len = PyLong_AsSsize_t(args[7]);
+    if (tag_len == -1 && PyErr_Occurred()) {
+        Py_DECREF(nonce);
+        Py_DECREF(aad);
+        return NULL;
+    }
+    if (PyBytes_CheckExact(plaintext) && PyBytes_GET_SIZE(plaintext) >= VIEW_FROM && tag_len > 0) {
+        PyObject *out = seal_into(aead, nonce, plaintext, aad, header, piv, PyBytes_GET_SIZE(plaintext) + tag_len);
+        Py_DECREF(nonce);
+        Py_DECREF(aad);
+        return out;
+    }
     PyObject *call[4] = {aead, nonce, plaintext, aad};
     PyObject *ct = PyObject_VectorcallMethod(str_encrypt, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_DECREF(nonce);
@@ -141,46 +243,9 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     Py_ssize_t ct_len = PyBytes_GET_SIZE(ct);
-    /* the Partial IV's CBOR head: below 24 the byte itself; then 0x18, 0x19, 0x1a, 0x1b + 1, 2, 4, 8 bytes */
     unsigned char head[16];
-    int h = 0;
-    int width;
-    if (piv < 24) {
-        head[h++] = (unsigned char)piv;
-        width = 0;
-    } else if (piv < 0x100) {
-        head[h++] = 0x18;
-        width = 1;
-    } else if (piv < 0x10000) {
-        head[h++] = 0x19;
-        width = 2;
-    } else if (piv < 0x100000000ULL) {
-        head[h++] = 0x1a;
-        width = 4;
-    } else {
-        head[h++] = 0x1b;
-        width = 8;
-    }
-    for (int k = width - 1; k >= 0; k--) {
-        head[h++] = (unsigned char)(piv >> (8 * k));
-    }
-    /* the ciphertext's byte-string head */
-    if (ct_len < 24) {
-        head[h++] = (unsigned char)(0x40 | ct_len);
-    } else if (ct_len < 0x100) {
-        head[h++] = 0x58;
-        head[h++] = (unsigned char)ct_len;
-    } else if (ct_len < 0x10000) {
-        head[h++] = 0x59;
-        head[h++] = (unsigned char)(ct_len >> 8);
-        head[h++] = (unsigned char)ct_len;
-    } else if (ct_len <= 0xFFFFFFFFLL) {
-        head[h++] = 0x5a;
-        head[h++] = (unsigned char)(ct_len >> 24);
-        head[h++] = (unsigned char)(ct_len >> 16);
-        head[h++] = (unsigned char)(ct_len >> 8);
-        head[h++] = (unsigned char)ct_len;
-    } else {
+    int h = write_heads(head, piv, ct_len);
+    if (h < 0) {
         Py_DECREF(ct);
         PyErr_SetString(PyExc_ValueError, "ciphertext too long");
         return NULL;
@@ -455,7 +520,7 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
 
 static PyMethodDef speedups_methods[] = {
     {"seal", (PyCFunction)(void (*)(void))speedups_seal, METH_FASTCALL,
-     "seal(aead, base, header, prefixes, suffix, piv, plaintext) -> record bytes"},
+     "seal(aead, base, header, prefixes, suffix, piv, plaintext, tag_len) -> record bytes"},
     {"open_hot", (PyCFunction)(void (*)(void))speedups_open_hot, METH_FASTCALL,
      "open_hot(data, topic, state, window) -> (kind, piv, plaintext) or None"},
     {NULL, NULL, 0, NULL},
@@ -468,11 +533,12 @@ static struct PyModuleDef speedups_module = {
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     str_encrypt = PyUnicode_InternFromString("encrypt");
+    str_encrypt_into = PyUnicode_InternFromString("encrypt_into");
     str_decrypt = PyUnicode_InternFromString("decrypt");
     str_highest = PyUnicode_InternFromString("_highest");
     str_bits = PyUnicode_InternFromString("_bits");
     str_size = PyUnicode_InternFromString("size");
-    if (str_encrypt == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL || str_size == NULL) {
+    if (str_encrypt == NULL || str_encrypt_into == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL || str_size == NULL) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

@@ -39,7 +39,7 @@ class CompiledFraming(Protocol):
     """sealmq/_speedups.c: the fast path's framing (nonce, AAD, heads, the AEAD call), compiled."""
 
     def seal(self, aead: Any, base: bytes, header: bytes, prefixes: tuple[bytes, ...], suffix: bytes, piv: int,  # noqa: PLR0917
-             plaintext: bytes) -> bytes: ...
+             plaintext: bytes, tag_len: int) -> bytes: ...
 
     def open_hot(self, data: bytes, topic: str, state: tuple[Any, ...],
                  window: Any) -> tuple[Any, int, bytes] | None: ...
@@ -319,7 +319,7 @@ class EpochCodec:
         c = speedups
         if c is not None:  # the same bytes, compiled (tests/test_speedups.py)
             return c.seal(self._sender_aead, self._send_base_bytes, pieces.header, pieces.prefixes, pieces.suffix,
-                          piv, plaintext)
+                          piv, plaintext, self._tag_len)
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         piv_bytes = piv.to_bytes(piv_len, "big")
         ct = self._sender_aead.encrypt((self._send_base ^ piv).to_bytes(self._nonce_len, "big"), plaintext,

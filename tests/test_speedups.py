@@ -54,7 +54,7 @@ def seal_args(device: Session, piv: int, plaintext: bytes) -> tuple[Any, ...]:
     topic = device.topic_for(RecordKind.TELEMETRY)
     pieces = codec._pieces(codec._send, codec.ctx.sender_id, RecordKind.TELEMETRY, topic)
     return (codec._sender_aead, codec._send_base_bytes, pieces.header, pieces.prefixes, pieces.suffix, piv,
-            plaintext)
+            plaintext, codec._tag_len)
 
 
 @pytest.mark.parametrize("app_aead", [10, 1])
@@ -63,27 +63,32 @@ def test_seal_refuses_misuse_with_python_errors(app_aead: int) -> None:
     device, _ = pair(app_aead)
     good = seal_args(device, 5, b"x")
     assert isinstance(speedups.seal(*good), bytes)
-    aead, base, header, prefixes, suffix, piv, plaintext = good
+    aead, base, header, prefixes, suffix, piv, plaintext, tag_len = good
     with pytest.raises(TypeError):
-        speedups.seal(*good[:6])
+        speedups.seal(*good[:7])
     with pytest.raises(TypeError):
-        speedups.seal(aead, bytearray(base), header, prefixes, suffix, piv, plaintext)
+        speedups.seal(aead, bytearray(base), header, prefixes, suffix, piv, plaintext, tag_len)
     with pytest.raises(TypeError):
-        speedups.seal(aead, base, header, prefixes[:5], suffix, piv, plaintext)
+        speedups.seal(aead, base, header, prefixes[:5], suffix, piv, plaintext, tag_len)
     with pytest.raises(TypeError):
-        speedups.seal(aead, base, header, (*prefixes[:5], "x"), suffix, 2**39, plaintext)
+        speedups.seal(aead, base, header, (*prefixes[:5], "x"), suffix, 2**39, plaintext, tag_len)
     with pytest.raises(ValueError):
-        speedups.seal(aead, base, header, prefixes, suffix, limits.MAX_PIV + 1, plaintext)
+        speedups.seal(aead, base, header, prefixes, suffix, limits.MAX_PIV + 1, plaintext, tag_len)
     with pytest.raises(ValueError):
-        speedups.seal(aead, base[:7], header, prefixes, suffix, piv, plaintext)
+        speedups.seal(aead, base[:7], header, prefixes, suffix, piv, plaintext, tag_len)
     with pytest.raises(OverflowError):
-        speedups.seal(aead, base, header, prefixes, suffix, -1, plaintext)
+        speedups.seal(aead, base, header, prefixes, suffix, -1, plaintext, tag_len)
     with pytest.raises(TypeError):
-        speedups.seal(aead, base, header, prefixes, suffix, "5", plaintext)
+        speedups.seal(aead, base, header, prefixes, suffix, "5", plaintext, tag_len)
     with pytest.raises(AttributeError):
-        speedups.seal(object(), base, header, prefixes, suffix, piv, plaintext)
+        speedups.seal(object(), base, header, prefixes, suffix, piv, plaintext, tag_len)
     with pytest.raises(TypeError):
-        speedups.seal(aead, base, header, prefixes, suffix, piv, "text")  # the AEAD's own refusal
+        speedups.seal(aead, base, header, prefixes, suffix, piv, "text", tag_len)  # the AEAD's own refusal
+    big = b"p" * 5000  # from 4 KiB the AEAD writes into the record: a wrong tag length cannot fit
+    assert speedups.seal(aead, base, header, prefixes, suffix, piv, big, tag_len) == \
+        speedups.seal(aead, base, header, prefixes, suffix, piv, big, 0)  # 0: the copying path
+    with pytest.raises(ValueError):
+        speedups.seal(aead, base, header, prefixes, suffix, piv, big, tag_len + 1)
 
 
 def test_open_hot_refuses_a_malformed_state_with_type_errors() -> None:
@@ -151,12 +156,13 @@ def _calls(device: Session, hot: _Hot, topic: str, good: list[bytes]) -> None:
         assert speedups.open_hot(data, topic, hot.cstate, window) is None  # declined: now a replay
         assert window.state() == (i + 1, 3)
         speedups.seal(*seal_args(device, i, b"p" * 40))
+        speedups.seal(*seal_args(device, i, b"q" * 5000))  # written into the record
         with pytest.raises(TypeError):
             speedups.seal(*seal_args(device, i, b"p")[:3])
 
 
 def test_no_memory_is_kept_by_any_path() -> None:
-    """Each path (opened, declined, failed tag, sealed, refused arguments) run thousands of times
+    """Each path (opened, declined, failed tag, sealed small and large, refused arguments) run thousands of times
     keeps no memory: a missing reference decrement would keep a bytes object per call."""
     device, backend = pair()
     topic, first = device.seal(RecordKind.TELEMETRY, b"first", 0.0)
@@ -172,7 +178,7 @@ def test_no_memory_is_kept_by_any_path() -> None:
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    # 2,000 rounds of five paths: one leaked bytes object per call would be over 200 KB
+    # 2,000 rounds of six paths: one leaked bytes object per call would be over 200 KB
     assert grown < 20_000, grown
 
 
