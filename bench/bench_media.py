@@ -7,6 +7,8 @@ Throughput. The same random file, through the same broker in the same run, twice
   (open each record, pwrite the chunk, fsync + ack every 16 chunks, verify hash and signature at
   the end, store the file, record it in SQLite). Timed in the device process from ``send_file``
   until the backend's "complete and verified" ack arrives.
+* ``sealed, pure Python``: the same with the record framing's compiled part switched off in both
+  processes (``sealmq.record.speedups = None``): what an install without a C compiler runs.
 * ``plaintext``: the fair unsealed baseline. A paho publisher (the same ``runtime.mqtt.MqttLink``,
   QoS 1, same users and topics) hashes the file, offers a tiny plaintext manifest, then sends the
   raw file in the same 63 KiB chunks with the same window (32) and ack scheme (one ack per 16
@@ -66,7 +68,17 @@ CHUNK = DEFAULT_CHUNK_SIZE  # device.agent.DeviceConfig.chunk_size (63 KiB)
 WINDOW = DEFAULT_WINDOW  # DeviceConfig.media_window (32)
 ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (16)
 
-MODES = ("plaintext", "sealed")
+# "sealed, pure Python": the product path with the record framing's compiled part switched off
+# in both processes (what a build without a C compiler runs; sealmq/_speedups.c)
+PURE = "sealed, pure Python"
+MODES = ("plaintext", "sealed", PURE)
+
+
+def _pure_python(cfg: dict[str, Any]) -> None:
+    if cfg["mode"] == PURE:
+        from sealmq import record
+
+        record.speedups = None
 
 
 def product_defaults() -> tuple[int, int, int]:
@@ -188,6 +200,7 @@ def _sealed_backend(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) ->
     from backend.service import BackendService, BackendSettings
     from backend.storage import db_path
 
+    _pure_python(cfg)
     data = Path(cfg["run_dir"]) / "backend"
     # one device at full speed: the per-device record rate would measure the bound, not the path
     svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki", data_dir=data,
@@ -208,6 +221,7 @@ def _sealed_device(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> No
     from device.media import TransferProgress
     from pki import layout
 
+    _pure_python(cfg)
     pki = Path(cfg["root"]) / "pki"
     agent = DeviceAgent(DeviceConfig(device_id=DEVICE, identity_dir=layout.device_dir(pki, DEVICE), pki_dir=pki,
                                      state_dir=Path(cfg["run_dir"]) / "device", mqtt=_settings(cfg, "device", DEVICE)))
@@ -331,10 +345,10 @@ def _get(results: Any, timeout: float) -> tuple[Any, ...]:
 
 def transfer_once(ctx: Any, root: Path, port: int, mode: str, src: Path, digest: str, timeout: float) -> Outcome:
     """One timed transfer of ``src`` in ``mode`` through the broker on ``port``; cleans up after."""
-    run_dir = Path(tempfile.mkdtemp(prefix=f"run-{mode}-", dir=root))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"run-{MODES.index(mode)}-", dir=root))
     cfg = {"root": str(root), "port": port, "src": str(src), "digest": digest, "size": src.stat().st_size,
-           "run_dir": str(run_dir), "timeout": timeout}
-    sealed = mode == "sealed"
+           "run_dir": str(run_dir), "timeout": timeout, "mode": mode}
+    sealed = mode != "plaintext"
     results = ctx.Queue()
     recv_ready, send_ready, go, stop = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
     recv = ctx.Process(target=_sealed_backend if sealed else _plain_subscriber, args=(cfg, recv_ready, stop, results))
