@@ -11,6 +11,8 @@ Three rows per plaintext size, same plaintext, same AAD bytes:
 * ``DeviceEndpoint.seal`` / ``BackendEndpoint.handle``: the same plus the endpoints' MQTT
   framing and dispatch (what the device agent and backend service call per message), on a session
   made by a real in-memory EDHOC handshake (which negotiates suite 6);
+* the endpoints and the suite-6 session again with the compiled framing (``sealmq/_speedups.c``)
+  switched off: what an install without a C compiler runs;
 * raw ``AESCCM`` (16-byte key, 8-byte tag, 13-byte nonce) encrypt/decrypt: the AEAD alone, so the
   difference is the cost of our framing;
 * raw ``AESGCM`` (AES-128-GCM, 12-byte nonce, 16-byte tag): the standard alternative AEAD.
@@ -28,7 +30,8 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,6 +181,17 @@ def bench_raw(size: int, ops: int, repeats: int, *, gcm: bool) -> Result:
     return out
 
 
+@contextmanager
+def python_framing() -> Iterator[None]:
+    """Run the record path's Python framing instead of the compiled one (sealmq/_speedups.c)."""
+    saved = record.speedups
+    record.speedups = None
+    try:
+        yield
+    finally:
+        record.speedups = saved
+
+
 def ops_for(size: int, quick: bool) -> int:
     if quick:
         return 20 if size < 4096 else 4
@@ -203,6 +217,9 @@ def run(*, quick: bool = False, repeats: int = 9) -> str:
                 add((size, "endpoint"), bench_endpoint(device, backend, size, ops, 1))
                 add((size, "session"), bench_session(size, ops, 1))
                 add((size, "session-gcm"), bench_session(size, ops, 1, app_aead=1))
+                with python_framing():
+                    add((size, "endpoint-py"), bench_endpoint(device, backend, size, ops, 1))
+                    add((size, "session-gcm-py"), bench_session(size, ops, 1, app_aead=1))
                 add((size, "reference"), bench_session(size, ops, 1, fast=False))
                 add((size, "ccm"), bench_raw(size, ops, 1, gcm=False))
                 add((size, "gcm"), bench_raw(size, ops, 1, gcm=True))
@@ -223,8 +240,13 @@ def run(*, quick: bool = False, repeats: int = 9) -> str:
 
         rows.append([f"{size:,} B", "DeviceEndpoint.seal / BackendEndpoint.handle (suite 6)", fmt(e_seal),
                      fmt(e_open), *ratios(e_seal + e_open, gcm_pair)])
+        ep_py, sg_py = results[(size, "endpoint-py")], results[(size, "session-gcm-py")]
+        rows.append(["", "the same, Python framing (no C compiler)", fmt(median(ep_py.seal_us)),
+                     fmt(median(ep_py.open_us)), *ratios(median(ep_py.seal_us) + median(ep_py.open_us), gcm_pair)])
         rows.append(["", "Session.seal / open, suite 6 (A128GCM, the default)", fmt(sg_seal), fmt(sg_open),
                      *ratios(sg_seal + sg_open, gcm_pair)])
+        rows.append(["", "the same, Python framing (no C compiler)", fmt(median(sg_py.seal_us)),
+                     fmt(median(sg_py.open_us)), *ratios(median(sg_py.seal_us) + median(sg_py.open_us), gcm_pair)])
         rows.append(["", "Session.seal / open, suite 2 (AES-CCM-16-64-128)", fmt(s_seal), fmt(s_open),
                      *ratios(s_seal + s_open, ccm_pair)])
         rows.append(["", "Session.seal / open, suite 2, reference record path (before)", fmt(r_seal), fmt(r_open),

@@ -52,6 +52,7 @@ def test_records_bench_quick() -> None:
     assert out.count("Session.seal / open, suite 6 (A128GCM, the default)") == len(records.SIZES)
     assert out.count("Session.seal / open, suite 2 (AES-CCM-16-64-128)") == len(records.SIZES)
     assert out.count("reference record path (before)") == len(records.SIZES)
+    assert out.count("the same, Python framing (no C compiler)") == 2 * len(records.SIZES)
     assert "65,000 B" in out
 
 
