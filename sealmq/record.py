@@ -279,8 +279,8 @@ class EpochCodec:
     objects are the context's own (built once per key).
     """
 
-    __slots__ = ("_nonce_len", "_recipient_aead", "_recv", "_recv_base", "_send", "_send_base", "_send_base_bytes",
-                 "_sender_aead", "_tag_len", "ctx", "epoch")
+    __slots__ = ("_into_tag_len", "_nonce_len", "_recipient_aead", "_recv", "_recv_base", "_send", "_send_base",
+                 "_send_base_bytes", "_sender_aead", "_tag_len", "ctx", "epoch")
 
     def __init__(self, ctx: SecurityContext, epoch: int) -> None:
         if not 0 <= epoch <= limits.MAX_EPOCH:
@@ -295,6 +295,9 @@ class EpochCodec:
         self._recipient_aead = ctx.recipient_aead
         self._send_base = nonce_base(ctx.common_iv, ctx.sender_id)
         self._send_base_bytes = self._send_base.to_bytes(self._nonce_len, "big")  # for the compiled seal
+        # the compiled seal has a large record's ciphertext written in place when the AEAD can
+        # (encrypt_into, which older cryptography releases lack); 0 makes it copy, as the Python path does
+        self._into_tag_len = self._tag_len if hasattr(self._sender_aead, "encrypt_into") else 0
         self._recv_base = nonce_base(ctx.common_iv, ctx.recipient_id)
         self._send: dict[tuple[int, str], AadPieces] = {}
         self._recv: dict[tuple[int, str], AadPieces] = {}
@@ -319,7 +322,7 @@ class EpochCodec:
         c = speedups
         if c is not None:  # the same bytes, compiled (tests/test_speedups.py)
             return c.seal(self._sender_aead, self._send_base_bytes, pieces.header, pieces.prefixes, pieces.suffix,
-                          piv, plaintext, self._tag_len)
+                          piv, plaintext, self._into_tag_len)
         piv_len = (piv.bit_length() + 7) >> 3 or 1
         piv_bytes = piv.to_bytes(piv_len, "big")
         ct = self._sender_aead.encrypt((self._send_base ^ piv).to_bytes(self._nonce_len, "big"), plaintext,

@@ -213,3 +213,27 @@ def test_the_version_says_which_framing_runs(capsys: pytest.CaptureFixture[str],
     with pytest.raises(SystemExit):
         main(["--version"])
     assert "(record framing: Python (built without a C compiler))" in capsys.readouterr().out
+
+
+def test_an_aead_without_encrypt_into_seals_large_records_by_copying() -> None:
+    """The codec asks the compiled seal to write in place only when its AEAD can (encrypt_into is
+    missing from older cryptography releases): same records either way."""
+    from sealmq.oscore import from_edhoc
+
+    class OnlyEncrypt:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+            return bytes(self.inner.encrypt(nonce, plaintext, aad))
+
+    ctx = from_edhoc(PRK_OUT, C_I, C_R, True, app_aead=1)
+    plain = record.EpochCodec(ctx, 0)
+    ctx._sender = OnlyEncrypt(ctx._sender)  # type: ignore[assignment]
+    limited = record.EpochCodec(ctx, 0)
+    assert limited._into_tag_len == 0 and plain._into_tag_len == 16
+    topic = "sealmq/v1/dev-1/media/up"
+    for size in (10, 4095, 4096, 65_000):
+        data = b"m" * size
+        kind = RecordKind.MEDIA_CHUNK
+        assert limited.seal(kind, topic, 7, data) == plain.seal(kind, topic, 7, data)
