@@ -127,10 +127,9 @@ static int write_heads(unsigned char *head, unsigned long long piv, Py_ssize_t c
     return h;
 }
 
-/* A large plaintext (a media chunk): the record's bytes are made first, and the AEAD writes the
- * ciphertext into them (encrypt_into), instead of returning it for a second copy. */
-static PyObject *seal_into(PyObject *aead, PyObject *nonce, PyObject *plaintext, PyObject *aad, PyObject *header,
-                           unsigned long long piv, Py_ssize_t ct_len) {
+/* A new record of ``ct_len`` bytes of ciphertext: the header and the two heads written, the
+ * ciphertext's place (``*ct_at``) left for the caller to fill before anyone else sees it. */
+static PyObject *new_record(PyObject *header, unsigned long long piv, Py_ssize_t ct_len, char **ct_at) {
     unsigned char head[16];
     int h = write_heads(head, piv, ct_len);
     if (h < 0) {
@@ -145,8 +144,52 @@ static PyObject *seal_into(PyObject *aead, PyObject *nonce, PyObject *plaintext,
     char *o = PyBytes_AS_STRING(out);
     memcpy(o, PyBytes_AS_STRING(header), (size_t)hlen);
     memcpy(o + hlen, head, (size_t)h);
+    *ct_at = o + hlen + h;
+    return out;
+}
+
+/* The nonce (base XOR piv) and the AAD (the prefix for the Partial IV's length, its bytes, the
+ * suffix) of one record; ``base`` already checked to be a nonce's length. 0, or -1 with an error. */
+static int nonce_and_aad(PyObject *base, PyObject *prefixes, PyObject *suffix, unsigned long long piv,
+                         PyObject **nonce, PyObject **aad) {
+    if (!PyTuple_CheckExact(prefixes) || PyTuple_GET_SIZE(prefixes) != 6) {
+        PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of 6");
+        return -1;
+    }
+    int piv_len = piv_length(piv);
+    if (piv_len >= PyTuple_GET_SIZE(prefixes)) { /* never with piv <= MAX_PIV: belt and braces for the index */
+        PyErr_SetString(PyExc_TypeError, "no AAD prefix for a Partial IV this long");
+        return -1;
+    }
+    PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
+    if (check_bytes(prefix, "prefix")) {
+        return -1;
+    }
+    unsigned char nonce_buf[MAX_NONCE];
+    make_nonce(nonce_buf, PyBytes_AS_STRING(base), PyBytes_GET_SIZE(base), piv);
+    *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, PyBytes_GET_SIZE(base));
+    if (*nonce == NULL) {
+        return -1;
+    }
+    *aad = make_aad(prefix, piv, piv_len, suffix);
+    if (*aad == NULL) {
+        Py_CLEAR(*nonce);
+        return -1;
+    }
+    return 0;
+}
+
+/* A large plaintext (a media chunk): the record's bytes are made first, and the AEAD writes the
+ * ciphertext into them (encrypt_into), instead of returning it for a second copy. */
+static PyObject *seal_into(PyObject *aead, PyObject *nonce, PyObject *plaintext, PyObject *aad, PyObject *header,
+                           unsigned long long piv, Py_ssize_t ct_len) {
+    char *ct_at;
+    PyObject *out = new_record(header, piv, ct_len, &ct_at);
+    if (out == NULL) {
+        return NULL;
+    }
     /* out is ours alone until returned: the AEAD fills it through this view, and drops the view */
-    PyObject *view = PyMemoryView_FromMemory(o + hlen + h, ct_len, PyBUF_WRITE);
+    PyObject *view = PyMemoryView_FromMemory(ct_at, ct_len, PyBUF_WRITE);
     if (view == NULL) {
         Py_DECREF(out);
         return NULL;
@@ -181,10 +224,6 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
     if (check_bytes(base, "base") || check_bytes(header, "header") || check_bytes(suffix, "suffix")) {
         return NULL;
     }
-    if (!PyTuple_CheckExact(prefixes) || PyTuple_GET_SIZE(prefixes) != 6) {
-        PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of 6");
-        return NULL;
-    }
     unsigned long long piv = PyLong_AsUnsignedLongLong(args[5]);
     if (piv == (unsigned long long)-1 && PyErr_Occurred()) {
         return NULL;
@@ -198,24 +237,8 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
         PyErr_SetString(PyExc_ValueError, "nonce base of an unexpected length");
         return NULL;
     }
-    int piv_len = piv_length(piv);
-    if (piv_len >= PyTuple_GET_SIZE(prefixes)) { /* never with piv <= MAX_PIV: belt and braces for the index */
-        PyErr_SetString(PyExc_TypeError, "no AAD prefix for a Partial IV this long");
-        return NULL;
-    }
-    PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
-    if (check_bytes(prefix, "prefix")) {
-        return NULL;
-    }
-    unsigned char nonce_buf[MAX_NONCE];
-    make_nonce(nonce_buf, PyBytes_AS_STRING(base), nonce_len, piv);
-    PyObject *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, nonce_len);
-    if (nonce == NULL) {
-        return NULL;
-    }
-    PyObject *aad = make_aad(prefix, piv, piv_len, suffix);
-    if (aad == NULL) {
-        Py_DECREF(nonce);
+    PyObject *nonce, *aad;
+    if (nonce_and_aad(base, prefixes, suffix, piv, &nonce, &aad) < 0) {
         return NULL;
     }
     Py_ssize_t tag_len = PyLong_AsSsize_t(args[7]);
@@ -243,23 +266,11 @@ static PyObject *speedups_seal(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     Py_ssize_t ct_len = PyBytes_GET_SIZE(ct);
-    unsigned char head[16];
-    int h = write_heads(head, piv, ct_len);
-    if (h < 0) {
-        Py_DECREF(ct);
-        PyErr_SetString(PyExc_ValueError, "ciphertext too long");
-        return NULL;
+    char *ct_at;
+    PyObject *out = new_record(header, piv, ct_len, &ct_at);
+    if (out != NULL) {
+        memcpy(ct_at, PyBytes_AS_STRING(ct), (size_t)ct_len);
     }
-    Py_ssize_t hlen = PyBytes_GET_SIZE(header);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, hlen + h + ct_len);
-    if (out == NULL) {
-        Py_DECREF(ct);
-        return NULL;
-    }
-    char *o = PyBytes_AS_STRING(out);
-    memcpy(o, PyBytes_AS_STRING(header), (size_t)hlen);
-    memcpy(o + hlen, head, (size_t)h);
-    memcpy(o + hlen + h, PyBytes_AS_STRING(ct), (size_t)ct_len);
     Py_DECREF(ct);
     return out;
 }
@@ -459,36 +470,18 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
     }
     PyObject *kind = PyTuple_GET_ITEM(route, 0), *prefixes = PyTuple_GET_ITEM(route, 2);
     PyObject *suffix = PyTuple_GET_ITEM(route, 3);
-    if (!PyTuple_CheckExact(prefixes) || PyTuple_GET_SIZE(prefixes) != 6 || check_bytes(suffix, "suffix")) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_TypeError, "prefixes must be a tuple of 6");
-        }
+    PyObject *nonce, *aad;
+    if (check_bytes(suffix, "suffix") || nonce_and_aad(base, prefixes, suffix, piv, &nonce, &aad) < 0) {
         return NULL;
     }
-    int piv_len = piv_length(piv);
-    if (piv_len >= PyTuple_GET_SIZE(prefixes)) { /* never with piv <= MAX_PIV: belt and braces for the index */
-        PyErr_SetString(PyExc_TypeError, "no AAD prefix for a Partial IV this long");
-        return NULL;
-    }
-    PyObject *prefix = PyTuple_GET_ITEM(prefixes, piv_len);
-    if (check_bytes(prefix, "prefix")) {
-        return NULL;
-    }
-    unsigned char nonce_buf[MAX_NONCE];
-    make_nonce(nonce_buf, PyBytes_AS_STRING(base), nonce_len, piv);
-    PyObject *nonce = PyBytes_FromStringAndSize((const char *)nonce_buf, nonce_len);
-    PyObject *aad = nonce ? make_aad(prefix, piv, piv_len, suffix) : NULL;
     /* A large ciphertext (a media chunk) is read in place: a read-only view into ``data``, which
      * the caller holds for the whole call, and the AEAD releases when it returns. A small one is
      * copied: for a few hundred bytes the copy costs less than making the view. */
-    PyObject *ct = NULL;
-    if (aad != NULL) {
-        ct = ct_len >= VIEW_FROM ? PyMemoryView_FromMemory((char *)d + i, ct_len, PyBUF_READ)
-                                 : PyBytes_FromStringAndSize((const char *)d + i, ct_len);
-    }
+    PyObject *ct = ct_len >= VIEW_FROM ? PyMemoryView_FromMemory((char *)d + i, ct_len, PyBUF_READ)
+                                       : PyBytes_FromStringAndSize((const char *)d + i, ct_len);
     if (ct == NULL) {
-        Py_XDECREF(nonce);
-        Py_XDECREF(aad);
+        Py_DECREF(nonce);
+        Py_DECREF(aad);
         return NULL;
     }
     PyObject *call[4] = {aead, nonce, ct, aad};
