@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import fmt, median, table
+from bench.stats import fmt, median, table, use_python_framing
 from sealmq.media import DEFAULT_CHUNK_SIZE
 from sealmq.media_receiver import DEFAULT_ACK_EVERY
 from sealmq.media_sender import DEFAULT_WINDOW
@@ -72,13 +72,6 @@ ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (16)
 # in both processes (what a build without a C compiler runs; sealmq/_speedups.c)
 PURE = "sealed, pure Python"
 MODES = ("plaintext", "sealed", PURE)
-
-
-def _pure_python(cfg: dict[str, Any]) -> None:
-    if cfg["mode"] == PURE:
-        from sealmq import record
-
-        record.speedups = None
 
 
 def product_defaults() -> tuple[int, int, int]:
@@ -200,7 +193,8 @@ def _sealed_backend(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) ->
     from backend.service import BackendService, BackendSettings
     from backend.storage import db_path
 
-    _pure_python(cfg)
+    if cfg["mode"] == PURE:
+        use_python_framing()
     data = Path(cfg["run_dir"]) / "backend"
     # one device at full speed: the per-device record rate would measure the bound, not the path
     svc = BackendService(BackendSettings(pki_dir=Path(cfg["root"]) / "pki", data_dir=data,
@@ -221,7 +215,8 @@ def _sealed_device(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> No
     from device.media import TransferProgress
     from pki import layout
 
-    _pure_python(cfg)
+    if cfg["mode"] == PURE:
+        use_python_framing()
     pki = Path(cfg["root"]) / "pki"
     agent = DeviceAgent(DeviceConfig(device_id=DEVICE, identity_dir=layout.device_dir(pki, DEVICE), pki_dir=pki,
                                      state_dir=Path(cfg["run_dir"]) / "device", mqtt=_settings(cfg, "device", DEVICE)))

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.stats import collect, fmt, median, proc_cpu, table
+from bench.stats import collect, fmt, median, proc_cpu, table, use_python_framing
 
 HOST = "127.0.0.1"
 PAYLOAD = 256
@@ -81,14 +81,6 @@ SEALED_CCM = "sealed, suite 2"
 SEALED_PURE = "sealed, pure Python"
 SEALED = ("sealed", SEALED_CCM, SEALED_PURE)
 MODES = ("plaintext", FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
-
-
-def _pure_python(mode: str) -> None:
-    """In ``SEALED_PURE``'s processes, run the record path's Python code, not the compiled one."""
-    if mode == SEALED_PURE:
-        from sealmq import record
-
-        record.speedups = None
 
 
 _FLOOR_NONCE_PAD = bytes(7)  # A128GCM's 12-byte nonce: 7 zero bytes, then the 5-byte counter
@@ -205,7 +197,8 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     from sealmq.topics import Channel, Direction, RecordKind
 
     mode, n = cfg["mode"], cfg["messages"]
-    _pure_python(mode)
+    if mode == SEALED_PURE:
+        use_python_framing()
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, "backend", "backend", f"bench-{mode[:6]}")
     state = {"count": 0, "last": 0.0, "bad": 0}
@@ -305,7 +298,8 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     from sealmq.topics import Channel, Direction, RecordKind
 
     mode, n = cfg["mode"], cfg["messages"]
-    _pure_python(mode)
+    if mode == SEALED_PURE:
+        use_python_framing()
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, DEVICE, "device", f"bench-{mode[:6]}")
     payloads = [i.to_bytes(4, "big") + os.urandom(PAYLOAD - 4) for i in range(n)]

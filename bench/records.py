@@ -38,7 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.stats import fmt, median, table
+from bench.stats import fmt, median, table, use_python_framing
 from pki import layout, store
 from pki.store import load_identity, load_trust_store
 from sealmq import record, topics
@@ -184,8 +184,7 @@ def bench_raw(size: int, ops: int, repeats: int, *, gcm: bool) -> Result:
 @contextmanager
 def python_framing() -> Iterator[None]:
     """Run the record path's Python framing instead of the compiled one (sealmq/_speedups.c)."""
-    saved = record.speedups
-    record.speedups = None
+    saved = use_python_framing()
     try:
         yield
     finally:

@@ -20,6 +20,16 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def use_python_framing() -> Any:
+    """Switch this process to the record path's Python framing instead of the compiled one
+    (sealmq/_speedups.c): what an install without a C compiler runs. Returns what was in use."""
+    from sealmq import record
+
+    saved = record.speedups
+    record.speedups = None
+    return saved
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); nearest-rank because the samples are few."""
     ordered = sorted(values)

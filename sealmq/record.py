@@ -337,6 +337,11 @@ class EpochCodec:
             raise LocalProtocolError(Reason.SEQUENCE_EXHAUSTED, "sequence number outside 0..2**40-1")
         return self.open_under(self.recv_pieces(kind, topic), piv, ciphertext)
 
+    def compiled_open_state(self) -> tuple[bytes, Any, int]:
+        """What the compiled receive path (``speedups.open_hot``) needs of this codec: the
+        recipient's nonce base as bytes, the recipient AEAD object and its tag length."""
+        return self._recv_base.to_bytes(self._nonce_len, "big"), self._recipient_aead, self._tag_len
+
     def recv_pieces(self, kind: RecordKind, topic: str) -> AadPieces:
         """The AAD pieces of records of ``kind`` received on ``topic``, for :meth:`open_under`."""
         return self._recv.get((kind, topic)) or self._pieces(self._recv, self.ctx.recipient_id, kind, topic)

@@ -219,9 +219,7 @@ class _Hot:
         # for the compiled path, which reads tuples, not attributes
         self.routes: dict[tuple[str, int], _Route] = {}
         # what the compiled hot path (record.speedups.open_hot) needs, in one tuple
-        codec = ep.codec
-        self.cstate = (self.kid_part, ep.number, self.routes,
-                       codec._recv_base.to_bytes(codec._nonce_len, "big"), codec._recipient_aead, codec._tag_len)
+        self.cstate = (self.kid_part, ep.number, self.routes, *ep.codec.compiled_open_state())
 
 
 class Session:
