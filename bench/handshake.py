@@ -94,7 +94,15 @@ class BenchPki:
         for name, kt in KEY_TYPES.items():
             store.enroll(path, "device", name, key_type=kt)
         self.trust_store: TrustStore = load_trust_store(path)
-        self.cold_store: TrustStore = load_trust_store(path)  # cleared before each "cold" handshake
+        # Cleared before each "cold" handshake, so a store of its own: load_trust_store hands every
+        # caller of the process that loads the same files the same store (pki.store), and clearing
+        # that one would make the warm cases after a cold one validate in full too (stops 28-29's
+        # tables: suite 0 and suite -24 "x5t" were such cold runs).
+        issuing = layout.issuing_cert(path)
+        self.cold_store: TrustStore = TrustStore.from_pem(
+            layout.anchor(path).read_bytes(), layout.crl(path).read_bytes(),
+            issuing.read_bytes() if issuing.exists() else None,
+        )
         self.now = datetime.now(UTC)
 
     def identity_dir(self, role: str, name: str) -> Path:

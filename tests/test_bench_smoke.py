@@ -47,6 +47,18 @@ def test_edhoc_runner_agrees_and_tls_handshakes(tmp_path: Path) -> None:
     assert len(flights) == 3 and min(flights) > 0
 
 
+def test_cold_handshakes_leave_the_warm_cases_warm(tmp_path: Path) -> None:
+    """A cold case clears its own store's cache, not the shared store the warm cases use."""
+    pki = handshake.BenchPki(tmp_path / "pki")
+    warm = next(c for c in handshake.CASES if c.suite == 0 and not c.cold)
+    cold = next(c for c in handshake.CASES if c.cold)
+    handshake.edhoc_runner(pki, warm)()
+    cached = set(pki.trust_store._verified)
+    assert len(cached) == 2  # the device's chain and the backend's
+    handshake.edhoc_runner(pki, cold)()
+    assert cached <= set(pki.trust_store._verified)
+
+
 def test_records_bench_quick() -> None:
     out = records.run(quick=True)
     assert out.count("Session.seal / open, suite 6 (A128GCM, the default)") == len(records.SIZES)
