@@ -1,8 +1,9 @@
 /* sealmq._speedups: the record fast path's framing, compiled.
  *
- * Two functions, each the exact equivalent of a few lines of sealmq/record.py and sealmq/session.py
- * (the pure-Python code stays the reference and the fallback; tests/test_speedups.py holds the two
- * to the same bytes, the same results and the same deferrals):
+ * Three functions, each the exact equivalent of a few lines of sealmq/record.py and sealmq/session.py
+ * (the pure-Python code stays the reference and the fallback; tests/test_speedups.py,
+ * tests/test_record_fast.py and tests/test_endpoint_compiled.py hold the two to the same bytes, the
+ * same results and the same deferrals):
  *
  *   seal(aead, base, header, prefixes, suffix, piv, plaintext, tag_len) -> record bytes
  *       EpochCodec.seal after its checks: the nonce (base XOR piv), the AAD (prefix, Partial IV,
@@ -23,6 +24,15 @@
  *       state = (kid_part, epoch, routes, base, aead, tag_len); routes maps (topic, kind byte) to
  *       (kind, pieces, prefixes, suffix).
  *
+ *   open_known(data, topic, record_topics, sessions) -> [Received] or None
+ *       BackendEndpoint.handle for the same usual record, from the topic to the event:
+ *       record_topics[topic] names the device (the record topics the Python path has parsed),
+ *       sessions[device].session._ready is its session's open_hot state (None when Session.open
+ *       would not take its compiled branch), then open_hot, then the Received event with its
+ *       fields set as Received.__init__ sets them. None for anything else, before any change;
+ *       the AEAD's exception propagates (the endpoint then runs the Python path, which counts and
+ *       rejects the record in one place).
+ *
  * No key ever reaches this module: the AEAD is the `cryptography` object the session holds. No
  * I/O, no clock, no randomness: the protocol core stays sans-IO.
  */
@@ -41,6 +51,12 @@ static PyObject *str_decrypt;
 static PyObject *str_highest; /* ReplayWindow's slots */
 static PyObject *str_bits;
 static PyObject *str_size;
+static PyObject *str_session; /* the backend endpoint's session entries, and a Session's _ready */
+static PyObject *str_ready;
+/* sealmq.events.Received's fields, in the order of its __init__ */
+#define N_EVENT_FIELDS 5
+static PyObject *event_fields[N_EVENT_FIELDS];
+static PyObject *empty_tuple;
 
 static int piv_length(unsigned long long piv) {
     int n = 1;
@@ -311,14 +327,8 @@ static PyObject *window_marked(PyObject *window, long long shift) {
     return out;
 }
 
-static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    (void)module;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "open_hot(data, topic, state, window)");
-        return NULL;
-    }
-    PyObject *window = args[3];
-    PyObject *data = args[0], *topic = args[1], *state = args[2];
+/* open_hot's work: a new reference to (kind, piv, plaintext) or to None, or NULL with an exception */
+static PyObject *open_hot_impl(PyObject *data, PyObject *topic, PyObject *state, PyObject *window) {
     if (!PyBytes_CheckExact(data) || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6) {
         Py_RETURN_NONE;
     }
@@ -511,11 +521,97 @@ static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_s
     return out;
 }
 
+static PyObject *speedups_open_hot(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "open_hot(data, topic, state, window)");
+        return NULL;
+    }
+    return open_hot_impl(args[0], args[1], args[2], args[3]);
+}
+
+/* An instance of ``type`` (a class, checked by the caller, whose instances keep their attributes in a dict) with the
+ * event fields set in order, its __init__ not run; NULL with an exception. */
+static PyObject *new_event(PyObject *type, PyObject *const *values) {
+    PyObject *obj = ((PyTypeObject *)type)->tp_new((PyTypeObject *)type, empty_tuple, NULL);
+    if (obj == NULL) {
+        return NULL;
+    }
+    for (int k = 0; k < N_EVENT_FIELDS; k++) {
+        if (PyObject_GenericSetAttr(obj, event_fields[k], values[k]) < 0) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+    }
+    return obj;
+}
+
+static PyObject *speedups_open_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 4 || !PyDict_CheckExact(args[2]) || !PyDict_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "open_known(data, topic, record_topics: dict, sessions: dict)");
+        return NULL;
+    }
+    PyObject *data = args[0], *topic = args[1];
+    if (!PyBytes_CheckExact(data) || !PyUnicode_CheckExact(topic)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *device_id = PyDict_GetItemWithError(args[2], topic); /* borrowed */
+    PyObject *est = device_id ? PyDict_GetItemWithError(args[3], device_id) : NULL; /* borrowed */
+    if (est == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(est); /* held across the attribute reads */
+    PyObject *session = PyObject_GetAttr(est, str_session);
+    Py_DECREF(est);
+    PyObject *ready = session ? PyObject_GetAttr(session, str_ready) : NULL;
+    Py_XDECREF(session);
+    if (ready == NULL || ready == Py_None) {
+        return ready; /* NULL: the exception; None: not ready, the Python path decides */
+    }
+    if (!PyTuple_CheckExact(ready) || PyTuple_GET_SIZE(ready) != 5 || !PyType_Check(PyTuple_GET_ITEM(ready, 2)) ||
+        ((PyTypeObject *)PyTuple_GET_ITEM(ready, 2))->tp_new == NULL) {
+        /* checked before the record is opened: nothing is marked for an event that cannot be made */
+        Py_DECREF(ready);
+        PyErr_SetString(PyExc_TypeError, "a session's _ready must be (state, window, event class, device_id, epoch)");
+        return NULL;
+    }
+    PyObject *opened = open_hot_impl(data, topic, PyTuple_GET_ITEM(ready, 0), PyTuple_GET_ITEM(ready, 1));
+    if (opened == NULL || opened == Py_None) {
+        Py_DECREF(ready);
+        return opened;
+    }
+    /* The Received event, as Session.open builds it: its five fields set in order, as
+     * Received.__init__ does (the instance's attributes written past the frozen dataclass's
+     * __setattr__), without running that Python method. */
+    PyObject *values[N_EVENT_FIELDS] = {PyTuple_GET_ITEM(ready, 3), PyTuple_GET_ITEM(opened, 0),
+                                        PyTuple_GET_ITEM(opened, 2), PyTuple_GET_ITEM(ready, 4),
+                                        PyTuple_GET_ITEM(opened, 1)};
+    PyObject *event = new_event(PyTuple_GET_ITEM(ready, 2), values);
+    Py_DECREF(opened);
+    Py_DECREF(ready);
+    if (event == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(1);
+    if (out == NULL) {
+        Py_DECREF(event);
+        return NULL;
+    }
+    PyList_SET_ITEM(out, 0, event);
+    return out;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"seal", (PyCFunction)(void (*)(void))speedups_seal, METH_FASTCALL,
      "seal(aead, base, header, prefixes, suffix, piv, plaintext, tag_len) -> record bytes"},
     {"open_hot", (PyCFunction)(void (*)(void))speedups_open_hot, METH_FASTCALL,
      "open_hot(data, topic, state, window) -> (kind, piv, plaintext) or None"},
+    {"open_known", (PyCFunction)(void (*)(void))speedups_open_known, METH_FASTCALL,
+     "open_known(data, topic, record_topics, sessions) -> [Received] or None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -531,7 +627,19 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_highest = PyUnicode_InternFromString("_highest");
     str_bits = PyUnicode_InternFromString("_bits");
     str_size = PyUnicode_InternFromString("size");
-    if (str_encrypt == NULL || str_encrypt_into == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL || str_size == NULL) {
+    str_session = PyUnicode_InternFromString("session");
+    str_ready = PyUnicode_InternFromString("_ready");
+    static const char *const names[N_EVENT_FIELDS] = {"device_id", "kind", "plaintext", "epoch", "seq"};
+    for (int k = 0; k < N_EVENT_FIELDS; k++) {
+        if ((event_fields[k] = PyUnicode_InternFromString(names[k])) == NULL) {
+            return NULL;
+        }
+    }
+    if ((empty_tuple = PyTuple_New(0)) == NULL) {
+        return NULL;
+    }
+    if (str_encrypt == NULL || str_encrypt_into == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL ||
+        str_size == NULL || str_session == NULL || str_ready == NULL) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

@@ -44,6 +44,9 @@ class CompiledFraming(Protocol):
     def open_hot(self, data: bytes, topic: str, state: tuple[Any, ...],
                  window: Any) -> tuple[Any, int, bytes] | None: ...
 
+    def open_known(self, data: bytes, topic: str, record_topics: dict[str, str],
+                   sessions: dict[str, Any]) -> list[Any] | None: ...
+
 
 # The compiled framing of the fast path, or None: then EpochCodec and Session run this package's
 # Python code, which is also the reference the tests hold the compiled code to. A test or a

@@ -231,7 +231,7 @@ class Session:
     """
 
     __slots__ = ("_app_aead", "_buffer", "_c_i", "_c_r", "_closed", "_current", "_epochs", "_fast", "_hash",
-                 "_hot", "_ku", "_prk_out", "_random_bytes", "_recv_dir", "_recv_kinds", "_recv_topics",
+                 "_hot", "_ku", "_prk_out", "_random_bytes", "_ready", "_recv_dir", "_recv_kinds", "_recv_topics",
                  "_seal_limit", "_send_dir", "_send_topics", "config", "device_id", "is_initiator",
                  "recipient_id", "sender_id")
 
@@ -271,6 +271,11 @@ class Session:
         # What the receive hot path (_open_hot) needs of the current epoch: built on first use while
         # it is the only epoch held; _switch, where a running session gets a new epoch, resets it.
         self._hot: _Hot | None = None
+        # The same for a caller that opens records without calling open (the backend endpoint's
+        # compiled path, record.speedups.open_known): set with _hot, and None whenever open could
+        # not take its compiled branch (a second epoch held, the session closed). Then that caller
+        # declines and calls open, which decides.
+        self._ready: tuple[Any, ...] | None = None
 
     @classmethod
     def from_edhoc(cls, *, prk_out: bytes, c_i: bytes, c_r: bytes, is_initiator: bool, device_id: str,
@@ -475,6 +480,7 @@ class Session:
             hot = self._hot
             if hot is None and self._current < 24:
                 hot = self._hot = _Hot(self._epochs[self._current])
+                self._ready = (hot.cstate, hot.epoch.window, Received, self.device_id, hot.epoch.number)
             if hot is not None:
                 c = record.speedups
                 if c is not None:  # the same, compiled, for a new highest sequence number (tests/test_speedups.py)
@@ -572,6 +578,7 @@ class Session:
         ep.failed += 1
         if ep.failed >= self.config.max_failed_decryptions:
             self._closed = True
+            self._ready = None
             raise SessionError(Reason.KEY_LIMIT_REACHED, "too many failed decryptions") from None
 
     def _open_hot(self, hot: _Hot, topic: str, data: bytes) -> list[SessionEvent] | None:
@@ -658,7 +665,7 @@ class Session:
         old.peer_switched = peer_switched
         self._epochs[plan.target] = _Epoch(plan.target, self._derive_ctx(), self.config.replay_window, now)
         self._current = plan.target
-        self._hot = None
+        self._hot = self._ready = None
         self._ku.switched(plan)
         events.append(KeyUpdateDone(self.device_id, plan.target))
         events.extend(self._drain_buffer(now, rng))

@@ -83,6 +83,10 @@ def test_liveness_oracle_notices_a_session_that_stopped_opening(monkeypatch: pyt
             def open_hot(*args: object) -> None:
                 raise InvalidTag
 
+            @staticmethod
+            def open_known(*args: object) -> None:  # the backend endpoint's compiled path
+                raise InvalidTag
+
         monkeypatch.setattr(record, "speedups", BrokenFraming())
     with pytest.raises(InvariantViolated):
         harness._live()
