@@ -80,7 +80,10 @@ SEALED_CCM = "sealed, suite 2"
 # both processes: what a build without a C compiler runs, and what the compiled part saves
 SEALED_PURE = "sealed, pure Python"
 SEALED = ("sealed", SEALED_CCM, SEALED_PURE)
-MODES = ("plaintext", FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
+# The plaintext path run a second time in each round, as a control: its ratio to the first shows
+# how far two runs of the same code differ here (the figures' own noise), beside the others.
+CONTROL = "plaintext again (control)"
+MODES = ("plaintext", CONTROL, FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
 
 
 _FLOOR_NONCE_PAD = bytes(7)  # A128GCM's 12-byte nonce: 7 zero bytes, then the 5-byte counter
@@ -199,6 +202,7 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     mode, n = cfg["mode"], cfg["messages"]
     if mode == SEALED_PURE:
         use_python_framing()
+    mode = "plaintext" if mode == CONTROL else mode
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, "backend", "backend", f"bench-{mode[:6]}")
     state = {"count": 0, "last": 0.0, "bad": 0}
@@ -300,6 +304,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     mode, n = cfg["mode"], cfg["messages"]
     if mode == SEALED_PURE:
         use_python_framing()
+    mode = "plaintext" if mode == CONTROL else mode
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, DEVICE, "device", f"bench-{mode[:6]}")
     payloads = [i.to_bytes(4, "big") + os.urandom(PAYLOAD - 4) for i in range(n)]
@@ -831,7 +836,9 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    "from round to round); \"vs plaintext\" is the median over the rounds of the path's rate "
                    "divided by the plaintext rate of the same round, so that the host's drift between rounds "
                    "cancels out of the ratio (the rates alone swing by 30 % from round to round on this "
-                   "host).\n\nCPU columns: CPU microseconds per message of each process "
+                   f"host). \"{CONTROL}\" runs the plaintext path a second time in each round: its spread is "
+                   "how far two runs of the same code differ here, the noise in every other row."
+                   "\n\nCPU columns: CPU microseconds per message of each process "
                    "(`/proc/<pid>/stat`) from \"go\" until the subscriber counted the last message; in the "
                    "full service the publisher is the device agent (outbox, sealing, ACKs) and the subscriber "
                    f"the backend service (opening, SQLite, ACKs); amqtt runs in the benchmark's own process, so "
