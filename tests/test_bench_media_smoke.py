@@ -83,13 +83,15 @@ def _rows(markdown: str, prefix: str) -> list[list[str]]:
 
 def _check(out: str, kind: str) -> None:
     rows = _rows(out, kind)
-    throughput = [r for r in rows if len(r) == 6]
-    memory = [r for r in rows if len(r) == 7]
+    throughput = [r for r in rows if r[1] in bench_media.MODES]
+    memory = [r for r in rows if len(r) == 7 and r not in throughput]
     growth = [r for r in rows if len(r) == 4]
     assert [r[1] for r in throughput] == list(bench_media.MODES)
     for r in throughput:
-        assert r[5] == "1/1", r  # the transfer completed and the stored bytes hash to the source
+        assert len(r) == 7 and r[6] == "1/1", r  # the transfer completed and the stored bytes hash to the source
         assert float(r[3]) > 0
+        assert r[4].endswith("x") and r[5] == r[4][:-1]  # one round: its ratio is the median
+    assert throughput[0][4] == "1.00x"  # plaintext against itself
     assert [r[1] for r in memory] == ["100 kB", "600 kB"]
     for r in memory:
         assert r[6] == "yes", r
