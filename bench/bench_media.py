@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import fmt, median, table, use_python_framing
+from bench.stats import balanced_order, fmt, median, table, use_python_framing
 from sealmq.media import DEFAULT_CHUNK_SIZE
 from sealmq.media_receiver import DEFAULT_ACK_EVERY
 from sealmq.media_sender import DEFAULT_WINDOW
@@ -409,9 +409,10 @@ def throughput(root: Path, users: Path, kinds: list[str], size: int, repeats: in
                 seconds: dict[str, list[float | None]] = {m: [] for m in MODES}
                 failures: dict[str, list[str]] = {m: [] for m in MODES}
                 for rep in range(repeats):
-                    # interleaved, in an order rotating from round to round, so that drift in the
-                    # machine's load hits every path alike
-                    for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
+                    # interleaved, in a balanced order (bench.stats.balanced_order), so that neither
+                    # drift in the machine's load nor what one transfer leaves behind (dirty pages
+                    # still being written back) falls on one path more than another
+                    for mode in balanced_order(MODES, rep):
                         out = transfer_once(ctx, root, port, mode, src, digest, timeout)
                         seconds[mode].append(out.seconds if out.ok else None)
                         if not out.ok:
@@ -622,7 +623,8 @@ def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"
     return (
         f"### Media throughput: one {_size(size)} file, {CHUNK // 1024} KiB chunks, window {WINDOW}, "
         f"ack every {ACK_EVERY} (fsync), QoS 1, {repeats} rounds\n\n"
-        "Each round runs every path once, in an order rotating from round to round; seconds and MB/s are "
+        "Each round runs every path once, in a balanced order (a Williams design: over a cycle of rounds "
+        "each path runs once in each position and right after each other path equally often); seconds and MB/s are "
         "medians over the rounds; \"vs plaintext\" is the median over the rounds of the plaintext "
         "scheme's seconds over the path's in the same round. "
         f"\"{CONTROL}\" is the plaintext scheme run a second time in each round: its spread is how far "

@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.stats import collect, fmt, median, proc_cpu, table, use_python_framing
+from bench.stats import balanced_order, collect, fmt, median, proc_cpu, table, use_python_framing
 
 HOST = "127.0.0.1"
 PAYLOAD = 256
@@ -706,21 +706,17 @@ def storm_cases(quick: bool, devices: int | None) -> list[tuple[int, int, bool]]
     return [(100, 1, True), (100, 1, False), (100, 2, True), (100, 4, True), (1000, 2, True)]
 
 
-def _rotated(items: list[str], k: int) -> list[str]:
-    k %= max(1, len(items))
-    return items[k:] + items[:k]
-
-
 def run_storms(ctx: Any, kinds: list[str], root: Path, ports: dict[str, int], ids: list[str],
                cases: list[tuple[int, int, bool]], reps: int, timeout: float) -> list[Storm]:
     """Storms of the variants ``kinds`` (served by one broker process), alternating: each round
-    runs every case with every variant, the variants in a rotating order, so that drift in the
-    machine's load does not favour one login. Storms of more than 100 devices run once."""
+    runs every case with every variant, the variants in a balanced order
+    (bench.stats.balanced_order), so that neither drift in the machine's load nor what the
+    previous storm left behind favours one login. Storms of more than 100 devices run once."""
     storms: list[Storm] = []
     small = [c for c in cases if c[0] <= 100]
     for rep in range(reps):
         for i, (n, procs, shared) in enumerate(small):
-            for kind in _rotated(kinds, rep + i):
+            for kind in balanced_order(kinds, rep + i):
                 storms.append(handshakes_once(ctx, kind, root, ports[kind], ids[:n], timeout, procs, shared=shared))
     for n, procs, shared in (c for c in cases if c[0] > 100):
         for kind in kinds:
@@ -789,9 +785,10 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                 by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in MODES}
                 do_throughput = throughput and kind in variants  # over the password listener
                 for rep in range(reps if do_throughput else 0):
-                    # Interleaved, and in a rotating order, so that drift in the machine's load
-                    # (shared with other work) does not favour one path.
-                    for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
+                    # Interleaved, in a balanced order (each path once in each position and
+                    # after each other path equally often over a cycle of rounds), so that neither
+                    # drift in the machine's load nor what one run leaves behind favours one path.
+                    for mode in balanced_order(MODES, rep):
                         run_ = throughput_once(ctx, root, port, mode, n, timeout)
                         row = by_mode[mode]
                         row.rates.append(run_.rate)
@@ -832,12 +829,13 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                                   "publisher CPU (us/msg)", "subscriber CPU (us/msg)", "broker CPU (us/msg)"],
                                  t_rows)
         out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
-                   f"median of {reps} runs\n\nRounds: each round runs every path once (the order rotating "
-                   "from round to round); \"vs plaintext\" is the median over the rounds of the path's rate "
-                   "divided by the plaintext rate of the same round, so that the host's drift between rounds "
-                   "cancels out of the ratio (the rates alone swing by 30 % from round to round on this "
-                   f"host). \"{CONTROL}\" runs the plaintext path a second time in each round: its spread is "
-                   "how far two runs of the same code differ here, the noise in every other row."
+                   f"median of {reps} runs\n\nRounds: each round runs every path once, in a balanced order "
+                   "(a Williams design: over a cycle of rounds each path runs once in each position and right "
+                   "after each other path equally often); \"vs plaintext\" is the median over the rounds of "
+                   "the path's rate divided by the plaintext rate of the same round, so that the host's "
+                   "drift between rounds cancels out of the ratio (the rates alone swing by 30 % from round "
+                   f"to round on this host). \"{CONTROL}\" runs the plaintext path a second time in each "
+                   "round: its spread is how far two runs of the same code differ here, the noise in every other row."
                    "\n\nCPU columns: CPU microseconds per message of each process "
                    "(`/proc/<pid>/stat`) from \"go\" until the subscriber counted the last message; in the "
                    "full service the publisher is the device agent (outbox, sealing, ACKs) and the subscriber "

@@ -13,7 +13,9 @@ import time
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def median(values: Sequence[float]) -> float:
@@ -28,6 +30,27 @@ def use_python_framing() -> Any:
     saved = record.speedups
     record.speedups = None
     return saved
+
+
+def balanced_order(items: Sequence[T], k: int) -> list[T]:
+    """The order of ``items`` in round ``k``: a Williams design, so that over a cycle of rounds (n
+    for an even number n of items, 2n for an odd one) each item runs once in each position and
+    right after each other item equally often. A plain rotation keeps each item's predecessor the
+    same in every round, so whatever one run leaves behind (dirty pages, a warm cache) would always
+    fall on the same next path."""
+    n = len(items)
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return [items[x] for x in rows[k % len(rows)]]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -6,13 +6,15 @@ every message is delivered, the tables have their rows), never a timing.
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from bench import broker, handshake, ingest, memory, records, run
-from bench.stats import percentile, table
+from bench.stats import balanced_order, percentile, table
 from tests.brokers import needs_mosquitto
 
 
@@ -20,6 +22,20 @@ def test_stats_helpers() -> None:
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 90) == 5.0
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert table(["a", "b"], [["x", "1,234"]]).splitlines() == ["| a | b |", "|---|---:|", "| x | 1,234 |"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_balanced_order_runs_each_path_once_per_round_after_each_other_equally_often(n: int) -> None:
+    items = [f"path-{i}" for i in range(n)]
+    cycle = n if n % 2 == 0 else 2 * n
+    rounds = [balanced_order(items, k) for k in range(cycle)]
+    assert all(sorted(r) == items for r in rounds)
+    for position in range(n):  # each path once in each position (twice for an odd n)
+        assert sorted(r[position] for r in rounds) == sorted(items * (cycle // n))
+    follows = Counter((a, b) for r in rounds for a, b in itertools.pairwise(r))
+    if n > 1:
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+    assert balanced_order(items, cycle) == rounds[0]
 
 
 def test_handshake_bench_quick() -> None:
