@@ -9,6 +9,10 @@ Throughput. The same random file, through the same broker in the same run, twice
   until the backend's "complete and verified" ack arrives.
 * ``sealed, pure Python``: the same with the record framing's compiled part switched off in both
   processes (``sealmq.record.speedups = None``): what an install without a C compiler runs.
+* ``AEAD only``: the plaintext scheme below with each chunk sealed by A128GCM (the sealed path's
+  AEAD) on the publisher and opened on the subscriber: the floor of the sealed path.
+* ``plaintext again (control)``: the plaintext scheme a second time in each round, whose ratio to
+  the first shows the noise of these figures.
 * ``plaintext``: the fair unsealed baseline. A paho publisher (the same ``runtime.mqtt.MqttLink``,
   QoS 1, same users and topics) hashes the file, offers a tiny plaintext manifest, then sends the
   raw file in the same 63 KiB chunks with the same window (32) and ack scheme (one ack per 16
@@ -74,8 +78,25 @@ PURE = "sealed, pure Python"
 # the plaintext scheme run a second time in each round: its ratio to the first is the noise of
 # these figures (two runs of the same code), shown beside the others
 CONTROL = "plaintext again (control)"
-MODES = ("plaintext", CONTROL, "sealed", PURE)
-PLAIN = ("plaintext", CONTROL)
+# the floor of the sealed path: the plaintext scheme with each chunk sealed by A128GCM (suite 6's
+# AEAD) under one fixed key, its nonce from the chunk's index, the topic as AAD; no record, session,
+# manifest signature or store. What no sealed transfer with that AEAD can beat.
+FLOOR = "AEAD only"
+MODES = ("plaintext", CONTROL, FLOOR, "sealed", PURE)
+PLAIN = ("plaintext", CONTROL, FLOOR)
+
+
+def _floor_aead(cfg: dict[str, Any]) -> Any:
+    """The "AEAD only" path's cipher (both sides), or None for the plaintext scheme."""
+    if cfg["mode"] != FLOOR:
+        return None
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(bytes.fromhex(cfg["floor_key"]))
+
+
+def _floor_nonce(index: int) -> bytes:
+    return index.to_bytes(12, "big")
 
 
 def product_defaults() -> tuple[int, int, int]:
@@ -260,8 +281,12 @@ def _plain_subscriber(cfg: dict[str, Any], ready: Any, stop: Any, results: Any) 
     run_dir.mkdir(parents=True, exist_ok=True)
     receiver = PlainReceiver(run_dir / "received.bin")
     down = topics.topic(DEVICE, Channel.MEDIA, Direction.DOWN)
+    aead = _floor_aead(cfg)
 
     def on_message(topic: str, payload: bytes) -> None:
+        if aead is not None and payload[:1] == b"C":  # the floor: open the chunk first
+            payload = payload[:9] + aead.decrypt(_floor_nonce(int.from_bytes(payload[1:9], "big")), payload[9:],
+                                                 topic.encode())
         reply = receiver.handle(payload)
         if reply is not None:
             link.publish(down, reply)
@@ -294,6 +319,7 @@ def _plain_publisher(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> 
             cond.notify_all()
 
     up = topics.topic(DEVICE, Channel.MEDIA, Direction.UP)
+    aead, aad = _floor_aead(cfg), up.encode()
     link = MqttLink(_settings(cfg, "device", DEVICE), on_message, [topics.topic(DEVICE, Channel.MEDIA, Direction.DOWN)])
     link.start()
     time.sleep(0.3)  # let the SUBACK land before the first publish
@@ -318,7 +344,10 @@ def _plain_publisher(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> 
                                          max(0.0, deadline - time.monotonic())):
                         results.put(("send", False, 0.0, f"stalled at chunk {index}"))
                         return
-                link.publish(up, plain_chunk(index, f.read(CHUNK)))
+                data = f.read(CHUNK)
+                if aead is not None:  # the floor: each chunk sealed
+                    data = aead.encrypt(_floor_nonce(index), data, aad)
+                link.publish(up, plain_chunk(index, data))
         with cond:
             if not cond.wait_for(lambda: state["done"] >= 0, max(0.0, deadline - time.monotonic())):
                 results.put(("send", False, 0.0, "no completion ack"))
@@ -346,7 +375,7 @@ def transfer_once(ctx: Any, root: Path, port: int, mode: str, src: Path, digest:
     """One timed transfer of ``src`` in ``mode`` through the broker on ``port``; cleans up after."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"run-{MODES.index(mode)}-", dir=root))
     cfg = {"root": str(root), "port": port, "src": str(src), "digest": digest, "size": src.stat().st_size,
-           "run_dir": str(run_dir), "timeout": timeout, "mode": mode}
+           "run_dir": str(run_dir), "timeout": timeout, "mode": mode, "floor_key": os.urandom(16).hex()}
     sealed = mode not in PLAIN
     results = ctx.Queue()
     recv_ready, send_ready, go, stop = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
