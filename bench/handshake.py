@@ -30,7 +30,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from bench.stats import fmt, median, percentile, table
+from bench.stats import balanced_order, fmt, median, percentile, table
 from pki import layout, store
 from pki.store import load_identity, load_trust_store
 from pki.verify import TrustStore
@@ -376,19 +376,25 @@ def run(runs: int = 200, warmup: int = 5, *, two_level: bool = False) -> str:
         tls_row = Row("TLS 1.3 mutual auth (P-256 ECDHE, ECDSA P-256 certs)", [], [], [])
         for i in range(warmup + runs):
             # Interleaved: every case gets one handshake per round, so drift in the shared
-            # machine's load spreads over all of them instead of favouring whichever ran first.
-            for case, once, row in runners:
+            # machine's load spreads over all of them instead of favouring whichever ran first;
+            # in a balanced order (each case after each other one equally often), so that what one
+            # case leaves in the caches (TLS runs OpenSSL 3.0, EDHOC `cryptography`'s) does not
+            # always fall on the same next case.
+            for k in balanced_order(range(len(runners) + 1), i):
+                if k == len(runners):
+                    t = tls_once(client_ctx, server_ctx)
+                    if i >= warmup:
+                        tls_row.side_a.append(t.client_cpu)
+                        tls_row.side_b.append(t.server_cpu)
+                        tls_row.wall.append(t.wall)
+                    continue
+                case, once, row = runners[k]
                 s = once()
                 if i >= warmup:
                     row.side_a.append(s.initiator_cpu)
                     row.side_b.append(s.responder_cpu)
                     row.wall.append(s.wall)
                     sizes[case.label] = s.sizes
-            t = tls_once(client_ctx, server_ctx)
-            if i >= warmup:
-                tls_row.side_a.append(t.client_cpu)
-                tls_row.side_b.append(t.server_cpu)
-                tls_row.wall.append(t.wall)
         rows = [row for _, _, row in runners] + [tls_row]
         tls_sizes = tls_flight_sizes(client_ctx, server_ctx)
         components = component_costs(pki, runs)
