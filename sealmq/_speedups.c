@@ -27,8 +27,8 @@
  *   open_known(data, topic, record_topics, sessions) -> [Received] or None
  *       BackendEndpoint.handle for the same usual record, from the topic to the event:
  *       record_topics[topic] names the device (the record topics the Python path has parsed),
- *       sessions[device].session._ready is its session's open_hot state (None when Session.open
- *       would not take its compiled branch), then open_hot, then the Received event with its
+ *       sessions[device].session._hot.ready is its session's open_hot state (_hot is None when
+ *       Session.open would not take its compiled branch), then open_hot, then the Received event with its
  *       fields set as Received.__init__ sets them. None for anything else, before any change;
  *       the AEAD's exception propagates (the endpoint then runs the Python path, which counts and
  *       rejects the record in one place).
@@ -51,7 +51,8 @@ static PyObject *str_decrypt;
 static PyObject *str_highest; /* ReplayWindow's slots */
 static PyObject *str_bits;
 static PyObject *str_size;
-static PyObject *str_session; /* the backend endpoint's session entries, and a Session's _ready */
+static PyObject *str_session; /* the backend endpoint's session entries, a Session's _hot, and its ready */
+static PyObject *str_hot;
 static PyObject *str_ready;
 /* sealmq.events.Received's fields, in the order of its __init__ */
 #define N_EVENT_FIELDS 5
@@ -567,16 +568,21 @@ static PyObject *speedups_open_known(PyObject *module, PyObject *const *args, Py
     Py_INCREF(est); /* held across the attribute reads */
     PyObject *session = PyObject_GetAttr(est, str_session);
     Py_DECREF(est);
-    PyObject *ready = session ? PyObject_GetAttr(session, str_ready) : NULL;
+    PyObject *hot = session ? PyObject_GetAttr(session, str_hot) : NULL;
     Py_XDECREF(session);
-    if (ready == NULL || ready == Py_None) {
-        return ready; /* NULL: the exception; None: not ready, the Python path decides */
+    if (hot == NULL || hot == Py_None) {
+        return hot; /* NULL: the exception; None: not ready, the Python path decides */
+    }
+    PyObject *ready = PyObject_GetAttr(hot, str_ready);
+    Py_DECREF(hot);
+    if (ready == NULL) {
+        return NULL;
     }
     if (!PyTuple_CheckExact(ready) || PyTuple_GET_SIZE(ready) != 5 || !PyType_Check(PyTuple_GET_ITEM(ready, 2)) ||
         ((PyTypeObject *)PyTuple_GET_ITEM(ready, 2))->tp_new == NULL) {
         /* checked before the record is opened: nothing is marked for an event that cannot be made */
         Py_DECREF(ready);
-        PyErr_SetString(PyExc_TypeError, "a session's _ready must be (state, window, event class, device_id, epoch)");
+        PyErr_SetString(PyExc_TypeError, "a session's _hot.ready must be (state, window, event class, device_id, epoch)");
         return NULL;
     }
     PyObject *opened = open_hot_impl(data, topic, PyTuple_GET_ITEM(ready, 0), PyTuple_GET_ITEM(ready, 1));
@@ -628,7 +634,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_bits = PyUnicode_InternFromString("_bits");
     str_size = PyUnicode_InternFromString("size");
     str_session = PyUnicode_InternFromString("session");
-    str_ready = PyUnicode_InternFromString("_ready");
+    str_hot = PyUnicode_InternFromString("_hot");
+    str_ready = PyUnicode_InternFromString("ready");
     static const char *const names[N_EVENT_FIELDS] = {"device_id", "kind", "plaintext", "epoch", "seq"};
     for (int k = 0; k < N_EVENT_FIELDS; k++) {
         if ((event_fields[k] = PyUnicode_InternFromString(names[k])) == NULL) {
@@ -639,7 +646,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     }
     if (str_encrypt == NULL || str_encrypt_into == NULL || str_decrypt == NULL || str_highest == NULL || str_bits == NULL ||
-        str_size == NULL || str_session == NULL || str_ready == NULL) {
+        str_size == NULL || str_session == NULL || str_hot == NULL || str_ready == NULL) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

@@ -207,9 +207,9 @@ class _Hot:
     Only pairs that pass the session's topic and kind checks get in (at most the kinds of its two
     receive topics), so the table stays small whatever arrives."""
 
-    __slots__ = ("cstate", "epoch", "header_len", "kid_part", "routes")
+    __slots__ = ("cstate", "epoch", "header_len", "kid_part", "ready", "routes")
 
-    def __init__(self, ep: _Epoch) -> None:
+    def __init__(self, ep: _Epoch, device_id: str) -> None:
         kid = ep.ctx.recipient_id
         self.epoch = ep
         # record = [kind, kid, epoch, piv, ciphertext]: 0x85, the kind's one head byte, kid, epoch
@@ -220,6 +220,9 @@ class _Hot:
         self.routes: dict[tuple[str, int], _Route] = {}
         # what the compiled hot path (record.speedups.open_hot) needs, in one tuple
         self.cstate = (self.kid_part, ep.number, self.routes, *ep.codec.compiled_open_state())
+        # and what the backend endpoint's compiled path (record.speedups.open_known) needs besides:
+        # the window, the event class and the event's device id and epoch
+        self.ready = (self.cstate, ep.window, Received, device_id, ep.number)
 
 
 class Session:
@@ -231,7 +234,7 @@ class Session:
     """
 
     __slots__ = ("_app_aead", "_buffer", "_c_i", "_c_r", "_closed", "_current", "_epochs", "_fast", "_hash",
-                 "_hot", "_ku", "_prk_out", "_random_bytes", "_ready", "_recv_dir", "_recv_kinds", "_recv_topics",
+                 "_hot", "_ku", "_prk_out", "_random_bytes", "_recv_dir", "_recv_kinds", "_recv_topics",
                  "_seal_limit", "_send_dir", "_send_topics", "config", "device_id", "is_initiator",
                  "recipient_id", "sender_id")
 
@@ -269,13 +272,11 @@ class Session:
             topics.topic(self.device_id, ch, self._recv_dir): ch for ch in (Channel.DATA, Channel.MEDIA)}
         self._seal_limit = min(self.config.max_records_per_key, limits.MAX_PIV + 1)
         # What the receive hot path (_open_hot) needs of the current epoch: built on first use while
-        # it is the only epoch held; _switch, where a running session gets a new epoch, resets it.
+        # it is the only epoch held; _switch, where a running session gets a new epoch, resets it,
+        # and so does closing. The backend endpoint's compiled path (record.speedups.open_known)
+        # reads it too, without calling open: None there means open would not take its compiled
+        # branch (before the epoch's first record, a second epoch held, closed), and it declines.
         self._hot: _Hot | None = None
-        # The same for a caller that opens records without calling open (the backend endpoint's
-        # compiled path, record.speedups.open_known): set with _hot, and None whenever open could
-        # not take its compiled branch (a second epoch held, the session closed). Then that caller
-        # declines and calls open, which decides.
-        self._ready: tuple[Any, ...] | None = None
 
     @classmethod
     def from_edhoc(cls, *, prk_out: bytes, c_i: bytes, c_r: bytes, is_initiator: bool, device_id: str,
@@ -479,8 +480,7 @@ class Session:
         if self._fast and len(self._epochs) == 1 and not self._closed and type(data) is bytes:
             hot = self._hot
             if hot is None and self._current < 24:
-                hot = self._hot = _Hot(self._epochs[self._current])
-                self._ready = (hot.cstate, hot.epoch.window, Received, self.device_id, hot.epoch.number)
+                hot = self._hot = _Hot(self._epochs[self._current], self.device_id)
             if hot is not None:
                 c = record.speedups
                 if c is not None:  # the same, compiled, for a new highest sequence number (tests/test_speedups.py)
@@ -578,7 +578,7 @@ class Session:
         ep.failed += 1
         if ep.failed >= self.config.max_failed_decryptions:
             self._closed = True
-            self._ready = None
+            self._hot = None
             raise SessionError(Reason.KEY_LIMIT_REACHED, "too many failed decryptions") from None
 
     def _open_hot(self, hot: _Hot, topic: str, data: bytes) -> list[SessionEvent] | None:
@@ -665,7 +665,7 @@ class Session:
         old.peer_switched = peer_switched
         self._epochs[plan.target] = _Epoch(plan.target, self._derive_ctx(), self.config.replay_window, now)
         self._current = plan.target
-        self._hot = self._ready = None
+        self._hot = None
         self._ku.switched(plan)
         events.append(KeyUpdateDone(self.device_id, plan.target))
         events.extend(self._drain_buffer(now, rng))

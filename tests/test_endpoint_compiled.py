@@ -216,25 +216,25 @@ def test_a_record_of_an_epoch_past_its_grace_window_is_refused_alike(pki: TestPk
 
 
 def test_a_session_offers_no_ready_state_once_closed_or_updated(pki: TestPki) -> None:
-    """What open_known relies on: Session._ready is None whenever open would not take its
+    """What open_known relies on: Session._hot is None whenever open would not take its
     compiled branch (here: closed by failed decryptions; two epochs held)."""
     twins = Twins(pki, SessionConfig(max_failed_decryptions=1))
     session = twins.fast.sessions["cam-2"].session
     for _ in range(2):
         pub = sealed(twins, 1, 20)
         twins.deliver(pub.topic, pub.payload)
-    assert session._ready is not None
+    assert session._hot is not None
     forged = sealed(twins, 1, 20)
     twins.deliver(forged.topic, forged.payload[:-1] + bytes([forged.payload[-1] ^ 1]))
-    assert session._closed and session._ready is None
+    assert session._closed and session._hot is None
     session = twins.fast.sessions["cam-1"].session
     pub = sealed(twins, 0, 20)
     twins.deliver(pub.topic, pub.payload)
-    assert session._ready is not None
+    assert session._hot is not None
     for pub in twins.devices[0].key_update(twins.now, fixed_random):
         assert isinstance(pub, Publish)
         twins.to_device(twins.deliver(pub.topic, pub.payload))
-    assert len(session._epochs) == 2 and session._ready is None
+    assert len(session._epochs) == 2 and session._hot is None
 
 
 ops = st.lists(st.one_of(
@@ -313,18 +313,18 @@ def test_open_known_refuses_misuse_with_python_errors(pki: TestPki) -> None:
         compiled.open_known(b.payload, b.topic, fast._record_topics)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         compiled.open_known(b.payload, b.topic, list(fast._record_topics), fast.sessions)  # type: ignore[arg-type]
-    session = fast.sessions["cam-1"].session
-    ready = session._ready
-    assert ready is not None
+    hot = fast.sessions["cam-1"].session._hot
+    assert hot is not None
+    ready = hot.ready
     try:
-        session._ready = ready[:4]
+        hot.ready = ready[:4]
         with pytest.raises(TypeError):
             compiled.open_known(b.payload, b.topic, fast._record_topics, fast.sessions)
-        session._ready = (*ready[:2], len, *ready[3:])  # not a class: refused before anything is opened
+        hot.ready = (*ready[:2], len, *ready[3:])  # not a class: refused before anything is opened
         with pytest.raises(TypeError):
             compiled.open_known(b.payload, b.topic, fast._record_topics, fast.sessions)
     finally:
-        session._ready = ready
+        hot.ready = ready
     # not this function's to judge: declined
     assert compiled.open_known(bytearray(b.payload), b.topic, fast._record_topics, fast.sessions) is None
     assert compiled.open_known(b.payload, "sealmq/v1/nobody/data/up", fast._record_topics, fast.sessions) is None

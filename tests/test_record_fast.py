@@ -302,7 +302,7 @@ def warm_routes(session: Session) -> None:
     record, often the one under test, would never reach the compiled code."""
     if not session._fast or len(session._epochs) != 1:
         return
-    hot = session._hot = session._hot or _Hot(session._epochs[session._current])
+    hot = session._hot = session._hot or _Hot(session._epochs[session._current], session.device_id)
     for topic in session._recv_topics:
         for kind in session._recv_kinds:
             session._hot_route(hot, topic, kind)

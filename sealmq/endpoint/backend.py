@@ -163,7 +163,7 @@ class BackendEndpoint:
         c = record.speedups
         if c is not None:
             # The usual record, compiled from topic to event (sealmq/_speedups.c, open_known): a
-            # known record topic, its device's session ready (Session._ready), a new highest
+            # known record topic, its device's session ready (Session._hot), a new highest
             # sequence number. The same result as the path below, which takes everything else;
             # a record that fails its tag goes there too, to be counted and rejected in one place.
             try:
