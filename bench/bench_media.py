@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import balanced_order, fmt, median, table, use_python_framing
+from bench.stats import CONTROL, FLOOR, balanced_order, floor_aead, fmt, median, table, use_python_framing
 from sealmq.media import DEFAULT_CHUNK_SIZE
 from sealmq.media_receiver import DEFAULT_ACK_EVERY
 from sealmq.media_sender import DEFAULT_WINDOW
@@ -75,24 +75,17 @@ ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (16)
 # "sealed, pure Python": the product path with the record framing's compiled part switched off
 # in both processes (what a build without a C compiler runs; sealmq/_speedups.c)
 PURE = "sealed, pure Python"
-# the plaintext scheme run a second time in each round: its ratio to the first is the noise of
-# these figures (two runs of the same code), shown beside the others
-CONTROL = "plaintext again (control)"
-# the floor of the sealed path: the plaintext scheme with each chunk sealed by A128GCM (suite 6's
-# AEAD) under one fixed key, its nonce from the chunk's index, the topic as AAD; no record, session,
-# manifest signature or store. What no sealed transfer with that AEAD can beat.
-FLOOR = "AEAD only"
+# CONTROL (bench.stats): the plaintext scheme run a second time in each round, its ratio to the
+# first the noise of these figures. FLOOR: the floor of the sealed path, the plaintext scheme with
+# each chunk sealed by A128GCM (suite 6's AEAD) under one fixed key, its nonce from the chunk's
+# index, the topic as AAD; no record, session, manifest signature or store.
 MODES = ("plaintext", CONTROL, FLOOR, "sealed", PURE)
 PLAIN = ("plaintext", CONTROL, FLOOR)
 
 
 def _floor_aead(cfg: dict[str, Any]) -> Any:
     """The "AEAD only" path's cipher (both sides), or None for the plaintext scheme."""
-    if cfg["mode"] != FLOOR:
-        return None
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return AESGCM(bytes.fromhex(cfg["floor_key"]))
+    return floor_aead(cfg["floor_key"]) if cfg["mode"] == FLOOR else None
 
 
 def _floor_nonce(index: int) -> bytes:

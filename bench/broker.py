@@ -65,35 +65,35 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.stats import balanced_order, collect, fmt, median, proc_cpu, table, use_python_framing
+from bench.stats import (
+    CONTROL,
+    FLOOR,
+    balanced_order,
+    collect,
+    floor_aead,
+    fmt,
+    median,
+    proc_cpu,
+    table,
+    use_python_framing,
+)
 
 HOST = "127.0.0.1"
 PAYLOAD = 256
 DEVICE = "bench-dev"
-# "AEAD only" is the floor of the sealed path (no record format, no session): each payload
-# A128GCM-sealed (the AEAD of suite 6, which the sealed path negotiates) under one fixed key, its
-# nonce from a 5-byte counter sent in front (as a Partial IV is), the topic as AAD. What no record
-# path with that AEAD, compiled or not, can beat.
-FLOOR = "AEAD only"
+# FLOOR ("AEAD only", bench.stats) is the floor of the sealed path (no record format, no session):
+# here each payload A128GCM-sealed (the AEAD of suite 6, which the sealed path negotiates) under one
+# fixed key, its nonce from a 5-byte counter sent in front (as a Partial IV is), the topic as AAD.
+# What no record path with that AEAD, compiled or not, can beat.
 SEALED_CCM = "sealed, suite 2"
 # the same as "sealed" with the record path's compiled framing (sealmq/_speedups.c) switched off in
 # both processes: what a build without a C compiler runs, and what the compiled part saves
 SEALED_PURE = "sealed, pure Python"
 SEALED = ("sealed", SEALED_CCM, SEALED_PURE)
-# The plaintext path run a second time in each round, as a control: its ratio to the first shows
-# how far two runs of the same code differ here (the figures' own noise), beside the others.
-CONTROL = "plaintext again (control)"
 MODES = ("plaintext", CONTROL, FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
 
 
 _FLOOR_NONCE_PAD = bytes(7)  # A128GCM's 12-byte nonce: 7 zero bytes, then the 5-byte counter
-
-
-def _floor_aead(cfg: dict[str, Any]) -> Any:
-    """The "AEAD only" path's cipher, the same on both sides of a run: A128GCM under the run's key."""
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return AESGCM(bytes.fromhex(cfg["floor_key"]))
 
 
 def _free_port() -> int:
@@ -240,7 +240,7 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
 
     link: MqttLink
     if mode == FLOOR:
-        aead = _floor_aead(cfg)
+        aead = floor_aead(cfg["floor_key"])
 
         def on_floor(topic: str, payload: bytes) -> None:
             with lock:
@@ -372,7 +372,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
         for p in payloads:
             link.publish(topic, p)
     elif mode == FLOOR:
-        aead = _floor_aead(cfg)
+        aead = floor_aead(cfg["floor_key"])
         aad = topic.encode()
         for i, p in enumerate(payloads):
             counter = i.to_bytes(5, "big")

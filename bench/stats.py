@@ -32,6 +32,20 @@ def use_python_framing() -> Any:
     return saved
 
 
+# The rows the comparisons share (bench.broker, bench.bench_media): the plaintext path run a second
+# time in each round, whose ratio to the first is the table's own noise, and the sealed path's
+# floor, each payload or chunk sealed by A128GCM (suite 6's AEAD) under one key and nothing else.
+CONTROL = "plaintext again (control)"
+FLOOR = "AEAD only"
+
+
+def floor_aead(key_hex: str) -> Any:
+    """The floor's cipher, the same on both sides of a run: A128GCM under the run's key."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(bytes.fromhex(key_hex))
+
+
 def balanced_order(items: Sequence[T], k: int) -> list[T]:
     """The order of ``items`` in round ``k``: a Williams design, so that over a cycle of rounds (n
     for an even number n of items, 2n for an odd one) each item runs once in each position and
