@@ -491,8 +491,9 @@ def _start_broker_process(kind: str, users: Path, root: Path, hwm: Path, log: An
     port = free_port()
     if kind == "amqtt":
         cmd = _cli(hwm, "broker", "run", "--passwd", str(users), "--host", HOST, "--port", str(port))
+        env = _child_env()
     else:
-        from broker.mosquitto_config import MosquittoOptions, current_user, write_config
+        from broker.mosquitto_config import MosquittoOptions, current_user, mosquitto_env, write_config
         from broker.passwd import load_users
         from tests.brokers import MOSQUITTO
 
@@ -501,7 +502,8 @@ def _start_broker_process(kind: str, users: Path, root: Path, hwm: Path, log: An
         conf = write_config(root / f"mosquitto-rss-{port}", load_users(users),
                             MosquittoOptions(host=HOST, port=port, run_as=current_user()))
         cmd = [MOSQUITTO, "-c", str(conf)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=_child_env(), cwd=REPO)
+        env = mosquitto_env(conf.parent, _child_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=REPO)
     try:
         wait_listening(HOST, port, timeout=30)
     except OSError:

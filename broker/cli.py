@@ -185,7 +185,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_mosquitto_config(args: argparse.Namespace) -> int:
-    from broker.mosquitto_config import DEFAULT_MAX_MESSAGE_SIZE, MosquittoOptions, write_config
+    from broker.mosquitto_config import DEFAULT_MAX_MESSAGE_SIZE, MosquittoOptions, run_command, write_config
     from broker.passwd import load_users
     from broker.tls import DEFAULT_TLS_PORT, TlsFiles
 
@@ -203,7 +203,7 @@ def cmd_mosquitto_config(args: argparse.Namespace) -> int:
         tls_password_port=args.tls_password_port,
     )
     conf = write_config(args.out, load_users(args.passwd), opts)
-    print(f"wrote {conf}; run: mosquitto -c {conf}")
+    print(f"wrote {conf}; run: {run_command(conf)}")
     return 0
 
 

@@ -5,10 +5,12 @@
     out_dir/mosquitto.conf   from broker/mosquitto/mosquitto.conf (loopback, limits, queues)
     out_dir/acl              one section per user, by role (regenerate when users change)
     out_dir/passwd           name:$7$... (the sealmq user file without the role column), 0600
+    out_dir/openssl.cnf      OpenSSL settings mosquitto.conf cannot express (no TLS session tickets)
     out_dir/data/            persistence
     out_dir/tls/             with TLS: copies of the CA, the CRL, the broker's chain and key (0600)
 
-Run it with ``mosquitto -c out_dir/mosquitto.conf``. Generated as root, the files and ``data/``
+Run it with ``OPENSSL_CONF=out_dir/openssl.cnf mosquitto -c out_dir/mosquitto.conf``
+(``run_command``; ``mosquitto_env`` for a launcher). Generated as root, the files and ``data/``
 are handed to ``run_as`` (default ``mosquitto``), the user mosquitto drops to when started as
 root; generated as anyone else they stay the generating user's (who then runs mosquitto).
 """
@@ -57,6 +59,7 @@ class MosquittoOptions:
 
 
 TLS_DIR = "tls"
+OPENSSL_CNF = "openssl.cnf"  # read by mosquitto's OpenSSL when OPENSSL_CONF names it (mosquitto_env)
 _TLS_COPIES = {"cafile": "ca.crt", "certfile": "broker-chain.pem", "keyfile": "broker-key.pem",
                "crlfile": "crl.pem"}
 
@@ -148,13 +151,29 @@ def render(out_dir: Path, users: dict[str, User], opts: MosquittoOptions) -> dic
         "USERS": acl_sections(users),
         "LISTENERS": listeners(out_dir, opts),
     }
-    files = {"mosquitto.conf": _template("mosquitto.conf"), "acl": _template("acl")}
+    files = {"mosquitto.conf": _template("mosquitto.conf"), "acl": _template("acl"),
+             OPENSSL_CNF: _template(OPENSSL_CNF)}
     for name, text in files.items():
         for key, value in values.items():
             text = text.replace("{{" + key + "}}", value)
         files[name] = text
     files["passwd"] = "".join(f"{u.name}:{u.pw_hash}\n" for u in sorted(users.values(), key=lambda u: u.name))
     return files
+
+
+def mosquitto_env(conf_dir: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to start mosquitto on a generated ``conf_dir`` with: ``base`` (default: this
+    process's environment) with OPENSSL_CONF naming the directory's ``openssl.cnf``. mosquitto.conf
+    has no TLS session ticket setting; OpenSSL reads this file when mosquitto initialises it."""
+    env = dict(os.environ if base is None else base)
+    env["OPENSSL_CONF"] = str(Path(conf_dir).resolve() / OPENSSL_CNF)
+    return env
+
+
+def run_command(conf: str | Path) -> str:
+    """The shell command that starts mosquitto on the generated ``conf`` (its mosquitto.conf)."""
+    path = Path(conf).resolve()
+    return f"OPENSSL_CONF={path.parent / OPENSSL_CNF} mosquitto -c {path}"
 
 
 def current_user() -> str:

@@ -71,6 +71,10 @@ class TlsFiles:
             raise ConfigError(Reason.CONFIG_INVALID, f"cannot load the TLS files: {exc}") from None
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
         ctx.verify_mode = ssl.CERT_REQUIRED if client_certificates else ssl.CERT_NONE
+        # No TLS 1.3 session tickets (OpenSSL sends two per full handshake): our clients never
+        # resume, so making them is wasted work at every login. mosquitto gets the same setting
+        # from the generated openssl.cnf (broker/mosquitto/openssl.cnf).
+        ctx.num_tickets = 0
         return ctx
 
 

@@ -32,7 +32,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker.embedded import EmbeddedBroker, EmbeddedBrokerConfig
-from broker.mosquitto_config import MosquittoOptions, write_config
+from broker.mosquitto_config import OPENSSL_CNF, MosquittoOptions, mosquitto_env, write_config
 from broker.passwd import AccountRole, add_user, load_users
 
 TEST_ITERATIONS = 1_000
@@ -211,7 +211,9 @@ class MosquittoProcess:
         assert MOSQUITTO is not None
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+            # as the product runs it (docs/broker.md): OPENSSL_CONF names the generated openssl.cnf
+            env = mosquitto_env(self.conf.parent) if (self.conf.parent / OPENSSL_CNF).exists() else None
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log, env=env)
         finally:
             log.close()
         try:

@@ -60,7 +60,12 @@ def test_mosquitto_config_cli(tmp_path, capsys) -> None:  # type: ignore[no-unty
         args += ["--run-as", "root"]
     assert main(args) == 0
     assert "user mosquitto" in (out / "mosquitto.conf").read_text() or os.geteuid() == 0
-    assert {p.name for p in out.iterdir()} == {"mosquitto.conf", "acl", "passwd", "data"}
+    assert {p.name for p in out.iterdir()} == {"mosquitto.conf", "acl", "passwd", "openssl.cnf", "data"}
+    # the command it prints starts mosquitto with the generated OpenSSL settings (no TLS session tickets)
+    assert f"run: OPENSSL_CONF={out.resolve()}/openssl.cnf mosquitto -c {out.resolve()}/mosquitto.conf" in \
+        capsys.readouterr().out
+    assert "\nNumTickets = 0\n" in (out / "openssl.cnf").read_text()
+    assert stat.S_IMODE(os.stat(out / "openssl.cnf").st_mode) == 0o600
     assert "listener 18999 127.0.0.1" in (out / "mosquitto.conf").read_text()
     assert stat.S_IMODE(os.stat(out / "passwd").st_mode) == 0o600
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from broker.inspect import run_inspect
+from broker.mosquitto_config import OPENSSL_CNF
 from broker.tls import TlsFiles
 from pki import layout, store
 from sealmq import cbor
@@ -261,6 +262,38 @@ def test_mosquitto_refuses_everyone_with_a_stale_crl(tmp_path: Path) -> None:
         shutil.copyfile(layout.crl(pki.path), handle.broker.conf.parent / "tls" / "crl.pem")
         handle.broker.restart()
         handle.connect(None, tls=ctx)
+
+
+# --- no TLS session tickets ----------------------------------------------------------------------
+def _login_brings_a_ticket(handle: BrokerHandle, ctx: ssl.SSLContext) -> bool:
+    """A certificate login over TLS 1.3, accepted; whether the broker sent a session ticket with it
+    (TLS 1.3 tickets follow the handshake: the client takes them in with its first read, the CONNACK)."""
+    body = len(b"MQTT").to_bytes(2, "big") + b"MQTT" + bytes([4, 0x02]) + (30).to_bytes(2, "big") + b"\0\0"
+    with socket.create_connection((handle.host, handle.tls_port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=handle.host) as tls:
+        assert tls.version() == "TLSv1.3"
+        tls.sendall(bytes([0x10, len(body)]) + body)
+        assert tls.recv(4) == b"\x20\x02\x00\x00"  # CONNACK, accepted
+        return tls.session is not None and tls.session.has_ticket
+
+
+def test_no_tls_session_tickets(tls_broker: BrokerHandle, pkis: Pkis) -> None:
+    """Our clients (paho, libmosquitto) never resume a TLS session, so the brokers send no tickets:
+    making them cost mosquitto 0.3-0.5 ms of CPU per login (docs/benchmarks.md, stop 31)."""
+    assert not _login_brings_a_ticket(tls_broker, pkis.device("dev0"))
+
+
+@needs_mosquitto
+@pytest.mark.mosquitto
+def test_mosquitto_sends_tickets_unless_started_with_the_generated_openssl_cnf(tmp_path: Path, pkis: Pkis) -> None:
+    """The control for the test above: mosquitto.conf cannot turn tickets off; the generated
+    openssl.cnf does, when OPENSSL_CONF names it (as docs/broker.md and the compose file start it)."""
+    with running_mosquitto(tmp_path, n_devices=1, tls=pkis.tls) as handle:
+        ctx = pkis.device("dev0")
+        assert not _login_brings_a_ticket(handle, ctx)
+        (handle.broker.conf.parent / OPENSSL_CNF).unlink()  # tests/brokers.py then sets no OPENSSL_CONF
+        handle.broker.restart()
+        assert _login_brings_a_ticket(handle, ctx)
 
 
 # --- openssl s_client: the listener, checked by another TLS implementation ------------------------
