@@ -78,6 +78,8 @@ def test_compose_services_end_to_end(tmp_path: Path, variant: str) -> None:
             if name in conditions:
                 _satisfy(dep, name, conditions[name])
             if name == "broker":
+                if variant == "mosquitto":  # the generated OpenSSL settings (no TLS tickets) are found
+                    assert "NumTickets = 0" in Path(dep.env("broker")["OPENSSL_CONF"]).read_text()
                 with monitor_log.open("wb") as out:
                     monitor = subprocess.Popen(_monitor_command(dep), stdout=out, stderr=subprocess.STDOUT)
         assert order[-1] == "simulator"
