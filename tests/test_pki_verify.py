@@ -146,6 +146,42 @@ def test_tampered_signature_is_bad_signature(two_level: Path) -> None:
     expect(Reason.BAD_SIGNATURE, ts, [bad], Role.DEVICE)
 
 
+def test_a_forged_signature_is_bad_signature_whatever_else_fails(tmp_path: Path) -> None:
+    """A link taken by name has its signature checked by the library's path validation, after
+    the revocation check; the reason must still be BAD_SIGNATURE, as when every link's signature
+    was checked first: a revoked, expired or stale-CRL certificate with a tampered signature."""
+    pki = tmp_path / "pki"
+    store.init_ca(pki, two_level=True)
+    d = store.enroll(pki, Role.DEVICE, "victim")
+    leaf = der(store.load_identity(d).chain[0])
+    forged = leaf[:-3] + bytes([leaf[-3] ^ 0x01]) + leaf[-2:]
+    parsed = x509.load_der_x509_certificate(forged)
+    store.revoke(pki, cert_path=d / layout.CERT)
+    ts = store.load_trust_store(pki)
+    expect(Reason.REVOKED, ts, [leaf], Role.DEVICE)  # the genuine one: revoked
+    expect(Reason.BAD_SIGNATURE, ts, [forged], Role.DEVICE)
+    crl = load_crls_pem(layout.crl(pki).read_bytes())[0]
+    assert crl.next_update_utc is not None and crl.next_update_utc < parsed.not_valid_after_utc
+    expect(Reason.BAD_SIGNATURE, ts, [forged], Role.DEVICE, at=crl.next_update_utc + timedelta(seconds=1))
+
+
+def test_a_valid_chain_has_its_signatures_verified_once(two_level: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the library's path validation only (pki/verify.py's own check would be the same ECDSA
+    verification again); a refused one is re-checked link by link for its reason."""
+    import pki.verify as verify
+
+    calls: list[str] = []
+    real = verify._signed_by
+    monkeypatch.setattr(verify, "_signed_by", lambda c, i: calls.append("ours") or real(c, i))
+    ts = TrustStore.from_pem(layout.anchor(two_level).read_bytes(), layout.crl(two_level).read_bytes(),
+                             layout.issuing_cert(two_level).read_bytes())
+    assert ts.verify(chain(two_level, Role.DEVICE, "dev-ec"), role=Role.DEVICE, now=now()).name == "dev-ec"
+    assert calls == []
+    leaf = der(chain(two_level, Role.DEVICE, "dev-ec")[0])
+    expect(Reason.BAD_SIGNATURE, ts, [leaf[:-3] + bytes([leaf[-3] ^ 0x01]) + leaf[-2:]], Role.DEVICE)
+    assert calls  # the refusal's reason came from checking the links one by one
+
+
 def test_revocation_and_crl_freshness(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     store.init_ca(pki, two_level=True)
