@@ -31,6 +31,10 @@ under :mod:`bench._media_proc`, which records it; mosquitto's is read from /proc
 SIGTERM). Not ``wait4``'s ``ru_maxrss``: Linux folds the parent's high-water mark into it.
 Flat figures mean memory does not grow with the file.
 
+Fixed cost and steady state. Each round also moves a file a fifth the size on every path; the
+line through a path's two transfers of a round splits its time into a fixed cost per transfer and
+a cost per MB, so the steady-state rate can be told from what a transfer costs once.
+
 Run: ``python3 -m bench.bench_media [--quick] [--broker amqtt|mosquitto|both]``.
 """
 
@@ -419,38 +423,79 @@ def _broker(kind: str, users: Path, root: Path) -> Iterator[int]:
 
 
 def throughput(root: Path, users: Path, kinds: list[str], size: int, repeats: int, timeout: float,
-               ) -> list[list[object]]:
+               small: int | None = None) -> tuple[list[list[object]], list[list[object]]]:
+    """The throughput table's rows; with ``small``, each round also moves a ``small`` file on
+    every path, and the second list splits each path's time into a fixed cost per transfer and a
+    cost per MB (the steady state), from the two sizes of the same round (``split_rows``)."""
     ctx = mp.get_context("spawn")
-    src = root / "bench-media.bin"
-    digest = make_file(src, size)
+    sizes = (size,) if small is None else (size, small)
+    srcs = {n: root / f"bench-media-{n}.bin" for n in sizes}
+    digests = {n: make_file(src, n, seed=5 + i) for i, (n, src) in enumerate(srcs.items())}
     rows: list[list[object]] = []
+    split: list[list[object]] = []
     try:
         for kind in kinds:
             with _broker(kind, users, root) as port:
-                # per round, each path's seconds (None: the transfer failed)
-                seconds: dict[str, list[float | None]] = {m: [] for m in MODES}
+                # per size and round, each path's seconds (None: the transfer failed)
+                seconds: dict[int, dict[str, list[float | None]]] = {n: {m: [] for m in MODES} for n in sizes}
                 failures: dict[str, list[str]] = {m: [] for m in MODES}
                 for rep in range(repeats):
                     # interleaved, in a balanced order (bench.stats.balanced_order), so that neither
                     # drift in the machine's load nor what one transfer leaves behind (dirty pages
                     # still being written back) falls on one path more than another
-                    for mode in balanced_order(MODES, rep):
-                        out = transfer_once(ctx, root, port, mode, src, digest, timeout)
-                        seconds[mode].append(out.seconds if out.ok else None)
-                        if not out.ok:
-                            failures[mode].append(out.detail)
+                    for k, n in enumerate(sizes):
+                        for mode in balanced_order(MODES, rep + k):
+                            out = transfer_once(ctx, root, port, mode, srcs[n], digests[n], timeout)
+                            seconds[n][mode].append(out.seconds if out.ok else None)
+                            if not out.ok:
+                                failures[mode].append(f"{_size(n)}: {out.detail}")
+            main = seconds[size]
             for mode in MODES:
-                done = [t for t in seconds[mode] if t is not None]
+                done = [t for t in main[mode] if t is not None]
                 # each round's rate over the plaintext rate of the same round (stop 27's pairing)
-                ratios = [p / t for t, p in zip(seconds[mode], seconds["plaintext"], strict=True)
+                ratios = [p / t for t, p in zip(main[mode], main["plaintext"], strict=True)
                           if t is not None and p is not None]
                 verified = f"{len(done)}/{repeats}" + (f" ({'; '.join(failures[mode])})" if failures[mode] else "")
                 rows.append([kind, mode, fmt(median(done), 2) if done else "-",
                              fmt(size / MB / median(done), 1) if done else "-",
                              f"{median(ratios):.2f}x" if ratios else "-",
                              " / ".join(f"{r:.2f}" for r in ratios) if ratios else "-", verified])
+            if small is not None:
+                split += split_rows(kind, seconds[size], seconds[small], size, small)
     finally:
-        src.unlink(missing_ok=True)
+        for src in srcs.values():
+            src.unlink(missing_ok=True)
+    return rows, split
+
+
+def fixed_and_per_mb(large: float, small: float, size: int, small_size: int) -> tuple[float, float]:
+    """(ms per transfer, ms per MB) of the line through two transfers of one path and round."""
+    per_mb = (large - small) * 1e3 / ((size - small_size) / MB)
+    return small * 1e3 - per_mb * small_size / MB, per_mb
+
+
+def split_rows(kind: str, large: dict[str, list[float | None]], small: dict[str, list[float | None]],
+               size: int, small_size: int) -> list[list[object]]:
+    """Per path: its cost per MB (median over rounds) and MB/s at that rate, that rate against the
+    plaintext scheme's of the same round (median of the rounds' ratios), its fixed cost per
+    transfer, and how much more fixed cost than the plaintext scheme it has (paired by round)."""
+    lines: dict[str, list[tuple[float, float] | None]] = {
+        mode: [fixed_and_per_mb(a, b, size, small_size) if a is not None and b is not None else None
+               for a, b in zip(large[mode], small[mode], strict=True)]
+        for mode in MODES}
+    rows: list[list[object]] = []
+    for mode in MODES:
+        mine = [x for x in lines[mode] if x is not None]
+        pairs = [(x, p) for x, p in zip(lines[mode], lines["plaintext"], strict=True)
+                 if x is not None and p is not None]
+        if not mine or not pairs:
+            rows.append([kind, mode, "-", "-", "-", "-", "-"])
+            continue
+        per_mb = median([x[1] for x in mine])
+        ratios = [p[1] / x[1] for x, p in pairs if x[1] > 0]  # tiny files (smoke test): noise can go below 0
+        rows.append([kind, mode, fmt(per_mb, 2), fmt(1e3 / per_mb, 0) if per_mb > 0 else "-",
+                     f"{median(ratios):.2f}x" if ratios else "-",
+                     fmt(median([x[0] for x in mine]), 1), fmt(median([x[0] - p[0] for x, p in pairs]), 1)])
     return rows
 
 
@@ -627,10 +672,12 @@ def mosquitto_available() -> bool:
 
 def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"), size: int | None = None,
         repeats: int | None = None, memory_sizes: tuple[int, int] | None = None) -> str:
-    """Both benchmarks; returns markdown. Sizes default to 50 MB / 2 vs 200 MB (quick: 5 MB / 2 vs 20 MB)."""
+    """Both benchmarks; returns markdown. Sizes default to 50 MB (and a fifth of it, for the split
+    into fixed and per-MB costs) / 2 vs 200 MB (quick: 5 MB / 2 vs 20 MB)."""
     from app.bootstrap import bootstrap
 
     size = size or (5 if quick else 50) * MB
+    split_size = size // 5
     repeats = repeats or (1 if quick else 7)  # rounds: the ratios are paired by round
     memory_sizes = memory_sizes or (2 * MB, (20 if quick else 200) * MB)
     timeout = 60.0 + size / MB * 2 + memory_sizes[1] / MB * 1
@@ -641,7 +688,7 @@ def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"
     with tempfile.TemporaryDirectory(prefix="sealmq-bench-media-") as tmp:
         root = Path(tmp)
         dep, _ = bootstrap(root, [DEVICE], iterations=1_000 if quick else 10_000)
-        t_rows = throughput(root, dep.users, kinds, size, repeats, timeout)
+        t_rows, s_rows = throughput(root, dep.users, kinds, size, repeats, timeout, split_size)
         m_rows, growth = memory(root, dep.users, dep.pki, kinds, memory_sizes, timeout)
     small, large = (_size(s) for s in memory_sizes)
     return (
@@ -655,6 +702,16 @@ def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"
         "two runs of the same code differ here.\n\n"
         + table(["broker", "path", "seconds", "MB/s", "vs plaintext (median of rounds)",
                  "vs plaintext, each round", "verified"], t_rows)
+        + f"\n\n### Media: fixed cost per transfer and steady state ({_size(size)} and {_size(split_size)} "
+          "files in the same rounds)\n\n"
+          f"Each round also moves a {_size(split_size)} file on every path. The line through a path's two "
+          "transfers of one round splits its time into a cost per MB (the steady state: chunks "
+          "flowing) and a fixed cost per transfer (what does not grow with the file: on the sealed "
+          "path the signed manifest persisted before sending, the manifest's round trip, the "
+          "backend's verification, fsync, rename and SQLite commit at the end). Medians over the "
+          "rounds; the ratios and differences are paired by round.\n\n"
+        + table(["broker", "path", "ms per MB", "MB/s (steady state)", "steady state vs plaintext",
+                 "fixed ms per transfer", "fixed ms more than plaintext"], s_rows)
         + f"\n\n### Peak RSS (MiB) of each process: {small} vs {large} file "
           "(`sealmq broker run` or mosquitto, `sealmq backend run`, `sealmq device send`)\n\n"
         + table(["broker", "file", "device", "backend", "broker", "device wall time (s)", "verified"], m_rows)

@@ -81,10 +81,28 @@ def _rows(markdown: str, prefix: str) -> list[list[str]]:
             if line.startswith(f"| {prefix} |")]
 
 
+def test_fixed_and_per_mb_is_the_line_through_two_transfers() -> None:
+    mb = bench_media.MB
+    # 10 ms per transfer plus 6 ms per MB: 310 ms for 50 MB, 70 ms for 10 MB
+    fixed, per_mb = bench_media.fixed_and_per_mb(0.310, 0.070, 50 * mb, 10 * mb)
+    assert (round(fixed, 9), round(per_mb, 9)) == (10.0, 6.0)
+    large = {m: [0.310, 0.300] for m in bench_media.MODES}
+    small = {m: [0.070, 0.068] for m in bench_media.MODES}
+    # sealed: 20 ms per transfer and 7 ms per MB; its second round failed: left out, not zero
+    large["sealed"], small["sealed"] = [0.370, None], [0.090, 0.091]
+    by_mode = {r[1]: r for r in bench_media.split_rows("b", large, small, 50 * mb, 10 * mb)}
+    # plaintext: 6.0 and 5.8 ms per MB in its two rounds, 10 ms per transfer in both
+    assert by_mode["plaintext"][2:] == ["5.90", "169", "1.00x", "10.0", "0.0"]
+    assert by_mode["sealed"][2:] == ["7.00", "143", "0.86x", "20.0", "10.0"]
+
+
 def _check(out: str, kind: str) -> None:
     rows = _rows(out, kind)
-    throughput = [r for r in rows if r[1] in bench_media.MODES]
-    memory = [r for r in rows if len(r) == 7 and r not in throughput]
+    by_mode = [r for r in rows if r[1] in bench_media.MODES]
+    throughput, split = by_mode[:len(bench_media.MODES)], by_mode[len(bench_media.MODES):]
+    assert [r[1] for r in split] == list(bench_media.MODES)  # the fixed / per-MB split of each path
+    assert split[0][6] == "0.0"  # plaintext against itself
+    memory = [r for r in rows if len(r) == 7 and r not in by_mode]
     growth = [r for r in rows if len(r) == 4]
     assert [r[1] for r in throughput] == list(bench_media.MODES)
     for r in throughput:
