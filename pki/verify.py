@@ -472,9 +472,7 @@ class TrustStore:
                 raise CertificateError(Reason.IDENTITY_MISMATCH, "claim names another device")
             _check_leaf_profile(leaf, Role.DEVICE)
             _cert_key_description(leaf)
-            path = self._build_path(leaf, certs[1:], when)
-            self._check_revocation(path, when)
-            self._library_check(leaf, path, when)
+            self._check_path(leaf, certs[1:], when)
         except PARSE_ERRORS:
             raise CertificateError(Reason.MALFORMED, "unparsable certificate") from None
         return VerifiedClaim(name=name, certificate=leaf, public_key=leaf.public_key())
@@ -495,19 +493,15 @@ class TrustStore:
         _cert_key_description(leaf)
         try:
             # Each link found by name (and key identifier) when only one candidate has the name:
-            # its signature is verified once, by the library's path validation below, rather than
+            # its signature is verified once, by the library's path validation, rather than
             # twice (the same ECDSA verification through the same library, about 80 us each).
-            path = self._build_path(leaf, certs[1:], now, by_name=True)
-            crls = self._check_revocation(path, now)
-            self._library_check(leaf, path, now)
+            path, crls = self._check_path(leaf, certs[1:], now, by_name=True)
         except CertificateError as refused:
             # Refused: the same checks again, each link's signature verified as the path is built,
             # so the reason is the one they always gave (a forged signature is BAD_SIGNATURE, not
             # whatever failed after the unverified link). They cannot pass where the first failed:
             # the same links with good signatures meet the same checks. Should they, still refused.
-            path = self._build_path(leaf, certs[1:], now)
-            self._check_revocation(path, now)
-            self._library_check(leaf, path, now)
+            self._check_path(leaf, certs[1:], now)
             raise refused from None
         # The same answer holds from now on while every certificate on the path and every CRL used
         # is current, and until a CRL not yet valid becomes valid (it could then be the freshest).
@@ -515,6 +509,16 @@ class TrustStore:
         ends += [c.last_update_utc for c in self._crls if c.last_update_utc > now]
         window = (now, min(ends))
         return VerifiedPeer(role=role, name=name, certificate=leaf, public_key=leaf.public_key()), window
+
+    def _check_path(
+        self, leaf: x509.Certificate, presented: list[x509.Certificate], now: datetime, *, by_name: bool = False
+    ) -> tuple[list[x509.Certificate], list[x509.CertificateRevocationList]]:
+        """The path to an anchor (``_build_path``), its revocation, then the library's RFC 5280
+        validation of it; returns the path and the CRLs the answer rests on."""
+        path = self._build_path(leaf, presented, now, by_name=by_name)
+        crls = self._check_revocation(path, now)
+        self._library_check(leaf, path, now)
+        return path, crls
 
     def _build_path(
         self, leaf: x509.Certificate, presented: list[x509.Certificate], now: datetime, *, by_name: bool = False
