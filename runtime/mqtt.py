@@ -28,6 +28,9 @@ take the message's acknowledgement (:meth:`MqttLink.defer_ack`) and run it later
 message is committed (the backend's batched ingest); messages it does not take are acknowledged
 when it returns.
 
+A publish made inside the message callback (an ack, the next chunks of a file) is written to the
+socket at once, not when the callback returns as paho would: see :meth:`MqttLink.publish`.
+
 With ``network`` (a :class:`runtime.netloop.NetworkLoop`) the link has no thread of its own: the
 loop's thread does its I/O and keepalive, and its connector threads (re)connect it, with the same
 backoff; everything above holds the same (the simulator's devices share one such loop).
@@ -145,6 +148,10 @@ class MqttLink:
         self.subscribed = threading.Event()  # every filter granted on the current connection
         self.error: TransportError | None = None  # set once, when the broker refused the credentials
         self._stopping = False
+        # Held while a callback's publish is written at once, and while the link is ended (the
+        # flag set, then DISCONNECT queued): the write never sends a DISCONNECT (see publish).
+        self._write_lock = threading.Lock()
+        self._handling: int | None = None  # the thread running the message callback, while it runs
         self._attempts = 0  # failed attempts since the last successful connect
         self.ever_connected = False
         self._started = time.monotonic()
@@ -175,6 +182,9 @@ class MqttLink:
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         self.client = client
+        # paho's write of its queued packets, without loop_write()'s error handling (see publish);
+        # None in a paho without it: a callback's publishes then go out when it returns
+        self._write_queued: Callable[[], object] | None = getattr(client, "_packet_write", None)
 
     # -- paho callbacks (network thread) -------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object) -> None:
@@ -199,7 +209,8 @@ class MqttLink:
                 f"the broker at {where} refused user {self.settings.username!r}: {rc}",
             )
             log.error("%s; not retrying", self.error.detail)
-            client.disconnect()  # ends paho's reconnect loop
+            with self._write_lock:
+                client.disconnect()  # ends paho's reconnect loop
             return
         if self._attempts:
             log.warning("connected to %s after %d failed attempts", where, self._attempts)
@@ -269,9 +280,10 @@ class MqttLink:
 
     def _fail(self, err: TransportError) -> None:
         """A refusal retrying cannot fix: keep it for the caller and end paho's reconnect loop."""
-        self.error = err
         log.error("%s; not retrying", err.detail)
-        self.client.disconnect()
+        with self._write_lock:
+            self.error = err
+            self.client.disconnect()
 
     def wants_connection(self) -> bool:
         """Whether the link should (re)connect: not stopped, no refusal that retrying cannot fix."""
@@ -290,11 +302,13 @@ class MqttLink:
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         if self._manual_ack:
             self._current = (message.mid, message.qos)
+        self._handling = threading.get_ident()
         try:
             self._handler(message.topic, bytes(message.payload))
         except Exception:  # the network thread must survive anything a handler does
             log.exception("message handler failed on %s", message.topic)
         finally:
+            self._handling = None
             if self._current is not None:
                 self._current = None
                 client.ack(message.mid, message.qos)
@@ -371,12 +385,33 @@ class MqttLink:
         return False
 
     def publish(self, topic: str, payload: bytes, qos: int | None = None) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=self._qos if qos is None else qos)
+        """Queue a message; from inside the message callback, also write it to the socket now.
+
+        paho writes what a callback publishes only after the callback returns. A handler that
+        publishes a burst (the device's media pump: 32 chunks of 63 KiB sealed in one ack's
+        callback, about 5 ms) would hold all of it back, and the broker and the backend would wait
+        idle meanwhile (measured: docs/benchmarks.md, issue #11, stop 32). So a publish made on the
+        thread running the callback writes paho's queue at once (it is the network thread: the
+        only one that writes). It uses paho's ``_packet_write``, not the public ``loop_write``: on a
+        broken socket ``loop_write`` runs ``on_disconnect``, which waits for the lock paho holds
+        around the very callback we are in (a deadlock), while ``_packet_write`` puts the packet
+        back and leaves the error to the loop. It would also run ``on_disconnect`` after writing a
+        DISCONNECT: the write lock and :meth:`wants_connection` make sure none is queued. What the
+        socket does not take now (it is non-blocking) the loop writes later, as before.
+        """
+        info = self.client.publish(topic, payload, qos=self._qos if qos is None else qos)
+        if self._handling == threading.get_ident() and self._write_queued is not None:
+            with self._write_lock:
+                # on_publish (never set here) would be called for QoS 0 under paho's callback lock
+                if self.wants_connection() and self.client.on_publish is None:
+                    self._write_queued()
+        return info
 
     def stop(self) -> None:
-        self._stopping = True
         try:
-            self.client.disconnect()
+            with self._write_lock:
+                self._stopping = True
+                self.client.disconnect()
         finally:
             if self._network is None:
                 self.client.loop_stop()
