@@ -302,7 +302,7 @@ class DeviceAgent(EndpointDriver):
             self.on_progress(progress)
 
     def _pump_media(self, now: float) -> None:
-        for kind, body in self.outbox.poll(now):
+        for kind, body in self.outbox.stream(now):  # each chunk sealed and sent as it is read
             self._dispatch(self.endpoint.seal(kind, body, now))
 
     def key_update(self) -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from runtime.files import atomic_write, private_dir
 from sealmq import cbor
@@ -82,6 +82,30 @@ class OutgoingTransfer:
         return self.sender.manifest
 
 
+# Content types of what cameras and sensors send, by suffix, so that a file's type does not
+# depend on the host: the first mimetypes lookup in a process reads the system's tables
+# (/etc/mime.types and others: 2-4 ms, measured on every first transfer: docs/benchmarks.md,
+# issue #11, stop 32), and they differ between hosts (Debian's maps .ts to a Qt translation
+# file). Other suffixes still ask mimetypes. ".mjpeg" has no registered type.
+MEDIA_TYPES: dict[str, str] = {
+    ".png": "image/png", ".apng": "image/apng", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+    ".gif": "image/gif", ".webp": "image/webp", ".avif": "image/avif", ".heic": "image/heic",
+    ".heif": "image/heif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+    ".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mov": "video/quicktime",
+    ".mkv": "video/x-matroska", ".avi": "video/x-msvideo", ".ts": "video/mp2t",
+    ".mjpeg": "application/octet-stream",
+    ".json": "application/json", ".csv": "text/csv", ".txt": "text/plain", ".bin": "application/octet-stream",
+}
+
+
+def content_type_of(name: str) -> str:
+    """The content type a manifest gives a file called ``name`` when the caller names none."""
+    known = MEDIA_TYPES.get(PurePath(name).suffix.lower())
+    if known is not None:
+        return known
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def file_sha256(path: Path) -> tuple[bytes, int]:
     h = hashlib.sha256()
     size = 0
@@ -120,7 +144,7 @@ class Outbox:
         digest, size = file_sha256(p)
         manifest = Manifest.create(
             device_id=self.device_id, name=p.name,
-            content_type=content_type or mimetypes.guess_type(p.name)[0] or "application/octet-stream",
+            content_type=content_type or content_type_of(p.name),
             size=size, sha256=digest,
             created=int(p.stat().st_mtime) if created is None else created, chunk_size=self.chunk_size,
         )
@@ -134,15 +158,20 @@ class Outbox:
 
     def poll(self, now: float) -> list[tuple[RecordKind, bytes]]:
         """Record plaintexts to seal and publish now (manifests, chunks, status requests)."""
-        out: list[tuple[RecordKind, bytes]] = []
+        return list(self.stream(now))
+
+    def stream(self, now: float) -> Iterator[tuple[RecordKind, bytes]]:
+        """:meth:`poll`, one record at a time: each chunk is read from the file as it is asked
+        for, so the caller can seal and publish the first while the rest are still on disk (the
+        device agent does: its first chunk goes out without waiting for a whole window to be read).
+        Consume it to the end, and before the next call."""
         for t in list(self._transfers.values()):
             try:
-                out.extend(self._poll_one(t, now))
+                yield from self._poll_one(t, now)
             except OSError:
                 # The file vanished or shrank since add(): the signed hash can never match.
-                out.append((RecordKind.MEDIA_CONTROL, t.sender.abort()))
+                yield RecordKind.MEDIA_CONTROL, t.sender.abort()
                 self._finish(t, Reason.NOT_FOUND)
-        return out
 
     def next_deadline(self) -> float | None:
         deadlines = [d for t in self._transfers.values() if (d := t.sender.next_deadline()) is not None]
@@ -189,24 +218,22 @@ class Outbox:
         return RecordKind.MEDIA_CONTROL, body
 
     # --- internals ----------------------------------------------------------------------------
-    def _poll_one(self, t: OutgoingTransfer, now: float) -> list[tuple[RecordKind, bytes]]:
-        out: list[tuple[RecordKind, bytes]] = []
+    def _poll_one(self, t: OutgoingTransfer, now: float) -> Iterator[tuple[RecordKind, bytes]]:
         actions = t.sender.poll(now)
         if not actions:
-            return out
+            return
         with t.path.open("rb") as f:
             for action in actions:
                 if isinstance(action, SendManifest):
-                    out.append((RecordKind.MEDIA_MANIFEST, action.body))
+                    yield RecordKind.MEDIA_MANIFEST, action.body
                 elif isinstance(action, SendChunk):
                     f.seek(action.offset)
                     data = f.read(action.length)
                     if len(data) != action.length:
                         raise OSError("file shorter than its manifest")
-                    out.append((RecordKind.MEDIA_CHUNK, t.sender.chunk_body(action.index, data)))
+                    yield RecordKind.MEDIA_CHUNK, t.sender.chunk_body(action.index, data)
                 elif isinstance(action, SendControl):
-                    out.append((RecordKind.MEDIA_CONTROL, action.body))
-        return out
+                    yield RecordKind.MEDIA_CONTROL, action.body
 
     def _get(self, tid: bytes) -> OutgoingTransfer:
         t = self._transfers.get(tid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import mimetypes
 import os
 import random
 import tracemalloc
@@ -180,6 +181,51 @@ def test_empty_file(tmp_path: Path) -> None:
     [rec] = list_media(tmp_path / "backend.db")
     assert rec.size == 0
     assert rec.content_type == "text/plain"
+
+
+def test_media_types_come_from_our_table_and_others_from_mimetypes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera's files get the same type on every host, without reading the system's tables
+    (mimetypes' first lookup in a process does: 2-4 ms); other suffixes still ask mimetypes."""
+    asked: list[str] = []
+
+    def guess(name: str, strict: bool = True) -> tuple[str | None, None]:
+        asked.append(name)
+        return "application/pdf", None
+    monkeypatch.setattr(mimetypes, "guess_type", guess)
+    outbox = new_outbox(tmp_path)
+    known = {"cat.PNG": "image/png", "clip.ts": "video/mp2t", "clip.mjpeg": "application/octet-stream",
+             "v.mp4": "video/mp4", "x.jpeg": "image/jpeg"}
+    for name, want in known.items():
+        assert outbox.add(make_file(tmp_path / name, 10)).manifest.content_type == want
+    assert asked == []
+    assert outbox.add(make_file(tmp_path / "report.pdf", 10)).manifest.content_type == "application/pdf"
+    assert outbox.add(make_file(tmp_path / "x.png", 10), "image/x-custom").manifest.content_type == "image/x-custom"
+    assert asked == ["report.pdf"]
+
+
+def test_the_outbox_stream_reads_each_chunk_when_it_is_asked_for(tmp_path: Path) -> None:
+    """The device agent seals and sends each chunk as the stream yields it: a chunk is read from
+    the file then, not when the stream starts (what a window's first chunk would wait for)."""
+    src = make_file(tmp_path / "a.bin", 4 * CHUNK)
+    outbox = new_outbox(tmp_path)
+    t = outbox.add(src)
+    [(kind, manifest)] = outbox.poll(0.0)
+    assert kind is RecordKind.MEDIA_MANIFEST
+    store = new_store(tmp_path)
+    [ack] = store.handle(DEV, PUB, kind, manifest, 0.0)
+    assert isinstance(ack, Reply)
+    outbox.handle(RecordKind.MEDIA_ACK, ack.body, 0.0)
+    stream = outbox.stream(0.0)
+    first = next(stream)
+    later = bytes([0xA5]) * (3 * CHUNK)
+    with src.open("r+b") as f:  # the file changes after the first chunk was taken
+        f.seek(CHUNK)
+        f.write(later)
+    rest = list(stream)
+    assert [k for k, _ in [first, *rest]][:4] == [RecordKind.MEDIA_CHUNK] * 4
+    assert first[1] == encode_chunk(t.transfer_id, 0, src.read_bytes()[:CHUNK])
+    assert rest[0][1] == encode_chunk(t.transfer_id, 1, later[:CHUNK])  # read when asked for: the new bytes
 
 
 # --- restarts and idempotence ---------------------------------------------------------------
