@@ -3,8 +3,8 @@
 Throughput. The same random file, through the same broker in the same run, twice per repeat:
 
 * ``sealed``: the product path. ``DeviceAgent.send_file`` in one process (hash the file, sign the
-  manifest, seal 63 KiB chunks, 32 in flight, resend on timeout) and ``BackendService`` in another
-  (open each record, pwrite the chunk, fsync + ack every 16 chunks, verify hash and signature at
+  manifest, seal 63 KiB chunks, 64 in flight, resend on timeout) and ``BackendService`` in another
+  (open each record, pwrite the chunk, fsync + ack every 32 chunks, verify hash and signature at
   the end, store the file, record it in SQLite). Timed in the device process from ``send_file``
   until the backend's "complete and verified" ack arrives.
 * ``sealed, pure Python``: the same with the record framing's compiled part switched off in both
@@ -15,7 +15,7 @@ Throughput. The same random file, through the same broker in the same run, twice
   the first shows the noise of these figures.
 * ``plaintext``: the fair unsealed baseline. A paho publisher (the same ``runtime.mqtt.MqttLink``,
   QoS 1, same users and topics) hashes the file, offers a tiny plaintext manifest, then sends the
-  raw file in the same 63 KiB chunks with the same window (32) and ack scheme (one ack per 16
+  raw file in the same 63 KiB chunks with the same window (64) and ack scheme (one ack per 32
   chunks, after an fsync); a paho subscriber pwrites each chunk, hashes incrementally, and acks
   "complete" once the SHA-256 matches. No resends: a lost message fails the run instead.
 
