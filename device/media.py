@@ -2,9 +2,10 @@
 
 ``Outbox(state_dir, device_id, private_key)``; ``add(path)`` hashes the file (streaming), signs
 its manifest and persists ``<state_dir>/<tid>.out`` = CBOR {1: file path, 2: signed manifest,
-3: acked bitmap}, so a device restart resumes every unfinished transfer. ``poll(now)`` returns
-the (record kind, plaintext) pairs to seal and publish; chunks are read from disk on demand, so
-memory stays flat whatever the file size. ``handle(kind, body, now)`` takes acks from the backend.
+3: acked bitmap}, so a device restart resumes every unfinished transfer. ``stream(now)`` yields
+the (record kind, plaintext) pairs to seal and publish (``poll(now)``: the same as a list); chunks
+are read from disk one at a time as they are asked for, so memory stays flat whatever the file
+size, and the first chunk of a window goes out before the rest are read. ``handle(kind, body, now)`` takes acks from the backend.
 The protocol itself is :class:`sealmq.media_sender.MediaSender`.
 """
 
