@@ -5,8 +5,8 @@ its manifest and persists ``<state_dir>/<tid>.out`` = CBOR {1: file path, 2: sig
 3: acked bitmap}, so a device restart resumes every unfinished transfer. ``stream(now)`` yields
 the (record kind, plaintext) pairs to seal and publish (``poll(now)``: the same as a list); chunks
 are read from disk one at a time as they are asked for, so memory stays flat whatever the file
-size, and the first chunk of a window goes out before the rest are read. ``handle(kind, body, now)`` takes acks from the backend.
-The protocol itself is :class:`sealmq.media_sender.MediaSender`.
+size, and the first chunk of a window goes out before the rest are read. ``handle(kind, body,
+now)`` takes acks from the backend. The protocol itself is :class:`sealmq.media_sender.MediaSender`.
 """
 
 from __future__ import annotations
