@@ -73,8 +73,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The product's defaults, so that the baseline moves data exactly the way the device agent does.
 CHUNK = DEFAULT_CHUNK_SIZE  # device.agent.DeviceConfig.chunk_size (63 KiB)
-WINDOW = DEFAULT_WINDOW  # DeviceConfig.media_window (32)
-ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (16)
+WINDOW = DEFAULT_WINDOW  # DeviceConfig.media_window (64)
+ACK_EVERY = DEFAULT_ACK_EVERY  # sealmq.media_receiver.DEFAULT_ACK_EVERY (32)
 
 # "sealed, pure Python": the product path with the record framing's compiled part switched off
 # in both processes (what a build without a C compiler runs; sealmq/_speedups.c)
