@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, help="messages per broker throughput run")
     ap.add_argument("--devices", type=int, help="simulated devices for the handshake storm")
     ap.add_argument("--broker-repeats", type=int,
-                    help="throughput rounds per broker (default 7); runs of each storm and worker case (default 3)")
+                    help="throughput rounds per broker (default 11); runs of each storm (default 5) "
+                         "and worker case (default 3)")
     ap.add_argument("--sessions", type=int, help="established sessions for the memory part (default 10,000)")
     ap.add_argument("--worker-messages", type=int, help="telemetry readings per device, workers part (default 1,500)")
     args = ap.parse_args(argv)

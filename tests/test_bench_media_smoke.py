@@ -96,20 +96,25 @@ def test_fixed_and_per_mb_is_the_line_through_two_transfers() -> None:
     assert by_mode["sealed"][2:] == ["7.00", "143", "0.86x", "20.0", "10.0"]
 
 
-def _check(out: str, kind: str) -> None:
+def _check(out: str, kind: str, also: int = 0) -> None:
     rows = _rows(out, kind)
     by_mode = [r for r in rows if r[1] in bench_media.MODES]
-    throughput, split = by_mode[:len(bench_media.MODES)], by_mode[len(bench_media.MODES):]
+    n = len(bench_media.MODES)
+    # the main size's table, one table per other size, then the fixed / per-MB split
+    throughput, split = by_mode[:n], by_mode[(1 + also) * n:]
+    others = [by_mode[(1 + k) * n:(2 + k) * n] for k in range(also)]
+    assert len(by_mode) == (2 + also) * n
     assert [r[1] for r in split] == list(bench_media.MODES)  # the fixed / per-MB split of each path
     assert split[0][6] == "0.0"  # plaintext against itself
     memory = [r for r in rows if len(r) == 7 and r not in by_mode]
     growth = [r for r in rows if len(r) == 4]
-    assert [r[1] for r in throughput] == list(bench_media.MODES)
-    for r in throughput:
-        assert len(r) == 7 and r[6] == "1/1", r  # the transfer completed and the stored bytes hash to the source
-        assert float(r[3]) > 0
-        assert r[4].endswith("x") and r[5] == r[4][:-1]  # one round: its ratio is the median
-    assert throughput[0][4] == "1.00x"  # plaintext against itself
+    for table in (throughput, *others):
+        assert [r[1] for r in table] == list(bench_media.MODES)
+        for r in table:
+            assert len(r) == 7 and r[6] == "1/1", r  # the transfer completed and the stored bytes hash to the source
+            assert float(r[3]) > 0
+            assert r[4].endswith("x") and r[5] == r[4][:-1]  # one round: its ratio is the median
+        assert table[0][4] == "1.00x"  # plaintext against itself
     assert [r[1] for r in memory] == ["100 kB", "600 kB"]
     for r in memory:
         assert r[6] == "yes", r
@@ -120,13 +125,16 @@ def _check(out: str, kind: str) -> None:
 
 @pytest.mark.slow
 def test_media_bench_tiny_amqtt() -> None:
-    out = bench_media.run(brokers=("amqtt",), size=300_000, repeats=1, memory_sizes=(100_000, 600_000))
-    _check(out, "amqtt")
+    out = bench_media.run(brokers=("amqtt",), size=300_000, repeats=1, memory_sizes=(100_000, 600_000),
+                          also=(200_000,))
+    _check(out, "amqtt", also=1)
+    assert "### Media throughput: one 200 kB file, the same rounds and scheme" in out
 
 
 @pytest.mark.slow
 @pytest.mark.mosquitto
 @needs_mosquitto
 def test_media_bench_tiny_mosquitto() -> None:
-    out = bench_media.run(brokers=("mosquitto",), size=300_000, repeats=1, memory_sizes=(100_000, 600_000))
+    out = bench_media.run(brokers=("mosquitto",), size=300_000, repeats=1, memory_sizes=(100_000, 600_000),
+                          also=())
     _check(out, "mosquitto")
