@@ -450,7 +450,9 @@ def throughput(root: Path, users: Path, kinds: list[str], size: int, repeats: in
             with _broker(kind, users, root) as port:
                 # per size and round, each path's seconds (None: the transfer failed)
                 seconds: dict[int, dict[str, list[float | None]]] = {n: {m: [] for m in MODES} for n in sizes}
-                failures: dict[str, list[str]] = {m: [] for m in MODES}
+                # per size, each path's failed transfers: a table lists its own size's (the main
+                # table also the split's small file, which has no table of its own)
+                failures: dict[int, dict[str, list[str]]] = {n: {m: [] for m in MODES} for n in sizes}
                 for rep in range(repeats):
                     # interleaved, in a balanced order (bench.stats.balanced_order), so that neither
                     # drift in the machine's load nor what one transfer leaves behind (dirty pages
@@ -460,10 +462,12 @@ def throughput(root: Path, users: Path, kinds: list[str], size: int, repeats: in
                             out = transfer_once(ctx, root, port, mode, srcs[n], digests[n], timeout)
                             seconds[n][mode].append(out.seconds if out.ok else None)
                             if not out.ok:
-                                failures[mode].append(f"{_size(n)}: {out.detail}")
-            rows += _rate_rows(kind, seconds[size], size, repeats, failures)
+                                failures[n][mode].append(f"{_size(n)}: {out.detail}")
+            main_sizes = [n for n in sizes if n == size or n not in also]
+            rows += _rate_rows(kind, seconds[size], size, repeats,
+                               {m: [f for n in main_sizes for f in failures[n][m]] for m in MODES})
             for n in also:
-                extra[n] += _rate_rows(kind, seconds[n], n, repeats, failures)
+                extra[n] += _rate_rows(kind, seconds[n], n, repeats, failures[n])
             if small is not None:
                 split += split_rows(kind, seconds[size], seconds[small], size, small)
     finally:
