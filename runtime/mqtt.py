@@ -31,6 +31,11 @@ when it returns.
 A publish made inside the message callback (an ack, the next chunks of a file) is written to the
 socket at once, not when the callback returns as paho would: see :meth:`MqttLink.publish`.
 
+paho runs as :class:`Client`, which reads the socket in pieces of up to 64 KiB rather than paho's
+three or more system calls per packet, and does not wake paho's loop thread from that thread itself
+(every PUBACK did): a 256 B QoS 1 message costs the receiver 5 system calls and a ``select`` less
+(docs/benchmarks.md, issue #11, stop 34). paho sees the same bytes (tests/test_mqtt_reads.py).
+
 With ``network`` (a :class:`runtime.netloop.NetworkLoop`) the link has no thread of its own: the
 loop's thread does its I/O and keepalive, and its connector threads (re)connect it, with the same
 backoff; everything above holds the same (the simulator's devices share one such loop).
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -70,6 +75,74 @@ _NOT_AUTHORIZED = 135
 MQTT_311 = 4  # the protocol levels of MqttSettings.protocol
 MQTT_5 = 5
 DEFAULT_SESSION_EXPIRY = 600  # seconds an MQTT 5 session (and its queue) outlives its connection
+
+
+READ_SIZE = 65536  # bytes asked of the socket at once (paho asks for a packet's 1, 1 and n)
+
+
+class Client(mqtt.Client):
+    """paho's client, reading its socket in large pieces and not waking its own loop.
+
+    paho reads a packet with three or more ``recv`` calls (its first byte, the remaining length a
+    byte at a time, then the rest), each a system call: at 256 B QoS 1 that is five per message,
+    and a ``select`` per message. Here :meth:`_sock_recv` (paho's one read primitive) takes up to
+    :data:`READ_SIZE` bytes from the socket and serves paho's small reads from them, and
+    :meth:`loop_read` goes on reading packets while any are buffered: the socket would not show
+    them as readable again. The bytes paho sees, in the same order, are unchanged.
+
+    paho also writes a byte to its loop's wake-up socket for every packet it queues, even from the
+    loop's own thread (every PUBACK), where the loop is awake anyway and sees the packet before it
+    next waits: :meth:`_packet_queue` skips that byte there.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._rsock: object = None  # the socket the buffered bytes came from
+        self._rbuf = b""
+        self._rpos = 0
+
+    def buffered(self) -> int:
+        """Bytes read from the current socket that paho has not taken yet."""
+        if self._rsock is not self._sock:
+            return 0
+        return len(self._rbuf) - self._rpos
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:  # a new connection, or none: nothing from the old one
+            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        buf, pos = self._rbuf, self._rpos
+        if pos < len(buf):
+            end = pos + bufsize
+            if end >= len(buf):
+                self._rbuf, self._rpos = b"", 0
+                return buf[pos:] if pos else buf
+            self._rpos = end
+            return buf[pos:end]
+        data = super()._sock_recv(max(bufsize, READ_SIZE))  # raises as paho's does (BlockingIOError ...)
+        if len(data) <= bufsize:
+            return data
+        self._rbuf, self._rpos = data, bufsize
+        return data[:bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.buffered():
+            rc = super().loop_read(max_packets)  # every call takes at least one buffered byte
+        return rc
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        wake = self._sockpairW
+        if wake is None or self._thread is not threading.current_thread():
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # On paho's loop thread: the loop asks want_write() before it next waits, so the packet
+        # goes out without the wake-up byte (a send, and a select that returns for it). Another
+        # thread queueing meanwhile finds no wake-up socket, and needs none: the loop is awake.
+        self._sockpairW = None
+        try:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        finally:
+            self._sockpairW = wake
 
 
 def check_share_group(name: str) -> str:
@@ -121,6 +194,9 @@ class MqttSettings:
 class MqttLink:
     """One paho client: connected in the background, re-subscribing on every connect."""
 
+    # the paho client class (the benchmark's "paho's own client" rows set mqtt.Client here)
+    client_class: type[mqtt.Client] = Client
+
     def __init__(
         self,
         settings: MqttSettings,
@@ -157,10 +233,10 @@ class MqttLink:
         self._started = time.monotonic()
         if settings.protocol == MQTT_5:
             # paho takes Clean Start and the session expiry with connect(), not here
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+            client = self.client_class(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
                                  protocol=mqtt.MQTTv5, manual_ack=manual_ack)
         else:
-            client = mqtt.Client(
+            client = self.client_class(
                 CallbackAPIVersion.VERSION2,
                 client_id=settings.client_id,
                 clean_session=settings.clean_session if settings.client_id else True,
