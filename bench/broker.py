@@ -6,6 +6,10 @@ application payloads, through the same broker in the same run:
 
 * ``plaintext``: the product's MQTT adapter (``runtime.mqtt.MqttLink``) publishing the raw
   payload on the device's data topic; the subscriber counts what arrives;
+* ``plaintext, paho's own client``: the same on paho's own ``Client`` class, where the link
+  normally gives paho ``runtime.mqtt.Client`` (large socket reads, no wake-up byte for packets
+  queued on paho's own loop thread; since stop 34): plain paho->paho as it ships, the standard
+  alternative the sealed path is also compared with;
 * ``AEAD only``: the floor of the sealed path. The publisher seals each payload with A128GCM
   alone, the sealed path's AEAD (one fixed key, the nonce from a 5-byte counter sent in front of
   the ciphertext, the topic as AAD) and the subscriber opens it: no record format, no session, no
@@ -90,7 +94,10 @@ SEALED_CCM = "sealed, suite 2"
 # both processes: what a build without a C compiler runs, and what the compiled part saves
 SEALED_PURE = "sealed, pure Python"
 SEALED = ("sealed", SEALED_CCM, SEALED_PURE)
-MODES = ("plaintext", CONTROL, FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
+# plaintext through paho's own client class, not the one runtime.mqtt gives paho (runtime.mqtt.Client:
+# large socket reads, no wake-up byte from the loop's own thread): the standard alternative as it ships
+STOCK = "plaintext, paho's own client"
+MODES = ("plaintext", CONTROL, STOCK, FLOOR, "sealed", SEALED_PURE, SEALED_CCM, "sealed, full service")
 
 
 _FLOOR_NONCE_PAD = bytes(7)  # A128GCM's 12-byte nonce: 7 zero bytes, then the 5-byte counter
@@ -202,7 +209,11 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     mode, n = cfg["mode"], cfg["messages"]
     if mode == SEALED_PURE:
         use_python_framing()
-    mode = "plaintext" if mode == CONTROL else mode
+    if mode == STOCK:
+        import paho.mqtt.client as paho_client
+
+        MqttLink.client_class = paho_client.Client
+    mode = "plaintext" if mode in (CONTROL, STOCK) else mode
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, "backend", "backend", f"bench-{mode[:6]}")
     state = {"count": 0, "last": 0.0, "bad": 0}
@@ -304,7 +315,11 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     mode, n = cfg["mode"], cfg["messages"]
     if mode == SEALED_PURE:
         use_python_framing()
-    mode = "plaintext" if mode == CONTROL else mode
+    if mode == STOCK:
+        import paho.mqtt.client as paho_client
+
+        MqttLink.client_class = paho_client.Client
+    mode = "plaintext" if mode in (CONTROL, STOCK) else mode
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, DEVICE, "device", f"bench-{mode[:6]}")
     payloads = [i.to_bytes(4, "big") + os.urandom(PAYLOAD - 4) for i in range(n)]
@@ -812,22 +827,26 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
     out = []
     if rows:
         plain = {r.broker: r.rates for r in rows if r.mode == "plaintext"}
+        stock = {r.broker: r.rates for r in rows if r.mode == STOCK}
         t_rows = []
         for r in rows:
             rate = median(r.rates)
             lost = "all" if all(c == r.sent for c in r.received) else "/".join(str(c) for c in r.received)
             shown: object = r.wire if r.wire > 0 else "sealed + id, time"
             ratios = paired_ratios(r.rates, plain.get(r.broker, []))
+            vs_stock = paired_ratios(r.rates, stock.get(r.broker, []))
             t_rows.append([r.broker, r.mode, shown, fmt(rate),
                            fmt(rate * PAYLOAD / 1e6, 2),
                            f"{median(ratios):.2f}x" if ratios else "-",
                            " / ".join(f"{x:.2f}" for x in ratios) if ratios else "-",
+                           f"{median(vs_stock):.2f}x" if vs_stock else "-",
                            " / ".join(fmt(x) for x in r.rates), lost,
                            *(fmt(median(r.cpu.get(party, [0.0])), 1) for party in ("publisher", "subscriber",
                                                                                   "broker"))])
         throughput_table = table(["broker", "path", "MQTT payload (B)", "msg/s (median)",
                                   "MB/s of 256 B payloads", "vs plaintext (median of rounds)",
-                                  "vs plaintext, each round", "each run (msg/s)", "delivered",
+                                  "vs plaintext, each round", "vs paho's own client (median of rounds)",
+                                  "each run (msg/s)", "delivered",
                                   "publisher CPU (us/msg)", "subscriber CPU (us/msg)", "broker CPU (us/msg)"],
                                  t_rows)
         out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
@@ -837,7 +856,11 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    "the path's rate divided by the plaintext rate of the same round, so that the host's "
                    "drift between rounds cancels out of the ratio (the rates alone swing by 30 % from round "
                    f"to round on this host). \"{CONTROL}\" runs the plaintext path a second time in each "
-                   "round: its spread is how far two runs of the same code differ here, the noise in every other row."
+                   "round: its spread is how far two runs of the same code differ here, the noise in every other row. "
+                   f"\"{STOCK}\" is the plaintext path on paho's own client class instead of the one the "
+                   "product's link gives paho (`runtime.mqtt.Client`: large socket reads, no wake-up byte "
+                   "from the loop's own thread; since stop 34): plain paho->paho as it ships, the standard "
+                   "alternative; \"vs paho's own client\" is each path's median ratio to it, paired by round."
                    "\n\nCPU columns: CPU microseconds per message of each process "
                    "(`/proc/<pid>/stat`) from \"go\" until the subscriber counted the last message; in the "
                    "full service the publisher is the device agent (outbox, sealing, ACKs) and the subscriber "
