@@ -194,6 +194,20 @@ def _profiler(cfg: dict[str, Any]) -> Any:
     return prof
 
 
+def _process_for(mode: str) -> str:
+    """Set this (spawned) process up for ``mode`` and return the path it runs: the Python framing
+    for "sealed, pure Python", paho's own client class for STOCK; CONTROL and STOCK run plaintext."""
+    if mode == SEALED_PURE:
+        use_python_framing()
+    if mode == STOCK:
+        import paho.mqtt.client as paho_client
+
+        from runtime.mqtt import MqttLink
+
+        MqttLink.client_class = paho_client.Client
+    return "plaintext" if mode in (CONTROL, STOCK) else mode
+
+
 def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     """The backend side: counts telemetry (plaintext) or opened records (sealed)."""
     from cryptography.hazmat.primitives.serialization import Encoding
@@ -206,14 +220,7 @@ def _subscriber(cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
     from sealmq.endpoint import BackendEndpoint, Publish, Received, Rejected
     from sealmq.topics import Channel, Direction, RecordKind
 
-    mode, n = cfg["mode"], cfg["messages"]
-    if mode == SEALED_PURE:
-        use_python_framing()
-    if mode == STOCK:
-        import paho.mqtt.client as paho_client
-
-        MqttLink.client_class = paho_client.Client
-    mode = "plaintext" if mode in (CONTROL, STOCK) else mode
+    mode, n = _process_for(cfg["mode"]), cfg["messages"]
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, "backend", "backend", f"bench-{mode[:6]}")
     state = {"count": 0, "last": 0.0, "bad": 0}
@@ -312,14 +319,7 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     from sealmq.endpoint import DeviceEndpoint, EndpointConfig, HandshakeCompleted, Publish
     from sealmq.topics import Channel, Direction, RecordKind
 
-    mode, n = cfg["mode"], cfg["messages"]
-    if mode == SEALED_PURE:
-        use_python_framing()
-    if mode == STOCK:
-        import paho.mqtt.client as paho_client
-
-        MqttLink.client_class = paho_client.Client
-    mode = "plaintext" if mode in (CONTROL, STOCK) else mode
+    mode, n = _process_for(cfg["mode"]), cfg["messages"]
     pki = Path(cfg["root"]) / "pki"
     settings = _settings(cfg, DEVICE, "device", f"bench-{mode[:6]}")
     payloads = [i.to_bytes(4, "big") + os.urandom(PAYLOAD - 4) for i in range(n)]
