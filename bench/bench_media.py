@@ -65,7 +65,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.stats import CONTROL, FLOOR, balanced_order, floor_aead, fmt, median, table, use_python_framing
+from bench.stats import (
+    CONTROL,
+    FLOOR,
+    RATIO_INTERVAL,
+    balanced_order,
+    floor_aead,
+    fmt,
+    median,
+    ratio_cell,
+    table,
+    use_python_framing,
+)
 from sealmq.media import DEFAULT_CHUNK_SIZE
 from sealmq.media_receiver import DEFAULT_ACK_EVERY
 from sealmq.media_sender import DEFAULT_WINDOW
@@ -488,7 +499,7 @@ def _rate_rows(kind: str, seconds: dict[str, list[float | None]], size: int, rep
         verified = f"{len(done)}/{repeats}" + (f" ({'; '.join(failures[mode])})" if failures[mode] else "")
         rows.append([kind, mode, fmt(median(done), 2) if done else "-",
                      fmt(size / MB / median(done), 1) if done else "-",
-                     f"{median(ratios):.2f}x" if ratios else "-",
+                     ratio_cell(ratios),
                      " / ".join(f"{r:.2f}" for r in ratios) if ratios else "-", verified])
     return rows
 
@@ -519,7 +530,7 @@ def split_rows(kind: str, large: dict[str, list[float | None]], small: dict[str,
         per_mb = median([x[1] for x in mine])
         ratios = [p[1] / x[1] for x, p in pairs if x[1] > 0]  # tiny files (smoke test): noise can go below 0
         rows.append([kind, mode, fmt(per_mb, 2), fmt(1e3 / per_mb, 0) if per_mb > 0 else "-",
-                     f"{median(ratios):.2f}x" if ratios else "-",
+                     ratio_cell(ratios),
                      fmt(median([x[0] for x in mine]), 1), fmt(median([x[0] - p[0] for x, p in pairs]), 1)])
     return rows
 
@@ -734,6 +745,7 @@ def run(quick: bool = False, *, brokers: tuple[str, ...] = ("amqtt", "mosquitto"
         "each path runs once in each position and right after each other path equally often); seconds and MB/s are "
         "medians over the rounds; \"vs plaintext\" is the median over the rounds of the plaintext "
         "scheme's seconds over the path's in the same round. "
+        + RATIO_INTERVAL + " "
         f"\"{CONTROL}\" is the plaintext scheme run a second time in each round: its spread is how far "
         "two runs of the same code differ here."
         + (" Each round moves every file size below, one size after the other." if also else "")

@@ -72,12 +72,14 @@ from typing import Any
 from bench.stats import (
     CONTROL,
     FLOOR,
+    RATIO_INTERVAL,
     balanced_order,
     collect,
     floor_aead,
     fmt,
     median,
     proc_cpu,
+    ratio_cell,
     table,
     use_python_framing,
 )
@@ -769,12 +771,15 @@ def storm_table(storms: list[Storm]) -> str:
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
         devices: int | None = None, brokers: tuple[str, ...] = tuple(VARIANTS),
         throughput: bool = True, storm: bool = True, storm_repeats: int | None = None,
-        profile: bool = False) -> str:
+        profile: bool = False, paths: tuple[str, ...] | None = None) -> str:
     """Throughput (password logins) on each broker in ``brokers``, and the handshake storms of every
-    variant in it. ``profile`` adds one profiled 100-device storm per variant (see handshakes_once)."""
+    variant in it. ``profile`` adds one profiled 100-device storm per variant (see handshakes_once).
+    ``paths``: only these throughput paths (MODES), with plaintext, the base of every ratio, always
+    among them: more rounds of the rows in question in the same time."""
     from app.bootstrap import bootstrap
 
     n = messages or (200 if quick else 10_000)
+    modes = tuple(m for m in MODES if m == "plaintext" or paths is None or m in paths)
     # Throughput rounds (the ratios are paired by round) and storm runs: single rounds of one path
     # spread by +-25 % on this host, so 11 rounds and 5 storms, not 7 and 3 (until stop 32).
     reps = repeats or (1 if quick else 11)
@@ -799,13 +804,13 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
             tls_port = _free_port() if any(VARIANTS[k][1] for k in variants) else None
             with running_broker(kind, dep.users, root, tls_port=tls_port) as port:
                 ports = {k: tls_port if VARIANTS[k][1] and tls_port is not None else port for k in variants}
-                by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in MODES}
+                by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in modes}
                 do_throughput = throughput and kind in variants  # over the password listener
                 for rep in range(reps if do_throughput else 0):
                     # Interleaved, in a balanced order (each path once in each position and
                     # after each other path equally often over a cycle of rounds), so that neither
                     # drift in the machine's load nor what one run leaves behind favours one path.
-                    for mode in balanced_order(MODES, rep):
+                    for mode in balanced_order(modes, rep):
                         run_ = throughput_once(ctx, root, port, mode, n, timeout)
                         row = by_mode[mode]
                         row.rates.append(run_.rate)
@@ -813,7 +818,7 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                         row.wire = run_.wire
                         for party, us in run_.cpu.items():
                             row.cpu.setdefault(party, []).append(us)
-                for mode in MODES if do_throughput and profile else ():
+                for mode in modes if do_throughput and profile else ():
                     # one profiled run of each path: where each side's CPU goes per message
                     by_mode[mode].profiles = throughput_once(ctx, root, port, mode, n, timeout, profile=True).profiles
                 if do_throughput:
@@ -837,9 +842,9 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
             vs_stock = paired_ratios(r.rates, stock.get(r.broker, []))
             t_rows.append([r.broker, r.mode, shown, fmt(rate),
                            fmt(rate * PAYLOAD / 1e6, 2),
-                           f"{median(ratios):.2f}x" if ratios else "-",
+                           ratio_cell(ratios),
                            " / ".join(f"{x:.2f}" for x in ratios) if ratios else "-",
-                           f"{median(vs_stock):.2f}x" if vs_stock else "-",
+                           ratio_cell(vs_stock),
                            " / ".join(fmt(x) for x in r.rates), lost,
                            *(fmt(median(r.cpu.get(party, [0.0])), 1) for party in ("publisher", "subscriber",
                                                                                   "broker"))])
@@ -860,7 +865,8 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    f"\"{STOCK}\" is the plaintext path on paho's own client class instead of the one the "
                    "product's link gives paho (`runtime.mqtt.Client`: large socket reads, no wake-up byte "
                    "from the loop's own thread; since stop 34): plain paho->paho as it ships, the standard "
-                   "alternative; \"vs paho's own client\" is each path's median ratio to it, paired by round."
+                   "alternative; \"vs paho's own client\" is each path's median ratio to it, paired by round. "
+                   f"{RATIO_INTERVAL}"
                    "\n\nCPU columns: CPU microseconds per message of each process "
                    "(`/proc/<pid>/stat`) from \"go\" until the subscriber counted the last message; in the "
                    "full service the publisher is the device agent (outbox, sealing, ACKs) and the subscriber "
@@ -910,10 +916,13 @@ def main(argv: list[str] | None = None) -> None:
                          "and one profiled throughput run per path and broker")
     ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
+    ap.add_argument("--path", choices=list(MODES), action="append",
+                    help="repeatable: only these throughput paths (plaintext, the base of the ratios, always runs)")
     args = ap.parse_args(argv)
     print(run(quick=args.quick, messages=args.messages, repeats=args.repeats, devices=args.devices,
               brokers=tuple(args.broker or VARIANTS), throughput=not args.storm_only,
-              storm=not args.throughput_only, storm_repeats=args.storm_repeats, profile=args.profile))
+              storm=not args.throughput_only, storm_repeats=args.storm_repeats, profile=args.profile,
+              paths=tuple(args.path) if args.path else None))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import ssl
@@ -74,6 +75,42 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError("no samples")
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def median_interval(values: Sequence[float], level: float = 0.90) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of ``values`` (independent rounds):
+    the k-th smallest and k-th largest sample, with the largest k for which the binomial coverage
+    1 - 2 P(Bin(n, 1/2) < k) is still at least ``level``. Exact for any continuous distribution,
+    no resampling; None when there are too few samples (fewer than 5 at 90 %)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    best = 0
+    below = 0.0  # P(Bin(n, 1/2) <= k - 1)
+    for k in range(1, n // 2 + 1):
+        below += math.comb(n, k - 1) / 2**n
+        if 1 - 2 * below >= level:
+            best = k
+        else:
+            break
+    if best == 0:
+        return None
+    return ordered[best - 1], ordered[n - best]
+
+
+# What the bracket after a median ratio means, for the tables' descriptions.
+RATIO_INTERVAL = ("In brackets after a median ratio: its 90 % confidence interval (the order statistics of "
+                  "the rounds' ratios, distribution-free: `bench.stats.median_interval`; shown from 5 rounds "
+                  "on), the range that holds this host's true median ratio in 9 runs of the table out of 10.")
+
+
+def ratio_cell(ratios: Sequence[float]) -> str:
+    """A table cell for paired ratios: the median, then its 90 % interval (median_interval) in
+    brackets when there are rounds enough, e.g. "0.92x [0.88-0.96]"; "-" when there are none."""
+    if not ratios:
+        return "-"
+    interval = median_interval(ratios)
+    bracket = f" [{interval[0]:.2f}-{interval[1]:.2f}]" if interval is not None else ""
+    return f"{median(ratios):.2f}x{bracket}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

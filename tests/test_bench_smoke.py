@@ -7,6 +7,7 @@ every message is delivered, the tables have their rows), never a timing.
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import broker, handshake, ingest, memory, records, run
-from bench.stats import balanced_order, percentile, table
+from bench.stats import balanced_order, median_interval, percentile, table
 from tests.brokers import needs_mosquitto
 
 
@@ -22,6 +23,30 @@ def test_stats_helpers() -> None:
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 90) == 5.0
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
     assert table(["a", "b"], [["x", "1,234"]]).splitlines() == ["| a | b |", "|---|---:|", "| x | 1,234 |"]
+
+
+def test_median_interval_order_statistics() -> None:
+    # the k-th smallest and largest of n samples, k from the binomial: n = 5 -> 1st and 5th
+    # (coverage 1 - 2/32 = 0.94); n = 11 -> 3rd and 9th (0.93; the 4th and 8th give only 0.77)
+    assert median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0)
+    assert median_interval([float(x) for x in range(11, 0, -1)]) == (3.0, 9.0)
+    assert median_interval([float(x) for x in range(40)], 0.95) == (13.0, 26.0)
+    assert median_interval([1.0, 2.0, 3.0, 4.0]) is None  # 1 - 2/16 < 0.90
+    assert median_interval([]) is None
+
+
+@pytest.mark.parametrize("n", [5, 11, 16])
+def test_median_interval_covers_the_median_as_often_as_it_says(n: int) -> None:
+    # skewed samples (exponential, true median ln 2): the 90 % interval must hold it in at least
+    # 90 % of 4,000 draws, and not in (nearly) all of them, which a too-wide interval would
+    rng = random.Random(n)
+    true_median = 0.6931471805599453
+    hits = 0
+    for _ in range(4000):
+        lo_hi = median_interval([rng.expovariate(1.0) for _ in range(n)])
+        assert lo_hi is not None
+        hits += lo_hi[0] <= true_median <= lo_hi[1]
+    assert 0.89 <= hits / 4000 <= 0.99
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
@@ -103,6 +128,17 @@ def test_broker_bench_quick_amqtt() -> None:
     storms = [[c.strip() for c in r.split("|")] for r in rows[-2:]]
     assert [s[2:7] for s in storms] == [["3", "1", "shared: 2 per process", "3", "3"],
                                         ["3", "1", "2 per device", "3", "3"]]
+
+
+def test_broker_bench_runs_only_the_paths_asked_for_with_plaintext() -> None:
+    out = broker.run(messages=30, repeats=5, brokers=("amqtt",), storm=False, paths=("sealed",))
+    rows = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith("| amqtt")]
+    assert [r[2] for r in rows] == ["plaintext", "sealed"]  # plaintext is the base of the ratios
+    assert all(r[10] == "all" for r in rows)  # every message delivered
+    # 5 rounds: the median ratio has its 90 % interval, the smallest and largest round (n = 5)
+    each = [float(x) for x in rows[1][7].split(" / ")]
+    assert len(each) == 5
+    assert rows[1][6] == f"{sorted(each)[2]:.2f}x [{min(each):.2f}-{max(each):.2f}]"
 
 
 def test_broker_ratios_pair_runs_of_the_same_round() -> None:
