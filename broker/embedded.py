@@ -19,7 +19,9 @@ is a context manager. What is hardened, against the measured amqtt behaviour
   changes), and its ``urn:sealmq:<role>:<name>`` is the login (no password); on
   ``tls_password_port`` (optional, for monitors) passwords; the plain listener can be turned off;
 - amqtt's broadcast iterates over a live dict of subscriptions and raises (and skips
-  subscribers) when one changes meanwhile: :class:`_SnapshotSubscriptions` hands it snapshots.
+  subscribers) when one changes meanwhile, and tests every filter in the broker against every
+  message: :class:`broker.subscriptions.SubscriptionMap` hands it snapshots of only the filters
+  that match, found in an index by topic level.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from broker.framing import CONNACK_UNAVAILABLE, BrokerStats, ConnectInfo, Framed
 from broker.passwd import AccountRole
 from broker.plugins import SealmqAclPlugin, SealmqAuthPlugin
 from broker.policy import CLIENT_ID_SEPARATOR, BrokerPolicy
+from broker.subscriptions import BroadcastQueue, SubscriptionMap
 from broker.tls import DEFAULT_TLS_PORT, RevokedSerials, TlsFiles, certificate_identity
 from sealmq.errors import ConfigError, Reason, TransportError
 
@@ -161,22 +164,6 @@ class EmbeddedBrokerConfig:
         return cfg
 
 
-class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
-    """amqtt's filter -> [(session, qos)] map, iterated over snapshots.
-
-    amqtt 0.12.1's ``_run_broadcast`` awaits inside ``for f, subs in self._subscriptions.items()``
-    (and over each ``subs`` list); a SUBSCRIBE or a disconnect meanwhile raises "dictionary
-    changed size during iteration" (the message then misses the remaining subscribers) or shifts
-    the list under the loop (a subscriber is skipped). Iterating copies fixes both.
-    """
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(list(super().keys()))
-
-    def items(self):  # type: ignore[no-untyped-def]
-        return [(k, list(v)) for k, v in super().items()]
-
-
 def _owner(client_id: str, username: str) -> bool:
     return client_id == username or client_id.startswith(username + CLIENT_ID_SEPARATOR)
 
@@ -186,7 +173,8 @@ class HardenedBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     def __init__(self, config: EmbeddedBrokerConfig, policy: BrokerPolicy, stats: BrokerStats) -> None:
         super().__init__(config.amqtt_config())
-        self._subscriptions = _SnapshotSubscriptions()
+        self._subscriptions = SubscriptionMap()
+        self._broadcast_queue = BroadcastQueue(self._subscriptions)
         self._config = config
         self._per_user: collections.Counter[str] = collections.Counter()
         self._non_backend = 0
