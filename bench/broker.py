@@ -78,6 +78,7 @@ from bench.stats import (
     floor_aead,
     fmt,
     median,
+    median_cell,
     proc_cpu,
     ratio_cell,
     table,
@@ -755,7 +756,7 @@ def storm_table(storms: list[Storm]) -> str:
         secs = [r.seconds for r in runs]
         rows.append([kind, n, procs, "shared: 2 per process" if shared else "2 per device",
                      same([r.established for r in runs]), same([r.handshakes for r in runs]),
-                     fmt(median([r.connected for r in runs]), 2), fmt(median(secs), 2),
+                     fmt(median([r.connected for r in runs]), 2), median_cell(secs),
                      " / ".join(fmt(x, 2) for x in secs) if len(runs) > 1 else "-",
                      fmt(median([r.seconds / max(1, r.established) for r in runs]) * 1e3, 1),
                      fmt(median([r.backend_cpu for r in runs]), 2), fmt(median([r.broker_cpu for r in runs]), 2),
@@ -888,7 +889,8 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                    f"{s_reps} run(s), the variants alternating. CPU columns: seconds of CPU each party used "
                    "during the storm (2 cores: wall time cannot go below their sum / 2); then, with every "
                    "device idle on its session, the share of a core the simulator processes kept busy "
-                   "(the devices' timers).\n\n"
+                   "(the devices' timers). In brackets after the median seconds, from 5 runs on: its 90 % "
+                   "confidence interval (`bench.stats.median_interval`).\n\n"
                    f"{storm_table(storms)}\n")
     for st in profiled:
         parts = [f"### Where the CPU goes: one profiled storm, {st.broker}, {st.devices} devices, "

@@ -113,6 +113,13 @@ def ratio_cell(ratios: Sequence[float]) -> str:
     return f"{median(ratios):.2f}x{bracket}"
 
 
+def median_cell(values: Sequence[float], digits: int = 2) -> str:
+    """The median of ``values`` and, from 5 of them on, its 90 % interval in brackets (median_interval)."""
+    interval = median_interval(values)
+    bracket = f" [{fmt(interval[0], digits)}-{fmt(interval[1], digits)}]" if interval is not None else ""
+    return f"{fmt(median(values), digits)}{bracket}"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; numbers right-aligned."""
     cells = [[str(c) for c in row] for row in rows]

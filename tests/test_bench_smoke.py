@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import broker, handshake, ingest, memory, records, run
-from bench.stats import balanced_order, median_interval, percentile, table
+from bench.stats import balanced_order, median_cell, median_interval, percentile, ratio_cell, table
 from tests.brokers import needs_mosquitto
 
 
@@ -33,6 +33,10 @@ def test_median_interval_order_statistics() -> None:
     assert median_interval([float(x) for x in range(40)], 0.95) == (13.0, 26.0)
     assert median_interval([1.0, 2.0, 3.0, 4.0]) is None  # 1 - 2/16 < 0.90
     assert median_interval([]) is None
+    assert median_cell([0.47, 0.41, 0.37, 0.54, 0.49]) == "0.47 [0.37-0.54]"
+    assert median_cell([1.0, 2.0]) == "1.50"  # too few runs for an interval
+    assert ratio_cell([0.9, 1.1, 1.0, 0.8, 1.2]) == "1.00x [0.80-1.20]"
+    assert ratio_cell([0.9]) == "0.90x" and ratio_cell([]) == "-"
 
 
 @pytest.mark.parametrize("n", [5, 11, 16])
