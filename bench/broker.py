@@ -410,6 +410,85 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     link.stop()
 
 
+def _mqtt_field(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+def _recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed by the broker")
+        out += chunk
+    return out
+
+
+def _online_devices(cfg: dict[str, Any], ids: list[str], ready: Any, stop: Any) -> None:
+    """Devices online and idle while the throughput rounds run (``--online``): each logs in with its
+    own password and subscribes to its three "down" filters, as a device's link does, over a raw
+    MQTT 3.1.1 socket (keepalive 0: no pings, no thread per device), and holds them until ``stop``."""
+    from app.bootstrap import Deployment
+    from sealmq import topics
+    from sealmq.topics import Channel, Direction
+
+    dep = Deployment(Path(cfg["root"]))
+    socks: list[socket.socket] = []
+    try:
+        for dev in ids:
+            s = socket.create_connection((HOST, cfg["port"]), timeout=60)
+            socks.append(s)
+            body = (_mqtt_field(b"MQTT") + bytes([4, 0xC2]) + (0).to_bytes(2, "big")
+                    + _mqtt_field(f"{dev}:online".encode()) + _mqtt_field(dev.encode())
+                    + _mqtt_field(dep.password("device", dev).encode()))
+            s.sendall(_mqtt_packet(0x10, body))
+            if _recv_exactly(s, 4) != b"\x20\x02\x00\x00":
+                raise RuntimeError(f"{dev}: CONNECT refused")
+            filters = [topics.topic(dev, ch, Direction.DOWN) for ch in Channel]
+            s.sendall(_mqtt_packet(0x82, (1).to_bytes(2, "big")
+                                   + b"".join(_mqtt_field(f.encode()) + b"\x01" for f in filters)))
+            granted = b"\x90" + bytes([2 + len(filters)]) + b"\x00\x01" + b"\x01" * len(filters)  # SUBACK, QoS 1 each
+            if _recv_exactly(s, len(granted)) != granted:
+                raise RuntimeError(f"{dev}: SUBSCRIBE refused")
+        ready.set()
+        stop.wait()
+    finally:
+        for s in socks:
+            s.close()
+
+
+@contextmanager
+def devices_online(ctx: Any, root: Path, port: int, ids: list[str]) -> Iterator[None]:
+    """``ids`` online and idle (``_online_devices``) in a process of their own while the block runs."""
+    if not ids:
+        yield
+        return
+    ready, stop = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_online_devices, args=({"root": str(root), "port": port}, ids, ready, stop))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not ready.wait(0.5):  # the process checks every CONNACK and SUBACK, and exits on a refusal
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{len(ids)} devices did not come online")
+        yield
+    finally:
+        stop.set()
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
 def _storm_mqtt(cfg: dict[str, Any], role: str, user: str | None, suffix: str) -> Any:
     """The settings a storm's party connects with: the password login on the plain listener, or
     (``cfg["tls"]``) the TLS listener, the broker checked against the CA and the party's own EDHOC
@@ -772,11 +851,12 @@ def storm_table(storms: list[Storm]) -> str:
 def run(*, quick: bool = False, messages: int | None = None, repeats: int | None = None,
         devices: int | None = None, brokers: tuple[str, ...] = tuple(VARIANTS),
         throughput: bool = True, storm: bool = True, storm_repeats: int | None = None,
-        profile: bool = False, paths: tuple[str, ...] | None = None) -> str:
+        profile: bool = False, paths: tuple[str, ...] | None = None, online: int = 0) -> str:
     """Throughput (password logins) on each broker in ``brokers``, and the handshake storms of every
     variant in it. ``profile`` adds one profiled 100-device storm per variant (see handshakes_once).
     ``paths``: only these throughput paths (MODES), with plaintext, the base of every ratio, always
-    among them: more rounds of the rows in question in the same time."""
+    among them: more rounds of the rows in question in the same time. ``online``: that many devices
+    (each with its login and its three "down" filters) stay connected and idle during the rounds."""
     from app.bootstrap import bootstrap
 
     n = messages or (200 if quick else 10_000)
@@ -791,7 +871,7 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
     kinds = [b for b in brokers if VARIANTS[b][0] != "mosquitto" or mosquitto_available()]
     processes = list(dict.fromkeys(VARIANTS[k][0] for k in kinds))
     ctx = mp.get_context("spawn")
-    sim_ids = [f"sim-{i:04d}" for i in range(n_dev)]
+    sim_ids = [f"sim-{i:04d}" for i in range(max(n_dev, online if throughput else 0))]
     storms: list[Storm] = []
     profiled: list[Storm] = []
     rows: list[Throughput] = []
@@ -807,21 +887,23 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                 ports = {k: tls_port if VARIANTS[k][1] and tls_port is not None else port for k in variants}
                 by_mode = {mode: Throughput(kind, mode, [], [], n, PAYLOAD) for mode in modes}
                 do_throughput = throughput and kind in variants  # over the password listener
-                for rep in range(reps if do_throughput else 0):
-                    # Interleaved, in a balanced order (each path once in each position and
-                    # after each other path equally often over a cycle of rounds), so that neither
-                    # drift in the machine's load nor what one run leaves behind favours one path.
-                    for mode in balanced_order(modes, rep):
-                        run_ = throughput_once(ctx, root, port, mode, n, timeout)
-                        row = by_mode[mode]
-                        row.rates.append(run_.rate)
-                        row.received.append(run_.count)
-                        row.wire = run_.wire
-                        for party, us in run_.cpu.items():
-                            row.cpu.setdefault(party, []).append(us)
-                for mode in modes if do_throughput and profile else ():
-                    # one profiled run of each path: where each side's CPU goes per message
-                    by_mode[mode].profiles = throughput_once(ctx, root, port, mode, n, timeout, profile=True).profiles
+                with devices_online(ctx, root, port, sim_ids[:online] if do_throughput else []):
+                    for rep in range(reps if do_throughput else 0):
+                        # Interleaved, in a balanced order (each path once in each position and
+                        # after each other path equally often over a cycle of rounds), so that neither
+                        # drift in the machine's load nor what one run leaves behind favours one path.
+                        for mode in balanced_order(modes, rep):
+                            run_ = throughput_once(ctx, root, port, mode, n, timeout)
+                            row = by_mode[mode]
+                            row.rates.append(run_.rate)
+                            row.received.append(run_.count)
+                            row.wire = run_.wire
+                            for party, us in run_.cpu.items():
+                                row.cpu.setdefault(party, []).append(us)
+                    for mode in modes if do_throughput and profile else ():
+                        # one profiled run of each path: where each side's CPU goes per message
+                        by_mode[mode].profiles = throughput_once(ctx, root, port, mode, n, timeout,
+                                                                 profile=True).profiles
                 if do_throughput:
                     rows.extend(by_mode.values())
                 storms += run_storms(ctx, variants, root, ports, sim_ids, cases, s_reps, timeout)
@@ -855,8 +937,11 @@ def run(*, quick: bool = False, messages: int | None = None, repeats: int | None
                                   "each run (msg/s)", "delivered",
                                   "publisher CPU (us/msg)", "subscriber CPU (us/msg)", "broker CPU (us/msg)"],
                                  t_rows)
+        online_note = (f", {online:,} more devices online (each logged in with its three \"down\" filters, idle)"
+                       if online else "")
         out.append(f"### End to end through the broker: {PAYLOAD} B payloads, QoS 1, {n:,} messages, "
-                   f"median of {reps} runs\n\nRounds: each round runs every path once, in a balanced order "
+                   f"median of {reps} runs{online_note}\n\n"
+                   "Rounds: each round runs every path once, in a balanced order "
                    "(a Williams design: over a cycle of rounds each path runs once in each position and right "
                    "after each other path equally often); \"vs plaintext\" is the median over the rounds of "
                    "the path's rate divided by the plaintext rate of the same round, so that the host's "
@@ -918,13 +1003,15 @@ def main(argv: list[str] | None = None) -> None:
                          "and one profiled throughput run per path and broker")
     ap.add_argument("--storm-only", action="store_true", help="only the handshake storm")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput comparison")
+    ap.add_argument("--online", type=int, default=0,
+                    help="devices kept online and idle (logged in, three filters each) during the throughput rounds")
     ap.add_argument("--path", choices=list(MODES), action="append",
                     help="repeatable: only these throughput paths (plaintext, the base of the ratios, always runs)")
     args = ap.parse_args(argv)
     print(run(quick=args.quick, messages=args.messages, repeats=args.repeats, devices=args.devices,
               brokers=tuple(args.broker or VARIANTS), throughput=not args.storm_only,
               storm=not args.throughput_only, storm_repeats=args.storm_repeats, profile=args.profile,
-              paths=tuple(args.path) if args.path else None))
+              paths=tuple(args.path) if args.path else None, online=args.online))
 
 
 if __name__ == "__main__":

@@ -145,6 +145,15 @@ def test_broker_bench_runs_only_the_paths_asked_for_with_plaintext() -> None:
     assert rows[1][6] == f"{sorted(each)[2]:.2f}x [{min(each):.2f}-{max(each):.2f}]"
 
 
+def test_broker_bench_holds_devices_online_during_the_rounds() -> None:
+    # 5 devices log in and hold their three filters each (every CONNACK and SUBACK checked in their
+    # process, which would stop the run on a refusal) while plaintext and sealed run
+    out = broker.run(messages=30, repeats=1, brokers=("amqtt",), storm=False, paths=("sealed",), online=5)
+    assert "median of 1 runs, 5 more devices online" in out
+    rows = [[c.strip() for c in line.split("|")] for line in out.splitlines() if line.startswith("| amqtt")]
+    assert [(r[2], r[10]) for r in rows] == [("plaintext", "all"), ("sealed", "all")]
+
+
 def test_broker_ratios_pair_runs_of_the_same_round() -> None:
     # round k of a path is divided by round k of plaintext; a round where either delivered nothing
     # (rate 0) is left out rather than counted as 0x or infinite
