@@ -184,5 +184,7 @@ class BroadcastQueue(asyncio.Queue):  # type: ignore[type-arg]
 
     async def get(self) -> Any:
         item = await super().get()
-        self._subscriptions.focus(item["topic"])
+        topic = item.get("topic") if isinstance(item, dict) else None
+        if isinstance(topic, str):  # anything else: no focus, the broadcast sees every filter as before
+            self._subscriptions.focus(topic)
         return item
