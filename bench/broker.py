@@ -410,19 +410,6 @@ def _publisher(cfg: dict[str, Any], ready: Any, go: Any, done: Any, results: Any
     link.stop()
 
 
-def _mqtt_field(b: bytes) -> bytes:
-    return len(b).to_bytes(2, "big") + b
-
-
-def _mqtt_packet(first: int, body: bytes) -> bytes:
-    n, length = len(body), bytearray()
-    while True:
-        n, byte = n >> 7, n & 0x7F
-        length.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes([first]) + bytes(length) + body
-
-
 def _recv_exactly(s: socket.socket, n: int) -> bytes:
     out = b""
     while len(out) < n:
@@ -438,6 +425,7 @@ def _online_devices(cfg: dict[str, Any], ids: list[str], ready: Any, stop: Any) 
     own password and subscribes to its three "down" filters, as a device's link does, over a raw
     MQTT 3.1.1 socket (keepalive 0: no pings, no thread per device), and holds them until ``stop``."""
     from app.bootstrap import Deployment
+    from broker.framing import mqtt_field, mqtt_packet
     from sealmq import topics
     from sealmq.topics import Channel, Direction
 
@@ -447,15 +435,15 @@ def _online_devices(cfg: dict[str, Any], ids: list[str], ready: Any, stop: Any) 
         for dev in ids:
             s = socket.create_connection((HOST, cfg["port"]), timeout=60)
             socks.append(s)
-            body = (_mqtt_field(b"MQTT") + bytes([4, 0xC2]) + (0).to_bytes(2, "big")
-                    + _mqtt_field(f"{dev}:online".encode()) + _mqtt_field(dev.encode())
-                    + _mqtt_field(dep.password("device", dev).encode()))
-            s.sendall(_mqtt_packet(0x10, body))
+            body = (mqtt_field(b"MQTT") + bytes([4, 0xC2]) + (0).to_bytes(2, "big")
+                    + mqtt_field(f"{dev}:online".encode()) + mqtt_field(dev.encode())
+                    + mqtt_field(dep.password("device", dev).encode()))
+            s.sendall(mqtt_packet(0x10, body))
             if _recv_exactly(s, 4) != b"\x20\x02\x00\x00":
                 raise RuntimeError(f"{dev}: CONNECT refused")
             filters = [topics.topic(dev, ch, Direction.DOWN) for ch in Channel]
-            s.sendall(_mqtt_packet(0x82, (1).to_bytes(2, "big")
-                                   + b"".join(_mqtt_field(f.encode()) + b"\x01" for f in filters)))
+            s.sendall(mqtt_packet(0x82, (1).to_bytes(2, "big")
+                                   + b"".join(mqtt_field(f.encode()) + b"\x01" for f in filters)))
             granted = b"\x90" + bytes([2 + len(filters)]) + b"\x00\x01" + b"\x01" * len(filters)  # SUBACK, QoS 1 each
             if _recv_exactly(s, len(granted)) != granted:
                 raise RuntimeError(f"{dev}: SUBSCRIBE refused")

@@ -66,24 +66,31 @@ class ConnectInfo:
     flags_offset: int = 0
 
 
+def mqtt_field(b: bytes) -> bytes:
+    """An MQTT length-prefixed field (a string or binary data: two bytes of length, then ``b``)."""
+    return len(b).to_bytes(2, "big") + b
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """A whole MQTT packet: the fixed header's first byte, the remaining length (the variable
+    byte integer), then ``body``."""
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
 def with_credentials(body: bytes, info: ConnectInfo, username: str, password: str) -> bytes:
     """The CONNECT (fixed header included) with its user name and password replaced.
 
     For a client authenticated by its TLS certificate: amqtt then sees the account the
     certificate names, whatever (if anything) the client put in the CONNECT.
     """
-    def field(b: bytes) -> bytes:
-        return len(b).to_bytes(2, "big") + b
-
-    new = bytearray(body[: info.creds_offset] + field(username.encode()) + field(password.encode()))
+    new = bytearray(body[: info.creds_offset] + mqtt_field(username.encode()) + mqtt_field(password.encode()))
     new[info.flags_offset] |= 0xC0
-    n, length = len(new), bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        length.append(digit | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes([CONNECT << 4]) + bytes(length) + bytes(new)
+    return mqtt_packet(CONNECT << 4, bytes(new))
 
 
 def _take(body: bytes, pos: int, n: int) -> tuple[bytes, int]:
